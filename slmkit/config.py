@@ -1,0 +1,218 @@
+"""Config plumbing shared by every stage: TOML presets, dotted CLI overrides, early validation.
+
+Each concern owns its own dataclass (``ModelConfig`` in model.py, ``TrainConfig`` in train.py).
+A run's config is a dict of sections, ``{"model": {...}, "train": {...}}``, built from a preset,
+then an optional ``--config`` file, then ``section.key=value`` overrides, and only then turned into
+dataclasses, so that an unknown key or a wrong type is reported before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from slmkit.errors import SlmError
+
+T = TypeVar("T")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``slmkit/presets``."""
+    folder = resources.files("slmkit") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, dict[str, Any]]:
+    """Load a shipped preset by name; an unknown name suggests the closest one."""
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise SlmError(f"unknown preset '{name}': {hint}choose one of {', '.join(names)}")
+    text = (resources.files("slmkit") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file with errors that name the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SlmError(f"config file {path} does not exist: check the path") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SlmError(f"config file {path} is not valid TOML ({e}): fix the syntax") from None
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``extra`` into a copy of ``base`` (extra wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value as a TOML value, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ``["model.n_layer=4", "train.lr=1e-3"]`` into nested dicts."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise SlmError(f"override '{item}' is not of the form section.key=value (e.g. train.lr=1e-3)")
+        out = merge(out, {parts[0]: {parts[1]: _parse_value(value.strip())}})
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int -> float and str durations."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except SlmError as e:
+                errors.append(str(e))
+        raise SlmError(errors[0] if errors else f"{where} cannot be None")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise SlmError(f"{where} = {value!r} is not allowed: choose one of {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            (inner,) = get_args(tp)[:1] or (Any,)
+            return [_coerce(v, inner, where) for v in value] if inner is not Any else list(value)
+    elif tp is Any:
+        return value
+    raise SlmError(f"{where} = {value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types in one line.
+
+    After construction, the dataclass's own ``validate()`` (if any) checks relations between fields.
+    """
+    if not isinstance(data, dict):
+        raise SlmError(f"config section [{section}] must be a table of key = value pairs")
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+            raise SlmError(f"unknown config key {section}.{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a plain dict of TOML-friendly values (None entries are dropped)."""
+    return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
+
+
+def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Write nested ``{section: {key: value}}`` dicts as TOML (scalars and flat lists only)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    lines = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in table.items() if v is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Parse ``"15m"``, ``"90s"``, ``"1h30m"`` or a number of seconds into seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    s = text.strip().lower()
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    total, num = 0.0, ""
+    for ch in s:
+        if ch.isdigit() or ch == ".":
+            num += ch
+        elif ch in units and num:
+            total += float(num) * units[ch]
+            num = ""
+        else:
+            raise SlmError(f"duration '{text}' is not understood: write e.g. 90s, 15m or 1h30m")
+    if num:
+        total += float(num)
+    if total <= 0:
+        raise SlmError(f"duration '{text}' must be positive")
+    return total
+
+
+__all__ = [
+    "dump_toml",
+    "from_dict",
+    "load_preset",
+    "load_toml",
+    "merge",
+    "parse_duration",
+    "parse_overrides",
+    "preset_names",
+    "to_dict",
+]
