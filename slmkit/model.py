@@ -1,0 +1,247 @@
+"""The whole model in one file: a decoder-only transformer in the GPT-2 / Llama family.
+
+Read top to bottom: the config, then the pieces (norm, rotary positions, attention, MLP), then the
+block and the model. Every variant the config allows (LayerNorm or RMSNorm, learned or rotary
+positions, GELU or SwiGLU, multi-head or grouped-query attention, tied or untied embeddings) goes
+through the same few classes, so there is one code path to read and to test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slmkit.errors import SlmError
+
+
+@dataclass
+class ModelConfig:
+    """Shape and variant of the transformer. ``vocab_size`` normally comes from the prepared data."""
+
+    vocab_size: int = 4096
+    block_size: int = 256  # the context length: the longest sequence the model sees
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None  # grouped-query attention when < n_head; None means n_head
+    n_embd: int = 288
+    mlp_hidden: int | None = None  # None: 4*n_embd for GELU, the Llama rule (2/3 of that) for SwiGLU
+    dropout: float = 0.0
+    bias: bool = False  # biases in linear layers and LayerNorm
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    positions: Literal["learned", "rope"] = "rope"
+    activation: Literal["gelu", "swiglu"] = "swiglu"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def validate(self) -> None:
+        """Check relations between fields; raise SlmError with one clear line."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise SlmError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise SlmError(
+                f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}: "
+                "choose a width that is a multiple of the head count"
+            )
+        if self.kv_heads <= 0 or self.n_head % self.kv_heads:
+            raise SlmError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise SlmError(f"rotary positions need an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SlmError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
+            raise SlmError(f"model.mlp_hidden must be positive, got {self.mlp_hidden}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.activation == "gelu":
+            return 4 * self.n_embd
+        # SwiGLU has three matrices instead of two: 2/3 of 4*d keeps the parameter count, rounded
+        # up to a multiple of 32 for friendlier matmul shapes (as in Llama and llama2.c).
+        return 32 * math.ceil(int(2 * 4 * self.n_embd / 3) / 32)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim/2) for rotary position embedding."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by position. Uses the half-split layout of GPT-NeoX and HF Llama, so
+    exported weights need no permutation."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with fused QKV, optional GQA, through PyTorch's SDPA kernels."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_rope = config.positions == "rope"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv != self.n_head:
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama): up, activation, down."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.activation == "swiglu"
+        hidden = config.hidden_dim
+        # SwiGLU's gate and up projections share one matmul; the output is split in forward.
+        self.up = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Token embedding, positions, ``n_layer`` blocks, a final norm and the vocabulary head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.positions == "rope":
+            cos, sin = rope_tables(config, config.block_size)
+            # Not persistent: derived from the config, so checkpoints stay small and exact.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position table (and without the token table
+        when it is not shared with the head), the count that compute scales with."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy
+        (targets of -1 are ignored)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        cos = self.rope_cos[:T] if self.rope_cos is not None else None
+        sin = self.rope_sin[:T] if self.rope_sin is not None else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 * params for the matmuls plus the attention term
+        (PaLM appendix B; the same estimate nanoGPT uses for MFU)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
