@@ -1,0 +1,112 @@
+"""The ``slm`` command. Each subcommand lives in the module of its stage; this file only dispatches.
+
+User errors (SlmError) print one line, ``error: ...``, and exit with code 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from slmkit import __version__
+from slmkit.errors import SlmError
+
+# subcommand -> (module, function adding arguments, function running it, help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "prepare": ("slmkit.data", "add_arguments", "run_cli", "tokenize a corpus into DATA_DIR"),
+    "train": ("slmkit.train", "add_arguments", "run_cli", "train or resume a model in RUN_DIR"),
+    "generate": ("slmkit.generate", "add_generate_arguments", "run_generate", "sample text from a trained model"),
+    "chat": ("slmkit.generate", "add_chat_arguments", "run_chat", "interactive prompt loop"),
+    "eval": ("slmkit.evaluate", "add_arguments", "run_cli", "loss, perplexity, bits per byte, accuracy"),
+    "info": ("slmkit.cli", "add_info_arguments", "run_info", "config, parameters and training summary of RUN_DIR"),
+    "quickstart": ("slmkit.quickstart", "add_arguments", "run_cli", "the demo: prepare, train a few minutes, sample"),
+    "export": ("slmkit.export", "add_arguments", "run_cli", "export to hf, onnx or torchscript"),
+    "import-hf": ("slmkit.export", "add_import_arguments", "run_import", "import a GPT-2/Llama HF checkpoint"),
+}
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="RUN_DIR written by slm train")
+    parser.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print a run's resolved config, parameter count and training summary."""
+    from pathlib import Path
+
+    from slmkit.checkpoint import load_run
+    from slmkit.config import load_toml
+    from slmkit.train import iter_records
+
+    run_dir = Path(args.run_dir)
+    model, tokenizer, state = load_run(run_dir, which="last")
+    config = load_toml(run_dir / "config.toml") if (run_dir / "config.toml").exists() else {}
+    evals = [r for r in iter_records(run_dir) if "val_loss" in r]
+    info = {
+        "run_dir": str(run_dir),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_non_embedding": model.num_params(),
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+        "step": state.get("step"),
+        "tokens": state.get("tokens"),
+        "train_time_s": round(state.get("elapsed", 0.0), 1),
+        "best_val_loss": state.get("best_val"),
+        "last_eval": evals[-1] if evals else None,
+        "config": config,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"run        {info['run_dir']}")
+    print(f"parameters {info['parameters']:,} ({info['parameters_non_embedding']:,} without embeddings)")
+    print(f"tokenizer  {tokenizer.kind}, vocab {tokenizer.vocab_size}")
+    print(f"trained    {info['step']} steps, {info['tokens']:,} tokens, {info['train_time_s']}s")
+    if info["last_eval"]:
+        e = info["last_eval"]
+        print(f"last eval  step {e['step']}: val loss {e['val_loss']:.4f}, val bpb {e['val_bpb']:.4f}")
+    if info["best_val_loss"] is not None:
+        print(f"best val   {info['best_val_loss']:.4f}")
+    for section, table in config.items():
+        print(f"[{section}]")
+        for key, value in table.items():
+            print(f"  {key} = {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="Train small GPT-style language models from scratch.")
+    parser.add_argument("--version", action="version", version=f"slmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, add, _run, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(importlib.import_module(module), add)(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``slm`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module, _add, run, _help = COMMANDS[args.command]
+    try:
+        return getattr(importlib.import_module(module), run)(args)
+    except SlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `slm generate ... | head` closes stdout early: not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

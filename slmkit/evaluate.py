@@ -1,0 +1,118 @@
+"""Evaluation: loss, perplexity, bits per byte and next-token accuracy of a trained model.
+
+Bits per byte is total nats / ln 2 / UTF-8 bytes of the evaluated text. Unlike loss per token it
+does not depend on the tokenizer, so a 512-token and a 50k-token model compare fairly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmkit.data import eval_batches, load_meta, open_split, read_documents
+from slmkit.errors import SlmError
+from slmkit.model import GPT
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: GPT, tokens: np.ndarray, n_bytes: int, *, batch_size: int = 8, device: str = "cpu",
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Evaluate ``model`` on a token stream whose text is ``n_bytes`` UTF-8 bytes long.
+
+    The stream is cut into non-overlapping windows of the model's context, so every token after the
+    first is predicted exactly once (with less context at the start of each window, as in nanoGPT
+    and llama2.c evaluations). Returns loss (nats/token), perplexity, bpb, accuracy, tokens.
+    """
+    model.eval()
+    block = model.config.block_size
+    nats, correct, count = 0.0, 0, 0
+    for x, y in eval_batches(tokens, block, batch_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        logits = logits.float()
+        mask = y != -1  # eval_batches pads a short last window with -1
+        nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                                reduction="sum")
+        nats += nll.item()
+        correct += ((logits.argmax(-1) == y) & mask).sum().item()
+        count += mask.sum().item()
+    if count == 0:
+        raise SlmError("nothing to evaluate: the text is shorter than two tokens")
+    loss = nats / count
+    if max_batches is not None:
+        # Only part of the text was scored: scale the byte count by the share of tokens seen.
+        n_bytes = n_bytes * count / max(len(tokens) - 1, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bpb": nats / math.log(2) / max(n_bytes, 1),
+        "accuracy": correct / count,
+        "tokens": count,
+    }
+
+
+def evaluate_run(
+    run_dir: str | Path, *, data_dir: str | Path | None = None, input_path: str | None = None,
+    which: str = "best", device: str = "cpu", batch_size: int = 8,
+) -> dict[str, Any]:
+    """Evaluate RUN_DIR's model on a data dir's val split or on a text/jsonl file."""
+    from slmkit.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir, device=device, which=which)
+    if (data_dir is None) == (input_path is None):
+        raise SlmError("pass exactly one of --data DATA_DIR or --input TEXTFILE")
+    if data_dir is not None:
+        meta = load_meta(data_dir)
+        if meta["vocab_size"] != model.config.vocab_size:
+            raise SlmError(
+                f"{data_dir} has vocab {meta['vocab_size']} but the model in {run_dir} has "
+                f"{model.config.vocab_size}: evaluate on data prepared with the run's tokenizer (or use --input)"
+            )
+        tokens = open_split(data_dir, "val")
+        n_bytes = meta["splits"]["val"]["bytes"]
+        source = f"{data_dir} (val)"
+    else:
+        docs = list(read_documents([input_path]))
+        ids: list[int] = []
+        for doc_ids in tokenizer.encode_batch(docs):
+            ids.extend(doc_ids)
+            ids.append(tokenizer.eot_id)
+        tokens = np.asarray(ids, dtype=np.int64)
+        n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+        source = input_path
+    metrics = evaluate_tokens(model, tokens, n_bytes, batch_size=batch_size, device=device)
+    return {"source": str(source), **metrics}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="RUN_DIR written by slm train")
+    parser.add_argument("--data", help="DATA_DIR: evaluate on its val split")
+    parser.add_argument("--input", help="a .txt/.jsonl file: evaluate on its text")
+    parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to evaluate")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from slmkit.train import pick_device
+
+    metrics = evaluate_run(args.run_dir, data_dir=args.data, input_path=args.input, which=args.which,
+                           device=pick_device(args.device), batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"evaluated {metrics['tokens']:,} tokens of {metrics['source']}")
+        print(f"loss        {metrics['loss']:.4f} nats/token")
+        print(f"perplexity  {metrics['perplexity']:.3f}")
+        print(f"bits/byte   {metrics['bpb']:.4f}")
+        print(f"accuracy    {metrics['accuracy']:.2%}")
+    return 0

@@ -1,0 +1,571 @@
+"""Training: config, learning-rate schedules, the loop, evaluation during training, resume.
+
+``train(data_dir, run_dir, sections)`` is the whole stage; ``slm train`` is a thin wrapper around it.
+A RUN_DIR holds ``config.toml`` (the resolved config), ``tokenizer/``, ``last/`` and ``best/``
+checkpoints, ``metrics.jsonl`` and ``loss.png``. Running again on the same RUN_DIR resumes from
+``last/`` exactly: model, optimizer, schedule, step, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+from slmkit.checkpoint import build_model, read_checkpoint, write_checkpoint
+from slmkit.config import dump_toml, from_dict, load_preset, load_toml, merge, parse_duration, parse_overrides, to_dict
+from slmkit.data import TokenBatches, eval_batches, load_meta, open_split
+from slmkit.errors import SlmError
+from slmkit.model import GPT, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation and checkpointing settings."""
+
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    max_time: str | None = None  # wall-clock budget such as "15m"; the schedule then runs on time
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant", "plateau"] = "cosine"
+    decay_fraction: float = 0.2  # WSD: the last fraction of training decays linearly
+    plateau_factor: float = 0.5  # ReduceLROnPlateau: multiply lr by this ...
+    plateau_patience: int = 2  # ... after this many evaluations without improvement
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_interval: int = 200
+    eval_batches: int = 20
+    checkpoint_interval: int = 200
+    log_interval: int = 10
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    plot: bool = True
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                     "checkpoint_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise SlmError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise SlmError(f"train.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise SlmError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SlmError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise SlmError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not 0 < self.plateau_factor < 1:
+            raise SlmError(f"train.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise SlmError("train.grad_clip and train.weight_decay must be >= 0")
+        parse_duration(self.max_time)
+
+    @property
+    def max_seconds(self) -> float | None:
+        return parse_duration(self.max_time)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+class LRSchedule:
+    """Learning rate as a function of training progress in [0, 1].
+
+    Progress is step / max_steps, or the fraction of the time budget used when that is larger, so
+    that a ``--max-time`` run still decays to its minimum when time runs out.
+    ``plateau`` keeps a multiplier that falls when validation loss stops improving.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.scale = 1.0  # plateau multiplier
+        self.best = math.inf
+        self.bad_evals = 0
+
+    def lr(self, step: int, progress: float) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        lo = cfg.lr * cfg.min_lr_ratio
+        # Warmup takes the first warmup_steps/max_steps of progress; the decay runs over the rest.
+        w = min(cfg.warmup_steps / cfg.max_steps, 0.999)
+        t = min(max((progress - w) / (1 - w), 0.0), 1.0)
+        if cfg.schedule == "cosine":
+            return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))
+        if cfg.schedule == "wsd":
+            return cfg.lr - (cfg.lr - lo) * min(max((t - (1 - cfg.decay_fraction)) / cfg.decay_fraction, 0.0), 1.0)
+        if cfg.schedule == "plateau":
+            return max(cfg.lr * self.scale, lo)
+        return cfg.lr  # constant
+
+    def observe(self, val_loss: float) -> None:
+        """Feed a validation loss (used by the plateau schedule)."""
+        if val_loss < self.best - 1e-4:
+            self.best, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+            if self.bad_evals >= self.cfg.plateau_patience:
+                self.scale *= self.cfg.plateau_factor
+                self.bad_evals = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "best": self.best if math.isfinite(self.best) else None, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = state["scale"]
+        self.best = math.inf if state["best"] is None else state["best"]
+        self.bad_evals = state["bad_evals"]
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def pick_device(name: str = "auto") -> str:
+    """cuda if present, else Apple's mps when it really works, else cpu."""
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise SlmError("train.device=cuda but no CUDA GPU is visible: use train.device=cpu or auto")
+        if name == "mps" and not (torch.backends.mps.is_available() and torch.backends.mps.is_built()):
+            raise SlmError("train.device=mps but MPS is not available: use train.device=cpu or auto")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available() and torch.backends.mps.is_built():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """Training precision: bf16 autocast on GPUs that support it, else fp16 on CUDA; fp32 elsewhere."""
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and device != "cuda":
+        raise SlmError("train.dtype=float16 needs CUDA (it uses a gradient scaler): use bfloat16 or float32")
+    return dtype
+
+
+def autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear and embedding weights) only, as in GPT-2."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel is one launch for all parameters on CUDA and CPU; mps keeps the default.
+    fused = device in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def rng_state(device: str) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if device == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- config resolution
+
+
+def resolve_config(
+    data_dir: Path, preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
+    max_time: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Merge preset, config file, overrides and the data's vocab size into validated sections."""
+    sections: dict[str, Any] = {"model": {}, "train": {}}
+    if preset:
+        sections = merge(sections, load_preset(preset))
+    if config_file:
+        sections = merge(sections, load_toml(config_file))
+    sections = merge(sections, parse_overrides(overrides or []))
+    if max_time is not None:
+        sections["train"]["max_time"] = max_time
+    unknown = set(sections) - {"model", "train"}
+    if unknown:
+        raise SlmError(f"unknown config section [{sorted(unknown)[0]}]: only [model] and [train] exist")
+    meta = load_meta(data_dir)
+    given = sections["model"].get("vocab_size")
+    if given is not None and given != meta["vocab_size"]:
+        raise SlmError(
+            f"model.vocab_size={given} but the data in {data_dir} has vocab {meta['vocab_size']}: drop the override"
+        )
+    sections["model"]["vocab_size"] = meta["vocab_size"]
+    model_cfg = from_dict(ModelConfig, sections["model"], "model")
+    train_cfg = from_dict(TrainConfig, sections["train"], "train")
+    return {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # training seconds, summed over resumes
+    best_val: float | None = None
+
+
+class Trainer:
+    """One training run in RUN_DIR. Construct, then call ``run()``."""
+
+    def __init__(self, data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], resume: bool) -> None:
+        self.data_dir, self.run_dir = Path(data_dir), Path(run_dir)
+        self.model_cfg = from_dict(ModelConfig, sections["model"], "model")
+        self.cfg = from_dict(TrainConfig, sections["train"], "train")
+        self.sections = sections
+        self.meta = load_meta(self.data_dir)
+        self.device = pick_device(self.cfg.device)
+        self.dtype = pick_dtype(self.cfg.dtype, self.device)
+
+        torch.manual_seed(self.cfg.seed)
+        self.model = GPT(self.model_cfg).to(self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.schedule = LRSchedule(self.cfg)
+        self.train_tokens = open_split(self.data_dir, "train")
+        self.val_tokens = open_split(self.data_dir, "val")
+        self.batches = TokenBatches(self.train_tokens, self.model_cfg.block_size, self.cfg.batch_size, self.cfg.seed)
+        self.state = RunState()
+        if resume:
+            self._resume()
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        self.stop_signal: str | None = None
+
+    # ------------------------------------------------------------------ persistence
+
+    def _resume(self) -> None:
+        ckpt = read_checkpoint(self.run_dir / "last", with_optimizer=True)
+        if ckpt["model_config"] != to_dict(self.model_cfg):
+            raise SlmError(f"{self.run_dir} was trained with a different model config: use another --out or --fresh")
+        self.model.load_state_dict(build_model(ckpt["model_config"], ckpt["weights"]).state_dict())
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group in self.optimizer.param_groups:  # train.* overrides win over the saved values
+                group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+        s = ckpt["state"]
+        self.state = RunState(step=s["step"], tokens=s["tokens"], elapsed=s["elapsed"], best_val=s.get("best_val"))
+        self.batches.load_state_dict(s["data"])
+        self.schedule.load_state_dict(s["schedule"])
+        set_rng_state(ckpt["rng"], self.device)
+        # Metrics logged after the checkpoint belong to the lost work: drop them so the curve continues.
+        self._truncate_metrics(self.state.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "elapsed": self.state.elapsed,
+            "best_val": self.state.best_val,
+            "data": self.batches.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "data_dir": str(self.data_dir),
+        }
+
+    def save(self, name: str) -> None:
+        write_checkpoint(
+            self.run_dir / name,
+            model=self.model,
+            state=self._checkpoint_state(),
+            optimizer=self.optimizer if name == "last" else None,
+            rng=rng_state(self.device),
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over the first ``eval_batches`` batches, and bits per byte."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in eval_batches(self.val_tokens, self.model_cfg.block_size, self.cfg.batch_size, self.cfg.eval_batches):
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device, self.dtype):
+                _, loss = self.forward(x, y)
+            total += loss.item() * y.numel()
+            count += y.numel()
+        self.model.train()
+        val_loss = total / count
+        val = self.meta["splits"]["val"]
+        bpb = val_loss * val["tokens"] / max(val["bytes"], 1) / math.log(2)
+        return {"val_loss": val_loss, "val_bpb": bpb}
+
+    # ------------------------------------------------------------------ the loop
+
+    def progress(self) -> float:
+        p = self.state.step / self.cfg.max_steps
+        if self.cfg.max_seconds:
+            p = max(p, self.state.elapsed / self.cfg.max_seconds)
+        return p
+
+    def done(self) -> bool:
+        if self.state.step >= self.cfg.max_steps:
+            return True
+        return bool(self.cfg.max_seconds and self.state.elapsed >= self.cfg.max_seconds)
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        lr = self.schedule.lr(self.state.step, self.progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(self.cfg.grad_accum):
+            x, y = self.batches.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                _, loss = self.forward(x, y)
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += self.cfg.grad_accum * self.cfg.batch_size * self.model_cfg.block_size
+        return loss_sum / self.cfg.grad_accum
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def run(self, quiet: bool = False) -> dict[str, Any]:
+        """Train until max_steps, the time budget or a signal; returns the final summary."""
+        from tqdm import tqdm
+
+        self.model.train()
+        cfg = self.cfg
+        tokens_per_step = cfg.grad_accum * cfg.batch_size * self.model_cfg.block_size
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=quiet, dynamic_ncols=True,
+                   unit="step", file=sys.stderr)
+        last_eval: dict[str, float] = {}
+        start_tokens, t_start = self.state.tokens, time.perf_counter()
+        try:
+            while not self.done() and self.stop_signal is None:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                dt = time.perf_counter() - t0
+                self.state.elapsed += dt
+                if not math.isfinite(loss):
+                    raise SlmError(f"loss became {loss} at step {self.state.step}: lower train.lr or check the data")
+                step = self.state.step
+                if step % cfg.log_interval == 0 or step == 1:
+                    self.log({"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                              "tokens": self.state.tokens, "elapsed": round(self.state.elapsed, 3),
+                              "tok_per_s": tokens_per_step / dt})
+                bar.update(1)
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_step / dt:,.0f}"}
+                if last_eval:
+                    postfix["val"] = f"{last_eval['val_loss']:.3f}"
+                if cfg.max_seconds:
+                    postfix["left"] = f"{max(cfg.max_seconds - self.state.elapsed, 0):.0f}s"
+                bar.set_postfix(postfix, refresh=False)
+                if step % cfg.eval_interval == 0 or self.done():
+                    last_eval = self._eval_and_keep_best()
+                if step % cfg.checkpoint_interval == 0:
+                    self.save("last")
+            if not last_eval or last_eval.get("step") != self.state.step:
+                last_eval = self._eval_and_keep_best()
+            self.save("last")
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        wall = time.perf_counter() - t_start
+        summary = {
+            "steps": self.state.step,
+            "tokens": self.state.tokens,
+            "time_s": round(self.state.elapsed, 1),
+            "tok_per_s": (self.state.tokens - start_tokens) / max(wall, 1e-9),
+            "val_loss": last_eval["val_loss"],
+            "val_bpb": last_eval["val_bpb"],
+            "stopped_by": self.stop_signal,
+        }
+        if self.cfg.plot:
+            plot_metrics(self.run_dir)
+        return summary
+
+    def _eval_and_keep_best(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.schedule.observe(metrics["val_loss"])
+        self.log({"step": self.state.step, **metrics})
+        if self.state.best_val is None or metrics["val_loss"] < self.state.best_val:
+            self.state.best_val = metrics["val_loss"]
+            self.save("best")
+        if self.cfg.plot:
+            plot_metrics(self.run_dir)
+        return {**metrics, "step": self.state.step}
+
+
+def plot_metrics(run_dir: Path) -> None:
+    """Draw train and validation loss from metrics.jsonl into loss.png (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="val", marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / ".loss.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, run_dir / "loss.png")
+
+
+def prepare_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool) -> bool:
+    """Create or check RUN_DIR; returns True when the run resumes from ``last/``.
+
+    A new run writes config.toml and copies the tokenizer. An existing run must have the same model
+    config and the same vocab as the data; ``--fresh`` starts over but keeps the old checkpoints until
+    the new run writes its own.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    has_last = (run_dir / "last").is_dir() or (run_dir / "last.old").is_dir()
+    config_path = run_dir / "config.toml"
+    if has_last and not fresh:
+        old = load_toml(config_path) if config_path.exists() else {}
+        if old.get("model") != sections["model"]:
+            diff = sorted(k for k in set(old.get("model", {})) | set(sections["model"])
+                          if old.get("model", {}).get(k) != sections["model"].get(k))
+            raise SlmError(
+                f"{run_dir} holds a run with a different model config ({', '.join('model.' + k for k in diff)}): "
+                "use another --out, or --fresh to start over"
+            )
+    elif any(run_dir.iterdir()) and not has_last and not fresh and not (run_dir / "config.toml").exists():
+        raise SlmError(f"{run_dir} exists and is not a slmkit run directory: choose an empty or new --out")
+    tok_dir = run_dir / "tokenizer"
+    tmp = run_dir / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in ("tokenizer.json", "encoder.json", "vocab.bpe", "tokenizer_meta.json"):
+        if (data_dir / name).exists():
+            shutil.copy2(data_dir / name, tmp / name)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    os.replace(tmp, tok_dir)
+    (run_dir / ".config.toml.tmp").write_text(dump_toml(sections), encoding="utf-8")
+    os.replace(run_dir / ".config.toml.tmp", config_path)
+    if fresh:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return has_last and not fresh
+
+
+def train(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    max_time: str | None = None,
+    fresh: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) a model on DATA_DIR into RUN_DIR; returns the summary dict."""
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    sections = resolve_config(data_dir, preset, config_file, overrides, max_time)
+    run_dir_cfg = run_dir / "config.toml"
+    if not preset and not config_file and run_dir_cfg.exists() and not fresh:
+        # Resuming with no preset given: the run's own config is the base, overrides still apply.
+        sections = resolve_config(data_dir, None, str(run_dir_cfg), overrides, max_time)
+    resume = prepare_run_dir(data_dir, run_dir, sections, fresh)
+    trainer = Trainer(data_dir, run_dir, sections, resume)
+    if not quiet:
+        n = trainer.model.num_params()
+        what = f"resuming at step {trainer.state.step}" if resume else "starting"
+        print(f"{what}: {n / 1e6:.2f}M parameters, device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}",
+              file=sys.stderr)
+    summary = trainer.run(quiet=quiet)
+    if not quiet:
+        print(
+            f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['time_s']:.0f}s "
+            f"({summary['tok_per_s']:,.0f} tok/s), val loss {summary['val_loss']:.4f}, val bpb {summary['val_bpb']:.4f}"
+            + (f" (stopped by {summary['stopped_by']})" if summary["stopped_by"] else ""),
+            file=sys.stderr,
+        )
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="DATA_DIR written by slm prepare")
+    parser.add_argument("--out", required=True, help="RUN_DIR for checkpoints, logs and plots")
+    parser.add_argument("--preset", help="a shipped preset (tiny, quickstart, stories260k, stories15m, ...)")
+    parser.add_argument("--config", help="a TOML file with [model] and [train] sections")
+    parser.add_argument("--max-time", help="stop after this much training time, e.g. 15m or 1h")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN_DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.n_layer=4 train.lr=1e-3")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    summary = train(args.data, args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
+                    max_time=args.max_time, fresh=args.fresh, quiet=args.quiet)
+    return 130 if summary["stopped_by"] == "SIGINT" else 0
+
+
+def iter_records(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """Records of RUN_DIR/metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield json.loads(line)
