@@ -34,16 +34,22 @@ def evaluate_tokens(
     model.eval()
     block = model.config.block_size
     nats, correct, count = 0.0, 0, 0
+
+    def score(x: torch.Tensor, y: torch.Tensor) -> None:
+        nonlocal nats, correct, count
+        logits, _ = model(x.to(device))
+        logits, y = logits.float(), y.to(device)
+        nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+
     for x, y in eval_batches(tokens, block, batch_size, max_batches):
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
-        logits = logits.float()
-        mask = y != -1  # eval_batches pads a short last window with -1
-        nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
-                                                reduction="sum")
-        nats += nll.item()
-        correct += ((logits.argmax(-1) == y) & mask).sum().item()
-        count += mask.sum().item()
+        score(x, y)
+    covered = ((len(tokens) - 1) // block) * block
+    if max_batches is None and len(tokens) - covered >= 2:
+        # The windows leave a tail shorter than the context: score it too, so every token counts.
+        tail = torch.from_numpy(np.asarray(tokens[covered:], dtype=np.int64))
+        score(tail[None, :-1], tail[None, 1:])
     if count == 0:
         raise SlmError("nothing to evaluate: the text is shorter than two tokens")
     loss = nats / count
@@ -77,7 +83,7 @@ def evaluate_run(
                 f"{model.config.vocab_size}: evaluate on data prepared with the run's tokenizer (or use --input)"
             )
         tokens = open_split(data_dir, "val")
-        n_bytes = meta["splits"]["val"]["bytes"]
+        n_bytes = meta["val"]["bytes"]
         source = f"{data_dir} (val)"
     else:
         docs = list(read_documents([input_path]))

@@ -330,7 +330,7 @@ class Trainer:
             count += y.numel()
         self.model.train()
         val_loss = total / count
-        val = self.meta["splits"]["val"]
+        val = self.meta["val"]
         bpb = val_loss * val["tokens"] / max(val["bytes"], 1) / math.log(2)
         return {"val_loss": val_loss, "val_bpb": bpb}
 

@@ -1,0 +1,64 @@
+"""Shared fixtures: a small corpus, a prepared DATA_DIR and a tiny trained RUN_DIR."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def make_corpus(n_docs: int = 300, seed: int = 0) -> list[str]:
+    """Simple children's-story-like documents: a learnable language with a small vocabulary."""
+    rng = random.Random(seed)
+    names = ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna"]
+    things = ["ball", "cat", "dog", "tree", "cake", "boat", "star"]
+    feelings = ["happy", "sad", "tired", "excited"]
+    docs = []
+    for _ in range(n_docs):
+        a, b = rng.sample(names, 2)
+        t, f = rng.choice(things), rng.choice(feelings)
+        docs.append(
+            f"Once upon a time, {a} had a {t}. {a} liked the {t} very much. "
+            f"One day {b} came to play. {b} was {f}. They played with the {t} all day.\n"
+            f"The end."
+        )
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_text("".join(d + "\n<|endoftext|>\n" for d in make_corpus()), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    from slmkit.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "d"
+    prepare([str(corpus_file)], out, vocab_size=300, val_fraction=0.1)
+    return out
+
+
+TINY = ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+        "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=5", "train.eval_batches=2",
+        "train.plot=false"]
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A tiny model trained for 60 steps: enough to learn the corpus's frequent words."""
+    from slmkit.train import train
+
+    out = tmp_path_factory.mktemp("run") / "r"
+    train(data_dir, out, overrides=TINY + ["train.max_steps=60", "train.eval_interval=30",
+                                           "train.checkpoint_interval=30", "train.plot=true"], quiet=True)
+    return out
