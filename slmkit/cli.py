@@ -76,19 +76,23 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported, so ``slm`` starts fast and one stage's
+    optional dependencies never break another stage."""
     parser = argparse.ArgumentParser(prog="slm", description="Train small GPT-style language models from scratch.")
     parser.add_argument("--version", action="version", version=f"slmkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, add, _run, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(importlib.import_module(module), add)(p)
+        if name == command:
+            getattr(importlib.import_module(module), add)(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slm`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

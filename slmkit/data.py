@@ -21,6 +21,7 @@ Empty (whitespace-only) documents are skipped everywhere.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import inspect
 import json
@@ -632,6 +633,32 @@ def builtin_corpus() -> list[str]:
                         if not attr.startswith("_") and callable(member):
                             add(inspect.getdoc(member))
     return docs
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``slm prepare``."""
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help=".txt, .jsonl, a directory of those, or hf:OWNER/NAME[/FILE]")
+    parser.add_argument("--out", required=True, help="DATA_DIR to write")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2"],
+                        help="train a byte-level BPE on the corpus, or use GPT-2's (50,257 tokens)")
+    parser.add_argument("--val-input", nargs="+", metavar="PATH", help="validation text (else --val-fraction)")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
+    parser.add_argument("--seed", type=int, default=1337)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    meta = prepare(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                   val_inputs=args.val_input, val_fraction=args.val_fraction, seed=args.seed)
+    for split in SPLITS:
+        m = meta[split]
+        print(f"{split:5s} {m['documents']:>9,} documents {m['tokens']:>12,} tokens {m['bytes']:>13,} bytes")
+    print(f"wrote {args.out} (vocab {meta['vocab_size']}, {meta['tokenizer']} tokenizer)")
+    return 0
 
 
 __all__ = [

@@ -21,11 +21,11 @@ PROMPTS = {"tinystories": ["Once upon a time", "Lily and Ben", "The little dog"]
 
 def _corpus(source: str, work: Path) -> tuple[str, list[str]]:
     """Return (name, input paths) for prepare: TinyStories if reachable, else the built-in corpus."""
-    from slmkit.data import _expand, builtin_corpus
+    from slmkit.data import builtin_corpus, read_documents
 
     if source in ("auto", "tinystories"):
         try:
-            _expand([TINYSTORIES])  # downloads into the Hub cache, or fails fast when offline
+            read_documents([TINYSTORIES])  # downloads into the Hub cache, or fails fast when offline
             return "tinystories", [TINYSTORIES]
         except SlmError as e:
             if source == "tinystories":

@@ -381,8 +381,12 @@ class Trainer:
         cfg = self.cfg
         tokens_per_step = cfg.grad_accum * cfg.batch_size * self.model_cfg.block_size
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=quiet, dynamic_ncols=True,
-                   unit="step", file=sys.stderr)
+        # With a time budget the bar runs on seconds, so its ETA is the budget, not max_steps.
+        timed = cfg.max_seconds is not None
+        bar = tqdm(total=round(cfg.max_seconds) if timed else cfg.max_steps,
+                   initial=round(self.state.elapsed) if timed else self.state.step,
+                   unit="s" if timed else "step", disable=quiet, dynamic_ncols=True, file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]" if timed else None)
         last_eval: dict[str, float] = {}
         start_tokens, t_start = self.state.tokens, time.perf_counter()
         try:
@@ -398,12 +402,10 @@ class Trainer:
                     self.log({"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                               "tokens": self.state.tokens, "elapsed": round(self.state.elapsed, 3),
                               "tok_per_s": tokens_per_step / dt})
-                bar.update(1)
-                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_step / dt:,.0f}"}
+                bar.update(min(dt, bar.total - bar.n) if timed else 1)
+                postfix = {"step": step, "loss": f"{loss:.3f}", "tok/s": f"{tokens_per_step / dt:,.0f}"}
                 if last_eval:
                     postfix["val"] = f"{last_eval['val_loss']:.3f}"
-                if cfg.max_seconds:
-                    postfix["left"] = f"{max(cfg.max_seconds - self.state.elapsed, 0):.0f}s"
                 bar.set_postfix(postfix, refresh=False)
                 if step % cfg.eval_interval == 0 or self.done():
                     last_eval = self._eval_and_keep_best()
