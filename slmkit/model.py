@@ -291,7 +291,8 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is not None and not return_logits and torch.is_grad_enabled():
             h = x.reshape(B * T, -1)
-            return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, targets.reshape(-1), ce_chunk_rows(h, self.config.vocab_size))
+            chunk = ce_chunk_rows(h, self.config.vocab_size)
+            return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, targets.reshape(-1), chunk)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
