@@ -6,7 +6,10 @@
 
 Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights: the values do
 not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
-llama2.c). Tokens per second include the prefill. The machine may be shared, so every round runs
+llama2.c). Tokens per second include the prefill.
+The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export --format onnx``
+(its KV-cache graph, greedy, batch 1); it is skipped without onnx/onnxruntime
+(``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
 each variant once, alternating, and the table shows medians; "x uncached" is the median of the
 per-round ratios to the uncached run of the same round. Writes bench/results/decode.json.
 """
@@ -51,6 +54,8 @@ def cpu_name() -> str:
 
 def timed(model: GPT, batch: int, prompt_len: int, new_tokens: int, path: str, cfg: SamplingConfig) -> float:
     """Tokens per second of one generation (all rows together)."""
+    if path == "onnxruntime":  # ``model`` is an OnnxGenerator here
+        return timed_onnx(model, prompt_len, new_tokens)
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
     t0 = time.perf_counter()
@@ -58,6 +63,38 @@ def timed(model: GPT, batch: int, prompt_len: int, new_tokens: int, path: str, c
     seconds = time.perf_counter() - t0
     assert all(len(o) == new_tokens for o in out)
     return batch * new_tokens / seconds
+
+
+def onnx_generator(model: GPT, threads: int):
+    """The model exported to ONNX and loaded in onnxruntime, or None without the export extra."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime row skipped: pip install 'slmkit[export]'", file=sys.stderr)
+        return None
+    import shutil
+    import tempfile
+
+    from slmkit.export import OnnxGenerator, export_onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix="slm-bench-onnx-"))
+    try:
+        export_onnx(model, None, tmp / "onnx")
+        return OnnxGenerator(tmp / "onnx", threads=threads)  # the session holds the graph in memory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def timed_onnx(gen, prompt_len: int, new_tokens: int) -> float:
+    """Tokens per second of one greedy generation with onnxruntime (batch 1, prefill included)."""
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, gen.meta["vocab_size"], (prompt_len,), generator=g).tolist()
+    t0 = time.perf_counter()
+    out = gen.generate(prompt, new_tokens, stop_at_eot=False)
+    seconds = time.perf_counter() - t0
+    assert len(out) == new_tokens
+    return new_tokens / seconds
 
 
 def compiled_copy(model: GPT) -> tuple[GPT, float]:
@@ -105,6 +142,9 @@ def main() -> None:
                 variants.append(("fast + torch.compile", 1, "fast", greedy, fast_model, t))
             except Exception as e:  # noqa: BLE001 - a failed compile is a result too
                 print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
+        gen = onnx_generator(model, t)
+        if gen is not None:
+            variants.append(("onnxruntime (KV cache)", 1, "onnxruntime", greedy, gen, t))
         variants += [(f"fast, batch {b}", b, "fast", greedy, model, t) for b in args.batches]
         if args.one_thread_rows and t != 1:
             variants += [(f"fast, batch {b}, 1 thread", b, "fast", greedy, model, 1) for b in [1, *args.batches]]
