@@ -1,0 +1,191 @@
+"""Decoding speed on the CPU: the uncached loop vs the KV cache vs the fast path (the default).
+
+    python bench/decode.py                 # the table quoted in docs/generation.md
+    python bench/decode.py --compile       # adds torch.compile of the decode step (slow to start)
+    python bench/decode.py --quick         # a smoke run: fewer tokens and rounds
+
+Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights: the values do
+not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
+llama2.c). Tokens per second include the prefill.
+The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export --format onnx``
+(its KV-cache graph, greedy, batch 1); it is skipped without onnx/onnxruntime
+(``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
+each variant once, alternating, and the table shows medians; "x uncached" is the median of the
+per-round ratios to the uncached run of the same round. Writes bench/results/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slmkit.config import from_dict, load_preset  # noqa: E402
+from slmkit.generate import SamplingConfig, generate_tokens  # noqa: E402
+from slmkit.model import GPT, ModelConfig  # noqa: E402
+
+MODELS = {"stories15m": 4096, "stories260k": 512}  # preset -> vocab size
+
+
+def build(preset: str, vocab_size: int) -> GPT:
+    section = dict(load_preset(preset)["model"], vocab_size=vocab_size)
+    torch.manual_seed(0)
+    return GPT(from_dict(ModelConfig, section, "model")).eval()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(model: GPT, batch: int, prompt_len: int, new_tokens: int, path: str, cfg: SamplingConfig) -> float:
+    """Tokens per second of one generation (all rows together)."""
+    if path == "onnxruntime":  # ``model`` is an OnnxGenerator here
+        return timed_onnx(model, prompt_len, new_tokens)
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
+    t0 = time.perf_counter()
+    out = generate_tokens(model, prompts, cfg, eot_id=None, path=path)
+    seconds = time.perf_counter() - t0
+    assert all(len(o) == new_tokens for o in out)
+    return batch * new_tokens / seconds
+
+
+def onnx_generator(model: GPT, threads: int):
+    """The model exported to ONNX and loaded in onnxruntime, or None without the export extra."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime row skipped: pip install 'slmkit[export]'", file=sys.stderr)
+        return None
+    import shutil
+    import tempfile
+
+    from slmkit.export import OnnxGenerator, export_onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix="slm-bench-onnx-"))
+    try:
+        export_onnx(model, None, tmp / "onnx")
+        return OnnxGenerator(tmp / "onnx", threads=threads)  # the session holds the graph in memory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def timed_onnx(gen, prompt_len: int, new_tokens: int) -> float:
+    """Tokens per second of one greedy generation with onnxruntime (batch 1, prefill included)."""
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, gen.meta["vocab_size"], (prompt_len,), generator=g).tolist()
+    t0 = time.perf_counter()
+    out = gen.generate(prompt, new_tokens, stop_at_eot=False)
+    seconds = time.perf_counter() - t0
+    assert len(out) == new_tokens
+    return new_tokens / seconds
+
+
+def compiled_copy(model: GPT) -> tuple[GPT, float]:
+    """The model with its decode step compiled (dynamic shapes: the cache length grows every step);
+    returns it and the time of the first call (the compilation)."""
+    import copy
+
+    fast = copy.deepcopy(model)
+    fast.decode_step = torch.compile(fast.decode_step, dynamic=True)
+    t0 = time.perf_counter()
+    generate_tokens(fast, [[1, 2, 3]], SamplingConfig(max_new_tokens=4, temperature=0, stop_at_eot=False))
+    return fast, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="*", default=[8, 32])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row (30-60 s to compile)")
+    parser.add_argument("--one-thread-rows", action="store_true", help="add the fast rows with 1 thread")
+    parser.add_argument("--quick", action="store_true", help="64 new tokens, 2 rounds: a smoke run")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.rounds = 64, 2
+    torch.set_num_threads(args.threads)
+    greedy = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
+    sampled = SamplingConfig(max_new_tokens=args.new_tokens, stop_at_eot=False, seed=0)  # the defaults
+    results = []
+    for name in args.models:
+        model = build(name, MODELS[name])
+        # (row label, batch, path, sampling config, model, threads)
+        t = args.threads
+        variants = [("uncached", 1, "uncached", greedy, model, t), ("kv-cache", 1, "cached", greedy, model, t),
+                    ("fast (default)", 1, "fast", greedy, model, t),
+                    ("fast + sampling (T=0.8, top-k 200, top-p 0.95)", 1, "fast", sampled, model, t)]
+        compile_s = None
+        if args.compile:
+            try:
+                fast_model, compile_s = compiled_copy(model)
+                variants.append(("fast + torch.compile", 1, "fast", greedy, fast_model, t))
+            except Exception as e:  # noqa: BLE001 - a failed compile is a result too
+                print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
+        gen = onnx_generator(model, t)
+        if gen is not None:
+            variants.append(("onnxruntime (KV cache)", 1, "onnxruntime", greedy, gen, t))
+        variants += [(f"fast, batch {b}", b, "fast", greedy, model, t) for b in args.batches]
+        if args.one_thread_rows and t != 1:
+            variants += [(f"fast, batch {b}, 1 thread", b, "fast", greedy, model, 1) for b in [1, *args.batches]]
+        for _, batch, path, cfg, m, threads in variants:  # warm-up: allocator, kernels, caches
+            torch.set_num_threads(threads)
+            timed(m, batch, args.prompt_len, 8, path, SamplingConfig(**{**cfg.__dict__, "max_new_tokens": 8}))
+        runs: dict[str, list[float]] = {v[0]: [] for v in variants}
+        for r in range(args.rounds):
+            for label, batch, path, cfg, m, threads in variants:
+                torch.set_num_threads(threads)
+                runs[label].append(timed(m, batch, args.prompt_len, args.new_tokens, path, cfg))
+            torch.set_num_threads(t)
+            print(f"{name} round {r + 1}/{args.rounds}: "
+                  + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), file=sys.stderr)
+        base = runs["uncached"]
+        for label, batch, path, cfg, _, threads in variants:
+            results.append({
+                "model": name, "vocab_size": MODELS[name], "params": sum(p.numel() for p in model.parameters()),
+                "row": label, "batch": batch, "path": path, "threads": threads, "greedy": cfg.temperature == 0,
+                "tokens_per_s": round(statistics.median(runs[label]), 1),
+                "runs": [round(x, 1) for x in runs[label]],
+                "x_uncached": round(statistics.median(a / b for a, b in zip(runs[label], base)), 1),
+                **({"compile_s": round(compile_s, 1)} if "compile" in label else {}),
+            })
+    table = ["| model | row | batch | tokens/s (median) | x uncached | runs |", "|---|---|---|---|---|---|"]
+    for r in results:
+        table.append(f"| {r['model']} | {r['row']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['x_uncached']:.1f} | "
+                     + " ".join(f"{x:.0f}" for x in r["runs"]) + " |")
+    print("\n".join(table))
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+        "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
+        "rounds": args.rounds, "results": results, "table": table,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

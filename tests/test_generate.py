@@ -1,0 +1,422 @@
+"""Generation: KV cache == uncached, each decoding option's effect, streaming, batching, the CLI.
+
+Two kinds of model: small random GPTs (weights scaled up so that greedy text varies with the
+context) for the cache and batching checks, and "scripted" GPTs whose weights are set by hand so
+that the next token depends only on the last one (a bigram table): they write exactly the text a
+test needs, through the real model code and every decoding path.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+
+import pytest
+import torch
+
+import slmkit.generate as G
+from slmkit.errors import SlmError
+from slmkit.generate import (
+    Generation, SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, apply_temperature,
+    apply_top_k, apply_top_p, beam_search, generate, generate_tokens, logits_pipeline, stream,
+)
+from slmkit.model import GPT, KVCache, ModelConfig
+
+GREEDY = dict(temperature=0.0, stop_at_eot=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: threads only add waiting, a lot of it on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_model(seed: int = 0, **kw) -> GPT:
+    base = dict(vocab_size=61, block_size=24, n_layer=2, n_head=4, n_embd=32)
+    base.update(kw)
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**base)).eval()
+    with torch.no_grad():  # larger weights: peaked, context-dependent predictions
+        for p in model.parameters():
+            p.mul_(6.0)
+    return model
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer: one token per byte, so every multi-byte character spans tokens."""
+
+    eot_token = "<|endoftext|>"
+    eot_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self.eot_token.encode() if i == self.eot_id else bytes([i]) for i in ids)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+TOK = ByteTokenizer()
+
+
+def bigram_model(logprobs: dict[int, dict[int, float]], vocab_size: int = 257, **kw) -> GPT:
+    """A real GPT whose next-token log-probabilities depend only on the last token: attention and
+    MLP write nothing, the embedding is one-hot and the head holds ``logprobs[prev][next]``
+    (tokens not listed: -30)."""
+    width = 8 * math.ceil(vocab_size / 8)
+    base = dict(vocab_size=vocab_size, block_size=64, n_layer=1, n_head=1, n_embd=width, tie_embeddings=False)
+    base.update(kw)
+    model = GPT(ModelConfig(**base)).eval()
+    scale = math.sqrt(width)  # RMSNorm turns a one-hot row into sqrt(width) * one-hot
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.tok_emb.weight[:, :vocab_size] = torch.eye(vocab_size)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+                module.weight.fill_(1.0)
+        model.lm_head.weight.fill_(-30.0 / scale)
+        for prev, nexts in logprobs.items():
+            for nxt, lp in nexts.items():
+                model.lm_head.weight[nxt, prev] = lp / scale
+    return model
+
+
+def script_model(text: str, then_eot: bool = False, **kw) -> GPT:
+    """A bigram GPT that, after each byte of ``text``, writes the next one (cyclically, or
+    <|endoftext|> after the last byte): the bytes of ``text`` must all differ."""
+    data = text.encode()
+    assert len(set(data)) == len(data)
+    follow = {a: b for a, b in zip(data, data[1:])}
+    follow[data[-1]] = TOK.eot_id if then_eot else data[0]
+    follow[TOK.eot_id] = data[0]
+    return bigram_model({a: {b: 0.0} for a, b in follow.items()}, **kw)
+
+
+# --- the KV cache ---------------------------------------------------------------------------------
+
+VARIANTS = [
+    dict(positions=pos, n_kv_head=kv, norm=norm, activation=act)
+    for pos, kv, norm, act in itertools.product(["learned", "rope"], [None, 2], ["layernorm", "rmsnorm"], ["gelu", "swiglu"])
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_cache_matches_uncached_for_every_variant(kw):
+    model = random_model(1, **kw, bias=kw["norm"] == "layernorm")
+    prompt = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(2)).tolist()
+    cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 9 + 40 > 24: the window slides twice
+    reference = generate_tokens(model, prompt, cfg, path="uncached")
+    assert len(set(reference[0])) > 3  # the text is not one repeated token
+    assert generate_tokens(model, prompt, cfg, path="cached") == reference
+    assert generate_tokens(model, prompt, cfg, path="fast") == reference
+    # Logits, not just argmaxes: a padded batch through prefill, forward_cached and decode_step.
+    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
+    full, _ = model(x)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # noqa: E731
+    with torch.inference_mode():
+        a, b = KVCache.empty(model.config, 2), KVCache.empty(model.config, 2)
+        close(model.forward_cached(x[:, :8], a, all_logits=True), full[:, :8])
+        model.forward_cached(x[:, :8], b)
+        chunked = KVCache.empty(model.config, 2)  # a prefill in two parts
+        model.forward_cached(x[:, :5], chunked)
+        close(model.forward_cached(x[:, 5:8], chunked, all_logits=True), full[:, 5:8])
+        for t in range(8, 12):
+            close(model.forward_cached(x[:, t : t + 1], a), full[:, t])
+            close(model.decode_step(x[:, t], b), full[:, t])
+        padded = KVCache.empty(model.config, 2, start=torch.tensor([4, 0]))
+        short = torch.cat([torch.zeros(1, 4, dtype=torch.long), x[:1, :8]], dim=1)
+        model.forward_cached(torch.cat([short, x[1:]]), padded)
+        step = model.decode_step(torch.tensor([x[0, 8], 5]), padded)
+        close(step[0], model(x[:1, :9])[0][0, -1])
+
+
+def test_forward_for_training_is_unchanged():
+    model = random_model(0)
+    x = torch.randint(0, 61, (2, 24))
+    logits, loss = model(x, x)
+    assert logits.shape == (2, 24, 61) and loss.ndim == 0
+
+
+def test_window_slides_past_the_context():
+    """Past block_size tokens each row keeps its last block_size // 2 and goes on."""
+    model = random_model(4, block_size=16)
+    cfg = SamplingConfig(max_new_tokens=50, **GREEDY)
+    out = generate_tokens(model, [[1, 2, 3]], cfg)[0]
+    assert len(out) == 50
+    # Replay the rule by hand: before each step the context is the tokens since the last slide.
+    context = [1, 2, 3]
+    for token in out:
+        logits, _ = model(torch.tensor([context]))
+        assert int(logits[0, -1].argmax()) == token
+        context.append(token)
+        if len(context) > 16:
+            context = context[-8:]
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning():
+    model = random_model(5)
+    prompt = list(range(40))
+    cfg = SamplingConfig(max_new_tokens=5, **GREEDY)
+    with pytest.warns(UserWarning, match="longer than the context"):
+        out = generate_tokens(model, [prompt], cfg)
+    assert out == generate_tokens(model, [prompt[-24:]], cfg)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(positions="learned", n_kv_head=2)])
+@pytest.mark.parametrize("path", ["fast", "cached"])
+def test_batch_equals_one_by_one(kw, path):
+    model = random_model(6, **kw)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 11, 1, 7)]
+    cfg = SamplingConfig(max_new_tokens=12, **GREEDY)  # 11 + 12 <= 24: within the context
+    alone = [generate_tokens(model, [p], cfg, path="uncached")[0] for p in prompts]
+    assert generate_tokens(model, prompts, cfg, path=path) == alone
+
+
+def test_finished_rows_leave_the_batch():
+    model = script_model("abc", then_eot=True)  # "a" -> "bc" then <|endoftext|>
+    gen = Generation(model, [[ord("a")], [ord("x")], [ord("b")]], SamplingConfig(max_new_tokens=6, temperature=0), TOK.eot_id)
+    while not gen.finished:
+        gen.step()
+    assert gen.tokens[0] == [ord("b"), ord("c")] and gen.tokens[2] == [ord("c")]
+    assert len(gen.tokens[1]) == 6  # "x" is not in the script: it never writes <|endoftext|>
+
+
+# --- logits processors ----------------------------------------------------------------------------
+
+
+def test_top_k_keeps_exactly_the_k_largest_and_never_samples_outside():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    out = apply_top_k(logits, 5)
+    assert (out.isfinite().sum(-1) == 5).all()
+    top = logits.topk(5).indices
+    assert torch.equal(out.gather(-1, top), logits.gather(-1, top))
+    draws = torch.multinomial(out.softmax(-1), 2000, replacement=True, generator=torch.Generator().manual_seed(1))
+    assert all(set(d.tolist()) <= set(t.tolist()) for d, t in zip(draws, top))
+    assert torch.equal(apply_top_k(logits, 1000), logits)
+
+
+def test_top_k_in_generation_stays_in_the_top_k():
+    model = random_model(8)
+    cfg = SamplingConfig(max_new_tokens=15, temperature=2.0, top_k=2, top_p=1.0, seed=3, stop_at_eot=False)
+    context = [4, 5]
+    for token in generate_tokens(model, [context], cfg)[0]:
+        assert token in model(torch.tensor([context]))[0][0, -1].topk(2).indices.tolist()
+        context.append(token)
+
+
+def test_top_p_keeps_the_smallest_set_with_enough_mass():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    kept = lambda p: set(apply_top_p(logits, p)[0].isfinite().nonzero().flatten().tolist())  # noqa: E731
+    assert kept(0.45) == {1}
+    assert kept(0.7) == {1, 3}
+    assert kept(0.85) == {1, 3, 2}
+    assert kept(1.0) == {0, 1, 2, 3}
+    assert kept(0.01) == {1}  # the most likely token always stays
+    out = apply_top_p(logits, 0.7)
+    assert torch.allclose(out.softmax(-1)[0, [1, 3]], torch.tensor([0.5, 0.3]) / 0.8)
+
+
+def test_min_p_cuts_relative_to_the_top_token():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert apply_min_p(logits, 0.2)[0].isfinite().tolist() == [True, True, True, False]  # below 0.1
+    assert apply_min_p(logits, 0.5)[0].isfinite().tolist() == [True, True, False, False]  # below 0.25
+    assert torch.equal(apply_min_p(logits, 0.0), logits)
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 0.0]]
+    p, q = logits.softmax(-1)[0], out.softmax(-1)[0]
+    assert q[0] < p[0] and q[1] < p[1] and q[2] > p[2]
+    # In generation: "a" is always a bit more likely than "b"; the penalty makes "b" win once "a" was said.
+    model = bigram_model({t: {ord("a"): 2.0, ord("b"): 1.5} for t in range(257)})
+    plain = generate_tokens(model, [[ord("c")]], SamplingConfig(max_new_tokens=3, **GREEDY))[0]
+    penalized = generate_tokens(model, [[ord("c")]], SamplingConfig(max_new_tokens=3, repetition_penalty=2.0, **GREEDY))[0]
+    assert bytes(plain) == b"aaa" and bytes(penalized) == b"aba"
+    # Prompt tokens count as seen (as in CTRL and Hugging Face).
+    assert bytes(generate_tokens(model, [[ord("a")]], SamplingConfig(max_new_tokens=1, repetition_penalty=2.0, **GREEDY))[0]) == b"b"
+
+
+def test_temperature_and_pipeline():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    assert apply_temperature(logits, 0.5).softmax(-1)[0, 2] > logits.softmax(-1)[0, 2]
+    assert logits_pipeline(SamplingConfig(temperature=0)) == []
+    names = [p.func.__name__ for p in logits_pipeline(SamplingConfig(min_p=0.1, repetition_penalty=1.2), torch.zeros(1, 3, dtype=torch.bool))]
+    assert names == ["apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p"]
+    assert [p.func.__name__ for p in logits_pipeline(SamplingConfig(temperature=1.0, top_k=None, top_p=1.0))] == []
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(top_k=-1),
+    dict(repetition_penalty=0.0), dict(beams=0), dict(max_new_tokens=0), dict(stop=[""]), dict(seed=-1),
+    dict(length_penalty=math.inf),
+])
+def test_validate_rejects_out_of_range(bad):
+    with pytest.raises(SlmError):
+        SamplingConfig(**bad).validate()
+
+
+def test_seed_makes_sampling_reproducible():
+    model = random_model(9)
+    cfg = SamplingConfig(max_new_tokens=30, temperature=1.5, seed=123, stop_at_eot=False)
+    a = generate_tokens(model, [[1, 2], [3]], cfg)
+    assert generate_tokens(model, [[1, 2], [3]], cfg) == a
+    cfg.seed = 124
+    assert generate_tokens(model, [[1, 2], [3]], cfg) != a
+
+
+# --- beam search ----------------------------------------------------------------------------------
+
+
+def test_beam_search_finds_what_greedy_misses():
+    # From token 0: 1 is likelier (0.6) than 2 (0.4), but after 1 the model is unsure (three ways,
+    # 1/3 each) while after 2 it is sure (0.95). Best sequence: 0 2 6 (0.38) over 0 1 x (0.2).
+    lp = math.log
+    model = bigram_model({0: {1: lp(0.6), 2: lp(0.4)}, 1: {3: lp(1 / 3), 4: lp(1 / 3), 5: lp(1 / 3)},
+                          2: {6: lp(0.95), 3: lp(0.05)}, 3: {9: 0.0}, 4: {9: 0.0}, 5: {9: 0.0}, 6: {9: 0.0}},
+                         vocab_size=10)
+    greedy = generate_tokens(model, [[0]], SamplingConfig(max_new_tokens=5, temperature=0), eot_id=9)[0]
+    beams = beam_search(model, [0], SamplingConfig(max_new_tokens=5, beams=2), eot_id=9)
+    assert greedy[:1] == [1] and beams == [2, 6]
+    assert generate_tokens(model, [[0]], SamplingConfig(max_new_tokens=5, beams=2), eot_id=9) == [[2, 6]]
+
+
+def test_beam_search_paths_agree_and_one_beam_is_greedy():
+    model = random_model(10)
+    cfg = SamplingConfig(max_new_tokens=30, beams=3, length_penalty=0.8)
+    fast = beam_search(model, [5, 6, 7], cfg)
+    assert len(fast) == 30 and beam_search(model, [5, 6, 7], cfg, path="uncached") == fast
+    cfg.beams = 1
+    assert beam_search(model, [5, 6, 7], cfg) == generate_tokens(model, [[5, 6, 7]], SamplingConfig(max_new_tokens=30, **GREEDY))[0]
+
+
+def test_beam_search_honours_stop_strings():
+    model = script_model("Ha!ZQ_STOP.wxyz")
+    cfg = SamplingConfig(max_new_tokens=30, beams=2, stop=["STOP"])
+    assert generate(model, TOK, ["H"], cfg) == ["a!ZQ_"]
+
+
+# --- text: stop strings, streaming, UTF-8 ---------------------------------------------------------
+
+
+def test_stop_strings_cut_exactly():
+    model = script_model("Ha!ZQ_STOP.wxyz")
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.7, stop=["STOP"])
+    assert generate(model, TOK, ["H"], cfg) == ["a!ZQ_"]
+    assert generate(model, TOK, ["Z"], SamplingConfig(max_new_tokens=40, stop=["xyz", "Q_S"])) == [""]
+    pieces = list(stream(model, TOK, "Ha", SamplingConfig(max_new_tokens=40, stop=["_STOP", "!Z"])))
+    assert "".join(pieces) == ""
+    pieces = list(stream(model, TOK, "H", SamplingConfig(max_new_tokens=40, stop=["OP.w"])))
+    assert "".join(pieces) == "a!ZQ_ST"
+    # No stop: the text runs on to max_new_tokens.
+    assert generate(model, TOK, ["H"], SamplingConfig(max_new_tokens=18)) == ["a!ZQ_STOP.wxyzHa!Z"]
+
+
+def test_text_stream_holds_back_possible_stop_starts():
+    s = TextStream(TOK, stop=["The end"])
+    out = [s.push(t) for t in TOK.encode("Go. The eagle. The en")]
+    assert "".join(out) == "Go. The eagle. "  # "The en" could still become "The end"
+    assert s.push(ord("d")) == "" and s.stopped
+    s = TextStream(TOK, stop=["The end"])
+    assert "".join(s.push(t) for t in TOK.encode("The en")) == "" and s.finish() == "The en"
+
+
+def test_eot_stops_by_default_and_no_stop_runs_on():
+    model = script_model("Hi.", then_eot=True)
+    assert generate(model, TOK, ["H"], SamplingConfig(max_new_tokens=20)) == ["i."]
+    text = generate(model, TOK, ["H"], SamplingConfig(max_new_tokens=7, stop_at_eot=False))[0]
+    assert text == "i.<|endoftext|>Hi.<|endoftext|>"
+
+
+def test_streaming_multibyte_characters():
+    text = "é€😀ß"
+    s = TextStream(TOK)
+    pieces = [s.push(t) for t in TOK.encode(text)]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert pieces[0] == "" and pieces[1] == "é"  # the first byte of é waits for the second
+    s = TextStream(TOK)
+    assert s.push(0xE2) == "" and s.push(0x82) == "" and s.finish() == "\ufffd"  # cut off: replaced
+    # Through the model: each piece is whole characters, in order.
+    model = script_model("xé€😀")
+    pieces = list(stream(model, TOK, "x", SamplingConfig(max_new_tokens=12)))
+    assert "".join(pieces) == "é€😀xé" and all("\ufffd" not in p for p in pieces)
+    assert len(pieces) == 5
+
+
+def test_generate_returns_completions_only_and_batches():
+    model = script_model("Helo wrd!")
+    prompts = ["H", "w", "!"]
+    cfg = SamplingConfig(max_new_tokens=4, seed=0)
+    out = generate(model, TOK, prompts, cfg)
+    assert out == [generate(model, TOK, [p], cfg)[0] for p in prompts]
+
+
+def test_seeded_text_is_reproducible():
+    model = random_model(11, vocab_size=257, n_embd=32)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.2, seed=5, stop_at_eot=False)
+    first = "".join(stream(model, TOK, "ab", cfg))
+    assert "".join(stream(model, TOK, "ab", cfg)) == first == generate(model, TOK, ["ab"], cfg)[0]
+
+
+def test_empty_prompt_starts_a_new_document():
+    model = script_model("Hi.", then_eot=True)
+    assert generate(model, TOK, [""], SamplingConfig(max_new_tokens=10)) == ["Hi."]
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def cli_args(command: str, *argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    (G.add_generate_arguments if command == "generate" else G.add_chat_arguments)(parser)
+    return parser.parse_args(["RUN", *argv])
+
+
+@pytest.fixture
+def scripted_run(monkeypatch):
+    model = script_model("Hi, Bob.", then_eot=True)
+    monkeypatch.setattr(G, "_load", lambda args: (model, TOK))
+    return model
+
+
+def test_cli_generate_streams_prompt_and_continuation(scripted_run, capsys):
+    assert G.run_generate(cli_args("generate", "--prompt", "Hi", "--seed", "1")) == 0
+    assert capsys.readouterr().out == "Hi, Bob.\n"
+    assert G.run_generate(cli_args("generate", "--prompt", "Hi", "--num-samples", "3", "--stop", "B")) == 0
+    assert capsys.readouterr().out == "Hi, \n---\nHi, \n---\nHi, \n"
+    assert G.run_generate(cli_args("generate", "--prompt", "B", "--no-stop", "--max-new-tokens", "9", "--stop", "\\n")) == 0
+    assert capsys.readouterr().out == "Bob.<|endoftext|>Hi, B\n"
+    with pytest.raises(SlmError, match="top_p"):
+        G.run_generate(cli_args("generate", "--top-p", "2"))
+
+
+def test_cli_chat_loop(scripted_run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nB\n"))
+    assert G.run_chat(cli_args("chat")) == 0
+    assert capsys.readouterr().out == ", Bob.\nob.\n"
+
+
+def test_cli_chat_ctrl_c_stops_the_reply_only(scripted_run, monkeypatch, capsys):
+    def interrupted(*args):
+        yield "partial"
+        raise KeyboardInterrupt
+
+    replies = iter([interrupted, lambda *a: iter(["fine"])])
+    monkeypatch.setattr(G, "stream", lambda *a: next(replies)(*a))
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
+    assert G.run_chat(cli_args("chat")) == 0
+    assert capsys.readouterr().out == "partial [stopped]\nfine\n"
