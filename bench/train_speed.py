@@ -10,7 +10,8 @@ One training step is forward + backward + gradient clipping + optimizer step on 
   eager PyTorch, separate q/k/v and w1/w2/w3 matmuls, hand-written RMSNorm and RoPE, SDPA, the full
   logits and F.cross_entropy, AdamW (foreach, as nanoGPT uses off CUDA), no compile;
 * ``slmkit-eager``: slmkit's model and optimizer as ``Trainer.train_step`` uses them, uncompiled;
-* ``slmkit``: the same with ``train.compile=true``: slmkit's fastest path.
+* ``slmkit``: the same with ``train.compile=true``: slmkit's fastest path;
+* ``slmkit-blocks`` (only when asked for): compile just the repeated block, which compiles faster.
 
 The machine may be shared, so the variants run in alternation (a few steps of each, round after
 round), every round also times a large square matmul, and the table shows medians; ratios between

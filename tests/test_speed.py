@@ -21,7 +21,9 @@ def test_chunked_cross_entropy_matches_the_plain_loss_and_gradients():
     assert fused.item() == pytest.approx(plain.item(), rel=1e-12)
     for a, b in zip(torch.autograd.grad(fused, (h, w)), torch.autograd.grad(plain, (h, w))):
         assert torch.allclose(a, b, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda h, w: ChunkedCrossEntropy.apply(h, w, t, 13), (h, w))
+    h2, w2 = h[:9, :4].detach().requires_grad_(), w[:7, :4].detach().requires_grad_()
+    t2 = t[:9].clamp(max=6)
+    assert torch.autograd.gradcheck(lambda h, w: ChunkedCrossEntropy.apply(h, w, t2, 4), (h2, w2), fast_mode=True)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False, positions="learned", activation="gelu")])
