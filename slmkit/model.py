@@ -275,6 +275,59 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def ce_chunk_rows(h: torch.Tensor, vocab_size: int) -> int:
+    """Rows per chunk of the fused head + cross-entropy: about 2 MB of fp32 logits on a CPU, so a
+    chunk stays in a core's L2 cache; 64 MB on a GPU, where launches cost more than memory."""
+    budget = (64 << 20) if h.is_cuda else (2 << 20)
+    return max(16, budget // (4 * vocab_size))
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (-1 ignored), chunk by chunk.
+
+    The vocabulary projection and its loss are the largest activation of a small model: (tokens,
+    vocab) logits, written, read by log-softmax, written again as their gradient. Here each chunk
+    of rows makes its logits, its loss and at once its gradients for ``h`` and ``weight``, while the
+    chunk is still in cache; backward only scales the stored gradients. Same result as
+    ``F.cross_entropy(h @ weight.T, targets)`` up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        # Under autocast, run the matmuls in the autocast dtype and the softmax in fp32, as F.linear
+        # followed by logits.float() would.
+        device = h.device.type
+        cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            w = weight.to(cdt)
+            acc = torch.promote_types(cdt, torch.float32)  # fp32, or fp64 for gradcheck
+            valid = targets != -1
+            safe = targets.clamp(min=0)[:, None]
+            count = valid.sum().clamp(min=1)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            loss = torch.zeros((), dtype=acc, device=h.device)
+            for s in range(0, h.shape[0], chunk):
+                hs = h[s : s + chunk].to(cdt)
+                logits = (hs @ w.t()).to(acc)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                keep = valid[s : s + chunk, None].to(acc)
+                loss = loss + ((lse - logits.gather(1, safe[s : s + chunk])) * keep).sum()
+                # d loss / d logits = (softmax - onehot) / count, on the kept rows only
+                p = logits.sub_(lse).exp_()
+                p.scatter_add_(1, safe[s : s + chunk], -keep)
+                p = p.mul_(keep / count).to(cdt)
+                grad_h[s : s + chunk] = (p @ w).to(h.dtype)
+                grad_w += (p.t() @ hs).to(acc)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
 class GPT(nn.Module):
     """Token embedding, positions, ``n_layer`` blocks, a final norm and the vocabulary head."""
 
@@ -325,10 +378,11 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy
-        (targets of -1 are ignored)."""
+        (targets of -1 are ignored). Training passes ``return_logits=False``: the loss is then
+        computed chunk by chunk without ever holding all the logits, and the logits are None."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
@@ -340,7 +394,12 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is not None and not return_logits and torch.is_grad_enabled():
+            h = x.reshape(B * T, -1)
+            chunk = ce_chunk_rows(h, self.config.vocab_size)
+            return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, targets.reshape(-1), chunk)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

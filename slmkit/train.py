@@ -61,7 +61,7 @@ class TrainConfig:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU); the long presets turn it on
     plot: bool = True
     # A step with a non-finite loss or gradient is never applied. Then: "stop" with an error naming
     # the step, "skip" the update and go on, or "rollback" to last/ with the lr times nan_lr_factor.
@@ -208,6 +208,97 @@ def set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job; the defaults are a plain single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes checkpoints, logs and plots."""
+        return self.rank == 0
+
+    def all_mean(self, values: list[float]) -> list[float]:
+        """The mean of ``values`` over all ranks, the same on every rank (identity on one process)."""
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_distributed(device_name: str = "auto") -> Dist:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...):
+    NCCL on GPUs, gloo on CPUs. Without torchrun this returns the single-process ``Dist()``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device == "cuda":
+        torch.cuda.set_device(local)  # so that "cuda" means this rank's GPU everywhere below
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(rank, world, local)
+
+
+def split_batch(batch_size: int, grad_accum: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) per rank for a global batch of batch_size x grad_accum.
+
+    The global batch is the same whatever the number of processes, so a run's loss curve and its
+    data order do not depend on it, and a run resumes on another number of processes. Ranks share
+    the accumulation steps first (keeping each matmul as large as configured), then the micro-batch.
+    """
+    if grad_accum % world_size == 0:
+        return batch_size, grad_accum // world_size
+    if batch_size % world_size == 0:
+        return batch_size // world_size, grad_accum
+    raise SlmError(
+        f"{world_size} processes cannot share a global batch of train.batch_size={batch_size} x "
+        f"train.grad_accum={grad_accum}: make one of them a multiple of {world_size}"
+    )
+
+
+def measure_matmul_peak(device: str, dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of the best of a few large square matmuls: the practical peak that MFU is measured against.
+    The default size (1024 on a CPU, 8192 on a GPU) takes milliseconds and gets close to the peak."""
+    n = n or (8192 if device == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(reps + 1):  # the first one warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def can_compile(device: str) -> str | None:
+    """Why torch.compile cannot run here (None when it can): on CPU, inductor needs a C++ compiler."""
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        return "no C++ compiler (g++ or clang++) found, which torch.compile needs on CPU"
+    return None
+
+
 # --------------------------------------------------------------------------- config resolution
 
 
@@ -282,8 +373,11 @@ class RunState:
 class Trainer:
     """One training run in RUN_DIR. Construct, then call ``run()``."""
 
-    def __init__(self, data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], resume: bool) -> None:
-        self.data_dir, self.run_dir = Path(data_dir), Path(run_dir)
+    def __init__(
+        self, data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], resume: bool, dist: Dist | None = None
+    ) -> None:
+        dist = dist or Dist()
+        self.data_dir, self.run_dir, self.dist = Path(data_dir), Path(run_dir), dist
         self.model_cfg = from_dict(ModelConfig, sections["model"], "model")
         self.cfg = from_dict(TrainConfig, sections["train"], "train")
         self.sections = sections
@@ -298,11 +392,28 @@ class Trainer:
         self.schedule = LRSchedule(self.cfg)
         self.train_tokens = open_split(self.data_dir, "train")
         self.val_tokens = open_split(self.data_dir, "val")
-        self.batches = TokenBatches(self.train_tokens, self.model_cfg.block_size, self.cfg.batch_size, self.cfg.seed)
+        self.micro_batch, self.accum = split_batch(self.cfg.batch_size, self.cfg.grad_accum, dist.world_size)
+        self.batches = TokenBatches(self.train_tokens, self.model_cfg.block_size, self.micro_batch, self.cfg.seed,
+                                    dist.rank, dist.world_size)
         self.state = RunState()
         if resume:
             self._resume()
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        if dist.rank > 0:
+            # Every rank starts from the same weights (seeded above), but dropout needs its own masks.
+            torch.manual_seed(self.cfg.seed + 1000 * dist.rank + self.state.step)
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        if dist.world_size > 1:
+            ids = [dist.local_rank] if self.device == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        net = self.ddp or self.model
+        self.compiled = False
+        if self.cfg.compile:
+            why_not = can_compile(self.device)
+            if why_not:
+                print(f"warning: train.compile=true ignored: {why_not}", file=sys.stderr)
+            else:
+                net, self.compiled = torch.compile(net), True
+        self.forward = net  # the training forward; evaluation uses the plain model (no second compile)
         self.stop_signal: str | None = None
         self.bad_step: str | None = None  # what was non-finite in the last step, e.g. "loss became nan"
         self.nan_streak = 0
@@ -366,6 +477,8 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        if not self.dist.main:
+            return
         write_checkpoint(
             self.run_dir / name,
             model=self.model,
@@ -375,6 +488,8 @@ class Trainer:
         )
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -382,16 +497,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over the first ``eval_batches`` batches, and bits per byte."""
+        """Mean validation loss over the first ``eval_batches`` batches, and bits per byte.
+        With several processes each evaluates its share of the batches."""
         self.model.eval()
         total, count = 0.0, 0
-        for x, y in eval_batches(self.val_tokens, self.model_cfg.block_size, self.cfg.batch_size, self.cfg.eval_batches):
+        batches = eval_batches(self.val_tokens, self.model_cfg.block_size, self.cfg.batch_size, self.cfg.eval_batches)
+        for i, (x, y) in enumerate(batches):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
+                _, loss = self.model(x, y)
             total += loss.item() * y.numel()
             count += y.numel()
         self.model.train()
+        total, count = self.dist.all_mean([total, count])
         val_loss = total / count
         val = self.meta["val"]
         bpb = val_loss * val["tokens"] / max(val["bytes"], 1) / math.log(2)
@@ -416,14 +536,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for _ in range(self.cfg.grad_accum):
+        for i in range(self.accum):
             x, y = self.batches.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
-            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            # With DDP, gradients are all-reduced only after the last micro-batch of the step.
+            last = i == self.accum - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with autocast(self.device, self.dtype):
+                    _, loss = self.forward(x, y, return_logits=False)
+                self.scaler.scale(loss / self.accum).backward()
             loss_sum += loss.item()
-        loss = loss_sum / self.cfg.grad_accum
+        loss = loss_sum / self.accum
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf measures the norm without clipping (grads * 1.0, bit for bit the same).
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf).item()
@@ -486,10 +609,10 @@ class Trainer:
         timed = cfg.max_seconds is not None
         bar = tqdm(total=round(cfg.max_seconds) if timed else cfg.max_steps,
                    initial=round(self.state.elapsed) if timed else self.state.step,
-                   unit="s" if timed else "step", disable=quiet, dynamic_ncols=True, file=sys.stderr,
+                   unit="s" if timed else "step", disable=quiet or not self.dist.main, dynamic_ncols=True, file=sys.stderr,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]" if timed else None)
         last_eval: dict[str, float] = {}
-        start_tokens, t_start = self.state.tokens, time.perf_counter()
+        start_tokens, start_step, t_start = self.state.tokens, self.state.step, time.perf_counter()
         if cfg.nan_policy == "rollback" and not checkpoint_candidates(self.run_dir / "last"):
             self.save("last")  # something to roll back to, even at step 0
         try:
@@ -497,6 +620,14 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss = self.train_step()
                 dt = time.perf_counter() - t0
+                if self.dist.world_size > 1:
+                    # One small all-reduce so that every rank logs the global loss and takes the same
+                    # decisions (time budget, signals) at the same step.
+                    loss, dt, stop = self.dist.all_mean([loss, dt, float(self.stop_signal is not None)])
+                    if stop and self.stop_signal is None:
+                        self.stop_signal = "signal on another rank"
+                if self.compiled and self.state.step == start_step + 1 and not quiet and self.dist.main:
+                    print(f"torch.compile: the first step took {dt:.0f}s (compilation included)", file=sys.stderr)
                 self.state.elapsed += dt
                 if self.bad_step is not None:
                     if self._after_bad_step():  # rolled back: go on from the checkpoint's step
@@ -534,16 +665,23 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         wall = time.perf_counter() - t_start
+        tok_per_s = (self.state.tokens - start_tokens) / max(wall, 1e-9)
+        # MFU against a matmul peak measured now, on every rank at once (each rank has its own cores
+        # or GPU); the attention term follows nanoGPT/PaLM. It includes compilation, evaluation and
+        # checkpoint time, since tok/s does.
+        peak = self.dist.all_mean([measure_matmul_peak(self.device, self.dtype)])[0] * self.dist.world_size
         summary = {
             "steps": self.state.step,
             "tokens": self.state.tokens,
             "time_s": round(self.state.elapsed, 1),
-            "tok_per_s": (self.state.tokens - start_tokens) / max(wall, 1e-9),
+            "tok_per_s": tok_per_s,
             "val_loss": last_eval["val_loss"],
             "val_bpb": last_eval["val_bpb"],
+            "mfu": self.model.flops_per_token() * tok_per_s / peak,
+            "peak_flops": peak,
             "stopped_by": self.stop_signal,
         }
-        if self.cfg.plot:
+        if self.cfg.plot and self.dist.main:
             plot_metrics(self.run_dir)
         return summary
 
@@ -554,7 +692,7 @@ class Trainer:
         if self.state.best_val is None or metrics["val_loss"] < self.state.best_val:
             self.state.best_val = metrics["val_loss"]
             self.save("best")
-        if self.cfg.plot:
+        if self.cfg.plot and self.dist.main:
             plot_metrics(self.run_dir)
         return {**metrics, "step": self.state.step}
 
@@ -679,42 +817,109 @@ def train(
     if not preset and not config_file and run_dir_cfg.exists() and not fresh:
         # Resuming with no preset given: the run's own config is the base, overrides still apply.
         sections = resolve_config(data_dir, None, str(run_dir_cfg), overrides, max_time)
-    check_run_dir(run_dir, fresh)
-    with lock_run_dir(run_dir):  # held until the run ends; a second slm train on RUN_DIR is refused
-        remove_stale_temps(run_dir)  # left by a run killed while writing a checkpoint
-        resume = prepare_run_dir(data_dir, run_dir, sections, fresh)
-        trainer = Trainer(data_dir, run_dir, sections, resume)
-        if not quiet:
-            n = trainer.model.num_params()
-            what = f"resuming at step {trainer.state.step}" if resume else "starting"
-            print(f"{what}: {n / 1e6:.2f}M parameters, device {trainer.device}, "
-                  f"{str(trainer.dtype).replace('torch.', '')}", file=sys.stderr)
-        summary = trainer.run(quiet=quiet)
+    dist = init_distributed(sections["train"].get("device", "auto"))
+    lock = contextlib.ExitStack()  # rank 0 holds RUN_DIR's lock in it until the run ends
+    try:
+        with lock:
+            resume = _prepare_on_rank0(data_dir, run_dir, sections, fresh, dist, lock)
+            trainer = Trainer(data_dir, run_dir, sections, resume, dist)
+            quiet = quiet or not dist.main
+            if not quiet:
+                n = trainer.model.num_params()
+                what = f"resuming at step {trainer.state.step}" if resume else "starting"
+                procs = f", {dist.world_size} processes" if dist.world_size > 1 else ""
+                print(f"{what}: {n / 1e6:.2f}M parameters, device {trainer.device}, "
+                      f"{str(trainer.dtype).replace('torch.', '')}{procs}", file=sys.stderr)
+            summary = trainer.run(quiet=quiet)
+            dist.barrier()
+    finally:
+        if dist.world_size > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
     if not quiet:
         print(
             f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['time_s']:.0f}s "
-            f"({summary['tok_per_s']:,.0f} tok/s), val loss {summary['val_loss']:.4f}, val bpb {summary['val_bpb']:.4f}"
+            f"({summary['tok_per_s']:,.0f} tok/s), val loss {summary['val_loss']:.4f}, val bpb {summary['val_bpb']:.4f}, "
+            f"MFU {summary['mfu']:.0%} of a measured {summary['peak_flops'] / 1e9:,.0f} GFLOP/s"
             + (f" (stopped by {summary['stopped_by']})" if summary["stopped_by"] else ""),
             file=sys.stderr,
         )
     return summary
 
 
+def _setup_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool,
+                   lock: contextlib.ExitStack) -> bool:
+    """Check RUN_DIR, lock it (a second slm train on it is refused), tidy it and prepare it."""
+    check_run_dir(run_dir, fresh)
+    lock.enter_context(lock_run_dir(run_dir))
+    remove_stale_temps(run_dir)  # left by a run killed while writing a checkpoint
+    return prepare_run_dir(data_dir, run_dir, sections, fresh)
+
+
+def _prepare_on_rank0(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool, dist: Dist,
+                      lock: contextlib.ExitStack) -> bool:
+    """``_setup_run_dir`` on rank 0 only; the other ranks get its answer, or its error."""
+    if dist.world_size == 1:
+        return _setup_run_dir(data_dir, run_dir, sections, fresh, lock)
+    import torch.distributed
+
+    answer: list[Any] = [None]
+    if dist.main:
+        try:
+            answer[0] = _setup_run_dir(data_dir, run_dir, sections, fresh, lock)
+        except SlmError as e:
+            answer[0] = e
+    torch.distributed.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], SlmError):
+        raise answer[0]
+    return bool(answer[0])
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``slm train`` (and of ``python -m slmkit.train``, which torchrun runs)."""
     parser.add_argument("--data", required=True, help="DATA_DIR written by slm prepare")
     parser.add_argument("--out", required=True, help="RUN_DIR for checkpoints, logs and plots")
-    parser.add_argument("--preset", help="a shipped preset (tiny, quickstart, stories260k, stories15m, ...)")
+    parser.add_argument("--preset", help="a shipped preset (tiny, quickstart, cpu-15min, stories260k, stories15m, ...)")
     parser.add_argument("--config", help="a TOML file with [model] and [train] sections")
     parser.add_argument("--max-time", help="stop after this much training time, e.g. 15m or 1h")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (launches torchrun; one per GPU)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.n_layer=4 train.lr=1e-3")
 
 
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """Run this same training as ``torchrun --standalone --nproc_per_node N -m slmkit.train ...``."""
+    import subprocess
+
+    argv = ["--data", args.data, "--out", args.out]
+    for flag, value in (("--preset", args.preset), ("--config", args.config), ("--max-time", args.max_time)):
+        if value is not None:
+            argv += [flag, value]
+    argv += ["--fresh"] * args.fresh + ["--quiet"] * args.quiet + list(args.overrides)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # CPU ranks share the cores; torchrun's default of one thread each is right only for many ranks.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "slmkit.train", *argv]
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its ranks, which checkpoint first
+        return 130
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    """``slm train``: train in this process, or launch ``--nproc`` processes through torchrun."""
+    if args.nproc < 1:
+        raise SlmError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_torchrun(args)
     summary = train(args.data, args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
                     max_time=args.max_time, fresh=args.fresh, quiet=args.quiet)
     return {"SIGINT": 130, "SIGTERM": 143}.get(summary["stopped_by"], 0)
@@ -729,3 +934,22 @@ def iter_records(run_dir: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except ValueError:  # empty, or cut short by a kill
                 continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m slmkit.train``: the arguments of ``slm train``; this is what torchrun launches."""
+    parser = argparse.ArgumentParser(prog="python -m slmkit.train", description="train or resume a model in RUN_DIR")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_cli(args)
+    except SlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
