@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -178,7 +179,10 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
-        "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
+                if k in os.environ},
+        "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
         "rounds": args.rounds, "results": results, "table": table,
     }
     out = Path(args.out)

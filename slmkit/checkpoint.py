@@ -9,17 +9,20 @@ A checkpoint is a directory:
     model.json             the ModelConfig, so a checkpoint folder is self-describing
     manifest.json          sha256 of every file above, checked on load
 
-It is written into a temporary sibling directory and renamed into place. If the previous checkpoint
-is renamed away first and the process dies before the new one lands, ``<name>.old`` is still there
-and ``read_checkpoint`` falls back to it.
+It is written into a temporary sibling directory and renamed into place; the checkpoint it replaces
+is kept as ``<name>.old``. ``read_checkpoint`` falls back to ``<name>.old`` when ``<name>`` is
+missing (killed between the two renames) or fails its checksums (bit rot, a truncated copy), so one
+bad checkpoint costs at most one checkpoint interval of work.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
 
 MANIFEST = "manifest.json"
+REQUIRED = ("model.safetensors", "model.json", "state.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -102,6 +106,7 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
     try:
         save_file(model_state(model), tmp / "model.safetensors")
+        _slow_down()
         _write_json(tmp / "model.json", to_dict(model.config))
         state = dict(state)
         if optimizer is not None:
@@ -118,17 +123,19 @@ def write_checkpoint(
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
+        # The checkpoint being replaced becomes <name>.old, the fallback if the new one is ever bad.
+        # With no <name> (killed between these renames last time) the existing .old is the only good
+        # copy, so it is kept until the new checkpoint has landed.
         old = parent / f"{directory.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
         if directory.exists():
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(directory, old)
         os.replace(tmp, directory)
         _fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == 28:  # ENOSPC
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SlmError(f"disk full while writing checkpoint {directory}: free space and resume") from None
         raise
     except BaseException:
@@ -136,20 +143,45 @@ def write_checkpoint(
         raise
 
 
-def verify_checkpoint(directory: Path) -> None:
-    """Check every file against the manifest; raise SlmError naming the first bad file."""
+def _slow_down() -> None:
+    """Test hook, not a setting: SLM_TEST_SLOW_CHECKPOINT=seconds stretches a write so a test can kill it."""
+    delay = float(os.environ.get("SLM_TEST_SLOW_CHECKPOINT") or 0)
+    if delay:
+        import time
+
+        time.sleep(delay)
+
+
+def remove_stale_temps(parent: Path) -> None:
+    """Delete the temp dirs of checkpoint writes that were killed (call only while holding the run lock)."""
+    for tmp in Path(parent).glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_checkpoint(directory: Path) -> set[str]:
+    """Check every file against the manifest; raise SlmError naming the first bad file.
+
+    Returns the names the manifest vouches for: nothing else in the folder is ever read.
+    """
     manifest_path = directory / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
+        files = dict(manifest["files"])
     except (OSError, ValueError, KeyError, TypeError):
         raise SlmError(f"checkpoint {directory} has no readable {MANIFEST}: it is incomplete or corrupt") from None
+    for name in REQUIRED:
+        if name not in files:
+            raise SlmError(f"checkpoint {directory} is incomplete: {MANIFEST} does not list {name}")
     for name, digest in files.items():
+        # Plain names only: a crafted manifest must not make us hash ../../dev/zero.
+        if Path(name).name != name or name.startswith("."):
+            raise SlmError(f"checkpoint {directory} has a bad {MANIFEST} (file name {name!r})")
         path = directory / name
         if not path.is_file():
             raise SlmError(f"checkpoint {directory} is missing {name}")
         if sha256_file(path) != digest:
             raise SlmError(f"checkpoint file {path} is corrupt (checksum mismatch)")
+    return set(files)
 
 
 def checkpoint_candidates(directory: Path) -> list[Path]:
@@ -169,31 +201,40 @@ def read_checkpoint(directory: Path, *, with_optimizer: bool = False) -> dict[st
     errors = []
     for path in candidates:
         try:
-            verify_checkpoint(path)
-            return _read_verified(path, with_optimizer)
+            out = _read_verified(path, verify_checkpoint(path), with_optimizer)
         except SlmError as e:
             errors.append(str(e))
+            continue
+        if errors:  # say so: the fallback is older than the checkpoint the user expects
+            print(f"warning: {errors[0]}; using {path} (step {out['state'].get('step')}) instead", file=sys.stderr)
+        return out
     raise SlmError("; ".join(errors))
 
 
-def _read_verified(path: Path, with_optimizer: bool) -> dict[str, Any]:
+def _read_verified(path: Path, files: set[str], with_optimizer: bool) -> dict[str, Any]:
+    # Only JSON and safetensors are parsed, so a crafted checkpoint can hold data but never code.
     try:
         model_cfg = json.loads((path / "model.json").read_text(encoding="utf-8"))
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(model_cfg, dict) or not isinstance(state, dict):
+            raise ValueError("model.json and state.json must hold JSON objects")
         weights = load_file(path / "model.safetensors")
         out: dict[str, Any] = {"path": path, "model_config": model_cfg, "weights": weights, "state": state}
-        out["rng"] = load_file(path / "rng.safetensors") if (path / "rng.safetensors").exists() else {}
-        if with_optimizer and (path / "optimizer.safetensors").exists():
+        out["rng"] = load_file(path / "rng.safetensors") if "rng.safetensors" in files else {}
+        if with_optimizer and "optimizer.safetensors" in files:
             out["optimizer"] = optimizer_state_dict(load_file(path / "optimizer.safetensors"), state["optimizer"])
         return out
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise SlmError(f"checkpoint {path} cannot be read ({e})") from None
 
 
 def build_model(model_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> GPT:
     """A GPT from a checkpoint's config and weights (strict: every weight must match)."""
     model = GPT(from_dict(ModelConfig, model_config, "model"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise SlmError(f"checkpoint weights do not match the model config: {str(e).splitlines()[-1].strip()}") from None
     if model.config.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -215,10 +256,20 @@ def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> t
     if which not in ("best", "last"):
         raise SlmError(f"--which must be best or last, got {which!r}")
     order = [which, "last"] if which == "best" else ["last"]
-    name = next((n for n in order if checkpoint_candidates(run_dir / n)), None)
-    if name is None:
+    names = [n for n in order if checkpoint_candidates(run_dir / n)]
+    if not names:
         raise SlmError(f"{run_dir} holds no checkpoint (no best/ or last/): train first with slm train")
-    ckpt = read_checkpoint(run_dir / name)
+    errors = []
+    for name in names:  # a corrupt best/ (and best.old/) falls back to last/
+        try:
+            ckpt = read_checkpoint(run_dir / name)
+            break
+        except SlmError as e:
+            errors.append(str(e))
+    else:
+        raise SlmError("; ".join(errors))
+    if errors:
+        print(f"warning: {errors[0]}; using {ckpt['path']} instead", file=sys.stderr)
     model = build_model(ckpt["model_config"], ckpt["weights"]).to(device).eval()
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     info = dict(ckpt["state"], checkpoint=str(ckpt["path"]))

@@ -6,6 +6,7 @@ User errors (SlmError) print one line, ``error: ...``, and exit with code 2; Ctr
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(module), run)(args)
     except SlmError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")  # a name with a newline must not break the line
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -110,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         # `slm generate ... | head` closes stdout early: not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # The machine, not the input: still one line, since what to do about it is clear.
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: disk full while writing {e.filename or 'a file'}: free space and run again", file=sys.stderr)
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"error: {e.strerror} ({e.filename}): check the path and its permissions", file=sys.stderr)
+        else:
+            raise
+        return 2
 
 
 if __name__ == "__main__":

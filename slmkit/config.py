@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 from importlib import resources
@@ -51,6 +53,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise SlmError(f"config file {path} does not exist: check the path") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise SlmError(f"config file {path} cannot be read ({e.strerror}): check the path") from None
+    except UnicodeDecodeError as e:
+        raise SlmError(f"config file {path} is not UTF-8 (byte offset {e.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise SlmError(f"config file {path} is not valid TOML ({e}): fix the syntax") from None
 
@@ -120,6 +126,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # TOML has nan and inf, and ints of any size: none of them is a usable setting.
+            if (isinstance(value, int) and abs(value) > 2**53) or not math.isfinite(value):
+                raise SlmError(f"{where} = {value!r} must be a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -188,19 +197,12 @@ def parse_duration(text: str | float | int | None) -> float | None:
     if text is None or isinstance(text, (int, float)):
         return None if text is None else float(text)
     s = text.strip().lower()
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
-    total, num = 0.0, ""
-    for ch in s:
-        if ch.isdigit() or ch == ".":
-            num += ch
-        elif ch in units and num:
-            total += float(num) * units[ch]
-            num = ""
-        else:
-            raise SlmError(f"duration '{text}' is not understood: write e.g. 90s, 15m or 1h30m")
-    if num:
-        total += float(num)
-    if total <= 0:
+    num = r"(?:\d+\.?\d*|\.\d+)"  # ASCII digits only: "²".isdigit() is true but float() refuses it
+    if not s or not re.fullmatch(rf"(?:{num}[hms])*{num}?", s, re.ASCII):
+        raise SlmError(f"duration '{text}' is not understood: write e.g. 90s, 15m or 1h30m")
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+    total = sum(float(n) * units[u] for n, u in re.findall(rf"({num})([hms]?)", s, re.ASCII))
+    if not 0 < total < math.inf:
         raise SlmError(f"duration '{text}' must be positive")
     return total
 

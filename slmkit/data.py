@@ -107,9 +107,10 @@ def _read_jsonl(path: Path) -> Iterator[str]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
                 raise SlmError(
-                    f"{path} line {lineno} is not valid JSON ({e.msg}): "
+                    f"{path} line {lineno} is not valid JSON ({why}): "
                     'each line must be one object like {"text": "..."}'
                 ) from None
             text = obj.get("text") if isinstance(obj, dict) else None
@@ -437,7 +438,10 @@ def load_meta(data_dir: str | Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
         for key in ("vocab_size", "dtype", "eot_id", "train", "val"):
             meta[key]  # noqa: B018 - only checking that the key is there
-        np.dtype(meta["dtype"])
+        if np.dtype(meta["dtype"]) not in (np.uint16, np.uint32):
+            raise ValueError("dtype")
+        if not all(isinstance(meta[s]["tokens"], int) and meta[s]["tokens"] >= 0 for s in SPLITS):
+            raise ValueError("tokens")
     except (ValueError, KeyError, TypeError):
         raise SlmError(f"{path} is corrupt: run slm prepare again") from None
     return meta
@@ -454,6 +458,17 @@ def open_split(data_dir: str | Path, split: str) -> np.memmap:
     if n == 0 or not path.is_file() or path.stat().st_size != n * dtype.itemsize:
         raise SlmError(f"{path} is missing or incomplete: run slm prepare first")
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def check_context_fits(data_dir: str | Path, meta: dict, block_size: int) -> None:
+    """Refuse, before any work, a context longer than a split: one window needs block_size + 1 tokens."""
+    for split in SPLITS:
+        n = meta[split]["tokens"]
+        if n < block_size + 1:
+            raise SlmError(
+                f"the {split} split of {data_dir} has {n} tokens but model.block_size is {block_size} "
+                f"(a window needs {block_size + 1}): use a smaller model.block_size or more data"
+            )
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -664,6 +679,7 @@ def run_cli(args: argparse.Namespace) -> int:
 __all__ = [
     "TokenBatches",
     "builtin_corpus",
+    "check_context_fits",
     "eval_batches",
     "load_meta",
     "open_split",

@@ -23,9 +23,14 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-from slmkit.checkpoint import build_model, read_checkpoint, write_checkpoint
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no run-dir lock
+    fcntl = None
+
+from slmkit.checkpoint import build_model, checkpoint_candidates, read_checkpoint, remove_stale_temps, write_checkpoint
 from slmkit.config import dump_toml, from_dict, load_preset, load_toml, merge, parse_duration, parse_overrides, to_dict
-from slmkit.data import TokenBatches, eval_batches, load_meta, open_split
+from slmkit.data import TokenBatches, check_context_fits, eval_batches, load_meta, open_split
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
 
@@ -58,10 +63,15 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU); the long presets turn it on
     plot: bool = True
+    # A step with a non-finite loss or gradient is never applied. Then: "stop" with an error naming
+    # the step, "skip" the update and go on, or "rollback" to last/ with the lr times nan_lr_factor.
+    nan_policy: Literal["stop", "skip", "rollback"] = "stop"
+    nan_max: int = 10  # stop after this many skipped steps in a row, or rollbacks without a new checkpoint
+    nan_lr_factor: float = 0.5
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "checkpoint_interval", "log_interval"):
+                     "checkpoint_interval", "log_interval", "nan_max"):
             if getattr(self, name) <= 0:
                 raise SlmError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -74,6 +84,8 @@ class TrainConfig:
             raise SlmError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if not 0 < self.plateau_factor < 1:
             raise SlmError(f"train.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if not 0 < self.nan_lr_factor < 1:
+            raise SlmError(f"train.nan_lr_factor must be in (0, 1), got {self.nan_lr_factor}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise SlmError("train.grad_clip and train.weight_decay must be >= 0")
         parse_duration(self.max_time)
@@ -301,11 +313,14 @@ def resolve_config(
     if config_file:
         sections = merge(sections, load_toml(config_file))
     sections = merge(sections, parse_overrides(overrides or []))
-    if max_time is not None:
-        sections["train"]["max_time"] = max_time
     unknown = set(sections) - {"model", "train"}
     if unknown:
         raise SlmError(f"unknown config section [{sorted(unknown)[0]}]: only [model] and [train] exist")
+    for name, table in sections.items():
+        if not isinstance(table, dict):
+            raise SlmError(f"config section [{name}] must be a table of key = value pairs, not a {type(table).__name__}")
+    if max_time is not None:
+        sections["train"]["max_time"] = max_time
     meta = load_meta(data_dir)
     given = sections["model"].get("vocab_size")
     if given is not None and given != meta["vocab_size"]:
@@ -315,7 +330,31 @@ def resolve_config(
     sections["model"]["vocab_size"] = meta["vocab_size"]
     model_cfg = from_dict(ModelConfig, sections["model"], "model")
     train_cfg = from_dict(TrainConfig, sections["train"], "train")
+    # Everything that can be checked without training is checked now, before RUN_DIR is touched.
+    check_context_fits(data_dir, meta, model_cfg.block_size)
+    device = pick_device(train_cfg.device)
+    pick_dtype(train_cfg.dtype, device)
+    check_memory(model_cfg, device)
     return {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}
+
+
+def check_memory(c: ModelConfig, device: str) -> None:
+    """Refuse a model that cannot fit in RAM, rather than swap until the OOM killer comes.
+
+    The model is always built on the CPU first (4 bytes a parameter); training on the CPU also
+    holds gradients and AdamW's two moments (16 bytes a parameter).
+    """
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - no sysconf (Windows)
+        return
+    kv = c.kv_heads * c.head_dim
+    per_layer = c.n_embd * (2 * c.n_embd + 2 * kv) + (3 if c.activation == "swiglu" else 2) * c.n_embd * c.hidden_dim
+    n = c.n_layer * per_layer + c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
+    need = n * (16 if device == "cpu" else 4)
+    if need > ram:
+        raise SlmError(f"the model has about {n / 1e9:,.1f}B parameters and needs about {need / 2**30:,.0f} GiB of "
+                       f"memory, more than the {ram / 2**30:,.0f} GiB here: make model.n_layer, n_embd or mlp_hidden smaller")
 
 
 # --------------------------------------------------------------------------- the run
@@ -327,6 +366,8 @@ class RunState:
     tokens: int = 0
     elapsed: float = 0.0  # training seconds, summed over resumes
     best_val: float | None = None
+    lr_scale: float = 1.0  # lowered by each nan_policy=rollback, kept across resumes
+    skipped: int = 0  # steps not applied because of a non-finite loss or gradient
 
 
 class Trainer:
@@ -374,6 +415,8 @@ class Trainer:
                 net, self.compiled = torch.compile(net), True
         self.forward = net  # the training forward; evaluation uses the plain model (no second compile)
         self.stop_signal: str | None = None
+        self.bad_step: str | None = None  # what was non-finite in the last step, e.g. "loss became nan"
+        self.nan_streak = 0
 
     # ------------------------------------------------------------------ persistence
 
@@ -382,15 +425,25 @@ class Trainer:
         if ckpt["model_config"] != to_dict(self.model_cfg):
             raise SlmError(f"{self.run_dir} was trained with a different model config: use another --out or --fresh")
         self.model.load_state_dict(build_model(ckpt["model_config"], ckpt["weights"]).state_dict())
-        if "optimizer" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            for group in self.optimizer.param_groups:  # train.* overrides win over the saved values
-                group["betas"] = (self.cfg.beta1, self.cfg.beta2)
         s = ckpt["state"]
-        self.state = RunState(step=s["step"], tokens=s["tokens"], elapsed=s["elapsed"], best_val=s.get("best_val"))
-        self.batches.load_state_dict(s["data"])
-        self.schedule.load_state_dict(s["schedule"])
-        set_rng_state(ckpt["rng"], self.device)
+        try:
+            if "optimizer" in ckpt:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                for group in self.optimizer.param_groups:  # train.* overrides win over the saved values
+                    group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+            self.state = RunState(step=s["step"], tokens=s["tokens"], elapsed=s["elapsed"], best_val=s.get("best_val"),
+                                  lr_scale=s.get("lr_scale", 1.0), skipped=s.get("skipped", 0))
+            self.schedule.load_state_dict(s["schedule"])
+            self.batches.load_state_dict(s["data"])
+            set_rng_state(ckpt["rng"], self.device)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise SlmError(f"checkpoint {ckpt['path']} cannot be resumed ({type(e).__name__}: {e}): use --fresh") from None
+        last = self.run_dir / "last"
+        if ckpt["path"] != last and last.exists():
+            # last/ is corrupt and we resumed from last.old/: set it aside, or the next write would
+            # rotate it into last.old/ in place of the good copy.
+            shutil.rmtree(self.run_dir / "last.corrupt", ignore_errors=True)
+            os.replace(last, self.run_dir / "last.corrupt")
         # Metrics logged after the checkpoint belong to the lost work: drop them so the curve continues.
         self._truncate_metrics(self.state.step)
 
@@ -398,9 +451,17 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+        def keep(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:  # a line cut short by a kill
+                return False
+
+        kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if keep(line)]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -408,6 +469,8 @@ class Trainer:
             "tokens": self.state.tokens,
             "elapsed": self.state.elapsed,
             "best_val": self.state.best_val,
+            "lr_scale": self.state.lr_scale,
+            "skipped": self.state.skipped,
             "data": self.batches.state_dict(),
             "schedule": self.schedule.state_dict(),
             "data_dir": str(self.data_dir),
@@ -469,7 +532,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
-        lr = self.schedule.lr(self.state.step, self.progress())
+        lr = self.schedule.lr(self.state.step, self.progress()) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
@@ -483,15 +546,56 @@ class Trainer:
                     _, loss = self.forward(x, y, return_logits=False)
                 self.scaler.scale(loss / self.accum).backward()
             loss_sum += loss.item()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        loss = loss_sum / self.accum
+        if self.dist.world_size > 1:
+            # The global loss, so that a NaN on any rank withholds the update on every rank alike.
+            loss = self.dist.all_mean([loss])[0]
+        self.scaler.unscale_(self.optimizer)
+        # max_norm=inf measures the norm without clipping (grads * 1.0, bit for bit the same).
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf).item()
+        # Never train on NaN: a non-finite loss or gradient withholds the update (fp16's scaler
+        # skips its own overflow steps, so with it only the loss counts).
+        self.bad_step = None
+        if not math.isfinite(loss):
+            self.bad_step = f"loss became {loss}"
+        elif not math.isfinite(norm) and not self.scaler.is_enabled():
+            self.bad_step = f"gradient norm became {norm}"
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += self.cfg.grad_accum * self.cfg.batch_size * self.model_cfg.block_size
-        return loss_sum / self.accum
+        return loss
+
+    def _after_bad_step(self) -> bool:
+        """Apply train.nan_policy to a step whose update was withheld; True when it rolled back."""
+        from tqdm import tqdm
+
+        cfg, what, step = self.cfg, self.bad_step, self.state.step
+        hint = "lower train.lr or check the data"
+        if cfg.nan_policy == "stop":
+            raise SlmError(f"{what} at step {step}: {hint}, or set train.nan_policy=skip or rollback")
+        self.nan_streak += 1
+        if self.nan_streak > cfg.nan_max:
+            what_in_a_row = "skipped steps" if cfg.nan_policy == "skip" else "rollbacks"
+            raise SlmError(f"{what} at step {step} after {cfg.nan_max} {what_in_a_row} in a row: {hint}")
+        if cfg.nan_policy == "skip":
+            self.state.skipped += 1
+            self.log({"step": step, "skipped": what})
+            tqdm.write(f"warning: {what} at step {step}: update skipped ({self.state.skipped} so far)", file=sys.stderr)
+            return False
+        # rollback: reload last/ (weights, optimizer, data position, RNG) and go on with a lower lr.
+        # Time spent and the best val loss seen are facts, not state to roll back.
+        scale, elapsed, best = self.state.lr_scale * cfg.nan_lr_factor, self.state.elapsed, self.state.best_val
+        self._resume()
+        self.state.lr_scale, self.state.elapsed = scale, elapsed
+        self.state.best_val = min((v for v in (best, self.state.best_val) if v is not None), default=None)
+        self.log({"step": self.state.step, "rollback": what, "lr_scale": scale})
+        self.save("last")  # so a crash now still resumes with the lower lr
+        tqdm.write(f"warning: {what} at step {step}: rolled back to step {self.state.step}, "
+                   f"lr scaled by {scale:g}", file=sys.stderr)
+        return True
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
@@ -512,6 +616,8 @@ class Trainer:
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]" if timed else None)
         last_eval: dict[str, float] = {}
         start_tokens, start_step, t_start = self.state.tokens, self.state.step, time.perf_counter()
+        if cfg.nan_policy == "rollback" and not checkpoint_candidates(self.run_dir / "last"):
+            self.save("last")  # something to roll back to, even at step 0
         try:
             while not self.done() and self.stop_signal is None:
                 t0 = time.perf_counter()
@@ -526,10 +632,15 @@ class Trainer:
                 if self.compiled and self.state.step == start_step + 1 and not quiet and self.dist.main:
                     print(f"torch.compile: the first step took {dt:.0f}s (compilation included)", file=sys.stderr)
                 self.state.elapsed += dt
-                if not math.isfinite(loss):
-                    raise SlmError(f"loss became {loss} at step {self.state.step}: lower train.lr or check the data")
+                if self.bad_step is not None:
+                    if self._after_bad_step():  # rolled back: go on from the checkpoint's step
+                        if not timed:
+                            bar.n = self.state.step
+                        continue
+                elif cfg.nan_policy == "skip":
+                    self.nan_streak = 0  # skipped steps count in a row
                 step = self.state.step
-                if step % cfg.log_interval == 0 or step == 1:
+                if self.bad_step is None and (step % cfg.log_interval == 0 or step == 1):
                     self.log({"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                               "tokens": self.state.tokens, "elapsed": round(self.state.elapsed, 3),
                               "tok_per_s": tokens_per_step / dt})
@@ -540,11 +651,18 @@ class Trainer:
                 bar.set_postfix(postfix, refresh=False)
                 if step % cfg.eval_interval == 0 or self.done():
                     last_eval = self._eval_and_keep_best()
-                if step % cfg.checkpoint_interval == 0:
+                if step % cfg.checkpoint_interval == 0 and not self.done():  # the final one is written below
                     self.save("last")
+                    if cfg.nan_policy == "rollback":
+                        self.nan_streak = 0  # rollbacks count until a new checkpoint shows progress
             if not last_eval or last_eval.get("step") != self.state.step:
                 last_eval = self._eval_and_keep_best()
             self.save("last")
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError too
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+                raise
+            raise SlmError(f"out of memory at step {self.state.step + 1}: lower train.batch_size (raise train.grad_accum "
+                           "to keep the tokens per step) or the model size, then run again to resume") from None
         finally:
             bar.close()
             for s, h in old_handlers.items():
@@ -589,7 +707,7 @@ def plot_metrics(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    records = list(iter_records(run_dir))
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -609,6 +727,40 @@ def plot_metrics(run_dir: Path) -> None:
     os.replace(tmp, run_dir / "loss.png")
 
 
+LOCK = ".lock"
+OWN_FILES = {LOCK, ".tokenizer.tmp", ".config.toml.tmp"}  # what a run killed before config.toml leaves
+
+
+def check_run_dir(run_dir: Path, fresh: bool) -> None:
+    """Refuse a folder that holds something else, before anything is written into it."""
+    if not run_dir.is_dir() or fresh or (run_dir / "config.toml").exists() or checkpoint_candidates(run_dir / "last"):
+        return
+    if any(p.name not in OWN_FILES for p in run_dir.iterdir()):
+        raise SlmError(f"{run_dir} exists and is not a slmkit run directory: choose an empty or new --out")
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on RUN_DIR/.lock; close the returned file to release it.
+
+    flock dies with the process, so a killed run never leaves a stale lock behind.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+", encoding="utf-8")
+    if fcntl is None:  # pragma: no cover
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise SlmError(f"{run_dir} is in use by another slm train (pid {pid}): wait for it or use another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def prepare_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool) -> bool:
     """Create or check RUN_DIR; returns True when the run resumes from ``last/``.
 
@@ -617,8 +769,9 @@ def prepare_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str,
     the new run writes its own.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    has_last = (run_dir / "last").is_dir() or (run_dir / "last.old").is_dir()
+    has_last = bool(checkpoint_candidates(run_dir / "last"))
     config_path = run_dir / "config.toml"
+    tok_dir = run_dir / "tokenizer"
     if has_last and not fresh:
         old = load_toml(config_path) if config_path.exists() else {}
         if old.get("model") != sections["model"]:
@@ -628,9 +781,12 @@ def prepare_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str,
                 f"{run_dir} holds a run with a different model config ({', '.join('model.' + k for k in diff)}): "
                 "use another --out, or --fresh to start over"
             )
-    elif any(run_dir.iterdir()) and not has_last and not fresh and not (run_dir / "config.toml").exists():
-        raise SlmError(f"{run_dir} exists and is not a slmkit run directory: choose an empty or new --out")
-    tok_dir = run_dir / "tokenizer"
+        # Same vocab size is not enough: token ids must mean the same strings as in the checkpoint.
+        for name in ("tokenizer.json", "encoder.json", "vocab.bpe"):
+            ours, theirs = tok_dir / name, data_dir / name
+            if ours.exists() and (not theirs.exists() or ours.read_bytes() != theirs.read_bytes()):
+                raise SlmError(f"{data_dir} was made with a different tokenizer than the run in {run_dir}: "
+                               "use the DATA_DIR it was trained on, or --fresh to start over")
     tmp = run_dir / ".tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -641,7 +797,7 @@ def prepare_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str,
     os.replace(tmp, tok_dir)
     (run_dir / ".config.toml.tmp").write_text(dump_toml(sections), encoding="utf-8")
     os.replace(run_dir / ".config.toml.tmp", config_path)
-    if fresh:
+    if fresh or not has_last:  # also a run killed before its first checkpoint: it starts over
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return has_last and not fresh
 
@@ -665,18 +821,20 @@ def train(
         # Resuming with no preset given: the run's own config is the base, overrides still apply.
         sections = resolve_config(data_dir, None, str(run_dir_cfg), overrides, max_time)
     dist = init_distributed(sections["train"].get("device", "auto"))
+    lock = contextlib.ExitStack()  # rank 0 holds RUN_DIR's lock in it until the run ends
     try:
-        resume = _prepare_on_rank0(data_dir, run_dir, sections, fresh, dist)
-        trainer = Trainer(data_dir, run_dir, sections, resume, dist)
-        quiet = quiet or not dist.main
-        if not quiet:
-            n = trainer.model.num_params()
-            what = f"resuming at step {trainer.state.step}" if resume else "starting"
-            procs = f", {dist.world_size} processes" if dist.world_size > 1 else ""
-            print(f"{what}: {n / 1e6:.2f}M parameters, device {trainer.device}, "
-                  f"{str(trainer.dtype).replace('torch.', '')}{procs}", file=sys.stderr)
-        summary = trainer.run(quiet=quiet)
-        dist.barrier()
+        with lock:
+            resume = _prepare_on_rank0(data_dir, run_dir, sections, fresh, dist, lock)
+            trainer = Trainer(data_dir, run_dir, sections, resume, dist)
+            quiet = quiet or not dist.main
+            if not quiet:
+                n = trainer.model.num_params()
+                what = f"resuming at step {trainer.state.step}" if resume else "starting"
+                procs = f", {dist.world_size} processes" if dist.world_size > 1 else ""
+                print(f"{what}: {n / 1e6:.2f}M parameters, device {trainer.device}, "
+                      f"{str(trainer.dtype).replace('torch.', '')}{procs}", file=sys.stderr)
+            summary = trainer.run(quiet=quiet)
+            dist.barrier()
     finally:
         if dist.world_size > 1:
             import torch.distributed
@@ -693,16 +851,26 @@ def train(
     return summary
 
 
-def _prepare_on_rank0(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool, dist: Dist) -> bool:
-    """``prepare_run_dir`` on rank 0 only; the other ranks get its answer, or its error."""
+def _setup_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool,
+                   lock: contextlib.ExitStack) -> bool:
+    """Check RUN_DIR, lock it (a second slm train on it is refused), tidy it and prepare it."""
+    check_run_dir(run_dir, fresh)
+    lock.enter_context(lock_run_dir(run_dir))
+    remove_stale_temps(run_dir)  # left by a run killed while writing a checkpoint
+    return prepare_run_dir(data_dir, run_dir, sections, fresh)
+
+
+def _prepare_on_rank0(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool, dist: Dist,
+                      lock: contextlib.ExitStack) -> bool:
+    """``_setup_run_dir`` on rank 0 only; the other ranks get its answer, or its error."""
     if dist.world_size == 1:
-        return prepare_run_dir(data_dir, run_dir, sections, fresh)
+        return _setup_run_dir(data_dir, run_dir, sections, fresh, lock)
     import torch.distributed
 
     answer: list[Any] = [None]
     if dist.main:
         try:
-            answer[0] = prepare_run_dir(data_dir, run_dir, sections, fresh)
+            answer[0] = _setup_run_dir(data_dir, run_dir, sections, fresh, lock)
         except SlmError as e:
             answer[0] = e
     torch.distributed.broadcast_object_list(answer, src=0)
@@ -757,16 +925,18 @@ def run_cli(args: argparse.Namespace) -> int:
         return launch_torchrun(args)
     summary = train(args.data, args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
                     max_time=args.max_time, fresh=args.fresh, quiet=args.quiet)
-    return 130 if summary["stopped_by"] == "SIGINT" else 0
+    return {"SIGINT": 130, "SIGTERM": 143}.get(summary["stopped_by"], 0)
 
 
 def iter_records(run_dir: Path) -> Iterator[dict[str, Any]]:
     """Records of RUN_DIR/metrics.jsonl."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
                 yield json.loads(line)
+            except ValueError:  # empty, or cut short by a kill
+                continue
 
 
 def main(argv: list[str] | None = None) -> int:

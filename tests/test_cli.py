@@ -69,7 +69,7 @@ def test_bad_override_and_unknown_preset(data_dir, tmp_path, capsys):
                    "unknown config key model.n_layers")
     one_error_line(capsys, slm("train", "--data", data_dir, "--out", tmp_path / "r", "--preset", "stories16m"),
                    "did you mean 'stories15m'")
-    one_error_line(capsys, slm("train", "--data", data_dir, "--out", tmp_path / "r", "model.n_head=3"),
+    one_error_line(capsys, slm("train", "--data", data_dir, "--out", tmp_path / "r", "model.n_head=5"),
                    "does not divide")
     assert not (tmp_path / "r").exists()  # validated before any work
 

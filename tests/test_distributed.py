@@ -56,6 +56,6 @@ def test_ddp_follows_the_single_process_curve_and_resumes(data_dir, tmp_path):
     summary = train(data_dir, one, overrides=OVER + ["train.max_steps=8"], quiet=True)
     assert summary["steps"] == 8
     assert curve(one) == pytest.approx(curve(single), rel=1e-4)
-    # Only rank 0 wrote: one line per step, no leftovers from another rank.
+    # Only rank 0 wrote: no leftovers from another rank (the .old folders are the previous checkpoints).
     assert sorted(p.name for p in ddp.iterdir() if not p.name.startswith(".")) == [
-        "best", "config.toml", "last", "metrics.jsonl", "tokenizer"]
+        "best", "best.old", "config.toml", "last", "last.old", "metrics.jsonl", "tokenizer"]
