@@ -248,7 +248,7 @@ class UncachedRunner:
         self.logits = self._run()
 
     def _run(self) -> torch.Tensor:
-        rows = [self.model(torch.tensor([c], device=self.device))[0][:, -1] for c in self.contexts]
+        rows = [self.model(torch.tensor([c], device=self.device), last_only=True)[0][:, -1] for c in self.contexts]
         return torch.cat(rows).float()
 
     def advance(self, tokens: list[int]) -> torch.Tensor:

@@ -378,11 +378,14 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy
         (targets of -1 are ignored). Training passes ``return_logits=False``: the loss is then
-        computed chunk by chunk without ever holding all the logits, and the logits are None."""
+        computed chunk by chunk without ever holding all the logits, and the logits are None.
+        ``last_only`` (without targets) gives the last position's logits only, (B, 1, vocab): all
+        that sampling needs, as in nanoGPT's inference forward."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
@@ -399,6 +402,8 @@ class GPT(nn.Module):
             h = x.reshape(B * T, -1)
             chunk = ce_chunk_rows(h, self.config.vocab_size)
             return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, targets.reshape(-1), chunk)
+        if last_only and targets is None:
+            x = x[:, -1:]
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

@@ -31,6 +31,8 @@ def test_shapes_and_causality(kw):
     logits2, _ = model(x2)
     assert torch.allclose(logits[:, :10], logits2[:, :10], atol=1e-5)
     assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
+    last, _ = model(x, last_only=True)
+    assert last.shape == (3, 1, 50) and torch.allclose(last, logits[:, -1:], atol=1e-6)
 
 
 @pytest.mark.parametrize("kw", VARIANTS[:3])
