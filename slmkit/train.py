@@ -438,6 +438,8 @@ class Trainer:
             set_rng_state(ckpt["rng"], self.device)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise SlmError(f"checkpoint {ckpt['path']} cannot be resumed ({type(e).__name__}: {e}): use --fresh") from None
+        if not self.dist.main:  # every rank has read the checkpoint; rank 0 alone tidies RUN_DIR (no races)
+            return
         last = self.run_dir / "last"
         if ckpt["path"] != last and last.exists():
             # last/ is corrupt and we resumed from last.old/: set it aside, or the next write would
