@@ -64,17 +64,17 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights with tied tensors stored once (safetensors refuses shared storage)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights (``weights`` if given, else its state_dict) with tied tensors stored once
+    (safetensors refuses shared storage)."""
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if weights is None else weights).items()}
     if getattr(getattr(model, "config", None), "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return state
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer's state_dict into tensors (for safetensors) and JSON-able param groups."""
-    sd = optimizer.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -96,21 +96,26 @@ def write_checkpoint(
     *,
     model: GPT,
     state: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state: dict[str, Any] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete checkpoint to ``directory`` atomically (temp dir, fsync, rename)."""
+    """Write a complete checkpoint to ``directory`` atomically (temp dir, fsync, rename).
+
+    ``optimizer_state`` is ``optimizer.state_dict()`` (parameters numbered by index). ``weights``
+    replaces ``model.state_dict()`` when the model's own are sharded (FSDP): the gathered whole ones.
+    """
     directory = Path(directory)
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
     try:
-        save_file(model_state(model), tmp / "model.safetensors")
+        save_file(model_state(model, weights), tmp / "model.safetensors")
         _slow_down()
         _write_json(tmp / "model.json", to_dict(model.config))
         state = dict(state)
-        if optimizer is not None:
-            tensors, meta = optimizer_tensors(optimizer)
+        if optimizer_state is not None:
+            tensors, meta = optimizer_tensors(optimizer_state)
             save_file(tensors, tmp / "optimizer.safetensors")
             state["optimizer"] = meta
         if rng:

@@ -485,7 +485,7 @@ class Trainer:
             self.run_dir / name,
             model=self.model,
             state=self._checkpoint_state(),
-            optimizer=self.optimizer if name == "last" else None,
+            optimizer_state=self.optimizer.state_dict() if name == "last" else None,
             rng=rng_state(self.device),
         )
 
