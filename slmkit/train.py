@@ -62,6 +62,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU); the long presets turn it on
+    # With several processes: "ddp" keeps a whole model on every rank; "fsdp" shards weights, gradients
+    # and optimizer state across the ranks (FSDP2), for models that do not fit one GPU.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     plot: bool = True
     # A step with a non-finite loss or gradient is never applied. Then: "stop" with an error naming
     # the step, "skip" the update and go on, or "rollback" to last/ with the lr times nan_lr_factor.
@@ -274,6 +277,119 @@ def split_batch(batch_size: int, grad_accum: int, world_size: int) -> tuple[int,
     )
 
 
+def wrap_model(model: GPT, parallel: str, dist: Dist, device: str) -> torch.nn.Module:
+    """Move ``model`` (built on the CPU) to ``device``; return the module that runs the training
+    forward and backward on this rank.
+
+    One process: the model itself. ``ddp``: a DistributedDataParallel wrapper around the model,
+    which stays whole on every rank. ``fsdp``: the model itself, sharded in place by FSDP2's
+    ``fully_shard``, each block on its own and then the root (embeddings, final norm, head). Its
+    parameters become DTensors, so make the optimizer after this.
+    """
+    if dist.world_size == 1:
+        return model.to(device)
+    if parallel == "ddp":
+        ids = [dist.local_rank] if device == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model.to(device), device_ids=ids)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise SlmError(f"train.parallel=fsdp needs torch 2.6 or newer (FSDP2), this is {torch.__version__}: "
+                       "upgrade torch or use train.parallel=ddp") from None
+    # No MixedPrecisionPolicy: the parameters are all-gathered in float32 and the usual autocast
+    # casts them for the matmuls, so the arithmetic is that of one GPU or DDP (bf16 parameters would
+    # also make the embeddings, norms and residual stream bf16). The cost: twice the all-gather
+    # traffic, and twice the memory for the gathered weights, of bf16 parameters.
+    # Each fully_shard moves its part to the GPU and shards it there, so the whole model is never on
+    # one GPU (only in each process's CPU memory, while it is built).
+    for block in model.blocks:
+        fully_shard(block)
+    # The root takes what is left. Tied embeddings stay one parameter: tok_emb and lm_head both
+    # belong to the root, so the head's weight is tok_emb's, gathered once.
+    fully_shard(model)
+    return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has been sharded by ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch before 2.6, or built without torch.distributed: no FSDP at all
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def grad_sync(net: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients across ranks in this backward only when ``sync``: off for all micro-batches
+    of a step but the last, as DDP's ``no_sync`` and FSDP's ``set_requires_gradient_sync`` do."""
+    if is_fsdp(net):
+        net.set_requires_gradient_sync(sync)
+    elif isinstance(net, torch.nn.parallel.DistributedDataParallel) and not sync:
+        return net.no_sync()
+    return contextlib.nullcontext()
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the order that ``optimizer.state_dict()`` numbers them."""
+    names = {p: n for n, p in model.named_parameters()}  # a tied weight once, under its first name
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekey(osd: dict[str, Any], key: dict[Any, Any]) -> dict[str, Any]:
+    """An optimizer state dict with each parameter id (index or name) replaced by ``key[id]``."""
+    return {"state": {key[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in osd["param_groups"]]}
+
+
+def full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model's and optimizer's state dicts as a checkpoint holds them: whole tensors, and the
+    optimizer state numbered by parameter index as ``optimizer.state_dict()`` numbers it.
+
+    Under FSDP this gathers the shards into rank 0's CPU memory, one tensor at a time: every rank
+    must call it, and ranks other than 0 get empty dicts.
+    """
+    if not is_fsdp(model):
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    # Before the first step there is no state to gather (and DCP would take a zero step to make some).
+    if optimizer is None or not optimizer.state:
+        return weights, optimizer.state_dict() if optimizer is not None else None
+    osd = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    return weights, _rekey(osd, index) if osd else {}
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any] | None) -> None:
+    """Load whole state dicts (as ``full_state`` returns them) into a model that may be sharded.
+
+    Every rank passes the whole checkpoint (each reads the file, as with DDP), and under FSDP
+    keeps only its shard of each tensor. Neither the layout nor the number of processes that
+    wrote the checkpoint matters.
+    """
+    if not is_fsdp(model):
+        model.load_state_dict(weights)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    if optimizer_state is None:
+        return
+    if not optimizer_state["state"]:  # written before the first step: nothing to shard
+        optimizer.load_state_dict(optimizer_state)
+        return
+    names = dict(enumerate(_param_names(model, optimizer)))
+    set_optimizer_state_dict(model, optimizer, _rekey(optimizer_state, names), options=options)
+
+
 def measure_matmul_peak(device: str, dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 5) -> float:
     """FLOP/s of the best of a few large square matmuls: the practical peak that MFU is measured against.
     The default size (1024 on a CPU, 8192 on a GPU) takes milliseconds and gets close to the peak."""
@@ -386,7 +502,8 @@ class Trainer:
         self.dtype = pick_dtype(self.cfg.dtype, self.device)
 
         torch.manual_seed(self.cfg.seed)
-        self.model = GPT(self.model_cfg).to(self.device)
+        self.model = GPT(self.model_cfg)
+        self.net = wrap_model(self.model, self.cfg.parallel, dist, self.device)  # FSDP swaps parameters: first
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.schedule = LRSchedule(self.cfg)
@@ -401,17 +518,15 @@ class Trainer:
         if dist.rank > 0:
             # Every rank starts from the same weights (seeded above), but dropout needs its own masks.
             torch.manual_seed(self.cfg.seed + 1000 * dist.rank + self.state.step)
-        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
-        if dist.world_size > 1:
-            ids = [dist.local_rank] if self.device == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        net = self.ddp or self.model
+        net = self.net
         self.compiled = False
         if self.cfg.compile:
             why_not = can_compile(self.device)
             if why_not:
                 print(f"warning: train.compile=true ignored: {why_not}", file=sys.stderr)
             else:
+                # With FSDP this compiles the sharded model whole. Checked on CPU (gloo), where it
+                # gives the eager losses; untested on GPUs, where torchtitan compiles block by block.
                 net, self.compiled = torch.compile(net), True
         self.forward = net  # the training forward; evaluation uses the plain model (no second compile)
         self.stop_signal: str | None = None
@@ -424,13 +539,12 @@ class Trainer:
         ckpt = read_checkpoint(self.run_dir / "last", with_optimizer=True)
         if ckpt["model_config"] != to_dict(self.model_cfg):
             raise SlmError(f"{self.run_dir} was trained with a different model config: use another --out or --fresh")
-        self.model.load_state_dict(build_model(ckpt["model_config"], ckpt["weights"]).state_dict())
+        weights = build_model(ckpt["model_config"], ckpt["weights"]).state_dict()  # checks every weight
         s = ckpt["state"]
         try:
-            if "optimizer" in ckpt:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-                for group in self.optimizer.param_groups:  # train.* overrides win over the saved values
-                    group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+            load_full_state(self.model, self.optimizer, weights, ckpt.get("optimizer"))
+            for group in self.optimizer.param_groups:  # train.* overrides win over the saved values
+                group["betas"] = (self.cfg.beta1, self.cfg.beta2)
             self.state = RunState(step=s["step"], tokens=s["tokens"], elapsed=s["elapsed"], best_val=s.get("best_val"),
                                   lr_scale=s.get("lr_scale", 1.0), skipped=s.get("skipped", 0))
             self.schedule.load_state_dict(s["schedule"])
@@ -479,13 +593,16 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        """Write checkpoint ``name`` from rank 0. Call it on every rank: FSDP gathers the shards first."""
+        weights, optimizer_state = full_state(self.model, self.optimizer if name == "last" else None)
         if not self.dist.main:
             return
         write_checkpoint(
             self.run_dir / name,
             model=self.model,
+            weights=weights,
             state=self._checkpoint_state(),
-            optimizer_state=self.optimizer.state_dict() if name == "last" else None,
+            optimizer_state=optimizer_state,
             rng=rng_state(self.device),
         )
 
@@ -503,15 +620,19 @@ class Trainer:
         With several processes each evaluates its share of the batches."""
         self.model.eval()
         total, count = 0.0, 0
-        batches = eval_batches(self.val_tokens, self.model_cfg.block_size, self.cfg.batch_size, self.cfg.eval_batches)
-        for i, (x, y) in enumerate(batches):
-            if i % self.dist.world_size != self.dist.rank:
-                continue
+        cfg = self.cfg
+        batches = list(eval_batches(self.val_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.eval_batches))
+        world, rank = self.dist.world_size, self.dist.rank
+        # Rank r takes batches r, r + world, ... Every rank runs as many forwards, as FSDP's
+        # all-gathers need: one short of a batch in the last round repeats one and does not count it.
+        for i in range(rank, math.ceil(len(batches) / world) * world, world):
+            x, y = batches[min(i, len(batches) - 1)]
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.device, self.dtype):
                 _, loss = self.model(x, y)
-            total += loss.item() * y.numel()
-            count += y.numel()
+            if i < len(batches):
+                total += loss.item() * y.numel()
+                count += y.numel()
         self.model.train()
         total, count = self.dist.all_mean([total, count])
         val_loss = total / count
@@ -541,9 +662,8 @@ class Trainer:
         for i in range(self.accum):
             x, y = self.batches.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            # With DDP, gradients are all-reduced only after the last micro-batch of the step.
-            last = i == self.accum - 1
-            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+            # With several processes, gradients are reduced only after the last micro-batch of the step.
+            with grad_sync(self.net, i == self.accum - 1):
                 with autocast(self.device, self.dtype):
                     _, loss = self.forward(x, y, return_logits=False)
                 self.scaler.scale(loss / self.accum).backward()
@@ -553,7 +673,8 @@ class Trainer:
             # The global loss, so that a NaN on any rank withholds the update on every rank alike.
             loss = self.dist.all_mean([loss])[0]
         self.scaler.unscale_(self.optimizer)
-        # max_norm=inf measures the norm without clipping (grads * 1.0, bit for bit the same).
+        # max_norm=inf measures the norm without clipping (grads * 1.0, bit for bit the same). Under
+        # FSDP the gradients are DTensor shards and the norm comes back replicated: the global one.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf).item()
         # Never train on NaN: a non-finite loss or gradient withholds the update (fp16's scaler
         # skips its own overflow steps, so with it only the loss counts).
