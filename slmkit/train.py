@@ -738,6 +738,9 @@ class Trainer:
                    unit="s" if timed else "step", disable=quiet or not self.dist.main, dynamic_ncols=True, file=sys.stderr,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]" if timed else None)
         last_eval: dict[str, float] = {}
+        # The MFU peak: the better of a measurement now and one at the end, so that another job
+        # busy at one of the two moments does not inflate the MFU.
+        peak = measure_matmul_peak(self.device, self.dtype)
         start_tokens, start_step, t_start = self.state.tokens, self.state.step, time.perf_counter()
         if cfg.nan_policy == "rollback" and not checkpoint_candidates(self.run_dir / "last"):
             self.save("last")  # something to roll back to, even at step 0
@@ -792,10 +795,11 @@ class Trainer:
                 signal.signal(s, h)
         wall = time.perf_counter() - t_start
         tok_per_s = (self.state.tokens - start_tokens) / max(wall, 1e-9)
-        # MFU against a matmul peak measured now, on every rank at once (each rank has its own cores
-        # or GPU); the attention term follows nanoGPT/PaLM. It includes compilation, evaluation and
+        # MFU against the matmul peak, measured on every rank (each rank has its own cores or GPU);
+        # the attention term follows nanoGPT/PaLM. It includes compilation, evaluation and
         # checkpoint time, since tok/s does.
-        peak = self.dist.all_mean([measure_matmul_peak(self.device, self.dtype)])[0] * self.dist.world_size
+        peak = max(peak, measure_matmul_peak(self.device, self.dtype))
+        peak = self.dist.all_mean([peak])[0] * self.dist.world_size
         summary = {
             "steps": self.state.step,
             "tokens": self.state.tokens,
