@@ -231,6 +231,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tokenizer_dir(path: Path) -> Path:
+    """The folder holding the tokenizer files: ``path`` itself (a data directory or a tokenizer
+    folder) or ``path/tokenizer`` (a run directory)."""
+    from slmkit.tokenizer import META_FILE
+
+    for candidate in (path, path / "tokenizer"):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    raise SlmError(f"{path} has no tokenizer ({META_FILE}): give a data directory from slm prepare or a run directory")
+
+
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise SlmError(f"{out_dir} exists and is not a directory: choose another output folder")
@@ -366,16 +377,20 @@ def prepare(
     val_inputs: list[str] | None = None,
     val_fraction: float = 0.05,
     seed: int = 1337,
+    tokenizer_from: str | Path | None = None,
 ) -> dict:
     """Tokenize ``inputs`` into the data directory ``out_dir`` and return its meta.
 
     The BPE is trained on the training documents only (``tokenizer="gpt2"`` ignores
-    ``vocab_size``). Everything is built in a hidden sibling folder and moved onto ``out_dir``
+    ``vocab_size``). ``tokenizer_from`` reuses the tokenizer of an existing data directory, run
+    directory or tokenizer folder instead, so that a model can go on training on new data, or
+    be evaluated on it. Everything is built in a hidden sibling folder and moved onto ``out_dir``
     only when complete, so a failure leaves an existing data directory as it was.
     """
-    from slmkit.tokenizer import load_gpt2, train_bpe
+    from slmkit.tokenizer import load_gpt2, load_tokenizer, train_bpe
 
     out_dir = Path(out_dir)
+    reused = load_tokenizer(_tokenizer_dir(Path(tokenizer_from))) if tokenizer_from is not None else None
     if tokenizer not in ("bpe", "gpt2"):
         raise SlmError(f"tokenizer '{tokenizer}' is not known: choose bpe or gpt2")
     if not val_inputs and not 0 < val_fraction < 1:
@@ -392,7 +407,9 @@ def prepare(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        if tokenizer == "bpe":
+        if reused is not None:
+            tok = reused
+        elif tokenizer == "bpe":
             tok = train_bpe((doc for doc, is_val in stream() if not is_val), vocab_size)
         else:
             tok = load_gpt2()
@@ -411,6 +428,7 @@ def prepare(
             "val": stats["val"],
             "val_fraction": None if val_files else val_fraction,
             "seed": seed,
+            "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from),
             "sources": [{"path": str(p), "sha256": _sha256(p), "bytes": p.stat().st_size} for p in sources],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "slmkit_version": __version__,
@@ -664,11 +682,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-input", nargs="+", metavar="PATH", help="validation text (else --val-fraction)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--tokenizer-from", metavar="DIR",
+                        help="reuse the tokenizer of this data or run directory (no new BPE is trained)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     meta = prepare(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                   val_inputs=args.val_input, val_fraction=args.val_fraction, seed=args.seed)
+                   val_inputs=args.val_input, val_fraction=args.val_fraction, seed=args.seed,
+                   tokenizer_from=args.tokenizer_from)
     for split in SPLITS:
         m = meta[split]
         print(f"{split:5s} {m['documents']:>9,} documents {m['tokens']:>12,} tokens {m['bytes']:>13,} bytes")

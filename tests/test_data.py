@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,25 @@ def test_prepare_with_val_inputs(tmp_path):
     assert [s["path"] for s in meta["sources"]] == [str(ftrain), str(fval)]
     with pytest.raises(SlmError, match="both a training and a validation input"):
         prepare([str(ftrain)], tmp_path / "e", val_inputs=[str(ftrain)])
+
+
+def test_prepare_reuses_a_tokenizer(tmp_path):
+    first = write_txt(tmp_path / "a.txt", make_docs(30, seed=1))
+    prepare([str(first)], tmp_path / "a", vocab_size=300, val_fraction=0.1)
+    # New text tokenized with the first corpus's BPE, given as a data dir or as a run dir's layout.
+    docs = make_docs(12, seed=3)
+    second = write_txt(tmp_path / "b.txt", docs)
+    shutil.copytree(tmp_path / "a", tmp_path / "run" / "tokenizer")
+    for source in (tmp_path / "a", tmp_path / "run"):
+        out = tmp_path / f"b-{source.name}"
+        meta = prepare([str(second)], out, vocab_size=999, val_fraction=0.25, tokenizer_from=source)
+        assert (out / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+        assert meta["vocab_size"] == 300 and meta["tokenizer_from"] == str(source)
+        tok = load_tokenizer(out)
+        got = split_docs(np.asarray(open_split(out, "train")), tok) + split_docs(np.asarray(open_split(out, "val")), tok)
+        assert sorted(got) == sorted(docs)
+    with pytest.raises(SlmError, match="has no tokenizer"):
+        prepare([str(second)], tmp_path / "c", tokenizer_from=tmp_path)
 
 
 @pytest.mark.skipif(not (TINYSTORIES.parents[1] / "gpt2").is_dir(), reason="shared GPT-2 files not present")
