@@ -394,8 +394,10 @@ def measure_matmul_peak(device: str, dtype: torch.dtype = torch.float32, n: int 
     """FLOP/s of the best of a few large square matmuls: the practical peak that MFU is measured against.
     The default size (1024 on a CPU, 8192 on a GPU) takes milliseconds and gets close to the peak."""
     n = n or (8192 if device == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: measuring must not move the global RNG that exact resume restores.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     best = math.inf
     for _ in range(reps + 1):  # the first one warms up
         if device == "cuda":
