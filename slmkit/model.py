@@ -87,10 +87,13 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` without the module call overhead (for the decoding fast path)."""
+def _norm(norm: nn.Module, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in as few PyTorch calls as possible, for the decoding fast path where each call
+    costs microseconds. ``eps`` is the norm's epsilon as a tensor (a Python scalar argument costs
+    more than the arithmetic: PyTorch wraps it in a tensor on every call)."""
     if isinstance(norm, nn.RMSNorm):
-        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # mean(x^2) + eps = n^2 / C + eps
+        return x * torch.addcmul(eps, n, n, value=1.0 / x.size(-1)).rsqrt_() * norm.weight
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
@@ -115,6 +118,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation ``apply_rope`` does at one position, as a (head_dim, head_dim) matrix R with
+    ``x @ R == apply_rope(x)`` for row vectors; cos and sin (..., head_dim/2) give (..., D, D).
+    Decoding rotates every query and key head of a layer with one matmul this way."""
+    c, s = torch.diag_embed(cos), torch.diag_embed(sin)
+    # (x1, x2) @ [[c, s], [-s, c]] = (x1 cos - x2 sin, x1 sin + x2 cos)
+    return torch.cat((torch.cat((c, s), -1), torch.cat((-s, c), -1)), -2)
 
 
 # PyTorch >= 2.5 lets SDPA share key/value heads between query heads (GQA) without copying them.
@@ -436,37 +448,53 @@ class GPT(nn.Module):
         """The fast path of generation: one new token per row, ids (B,) -> next-token logits (B, vocab).
 
         The same math as ``forward_cached`` with T=1 (tested to give the same logits), written
-        straight through over the weights: no module calls, rotary positions applied to queries
-        and keys at once, residual adds fused into the matmuls, no mask unless the batch is padded.
-        At batch 1 on a CPU, where per-operation overhead is much of a step, this is about 1.4x
-        faster than ``forward_cached`` (see bench/decode.py). It skips dropout and module hooks:
-        it is for inference (under ``torch.inference_mode``), in eval mode."""
+        straight through over the weights. At batch 1 on a CPU the matrix-vector products take
+        about half of a step and the rest is per-call overhead (2-5 us per PyTorch call), so this
+        counts calls: no module calls; rotary positions as one matmul with a rotation matrix made
+        once per step for all layers; attention as ``baddbmm`` (scaled, and masked only for padded
+        batches), softmax and ``bmm`` over the cache, with query heads grouped by their key/value
+        head (GQA without copies); residual adds fused into the matmuls. It skips dropout and
+        module hooks: it is for inference (under ``torch.inference_mode``), in eval mode."""
         B, S = idx.size(0), cache.length
         if S >= cache.max_len:
             raise ValueError(f"KV cache full: {S} + 1 tokens > {cache.max_len} slots")
-        H, KV, D = self.config.n_head, self.config.kv_heads, self.config.head_dim
+        c = self.config
+        H, KV, D = c.n_head, c.kv_heads, c.head_dim
+        QK = (H + KV) * D  # the query and key part of the fused qkv output, then the values
         # Position of the new token: S in every row, unless rows are padded.
-        pos = cache.positions(1) if cache.padded else S  # (B, 1) or an int
+        pos = cache.positions(1)[:, 0] if cache.padded else S  # (B,) or an int
         x = F.embedding(idx, self.tok_emb.weight)  # (B, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[pos].view(-1, x.size(1))
-        if self.rope_cos is not None:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, 1, hd/2) or (hd/2,): all heads
-        mask = cache.attn_mask(1)
-        for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v):
+            x = x + self.pos_emb.weight[pos]
+        rot = rope_matrix(self.rope_cos[pos], self.rope_sin[pos]).to(x.dtype) if self.rope_cos is not None else None
+        eps = x.new_full((1,), c.norm_eps)
+        if cache.padded:  # additive mask over the slots, shared by the query heads of a kv head
+            mask = cache.attn_mask(1)  # (B, 1, 1, S+1)
+            bias = x.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+            bias, beta = bias.expand(B, KV, 1, S + 1).reshape(B * KV, 1, S + 1), 1.0
+        else:
+            bias, beta = x.new_zeros(1, 1, 1), 0.0
+        scale = D**-0.5
+        # (n_layer, B * KV, max_len, D): one (rows x kv heads) batch of caches per layer
+        keys, values = cache.k.view(c.n_layer, B * KV, -1, D), cache.v.view(c.n_layer, B * KV, -1, D)
+        for block, k_cache, v_cache in zip(self.blocks, keys, values):
             attn, mlp = block.attn, block.mlp
-            qkv = F.linear(_norm(block.norm1, x), attn.qkv.weight, attn.qkv.bias).view(B, H + 2 * KV, D)
-            qk = qkv[:, : H + KV]
-            if self.rope_cos is not None:
-                qk = apply_rope(qk, cos, sin)
-            k_cache[:, :, S] = qk[:, H:]
-            v_cache[:, :, S] = qkv[:, H + KV :]
-            y = attn._attend_cached(qk[:, :H, None], k_cache[:, :, : S + 1], v_cache[:, :, : S + 1], mask)
-            x = _add_linear(x, y.reshape(B, -1), attn.proj)
-            h = mlp.activate(F.linear(_norm(block.norm2, x), mlp.up.weight, mlp.up.bias))
+            qkv = F.linear(_norm(block.norm1, x, eps), attn.qkv.weight, attn.qkv.bias)  # (B, (H + 2 KV) D)
+            qk, v = qkv.split_with_sizes((QK, KV * D), 1)
+            qk = qk.view(B, H + KV, D)
+            if rot is not None:
+                qk = qk @ rot
+            q, k = qk.split_with_sizes((H, KV), 1)
+            k_cache.select(1, S).copy_(k.reshape(B * KV, D))
+            v_cache.select(1, S).copy_(v.reshape(B * KV, D))
+            q = q.reshape(B * KV, H // KV, D)  # query heads grouped by the kv head they read
+            scores = torch.baddbmm(bias, q, k_cache.narrow(1, 0, S + 1).transpose(1, 2), beta=beta, alpha=scale)
+            y = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v_cache.narrow(1, 0, S + 1))
+            x = _add_linear(x, y.view(B, H * D), attn.proj)
+            h = mlp.activate(F.linear(_norm(block.norm2, x, eps), mlp.up.weight, mlp.up.bias))
             x = _add_linear(x, h, mlp.down)
         cache.length = S + 1
-        return F.linear(_norm(self.norm, x), self.lm_head.weight)
+        return F.linear(_norm(self.norm, x, eps), self.lm_head.weight)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 * params for the matmuls plus the attention term

@@ -19,9 +19,9 @@ import slmkit.generate as G
 from slmkit.errors import SlmError
 from slmkit.generate import (
     Generation, SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, apply_temperature,
-    apply_top_k, apply_top_p, beam_search, generate, generate_tokens, logits_pipeline, stream,
+    apply_top_k, apply_top_k_top_p, apply_top_p, beam_search, generate, generate_tokens, logits_pipeline, stream,
 )
-from slmkit.model import GPT, KVCache, ModelConfig
+from slmkit.model import GPT, KVCache, ModelConfig, apply_rope, rope_matrix, rope_tables
 
 GREEDY = dict(temperature=0.0, stop_at_eot=False)
 
@@ -138,6 +138,42 @@ def test_cache_matches_uncached_for_every_variant(kw):
         close(step[0], model(x[:1, :9])[0][0, -1])
 
 
+def test_rope_matrix_is_apply_rope():
+    """decode_step rotates queries and keys with one matmul: the same rotation as apply_rope, at
+    one position for the whole batch and at one position per row (padded batches)."""
+    cfg = ModelConfig(n_embd=48, n_head=4, block_size=32)
+    cos, sin = rope_tables(cfg, cfg.block_size)
+    x = torch.randn(3, 5, cfg.head_dim)  # (rows, heads, head_dim)
+    expected = apply_rope(x, cos[7], sin[7])
+    torch.testing.assert_close(x @ rope_matrix(cos[7], sin[7]), expected)
+    pos = torch.tensor([7, 0, 31])
+    per_row = x @ rope_matrix(cos[pos], sin[pos])  # (3, D, D): one rotation per row
+    for row, p in enumerate(pos.tolist()):
+        torch.testing.assert_close(per_row[row], apply_rope(x[row], cos[p], sin[p]))
+    assert not torch.allclose(per_row[1], expected[1])  # position 0 is no rotation: really differs
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2, positions="learned", norm="layernorm")])
+def test_decode_step_in_bfloat16_is_as_close_to_fp32_as_forward_cached(kw):
+    """Low precision (what a GPU generates in): the fast path rounds no worse than the module path
+    (it keeps the attention softmax in fp32, like SDPA), measured against the fp32 model."""
+    model = random_model(5, **kw).to(torch.bfloat16)
+    x = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(6))
+    reference = random_model(5, **kw)(x)[0].detach()
+    slow_err, fast_err = [], []
+    with torch.inference_mode():
+        a, b = (KVCache.empty(model.config, 2, dtype=torch.bfloat16) for _ in range(2))
+        model.forward_cached(x[:, :6], a)
+        model.forward_cached(x[:, :6], b)
+        for t in range(6, 10):
+            slow, fast = model.forward_cached(x[:, t : t + 1], a), model.decode_step(x[:, t], b)
+            assert fast.dtype == torch.bfloat16
+            slow_err.append((slow.float() - reference[:, t]).abs().max().item())
+            fast_err.append((fast.float() - reference[:, t]).abs().max().item())
+    assert max(fast_err) <= 2 * max(slow_err) + 0.05, (fast_err, slow_err)
+    assert max(fast_err) < 0.1 * reference.abs().max().item()
+
+
 def test_forward_for_training_is_unchanged():
     model = random_model(0)
     x = torch.randint(0, 61, (2, 24))
@@ -226,6 +262,27 @@ def test_top_p_keeps_the_smallest_set_with_enough_mass():
     assert torch.allclose(out.softmax(-1)[0, [1, 3]], torch.tensor([0.5, 0.3]) / 0.8)
 
 
+def test_top_k_top_p_in_one_pass_equals_top_k_then_top_p():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(9)) * 3
+    for k, p in [(40, 0.9), (300, 0.5), (1000, 0.99), (1, 0.9), (40, 1.0)]:
+        assert torch.equal(apply_top_k_top_p(logits, k, p), apply_top_p(apply_top_k(logits, k), p)), (k, p)
+
+
+def test_sampling_draws_the_softmax_and_never_a_removed_token(monkeypatch):
+    """``choose`` (inverse-CDF, one uniform per row): frequencies match the probabilities, filtered
+    (-inf) tokens never come up, and every row of a batch draws from its own distribution."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.15, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([G.choose(probs.log(), 1.0, g) for _ in range(20000)])  # (n, 2)
+    freq = torch.bincount(draws[:, 0], minlength=6) / len(draws)
+    assert torch.allclose(freq, probs[0], atol=0.015), freq
+    assert freq[1] == 0 and freq[5] == 0
+    assert (draws[:, 1] == 5).all()
+    # A removed last token is not drawn even by a uniform at the very top of [0, 1].
+    monkeypatch.setattr(G.torch, "rand", lambda shape, generator, dtype, device: torch.ones(shape, dtype=dtype))
+    assert G.choose(torch.tensor([[0.0, 0.0, -math.inf]]), 1.0, g).tolist() == [1]
+
+
 def test_min_p_cuts_relative_to_the_top_token():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     assert apply_min_p(logits, 0.2)[0].isfinite().tolist() == [True, True, True, False]  # below 0.1
@@ -254,7 +311,9 @@ def test_temperature_and_pipeline():
     assert apply_temperature(logits, 0.5).softmax(-1)[0, 2] > logits.softmax(-1)[0, 2]
     assert logits_pipeline(SamplingConfig(temperature=0)) == []
     names = [p.func.__name__ for p in logits_pipeline(SamplingConfig(min_p=0.1, repetition_penalty=1.2), torch.zeros(1, 3, dtype=torch.bool))]
-    assert names == ["apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p"]
+    assert names == ["apply_repetition_penalty", "apply_temperature", "apply_top_k_top_p", "apply_min_p"]
+    assert [p.func.__name__ for p in logits_pipeline(SamplingConfig(top_k=5, top_p=1.0))][-1] == "apply_top_k"
+    assert [p.func.__name__ for p in logits_pipeline(SamplingConfig(top_k=None, top_p=0.9))][-1] == "apply_top_p"
     assert [p.func.__name__ for p in logits_pipeline(SamplingConfig(temperature=1.0, top_k=None, top_p=1.0))] == []
 
 
