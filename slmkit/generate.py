@@ -221,6 +221,7 @@ class CachedRunner:
         self.device, self.dtype = _device_dtype(model)
         self.contexts = [list(c) for c in contexts]  # what the cache holds, to prefill again
         self.budget = max_new_tokens  # tokens still to come: the cache needs no more slots
+        self.weights = model.decode_weights() if fast else None  # looked up once, not every step
         self.logits = self._prefill()
 
     def _prefill(self) -> torch.Tensor:
@@ -241,7 +242,8 @@ class CachedRunner:
             self.contexts = [c[-self.keep :] for c in self.contexts]
             self.logits = self._prefill()
         elif self.fast:
-            self.logits = self.model.decode_step(torch.tensor(tokens, device=self.device), self.cache).float()
+            idx = torch.tensor(tokens, device=self.device)
+            self.logits = self.model.decode_step(idx, self.cache, self.weights).float()
         else:
             idx = torch.tensor(tokens, device=self.device)[:, None]
             self.logits = self.model.forward_cached(idx, self.cache).float()

@@ -128,13 +128,14 @@ def test_cache_matches_uncached_for_every_variant(kw):
         chunked = KVCache.empty(model.config, 2)  # a prefill in two parts
         model.forward_cached(x[:, :5], chunked)
         close(model.forward_cached(x[:, 5:8], chunked, all_logits=True), full[:, 5:8])
+        weights = model.decode_weights()  # looked up once, as generation does; or per call (None)
         for t in range(8, 12):
             close(model.forward_cached(x[:, t : t + 1], a), full[:, t])
-            close(model.decode_step(x[:, t], b), full[:, t])
+            close(model.decode_step(x[:, t], b, weights if t % 2 else None), full[:, t])
         padded = KVCache.empty(model.config, 2, start=torch.tensor([4, 0]))
         short = torch.cat([torch.zeros(1, 4, dtype=torch.long), x[:1, :8]], dim=1)
         model.forward_cached(torch.cat([short, x[1:]]), padded)
-        step = model.decode_step(torch.tensor([x[0, 8], 5]), padded)
+        step = model.decode_step(torch.tensor([x[0, 8], 5]), padded, weights)
         close(step[0], model(x[:1, :9])[0][0, -1])
 
 
