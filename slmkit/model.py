@@ -541,8 +541,9 @@ class GPT(nn.Module):
             v_cache.select(1, S).copy_(v.reshape(B * KV, D))
             q = q.reshape(B * KV, H // KV, D)  # query heads grouped by the kv head they read
             scores = torch.baddbmm(bias, q, k_cache.narrow(1, 0, S + 1).transpose(1, 2), beta=beta, alpha=D**-0.5)
-            # the softmax in fp32, as SDPA does, also when the model runs in bf16 / fp16
-            probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+            probs = scores.softmax(-1, dtype=torch.float32)  # fp32 (as in SDPA) also for bf16 / fp16 models
+            if probs.dtype != q.dtype:
+                probs = probs.to(q.dtype)
             x = layer.proj.add_to(x, torch.bmm(probs, v_cache.narrow(1, 0, S + 1)).view(B, H * D))
             x = layer.down.add_to(x, activate(layer.up(norm(x, layer.norm2)), swiglu))
         cache.length = S + 1

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from slmkit.cli import main
 
 from conftest import TINY
