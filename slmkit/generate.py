@@ -112,11 +112,7 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al. 2019): keep the most likely tokens until their
     probabilities add up to at least ``p``; the most likely token always stays."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p, -math.inf)
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return apply_top_k_top_p(logits, logits.size(-1), p)  # top-k of the whole vocabulary is a sort
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
