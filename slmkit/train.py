@@ -91,7 +91,10 @@ class TrainConfig:
             raise SlmError(f"train.nan_lr_factor must be in (0, 1), got {self.nan_lr_factor}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise SlmError("train.grad_clip and train.weight_decay must be >= 0")
-        parse_duration(self.max_time)
+        try:
+            parse_duration(self.max_time)
+        except SlmError as e:
+            raise SlmError(f"train.max_time: {e}") from None
 
     @property
     def max_seconds(self) -> float | None:

@@ -79,6 +79,13 @@ def keys_of(cls) -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(list(cls.__dataclass_fields__)), st.text(max_size=12))
 
 
+@pytest.mark.parametrize("bad", ["", "soon", "-5m", "0s"])
+def test_bad_max_time_names_the_field(bad):
+    """Found by the property test below: a bad duration said what was wrong but not where."""
+    with pytest.raises(SlmError, match=r"^train\.max_time: duration"):
+        from_dict(TrainConfig, {"max_time": bad}, "train")
+
+
 @SETTINGS
 @given(st.data())
 def test_config_from_dict_works_or_says_why(data):
