@@ -1,4 +1,4 @@
-"""Decoding speed on the CPU: the uncached loop vs the KV cache vs the fast path (the default).
+"""Decoding speed on the CPU: the uncached loop vs the KV cache vs the fast paths.
 
     python bench/decode.py                 # the table quoted in docs/generation.md
     python bench/decode.py --compile       # adds torch.compile of the decode step (slow to start)
@@ -6,7 +6,10 @@
 
 Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights: the values do
 not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
-llama2.c). Tokens per second include the prefill.
+llama2.c). Tokens per second include the prefill. Rows: "uncached" re-runs the window every
+token; "kv-cache" is ``GPT.forward_cached`` one token at a time; "step" is ``GPT.decode_step``
+(the fast path on GPUs and in bf16); "fast" is the default, ``slmkit.cpu_decode.CPUDecoder`` for
+float32 on the CPU (the same math with the small operations in NumPy).
 The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export --format onnx``
 (its KV-cache graph, greedy, batch 1); it is skipped without onnx/onnxruntime
 (``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
@@ -134,19 +137,21 @@ def main() -> None:
         # (row label, batch, path, sampling config, model, threads)
         t = args.threads
         variants = [("uncached", 1, "uncached", greedy, model, t), ("kv-cache", 1, "cached", greedy, model, t),
-                    ("fast (default)", 1, "fast", greedy, model, t),
+                    ("step (GPT.decode_step)", 1, "step", greedy, model, t),
+                    ("fast (default: CPUDecoder)", 1, "fast", greedy, model, t),
                     ("fast + sampling (T=0.8, top-k 200, top-p 0.95)", 1, "fast", sampled, model, t)]
         compile_s = None
         if args.compile:
             try:
                 fast_model, compile_s = compiled_copy(model)
-                variants.append(("fast + torch.compile", 1, "fast", greedy, fast_model, t))
+                variants.append(("step + torch.compile", 1, "step", greedy, fast_model, t))
             except Exception as e:  # noqa: BLE001 - a failed compile is a result too
                 print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
         gen = onnx_generator(model, t)
         if gen is not None:
             variants.append(("onnxruntime (KV cache)", 1, "onnxruntime", greedy, gen, t))
-        variants += [(f"fast, batch {b}", b, "fast", greedy, model, t) for b in args.batches]
+        for b in args.batches:
+            variants += [(f"step, batch {b}", b, "step", greedy, model, t), (f"fast, batch {b}", b, "fast", greedy, model, t)]
         if args.one_thread_rows and t != 1:
             variants += [(f"fast, batch {b}, 1 thread", b, "fast", greedy, model, 1) for b in [1, *args.batches]]
         for _, batch, path, cfg, m, threads in variants:  # warm-up: allocator, kernels, caches

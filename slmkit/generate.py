@@ -6,9 +6,10 @@ Read top to bottom:
 2. Logits processors: one small function per method (repetition penalty, temperature, top-k,
    top-p, min-p), chained into a pipeline, then greedy argmax or a seeded draw.
 3. Runners: how the model is run. With the KV cache the prompt is prefilled in one forward pass,
-   then each step runs one token per row ("fast": ``GPT.decode_step``; "cached": the module path
+   then each step runs one token per row ("fast": ``cpu_decode.CPUDecoder`` for float32 on the
+   CPU, else ``GPT.decode_step``; "step": always ``GPT.decode_step``; "cached": the module path
    ``GPT.forward_cached``). "uncached" re-runs the whole window every step, as nanoGPT does; it is
-   the reference the cached paths are tested against. All three follow the same context rule.
+   the reference the cached paths are tested against. All of them follow the same context rule.
 4. ``Generation``: a batch of prompts continued one token per step; ``generate_tokens`` on top.
 5. ``beam_search``: the most likely continuation instead of a sample.
 6. Text: ``TextStream`` turns tokens into printable pieces (incremental UTF-8, stop strings);
@@ -41,6 +42,7 @@ from typing import Literal
 import torch
 
 from slmkit.errors import SlmError
+from slmkit import cpu_decode
 from slmkit.model import KVCache
 
 # --- 1. options -----------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 # --- 3. runners: the model's next-token logits for each row, step by step ---------------------------
 
-Path = Literal["fast", "cached", "uncached"]
+Path = Literal["fast", "step", "cached", "uncached"]
 
 
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -210,15 +212,24 @@ class CachedRunner:
     token per row per step. When the cache is full, every row keeps its last ``block_size // 2``
     tokens and they are prefilled into a fresh cache (the window slides)."""
 
-    def __init__(self, model, contexts: list[list[int]], max_new_tokens: int, fast: bool = True) -> None:
-        self.model, self.fast = model, fast
+    def __init__(self, model, contexts: list[list[int]], max_new_tokens: int, path: Path = "fast") -> None:
+        self.model = model
         self.block_size = model.config.block_size
         self.keep = max(1, self.block_size // 2)
         self.device, self.dtype = _device_dtype(model)
         self.contexts = [list(c) for c in contexts]  # what the cache holds, to prefill again
         self.budget = max_new_tokens  # tokens still to come: the cache needs no more slots
-        self.weights = model.decode_weights() if fast else None  # looked up once, not every step
+        self.step = self._one_token_step(path)  # weights looked up once here, not every step
         self.logits = self._prefill()
+
+    def _one_token_step(self, path: Path) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
+        """(ids (B,), cache) -> logits (B, vocab): the fastest step for this model, or the one asked for."""
+        model = self.model
+        if path == "fast" and cpu_decode.supported(model):
+            return cpu_decode.CPUDecoder(model).step
+        if path in ("fast", "step"):
+            return partial(model.decode_step, weights=model.decode_weights())
+        return lambda idx, cache: model.forward_cached(idx[:, None], cache)  # "cached": the modules
 
     def _prefill(self) -> torch.Tensor:
         n = max(len(c) for c in self.contexts)
@@ -237,12 +248,8 @@ class CachedRunner:
         if self.cache.length == self.block_size:  # the context is full: slide the window
             self.contexts = [c[-self.keep :] for c in self.contexts]
             self.logits = self._prefill()
-        elif self.fast:
-            idx = torch.tensor(tokens, device=self.device)
-            self.logits = self.model.decode_step(idx, self.cache, self.weights).float()
         else:
-            idx = torch.tensor(tokens, device=self.device)[:, None]
-            self.logits = self.model.forward_cached(idx, self.cache).float()
+            self.logits = self.step(torch.tensor(tokens, device=self.device), self.cache).float()
         return self.logits
 
     def select(self, rows: list[int]) -> None:
@@ -283,13 +290,11 @@ class UncachedRunner:
 
 
 def make_runner(path: Path, model, contexts: list[list[int]], max_new_tokens: int):
-    if path == "fast":
-        return CachedRunner(model, contexts, max_new_tokens, fast=True)
-    if path == "cached":
-        return CachedRunner(model, contexts, max_new_tokens, fast=False)
+    if path in ("fast", "step", "cached"):
+        return CachedRunner(model, contexts, max_new_tokens, path)
     if path == "uncached":
         return UncachedRunner(model, contexts, max_new_tokens)
-    raise ValueError(f"unknown path {path!r}: choose fast, cached or uncached")
+    raise ValueError(f"unknown path {path!r}: choose fast, step, cached or uncached")
 
 
 def _seen_mask(contexts: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -386,7 +391,7 @@ def generate_tokens(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eot
     """The new tokens for each prompt (a batch of token-id lists of any lengths). Ends each row at
     ``eot_id`` (not included, when ``cfg.stop_at_eot``) or after ``cfg.max_new_tokens``; stop
     strings need text, so ``generate`` and ``stream`` apply them. ``path``: "fast" (default),
-    "cached" or "uncached" (the slow reference); all give the same greedy tokens."""
+    "step", "cached" or "uncached" (the slow reference); all give the same greedy tokens."""
     cfg.validate()
     if not prompt_ids:
         return []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from slmkit.generate import (
     Generation, SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, apply_temperature,
     apply_top_k, apply_top_k_top_p, apply_top_p, beam_search, generate, generate_tokens, logits_pipeline, stream,
 )
+from slmkit import cpu_decode
+from slmkit.cpu_decode import CPUDecoder
 from slmkit.model import GPT, KVCache, ModelConfig, apply_rope, rope_matrix, rope_tables
 
 GREEDY = dict(temperature=0.0, stop_at_eot=False)
@@ -116,15 +119,19 @@ def test_cache_matches_uncached_for_every_variant(kw):
     reference = generate_tokens(model, prompt, cfg, path="uncached")
     assert len(set(reference[0])) > 3  # the text is not one repeated token
     assert generate_tokens(model, prompt, cfg, path="cached") == reference
-    assert generate_tokens(model, prompt, cfg, path="fast") == reference
-    # Logits, not just argmaxes: a padded batch through prefill, forward_cached and decode_step.
+    assert generate_tokens(model, prompt, cfg, path="step") == reference
+    assert generate_tokens(model, prompt, cfg, path="fast") == reference  # CPUDecoder here
+    # Logits, not just argmaxes: a padded batch through prefill, forward_cached, decode_step and
+    # the CPU decoder.
     x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
     full, _ = model(x)
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # noqa: E731
     with torch.inference_mode():
-        a, b = KVCache.empty(model.config, 2), KVCache.empty(model.config, 2)
+        a, b, c = (KVCache.empty(model.config, 2) for _ in range(3))
         close(model.forward_cached(x[:, :8], a, all_logits=True), full[:, :8])
         model.forward_cached(x[:, :8], b)
+        model.forward_cached(x[:, :8], c)
+        decoder = CPUDecoder(model)
         chunked = KVCache.empty(model.config, 2)  # a prefill in two parts
         model.forward_cached(x[:, :5], chunked)
         close(model.forward_cached(x[:, 5:8], chunked, all_logits=True), full[:, 5:8])
@@ -132,11 +139,16 @@ def test_cache_matches_uncached_for_every_variant(kw):
         for t in range(8, 12):
             close(model.forward_cached(x[:, t : t + 1], a), full[:, t])
             close(model.decode_step(x[:, t], b, weights if t % 2 else None), full[:, t])
-        padded = KVCache.empty(model.config, 2, start=torch.tensor([4, 0]))
+            close(decoder.step(x[:, t], c), full[:, t])
+        close(c.k, b.k)  # the decoder wrote the same keys and values
+        close(c.v, b.v)
+        padded, padded2 = (KVCache.empty(model.config, 2, start=torch.tensor([4, 0])) for _ in range(2))
         short = torch.cat([torch.zeros(1, 4, dtype=torch.long), x[:1, :8]], dim=1)
         model.forward_cached(torch.cat([short, x[1:]]), padded)
+        model.forward_cached(torch.cat([short, x[1:]]), padded2)
         step = model.decode_step(torch.tensor([x[0, 8], 5]), padded, weights)
         close(step[0], model(x[:1, :9])[0][0, -1])
+        close(decoder.step(torch.tensor([x[0, 8], 5]), padded2), step)
 
 
 def test_rope_matrix_is_apply_rope():
@@ -173,6 +185,56 @@ def test_decode_step_in_bfloat16_is_as_close_to_fp32_as_forward_cached(kw):
             fast_err.append((fast.float() - reference[:, t]).abs().max().item())
     assert max(fast_err) <= 2 * max(slow_err) + 0.05, (fast_err, slow_err)
     assert max(fast_err) < 0.1 * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2, positions="learned", norm="layernorm", bias=True)])
+def test_cpu_decoder_follows_reordered_rows_and_a_changing_batch(kw):
+    """Beam search and finished rows reorder and shrink the cache between steps: the decoder must
+    read the new cache (not stale views) and size its buffers to the new batch. With max_batch=2
+    the 3-row steps go through decode_step and the smaller ones through NumPy, on one cache."""
+    model = random_model(8, **kw)
+    x = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        a, b = (KVCache.empty(model.config, 3, start=torch.tensor([0, 2, 1])) for _ in range(2))
+        model.forward_cached(x[:, :6], a)
+        model.forward_cached(x[:, :6], b)
+        decoder, weights = CPUDecoder(model, max_batch=2), model.decode_weights()
+        for t, rows in [(6, None), (7, [2, 0, 0]), (8, [1, 2]), (9, [0]), (10, [0, 0, 0]), (11, [1])]:
+            if rows is not None:
+                a.reorder(torch.tensor(rows))
+                b.reorder(torch.tensor(rows))
+            ids = x[: a.k.size(1), t]
+            torch.testing.assert_close(decoder.step(ids, b), model.decode_step(ids, a, weights), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b.k, a.k, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_decoder_handles_overflowing_swiglu_gates_quietly():
+    """silu(g) for a very negative gate g: exp(-g) overflows to inf in float32, and g / inf = -0
+    is the right value. No NaN, no RuntimeWarning, the same logits as PyTorch's silu."""
+    model = random_model(10, activation="swiglu")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.up.weight.mul_(500.0)  # gates of +-1e4: exp(1e4) = inf in float32
+    x = torch.randint(0, 61, (1, 8), generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b = KVCache.empty(model.config, 1), KVCache.empty(model.config, 1)
+        model.forward_cached(x[:, :7], a)
+        model.forward_cached(x[:, :7], b)
+        expected = model.decode_step(x[:, 7], a)
+        got = CPUDecoder(model).step(x[:, 7], b)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
+
+
+def test_fast_path_falls_back_to_decode_step_off_float32():
+    """CPUDecoder is float32-only; "fast" on a bf16 model is decode_step, the same tokens as "step"."""
+    model = random_model(12).to(torch.bfloat16)
+    assert not cpu_decode.supported(model)
+    with pytest.raises(ValueError, match="float32"):
+        CPUDecoder(model)
+    cfg = SamplingConfig(max_new_tokens=12, **GREEDY)
+    assert generate_tokens(model, [[1, 2, 3]], cfg, path="fast") == generate_tokens(model, [[1, 2, 3]], cfg, path="step")
 
 
 def test_forward_for_training_is_unchanged():

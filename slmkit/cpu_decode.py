@@ -1,0 +1,224 @@
+"""Decoding on the CPU, where per-call overhead and not arithmetic sets the speed.
+
+``GPT.decode_step`` makes about 200 PyTorch calls per token. At batch 1 on a CPU each costs 2-3 us
+of Python binding, dispatch and allocation: as long, all together, as the matrix-vector products
+that do the actual work. A NumPy call on an array of a few hundred numbers costs under 1 us.
+``CPUDecoder`` does the same math as ``decode_step`` (tested to give the same logits): the matrix
+products stay in PyTorch (MKL, written into preallocated buffers), and everything between them
+(norms, rotary positions, KV-cache writes, attention over the cache, activations) runs in NumPy
+on arrays that share memory with those buffers and with the ``KVCache``. At the stories15m shape
+this is 1.1-1.3x the PyTorch step at batch 1 (``bench/decode.py``). NumPy runs on one thread;
+as the batch grows, PyTorch's kernels (two threads once arrays are large enough to split) catch
+up: NumPy was 1.1x at batch 4 and even at batch 8 for stories15m (width 288), and 1.4x at batch
+8 and behind at batch 32 for stories260k (width 64), so batches of more than about 1,536 numbers
+(rows x width) go to ``decode_step``. It is for float32 models on the CPU; generation uses
+``decode_step`` for everything else (GPUs, bf16 / fp16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .model import GPT, KVCache, LinearT
+
+
+def supported(model: GPT) -> bool:
+    """Whether ``CPUDecoder`` can run this model: float32 weights on the CPU."""
+    p = model.tok_emb.weight
+    return p.device.type == "cpu" and p.dtype == torch.float32
+
+
+def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().numpy()
+
+
+def _pair(*shape: int) -> tuple[np.ndarray, torch.Tensor]:
+    """A float32 buffer seen both as a NumPy array and as a tensor (one memory)."""
+    a = np.zeros(shape, np.float32)
+    return a, torch.from_numpy(a)
+
+
+def _linear(lin: LinearT, x: torch.Tensor, out: torch.Tensor) -> None:
+    if lin.b is None:
+        torch.mm(x, lin.w_t, out=out)
+    else:
+        torch.addmm(lin.b, x, lin.w_t, out=out)
+
+
+def _add_linear(x: torch.Tensor, lin: LinearT, h: torch.Tensor) -> None:
+    """``x += linear(h)`` in place: the residual add inside the matmul."""
+    x.addmm_(h, lin.w_t)
+    if lin.b is not None:
+        x.add_(lin.b)
+
+
+# ndarray.mean and np.split are Python functions over several calls: sums and slices are cheaper.
+
+
+def _mean(x: np.ndarray) -> np.ndarray:
+    m = np.add.reduce(x, -1, keepdims=True)
+    m *= 1.0 / x.shape[-1]
+    return m
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, b: None, eps: float, out: np.ndarray) -> None:
+    np.multiply(x, x, out=out)
+    scale = _mean(out)
+    scale += eps
+    np.sqrt(scale, out=scale)
+    np.divide(x, scale, out=out)
+    out *= w
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float, out: np.ndarray) -> None:
+    np.subtract(x, _mean(x), out=out)
+    scale = _mean(np.square(out))
+    scale += eps
+    np.sqrt(scale, out=scale)
+    out /= scale
+    out *= w
+    if b is not None:
+        out += b
+
+
+def _swiglu(h: np.ndarray, out: np.ndarray) -> None:
+    """silu(gate) * up on the (gate, up) halves of h; exp may overflow to inf, giving silu = -0."""
+    half = h.shape[-1] // 2
+    gate, up = h[:, :half], h[:, half:]
+    np.negative(gate, out=out)
+    np.exp(out, out=out)
+    out += 1.0
+    np.divide(gate, out, out=out)
+    out *= up
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(h: np.ndarray, out: np.ndarray) -> None:
+    """0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), as F.gelu(approximate="tanh")."""
+    np.multiply(h, h, out=out)
+    out *= h
+    out *= 0.044715
+    out += h
+    out *= _GELU_C
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= h
+    out *= 0.5
+
+
+class _Rotations:
+    """``model.rope_matrix`` in NumPy: (..., D, D) rotations for positions, 4 calls instead of 8."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = _numpy(cos), _numpy(sin)  # (block_size, D/2)
+        half = self.cos.shape[-1]
+        D, i = 2 * half, np.arange(half)
+        # flat indices of the four diagonals of [[c, s], [-s, c]] in a (D, D) matrix
+        self.index = np.concatenate([i * D + i, i * D + half + i, (half + i) * D + i, (half + i) * D + half + i])
+        self.D = D
+
+    def __call__(self, pos: int | np.ndarray) -> np.ndarray:
+        c, s = self.cos[pos], self.sin[pos]
+        out = np.zeros(c.shape[:-1] + (self.D * self.D,), np.float32)
+        out[..., self.index] = np.concatenate([c, s, -s, c], -1)
+        return out.reshape(c.shape[:-1] + (self.D, self.D))
+
+
+def _softmax_(s: np.ndarray) -> None:
+    s -= np.maximum.reduce(s, -1, keepdims=True)
+    np.exp(s, out=s)
+    s /= np.add.reduce(s, -1, keepdims=True)
+
+
+class _Buffers:
+    """Every activation of one step at batch size B, allocated once."""
+
+    def __init__(self, B: int, model: GPT) -> None:
+        c = model.config
+        hidden = model.blocks[0].mlp.down.in_features
+        width = 2 * hidden if c.activation == "swiglu" else hidden
+        self.x, self.x_t = _pair(B, c.n_embd)  # the residual stream
+        self.h, self.h_t = _pair(B, c.n_embd)  # its norm
+        self.qkv, self.qkv_t = _pair(B, (c.n_head + 2 * c.kv_heads) * c.head_dim)
+        self.att, self.att_t = _pair(B, c.n_embd)
+        self.up, self.up_t = _pair(B, width)
+        self.act, self.act_t = _pair(B, hidden)
+
+
+class CPUDecoder:
+    """``GPT.decode_step`` for float32 on the CPU, with the small operations in NumPy.
+
+    Make one per generation (it looks the weights up once, like ``decode_weights``) and call
+    ``step(idx, cache)`` as you would ``model.decode_step(idx, cache, weights)``. Batches of more
+    than ``max_batch`` rows (default: 1536 // n_embd, at least 1) go to ``decode_step``. It follows
+    the cache through ``KVCache.reorder`` and a changing batch size. Inference only (eval mode)."""
+
+    def __init__(self, model: GPT, max_batch: int | None = None) -> None:
+        if not supported(model):
+            raise ValueError("CPUDecoder runs float32 models on the CPU; use GPT.decode_step")
+        self.model, self.config = model, model.config
+        self.max_batch = max(1, 1536 // model.config.n_embd) if max_batch is None else max_batch
+        self.weights = model.decode_weights()  # the matmuls, in PyTorch
+        self.tok_emb = _numpy(model.tok_emb.weight)
+        self.pos_emb = _numpy(model.pos_emb.weight) if model.pos_emb is not None else None
+        self.norm = _rms_norm if self.config.norm == "rmsnorm" else _layer_norm
+        self.activate = _swiglu if self.config.activation == "swiglu" else _gelu_tanh
+        self.norms = [
+            tuple(tuple(map(_numpy, n)) for n in (layer.norm1, layer.norm2)) for layer in self.weights.layers
+        ]
+        self.final_norm = tuple(map(_numpy, self.weights.norm))
+        self.rotations = _Rotations(model.rope_cos, model.rope_sin) if model.rope_cos is not None else None
+        self.buffers: dict[int, _Buffers] = {}
+
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``decode_step``."""
+        B, S = idx.size(0), cache.length
+        if B > self.max_batch:
+            return self.model.decode_step(idx, cache, self.weights)
+        if S >= cache.max_len:
+            raise ValueError(f"KV cache full: {S} + 1 tokens > {cache.max_len} slots")
+        c, model = self.config, self.model
+        H, KV, D = c.n_head, c.kv_heads, c.head_dim
+        QK, eps = (H + KV) * D, c.norm_eps
+        buf = self.buffers.get(B) or self.buffers.setdefault(B, _Buffers(B, model))
+        x, h = buf.x, buf.h
+        pos = cache.positions(1)[:, 0].numpy() if cache.padded else S  # one per row, or one for all
+        np.take(self.tok_emb, idx.numpy(), axis=0, out=x)
+        if self.pos_emb is not None:
+            x += self.pos_emb[pos]
+        rot = self.rotations(pos) if self.rotations is not None else None  # (D, D) or (B, D, D)
+        if cache.padded:  # additive mask over the slots: (B * KV, 1, S + 1), shared by a kv head's queries
+            real = cache.attn_mask(1).numpy()  # (B, 1, 1, S + 1)
+            bias = np.where(real, np.float32(0), np.float32(-np.inf)).repeat(KV, axis=0).reshape(B * KV, 1, S + 1)
+        # (n_layer, B * KV, max_len, D): views of the cache, so writes land in it
+        keys = cache.k.view(c.n_layer, B * KV, -1, D).numpy()
+        values = cache.v.view(c.n_layer, B * KV, -1, D).numpy()
+        att = buf.att.reshape(B * KV, H // KV, D)  # attention output, query heads grouped by kv head
+        with np.errstate(over="ignore"):  # exp(-gate) = inf in SwiGLU is the right limit
+            for layer, (norm1, norm2), k_cache, v_cache in zip(self.weights.layers, self.norms, keys, values):
+                self.norm(x, *norm1, eps, out=h)
+                _linear(layer.qkv, buf.h_t, buf.qkv_t)
+                qk = buf.qkv[:, :QK].reshape(B, H + KV, D)
+                if rot is not None:
+                    qk = np.matmul(qk, rot)
+                k_cache[:, S] = qk[:, H:].reshape(B * KV, D)
+                v_cache[:, S] = buf.qkv[:, QK:].reshape(B * KV, D)
+                scores = np.matmul(qk[:, :H].reshape(B * KV, H // KV, D), k_cache[:, : S + 1].transpose(0, 2, 1))
+                scores *= D**-0.5
+                if cache.padded:
+                    scores += bias
+                _softmax_(scores)
+                np.matmul(scores, v_cache[:, : S + 1], out=att)
+                _add_linear(buf.x_t, layer.proj, buf.att_t)
+                self.norm(x, *norm2, eps, out=h)
+                _linear(layer.up, buf.h_t, buf.up_t)
+                self.activate(buf.up, out=buf.act)
+                _add_linear(buf.x_t, layer.down, buf.act_t)
+            self.norm(x, *self.final_norm, eps, out=h)
+        cache.length = S + 1
+        return self.weights.head(buf.h_t)  # a new tensor: callers may keep it past the next step
