@@ -26,9 +26,9 @@ from .model import GPT, KVCache, LinearT
 
 
 def supported(model: GPT) -> bool:
-    """Whether ``CPUDecoder`` can run this model: float32 weights on the CPU."""
+    """Whether ``CPUDecoder`` can run this model: float32 weights on the CPU, plain linear layers."""
     p = model.tok_emb.weight
-    return p.device.type == "cpu" and p.dtype == torch.float32
+    return p.device.type == "cpu" and p.dtype == torch.float32 and model.reads_float_weights()
 
 
 def _numpy(t: torch.Tensor | None) -> np.ndarray | None:

@@ -227,9 +227,10 @@ class CachedRunner:
         model = self.model
         if path == "fast" and cpu_decode.supported(model):
             return cpu_decode.CPUDecoder(model).step
-        if path in ("fast", "step"):
+        if path == "step" or (path == "fast" and model.reads_float_weights()):
             return partial(model.decode_step, weights=model.decode_weights())
-        return lambda idx, cache: model.forward_cached(idx[:, None], cache)  # "cached": the modules
+        # "cached", or "fast" on int8-quantized linears: through the modules
+        return lambda idx, cache: model.forward_cached(idx[:, None], cache)
 
     def _prefill(self) -> torch.Tensor:
         n = max(len(c) for c in self.contexts)

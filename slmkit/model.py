@@ -475,8 +475,17 @@ class GPT(nn.Module):
             x = x[:, -1]
         return self.lm_head(self.norm(x))
 
+    def reads_float_weights(self) -> bool:
+        """Whether ``decode_step`` can run this model: every linear layer a plain ``nn.Linear``
+        (not, e.g., ``torch.ao`` int8 dynamic quantization, whose weights are packed)."""
+        linears = [self.lm_head] + [m for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+        return all(type(m) is nn.Linear for m in linears)
+
     def decode_weights(self) -> DecodeWeights:
         """The tensors ``decode_step`` reads, looked up once (see ``DecodeWeights``)."""
+        if not self.reads_float_weights():
+            raise ValueError("decode_step needs plain nn.Linear layers (this model's are quantized): "
+                             "generate with path='cached'")
 
         def norm(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
             return m.weight, getattr(m, "bias", None)  # RMSNorm has no bias

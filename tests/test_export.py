@@ -15,7 +15,7 @@ from slmkit.cli import main
 from slmkit.errors import SlmError
 from slmkit.export import (
     OnnxGenerator, export_hf, export_model, export_onnx, export_torchscript, file_sizes, hf_architecture,
-    hf_to_slmkit,
+    hf_to_slmkit, quantize_int8,
 )
 from slmkit.model import GPT, ModelConfig
 from slmkit.tokenizer import train_bpe
@@ -244,6 +244,20 @@ def test_int8_quantized_exports(tmp_path, tok):
         assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.8
     with pytest.raises(SlmError, match="hf exports stay float32"):
         export_model(model, tok, "hf", tmp_path / "h8", quantize="int8")
+
+
+def test_int8_quantized_eager_model_generates_on_the_default_path(tok):
+    """quantize_int8 packs the linear weights: the default "fast" path must fall back to the
+    module path (not fail reading .weight), and forcing decode_step says what to do instead."""
+    from slmkit.generate import SamplingConfig, generate_tokens
+
+    model = quantize_int8(random_model(tok.vocab_size, **LLAMA, n_embd=64, n_layer=2))
+    assert not model.reads_float_weights()
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.0, stop_at_eot=False)
+    prompts = [[5, 6, 7], [8]]
+    assert generate_tokens(model, prompts, cfg) == generate_tokens(model, prompts, cfg, path="cached")
+    with pytest.raises(ValueError, match="path='cached'"):
+        generate_tokens(model, prompts, cfg, path="step")
 
 
 # ------------------------------------------------------------------------------ the CLI and import-hf
