@@ -7,12 +7,13 @@ that do the actual work. A NumPy call on an array of a few hundred numbers costs
 products stay in PyTorch (MKL, written into preallocated buffers), and everything between them
 (norms, rotary positions, KV-cache writes, attention over the cache, activations) runs in NumPy
 on arrays that share memory with those buffers and with the ``KVCache``. At the stories15m shape
-this is 1.1-1.3x the PyTorch step at batch 1 (``bench/decode.py``). NumPy runs on one thread;
-as the batch grows, PyTorch's kernels (two threads once arrays are large enough to split) catch
-up: NumPy was 1.1x at batch 4 and even at batch 8 for stories15m (width 288), and 1.4x at batch
-8 and behind at batch 32 for stories260k (width 64), so batches of more than about 1,536 numbers
-(rows x width) go to ``decode_step``. It is for float32 models on the CPU; generation uses
-``decode_step`` for everything else (GPUs, bf16 / fp16).
+this is 1.1-1.3x the PyTorch step at batch 1 (``bench/decode.py``), 1.3-1.4x at stories260k.
+NumPy runs on one thread, so as the work of a step grows, PyTorch's kernels (two threads once
+arrays are large enough to split) catch up, first in attention over a long cache: at batch 1,
+stories42m (width 512) is 1.05-1.10x with 16 cached tokens, even at 400 and 0.9x at 900; at
+stories15m, batch 4 over 16-272 cached tokens is still 1.1x, batch 8 even. So a step whose rows x
+cached positions x width exceeds 2^18 goes to ``decode_step``. It is for float32 models on the
+CPU; generation uses ``decode_step`` for everything else (GPUs, bf16 / fp16).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from .model import GPT, KVCache, LinearT
+from slmkit.model import GPT, KVCache, LinearT
 
 
 def supported(model: GPT) -> bool:
@@ -154,15 +155,14 @@ class CPUDecoder:
     """``GPT.decode_step`` for float32 on the CPU, with the small operations in NumPy.
 
     Make one per generation (it looks the weights up once, like ``decode_weights``) and call
-    ``step(idx, cache)`` as you would ``model.decode_step(idx, cache, weights)``. Batches of more
-    than ``max_batch`` rows (default: 1536 // n_embd, at least 1) go to ``decode_step``. It follows
-    the cache through ``KVCache.reorder`` and a changing batch size. Inference only (eval mode)."""
+    ``step(idx, cache)`` as you would ``model.decode_step(idx, cache, weights)``. Steps with more
+    than ``max_work`` rows x cached positions x width go to ``decode_step``. It follows the cache
+    through ``KVCache.reorder`` and a changing batch size. Inference only (eval mode)."""
 
-    def __init__(self, model: GPT, max_batch: int | None = None) -> None:
+    def __init__(self, model: GPT, max_work: int = 2**18) -> None:
         if not supported(model):
             raise ValueError("CPUDecoder runs float32 models on the CPU; use GPT.decode_step")
-        self.model, self.config = model, model.config
-        self.max_batch = max(1, 1536 // model.config.n_embd) if max_batch is None else max_batch
+        self.model, self.config, self.max_work = model, model.config, max_work
         self.weights = model.decode_weights()  # the matmuls, in PyTorch
         self.tok_emb = _numpy(model.tok_emb.weight)
         self.pos_emb = _numpy(model.pos_emb.weight) if model.pos_emb is not None else None
@@ -178,7 +178,7 @@ class CPUDecoder:
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``decode_step``."""
         B, S = idx.size(0), cache.length
-        if B > self.max_batch:
+        if B * (S + 1) * self.config.n_embd > self.max_work:
             return self.model.decode_step(idx, cache, self.weights)
         if S >= cache.max_len:
             raise ValueError(f"KV cache full: {S} + 1 tokens > {cache.max_len} slots")

@@ -41,8 +41,8 @@ from typing import Literal
 
 import torch
 
-from slmkit.errors import SlmError
 from slmkit import cpu_decode
+from slmkit.errors import SlmError
 from slmkit.model import KVCache
 
 # --- 1. options -----------------------------------------------------------------------------------

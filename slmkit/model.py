@@ -476,8 +476,9 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))
 
     def reads_float_weights(self) -> bool:
-        """Whether ``decode_step`` can run this model: every linear layer a plain ``nn.Linear``
-        (not, e.g., ``torch.ao`` int8 dynamic quantization, whose weights are packed)."""
+        """Whether ``decode_step`` can run this model: every linear layer exactly ``nn.Linear``, whose
+        weight it reads directly (``torch.ao`` int8 dynamic quantization packs its weights, and a
+        subclass may change what forward does, e.g. a LoRA adapter)."""
         linears = [self.lm_head] + [m for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
         return all(type(m) is nn.Linear for m in linears)
 

@@ -190,15 +190,16 @@ def test_decode_step_in_bfloat16_is_as_close_to_fp32_as_forward_cached(kw):
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2, positions="learned", norm="layernorm", bias=True)])
 def test_cpu_decoder_follows_reordered_rows_and_a_changing_batch(kw):
     """Beam search and finished rows reorder and shrink the cache between steps: the decoder must
-    read the new cache (not stale views) and size its buffers to the new batch. With max_batch=2
-    the 3-row steps go through decode_step and the smaller ones through NumPy, on one cache."""
+    read the new cache (not stale views) and size its buffers to the new batch. With max_work=700
+    (rows x positions x width 32) the steps at t = 7 and 10 go through decode_step and the others
+    through NumPy, on one cache."""
     model = random_model(8, **kw)
     x = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         a, b = (KVCache.empty(model.config, 3, start=torch.tensor([0, 2, 1])) for _ in range(2))
         model.forward_cached(x[:, :6], a)
         model.forward_cached(x[:, :6], b)
-        decoder, weights = CPUDecoder(model, max_batch=2), model.decode_weights()
+        decoder, weights = CPUDecoder(model, max_work=700), model.decode_weights()
         for t, rows in [(6, None), (7, [2, 0, 0]), (8, [1, 2]), (9, [0]), (10, [0, 0, 0]), (11, [1])]:
             if rows is not None:
                 a.reorder(torch.tensor(rows))
