@@ -12,8 +12,9 @@ NumPy runs on one thread, so as the work of a step grows, PyTorch's kernels (two
 arrays are large enough to split) catch up, first in attention over a long cache: at batch 1,
 stories42m (width 512) is 1.05-1.10x with 16 cached tokens, even at 400 and 0.9x at 900; at
 stories15m, batch 4 over 16-272 cached tokens is still 1.1x, batch 8 even. So a step whose rows x
-cached positions x width exceeds 2^18 goes to ``decode_step``. It is for float32 models on the
-CPU; generation uses ``decode_step`` for everything else (GPUs, bf16 / fp16).
+attended positions (the cache and the new token) x width exceeds 2^18 goes to ``decode_step``.
+It is for float32 models on the CPU; generation uses ``decode_step`` for everything else (GPUs,
+bf16 / fp16, int8-quantized linear layers).
 """
 
 from __future__ import annotations
@@ -32,14 +33,21 @@ def supported(model: GPT) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32 and model.reads_float_weights()
 
 
-def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().numpy()
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _norm_arrays(wb: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    w, b = wb
+    return _numpy(w), None if b is None else _numpy(b)
 
 
 def _pair(*shape: int) -> tuple[np.ndarray, torch.Tensor]:
-    """A float32 buffer seen both as a NumPy array and as a tensor (one memory)."""
+    """A float32 buffer seen both as a NumPy array and as a tensor (one memory). Made outside
+    inference mode, so that the decoder also works when later called outside it."""
     a = np.zeros(shape, np.float32)
-    return a, torch.from_numpy(a)
+    with torch.inference_mode(False):
+        return a, torch.from_numpy(a)
 
 
 def _linear(lin: LinearT, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -66,6 +74,7 @@ def _mean(x: np.ndarray) -> np.ndarray:
 
 
 def _rms_norm(x: np.ndarray, w: np.ndarray, b: None, eps: float, out: np.ndarray) -> None:
+    """RMSNorm into ``out``; ``b`` (always None) keeps the signature of ``_layer_norm``."""
     np.multiply(x, x, out=out)
     scale = _mean(out)
     scale += eps
@@ -156,7 +165,7 @@ class CPUDecoder:
 
     Make one per generation (it looks the weights up once, like ``decode_weights``) and call
     ``step(idx, cache)`` as you would ``model.decode_step(idx, cache, weights)``. Steps with more
-    than ``max_work`` rows x cached positions x width go to ``decode_step``. It follows the cache
+    than ``max_work`` rows x attended positions x width go to ``decode_step``. It follows the cache
     through ``KVCache.reorder`` and a changing batch size. Inference only (eval mode)."""
 
     def __init__(self, model: GPT, max_work: int = 2**18) -> None:
@@ -168,10 +177,8 @@ class CPUDecoder:
         self.pos_emb = _numpy(model.pos_emb.weight) if model.pos_emb is not None else None
         self.norm = _rms_norm if self.config.norm == "rmsnorm" else _layer_norm
         self.activate = _swiglu if self.config.activation == "swiglu" else _gelu_tanh
-        self.norms = [
-            tuple(tuple(map(_numpy, n)) for n in (layer.norm1, layer.norm2)) for layer in self.weights.layers
-        ]
-        self.final_norm = tuple(map(_numpy, self.weights.norm))
+        self.norms = [(_norm_arrays(layer.norm1), _norm_arrays(layer.norm2)) for layer in self.weights.layers]
+        self.final_norm = _norm_arrays(self.weights.norm)
         self.rotations = _Rotations(model.rope_cos, model.rope_sin) if model.rope_cos is not None else None
         self.buffers: dict[int, _Buffers] = {}
 
@@ -185,14 +192,20 @@ class CPUDecoder:
         c, model = self.config, self.model
         H, KV, D = c.n_head, c.kv_heads, c.head_dim
         QK, eps = (H + KV) * D, c.norm_eps
-        buf = self.buffers.get(B) or self.buffers.setdefault(B, _Buffers(B, model))
+        if B not in self.buffers:
+            self.buffers[B] = _Buffers(B, model)
+        buf = self.buffers[B]
         x, h = buf.x, buf.h
         pos = cache.positions(1)[:, 0].numpy() if cache.padded else S  # one per row, or one for all
-        np.take(self.tok_emb, idx.numpy(), axis=0, out=x)
+        ids = idx.numpy()
+        if ids.min() < 0:  # NumPy would count from the end; torch's embedding refuses
+            raise IndexError(f"token ids must be >= 0, got {ids.min()}")
+        np.take(self.tok_emb, ids, axis=0, out=x)
         if self.pos_emb is not None:
             x += self.pos_emb[pos]
         rot = self.rotations(pos) if self.rotations is not None else None  # (D, D) or (B, D, D)
-        if cache.padded:  # additive mask over the slots: (B * KV, 1, S + 1), shared by a kv head's queries
+        bias = None  # when padded, an additive mask over the slots, (B * KV, 1, S + 1), for all queries of a kv head
+        if cache.padded:
             real = cache.attn_mask(1).numpy()  # (B, 1, 1, S + 1)
             bias = np.where(real, np.float32(0), np.float32(-np.inf)).repeat(KV, axis=0).reshape(B * KV, 1, S + 1)
         # (n_layer, B * KV, max_len, D): views of the cache, so writes land in it
@@ -210,7 +223,7 @@ class CPUDecoder:
                 v_cache[:, S] = buf.qkv[:, QK:].reshape(B * KV, D)
                 scores = np.matmul(qk[:, :H].reshape(B * KV, H // KV, D), k_cache[:, : S + 1].transpose(0, 2, 1))
                 scores *= D**-0.5
-                if cache.padded:
+                if bias is not None:
                     scores += bias
                 _softmax_(scores)
                 np.matmul(scores, v_cache[:, : S + 1], out=att)

@@ -9,7 +9,8 @@ Read top to bottom:
    then each step runs one token per row ("fast": ``cpu_decode.CPUDecoder`` for float32 on the
    CPU, else ``GPT.decode_step``; "step": always ``GPT.decode_step``; "cached": the module path
    ``GPT.forward_cached``). "uncached" re-runs the whole window every step, as nanoGPT does; it is
-   the reference the cached paths are tested against. All of them follow the same context rule.
+   the reference the cached paths are tested against. All of them follow the context rule below
+   (the uncached reference slides each row's window on its own).
 4. ``Generation``: a batch of prompts continued one token per step; ``generate_tokens`` on top.
 5. ``beam_search``: the most likely continuation instead of a sample.
 6. Text: ``TextStream`` turns tokens into printable pieces (incremental UTF-8, stop strings);
@@ -392,7 +393,8 @@ def generate_tokens(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eot
     """The new tokens for each prompt (a batch of token-id lists of any lengths). Ends each row at
     ``eot_id`` (not included, when ``cfg.stop_at_eot``) or after ``cfg.max_new_tokens``; stop
     strings need text, so ``generate`` and ``stream`` apply them. ``path``: "fast" (default),
-    "step", "cached" or "uncached" (the slow reference); all give the same greedy tokens."""
+    "step", "cached" or "uncached" (the slow reference); all give the same greedy tokens, except
+    that in a batch the cached paths slide every row's window together (the context rule)."""
     cfg.validate()
     if not prompt_ids:
         return []

@@ -255,7 +255,11 @@ def test_int8_quantized_eager_model_generates_on_the_default_path(tok):
     assert not model.reads_float_weights()
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.0, stop_at_eot=False)
     prompts = [[5, 6, 7], [8]]
-    assert generate_tokens(model, prompts, cfg) == generate_tokens(model, prompts, cfg, path="cached")
+    lengths = []  # tokens per row of every forward_cached call: the prefill, then one per step
+    real = model.forward_cached
+    model.forward_cached = lambda idx, cache, **kw: lengths.append(idx.size(1)) or real(idx, cache, **kw)
+    out = generate_tokens(model, prompts, cfg)
+    assert lengths == [3] + [1] * 9 and all(len(row) == 10 for row in out)
     with pytest.raises(ValueError, match="path='cached'"):
         generate_tokens(model, prompts, cfg, path="step")
 

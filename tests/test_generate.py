@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import slmkit.generate as G
+from slmkit import cpu_decode
+from slmkit.cpu_decode import CPUDecoder
 from slmkit.errors import SlmError
 from slmkit.generate import (
     Generation, SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, apply_temperature,
     apply_top_k, apply_top_k_top_p, apply_top_p, beam_search, generate, generate_tokens, logits_pipeline, stream,
 )
-from slmkit import cpu_decode
-from slmkit.cpu_decode import CPUDecoder
 from slmkit.model import GPT, KVCache, ModelConfig, apply_rope, rope_matrix, rope_tables
 
 GREEDY = dict(temperature=0.0, stop_at_eot=False)
@@ -114,6 +114,12 @@ VARIANTS = [
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_cache_matches_uncached_for_every_variant(kw):
     model = random_model(1, **kw, bias=kw["norm"] == "layernorm")
+    with torch.no_grad():  # non-zero biases and uneven norm weights (were 0 and 6): every path must apply them
+        g = torch.Generator().manual_seed(4)
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(6.0 * (1.0 + 0.3 * noise) if name.endswith("weight") else 0.5 * noise)
     prompt = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(2)).tolist()
     cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 9 + 40 > 24: the window slides twice
     reference = generate_tokens(model, prompt, cfg, path="uncached")
@@ -200,13 +206,21 @@ def test_cpu_decoder_follows_reordered_rows_and_a_changing_batch(kw):
         model.forward_cached(x[:, :6], a)
         model.forward_cached(x[:, :6], b)
         decoder, weights = CPUDecoder(model, max_work=700), model.decode_weights()
+        expected = {}
         for t, rows in [(6, None), (7, [2, 0, 0]), (8, [1, 2]), (9, [0]), (10, [0, 0, 0]), (11, [1])]:
             if rows is not None:
                 a.reorder(torch.tensor(rows))
+            expected[t] = model.decode_step(x[: a.k.size(1), t], a, weights)
+        handed_over = []  # cache lengths at which the decoder called decode_step
+        real_step = model.decode_step
+        model.decode_step = lambda idx, cache, w=None: handed_over.append(cache.length) or real_step(idx, cache, w)
+        for t, rows in [(6, None), (7, [2, 0, 0]), (8, [1, 2]), (9, [0]), (10, [0, 0, 0]), (11, [1])]:
+            if rows is not None:
                 b.reorder(torch.tensor(rows))
-            ids = x[: a.k.size(1), t]
-            torch.testing.assert_close(decoder.step(ids, b), model.decode_step(ids, a, weights), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decoder.step(x[: b.k.size(1), t], b), expected[t], rtol=1e-4, atol=1e-4)
+        assert handed_over == [7, 10]  # 3 rows x 8 (or 11) positions x 32 > 700; the rest in NumPy
         torch.testing.assert_close(b.k, a.k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b.v, a.v, rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_decoder_handles_overflowing_swiglu_gates_quietly():
@@ -228,14 +242,40 @@ def test_cpu_decoder_handles_overflowing_swiglu_gates_quietly():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
 
 
-def test_fast_path_falls_back_to_decode_step_off_float32():
-    """CPUDecoder is float32-only; "fast" on a bf16 model is decode_step, the same tokens as "step"."""
+def test_fast_path_is_the_cpu_decoder_for_float32_and_decode_step_otherwise(monkeypatch):
+    """"fast" steps through CPUDecoder for a float32 CPU model; CPUDecoder is float32-only, so on
+    a bf16 model "fast" is decode_step, the same tokens as "step"."""
+    calls = []
+    real_step = CPUDecoder.step
+    monkeypatch.setattr(CPUDecoder, "step", lambda self, idx, cache: calls.append(cache.length) or real_step(self, idx, cache))
+    cfg = SamplingConfig(max_new_tokens=12, **GREEDY)
+    generate_tokens(random_model(12), [[1, 2, 3]], cfg)
+    assert calls == list(range(3, 14))  # one step per new token after the first (from the prefill)
+    calls.clear()
     model = random_model(12).to(torch.bfloat16)
     assert not cpu_decode.supported(model)
     with pytest.raises(ValueError, match="float32"):
         CPUDecoder(model)
-    cfg = SamplingConfig(max_new_tokens=12, **GREEDY)
     assert generate_tokens(model, [[1, 2, 3]], cfg, path="fast") == generate_tokens(model, [[1, 2, 3]], cfg, path="step")
+    assert calls == []
+
+
+def test_cpu_decoder_refuses_negative_ids_and_works_outside_inference_mode():
+    """NumPy indexing would read row -1 from the end; decode_step raises, so must the decoder. Its
+    buffers are made outside inference mode, so a decoder first used inside it still works after."""
+    model = random_model(13)
+    with torch.no_grad():  # caches made outside inference mode, as a caller of decode_step would
+        a, b = KVCache.empty(model.config, 1), KVCache.empty(model.config, 1)
+        model.forward_cached(torch.tensor([[1, 2, 3]]), a)
+        model.forward_cached(torch.tensor([[1, 2, 3]]), b)
+    decoder = CPUDecoder(model)
+    with torch.inference_mode():
+        decoder.step(torch.tensor([4]), a)  # its buffers are made here
+        with pytest.raises(IndexError):
+            decoder.step(torch.tensor([-1]), a)
+        model.decode_step(torch.tensor([4]), b)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.step(torch.tensor([5]), a), model.decode_step(torch.tensor([5]), b))
 
 
 def test_forward_for_training_is_unchanged():
