@@ -3,6 +3,8 @@
     python bench/decode.py                 # the table quoted in docs/generation.md
     python bench/decode.py --compile       # adds torch.compile of the decode step (slow to start)
     python bench/decode.py --quick         # a smoke run: fewer tokens and rounds
+    python bench/decode.py --models stories42m --prompt-len 400 --new-tokens 32 --batches --out x.json
+                                           # NumPy vs PyTorch step over a long cache, a larger model
 
 Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights: the values do
 not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
@@ -37,7 +39,8 @@ from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.generate import SamplingConfig, generate_tokens  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
 
-MODELS = {"stories15m": 4096, "stories260k": 512}  # preset -> vocab size
+MODELS = {"stories15m": 4096, "stories260k": 512, "stories42m": 4096, "stories110m": 4096}  # preset -> vocab size
+DEFAULT_MODELS = ["stories15m", "stories260k"]
 
 
 def build(preset: str, vocab_size: int) -> GPT:
@@ -120,7 +123,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="*", default=[8, 32])
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (30-60 s to compile)")
     parser.add_argument("--one-thread-rows", action="store_true", help="add the fast rows with 1 thread")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 2 rounds: a smoke run")
