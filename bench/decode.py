@@ -3,6 +3,8 @@
     python bench/decode.py                 # the table quoted in docs/generation.md
     python bench/decode.py --compile       # adds torch.compile of the decode step (slow to start)
     python bench/decode.py --quick         # a smoke run: fewer tokens and rounds
+    python bench/decode.py --device cuda --dtype bfloat16 --out bench/results/decode_cuda.json
+                                           # the same table on a GPU, in bf16 (issue #3)
     python bench/decode.py --models stories42m --prompt-len 400 --new-tokens 32 --batches --out x.json
                                            # NumPy vs PyTorch step over a long cache, a larger model
 
@@ -35,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slmkit import cpu_decode  # noqa: E402
 from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.generate import SamplingConfig, generate_tokens  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
@@ -43,10 +46,14 @@ MODELS = {"stories15m": 4096, "stories260k": 512, "stories42m": 4096, "stories11
 DEFAULT_MODELS = ["stories15m", "stories260k"]
 
 
-def build(preset: str, vocab_size: int) -> GPT:
+def build(preset: str, vocab_size: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
     section = dict(load_preset(preset)["model"], vocab_size=vocab_size)
     torch.manual_seed(0)
-    return GPT(from_dict(ModelConfig, section, "model")).eval()
+    return GPT(from_dict(ModelConfig, section, "model")).eval().to(device=device, dtype=dtype)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
 
 
 def cpu_name() -> str:
@@ -65,8 +72,11 @@ def timed(model: GPT, batch: int, prompt_len: int, new_tokens: int, path: str, c
         return timed_onnx(model, prompt_len, new_tokens)
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
+    sync = torch.cuda.synchronize if model.tok_emb.weight.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = generate_tokens(model, prompts, cfg, eot_id=None, path=path)
+    sync()
     seconds = time.perf_counter() - t0
     assert all(len(o) == new_tokens for o in out)
     return batch * new_tokens / seconds
@@ -118,7 +128,9 @@ def compiled_copy(model: GPT) -> tuple[GPT, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
@@ -132,16 +144,18 @@ def main() -> None:
     if args.quick:
         args.new_tokens, args.rounds = 64, 2
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     greedy = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
     sampled = SamplingConfig(max_new_tokens=args.new_tokens, stop_at_eot=False, seed=0)  # the defaults
     results = []
     for name in args.models:
-        model = build(name, MODELS[name])
+        model = build(name, MODELS[name], args.device, dtype)
         # (row label, batch, path, sampling config, model, threads)
         t = args.threads
+        fast = "CPUDecoder" if cpu_decode.supported(model) else "decode_step"  # what "fast" runs here
         variants = [("uncached", 1, "uncached", greedy, model, t), ("kv-cache", 1, "cached", greedy, model, t),
                     ("step (GPT.decode_step)", 1, "step", greedy, model, t),
-                    ("fast (default: CPUDecoder)", 1, "fast", greedy, model, t),
+                    (f"fast (default: {fast})", 1, "fast", greedy, model, t),
                     ("fast + sampling (T=0.8, top-k 200, top-p 0.95)", 1, "fast", sampled, model, t)]
         compile_s = None
         if args.compile:
@@ -150,7 +164,7 @@ def main() -> None:
                 variants.append(("step + torch.compile", 1, "step", greedy, fast_model, t))
             except Exception as e:  # noqa: BLE001 - a failed compile is a result too
                 print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
-        gen = onnx_generator(model, t)
+        gen = onnx_generator(model, t) if args.device == "cpu" and dtype == torch.float32 else None
         if gen is not None:
             variants.append(("onnxruntime (KV cache)", 1, "onnxruntime", greedy, gen, t))
         for b in args.batches:
@@ -186,7 +200,7 @@ def main() -> None:
     report = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(), "device": device_name(args.device), "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
                 if k in os.environ},
