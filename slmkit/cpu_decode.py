@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from slmkit.model import GPT, KVCache, LinearT
+from slmkit.model import GPT, KVCache
 
 
 def supported(model: GPT) -> bool:
@@ -48,20 +48,6 @@ def _pair(*shape: int) -> tuple[np.ndarray, torch.Tensor]:
     a = np.zeros(shape, np.float32)
     with torch.inference_mode(False):
         return a, torch.from_numpy(a)
-
-
-def _linear(lin: LinearT, x: torch.Tensor, out: torch.Tensor) -> None:
-    if lin.b is None:
-        torch.mm(x, lin.w_t, out=out)
-    else:
-        torch.addmm(lin.b, x, lin.w_t, out=out)
-
-
-def _add_linear(x: torch.Tensor, lin: LinearT, h: torch.Tensor) -> None:
-    """``x += linear(h)`` in place: the residual add inside the matmul."""
-    x.addmm_(h, lin.w_t)
-    if lin.b is not None:
-        x.add_(lin.b)
 
 
 # ndarray.mean and np.split are Python functions over several calls: sums and slices are cheaper.
@@ -215,7 +201,7 @@ class CPUDecoder:
         with np.errstate(over="ignore"):  # exp(-gate) = inf in SwiGLU is the right limit
             for layer, (norm1, norm2), k_cache, v_cache in zip(self.weights.layers, self.norms, keys, values):
                 self.norm(x, *norm1, eps, out=h)
-                _linear(layer.qkv, buf.h_t, buf.qkv_t)
+                layer.qkv.into(buf.h_t, buf.qkv_t)
                 qk = buf.qkv[:, :QK].reshape(B, H + KV, D)
                 if rot is not None:
                     qk = np.matmul(qk, rot)
@@ -227,11 +213,11 @@ class CPUDecoder:
                     scores += bias
                 _softmax_(scores)
                 np.matmul(scores, v_cache[:, : S + 1], out=att)
-                _add_linear(buf.x_t, layer.proj, buf.att_t)
+                layer.proj.add_into(buf.x_t, buf.att_t)
                 self.norm(x, *norm2, eps, out=h)
-                _linear(layer.up, buf.h_t, buf.up_t)
+                layer.up.into(buf.h_t, buf.up_t)
                 self.activate(buf.up, out=buf.act)
-                _add_linear(buf.x_t, layer.down, buf.act_t)
+                layer.down.add_into(buf.x_t, buf.act_t)
             self.norm(x, *self.final_norm, eps, out=h)
         cache.length = S + 1
         return self.weights.head(buf.h_t)  # a new tensor: callers may keep it past the next step

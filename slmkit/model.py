@@ -199,6 +199,19 @@ class LinearT(NamedTuple):
         out = torch.addmm(x, h, self.w_t)
         return out if self.b is None else out.add_(self.b)
 
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``linear(x)`` written into a preallocated ``out`` (no allocation)."""
+        if self.b is None:
+            torch.mm(x, self.w_t, out=out)
+        else:
+            torch.addmm(self.b, x, self.w_t, out=out)
+
+    def add_into(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """``x += linear(h)`` in place."""
+        x.addmm_(h, self.w_t)
+        if self.b is not None:
+            x.add_(self.b)
+
 
 class LayerWeights(NamedTuple):
     """One block's tensors for decoding. A norm is (weight, bias or None)."""
