@@ -1,10 +1,12 @@
 """Training throughput: slmkit's training step against a plain eager reference, in the same process.
 
     python bench/train_speed.py                                  # CPU, 2 threads, fp32
-    python bench/train_speed.py --device cuda --presets stories15m stories42m stories110m
+    python bench/train_speed.py --device cuda --preset-shape    # GPU, bf16: 15m, 42m, 110m at their own shapes
 
 One training step is forward + backward + gradient clipping + optimizer step on a fixed batch
-(16 x 256 tokens by default, vocab 4096). Three ways of doing it are timed:
+(16 x 256 tokens by default, vocab 4096; ``--preset-shape`` takes each preset's own micro-batch and
+context instead, e.g. 32 x 1024 for stories110m, the size a GPU is used at). Three ways of doing it
+are timed:
 
 * ``reference``: the same architecture written the nanoGPT / llama2.c way, below in this file:
   eager PyTorch, separate q/k/v and w1/w2/w3 matmuls, hand-written RMSNorm and RoPE, SDPA, the full
@@ -181,9 +183,13 @@ def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x:
 
 
 def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict:
-    mc = ModelConfig(**{**load_preset(preset)["model"], "vocab_size": args.vocab, "block_size": args.block})
+    sections = load_preset(preset)
+    batch, block = args.batch, args.block
+    if args.preset_shape:
+        batch, block = sections["train"]["batch_size"], sections["model"]["block_size"]
+    mc = ModelConfig(**{**sections["model"], "vocab_size": args.vocab, "block_size": block})
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.block + 1), generator=g)
+    tokens = torch.randint(0, args.vocab, (batch, block + 1), generator=g)
     x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
     steps, warmup = {}, {}
     for v in args.variants:
@@ -201,10 +207,10 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
                 steps[v]()
                 sync(device)
                 times[v].append(time.perf_counter() - t0)
-    tokens_per_step = args.batch * args.block
+    tokens_per_step = batch * block
     flops_per_token = GPT(mc).flops_per_token()
     peak = statistics.median(peaks)
-    out = {"preset": preset, "model": {k: getattr(mc, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd",
+    out = {"preset": preset, "batch": batch, "block": block, "model": {k: getattr(mc, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd",
                                                                    "vocab_size", "block_size")},
            "params": GPT(mc).num_params(), "flops_per_token": flops_per_token, "peak_flops_median": peak,
            "peak_flops_max": max(peaks), "load_before": load_before, "load_after": os.getloadavg()[0], "variants": {}}
@@ -229,6 +235,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--preset-shape", action="store_true",
+                        help="each preset's own train.batch_size x model.block_size instead of --batch x --block")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
@@ -252,20 +260,21 @@ def main() -> None:
     results = {
         "command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
         "device": name, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "batch": args.batch, "block": args.block,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rounds": args.rounds, "steps_per_round": args.steps, "presets": [],
     }
     for preset in args.presets:
         results["presets"].append(bench_preset(preset, args, device, dtype))
 
     base = args.variants[0]
-    print(f"\n{name}, {results['dtype']}, {args.batch} x {args.block} tokens per step, medians of "
-          f"{args.rounds} x {args.steps} steps (load average {results['presets'][0]['load_before']:.1f})\n")
-    print(f"| preset | variant | tokens/s | vs {base} | MFU | matmul peak | first 2 steps |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{name}, {results['dtype']}, medians of {args.rounds} x {args.steps} steps "
+          f"(load average {results['presets'][0]['load_before']:.1f})\n")
+    print(f"| preset | batch x context | variant | tokens/s | vs {base} | MFU | matmul peak | first 2 steps |")
+    print("|---|---|---|---|---|---|---|---|")
     for p in results["presets"]:
         for v, r in p["variants"].items():
-            print(f"| {p['preset']} | {v} | {r['tok_per_s']:,.0f} | {r[f'speedup_vs_{base}']:.2f}x | {r['mfu']:.0%} | "
+            print(f"| {p['preset']} | {p['batch']} x {p['block']} | {v} | {r['tok_per_s']:,.0f} | "
+                  f"{r[f'speedup_vs_{base}']:.2f}x | {r['mfu']:.0%} | "
                   f"{p['peak_flops_median'] / 1e9:,.0f} GFLOP/s | {r['first_two_steps_s']:.0f}s |")
     path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"train_speed_{device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
