@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slmkit import cpu_decode  # noqa: E402
+from slmkit import cpu_decode, gpu_decode  # noqa: E402
 from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.generate import SamplingConfig, generate_tokens  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
@@ -126,6 +126,29 @@ def compiled_copy(model: GPT) -> tuple[GPT, float]:
     return fast, time.perf_counter() - t0
 
 
+def write_report(results: list[dict], args: argparse.Namespace) -> None:
+    """Print the table and write the JSON (after every model, so that a run cut short keeps what it measured)."""
+    table = ["| model | row | batch | tokens/s (median) | x uncached | runs |", "|---|---|---|---|---|---|"]
+    for r in results:
+        table.append(f"| {r['model']} | {r['row']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['x_uncached']:.1f} | "
+                     + " ".join(f"{x:.0f}" for x in r["runs"]) + " |")
+    print("\n".join(table))
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(), "device": device_name(args.device), "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
+                if k in os.environ},
+        "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
+        "rounds": args.rounds, "results": results, "table": table,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
@@ -152,7 +175,8 @@ def main() -> None:
         model = build(name, MODELS[name], args.device, dtype)
         # (row label, batch, path, sampling config, model, threads)
         t = args.threads
-        fast = "CPUDecoder" if cpu_decode.supported(model) else "decode_step"  # what "fast" runs here
+        fast = ("CPUDecoder" if cpu_decode.supported(model) else "GraphDecoder" if gpu_decode.supported(model)
+                else "decode_step")  # what "fast" runs here
         variants = [("uncached", 1, "uncached", greedy, model, t), ("kv-cache", 1, "cached", greedy, model, t),
                     ("step (GPT.decode_step)", 1, "step", greedy, model, t),
                     (f"fast (default: {fast})", 1, "fast", greedy, model, t),
@@ -192,25 +216,7 @@ def main() -> None:
                 "x_uncached": round(statistics.median(a / b for a, b in zip(runs[label], base)), 1),
                 **({"compile_s": round(compile_s, 1)} if "compile" in label else {}),
             })
-    table = ["| model | row | batch | tokens/s (median) | x uncached | runs |", "|---|---|---|---|---|---|"]
-    for r in results:
-        table.append(f"| {r['model']} | {r['row']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['x_uncached']:.1f} | "
-                     + " ".join(f"{x:.0f}" for x in r["runs"]) + " |")
-    print("\n".join(table))
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(), "device": device_name(args.device), "dtype": args.dtype,
-        "threads": torch.get_num_threads(),
-        "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
-                if k in os.environ},
-        "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
-        "rounds": args.rounds, "results": results, "table": table,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+        write_report(results, args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 # table in bf16, the CUDA tests, and stories110m at a twice larger micro-batch.
 #
 #     OUT=/tmp/gpu bash bench/gpu_check.sh      # results and logs go to $OUT (default bench/results)
+#     bash bench/gpu_check.sh decode tests      # only these stages (train, decode, tests, train-b64)
 #
 # Each stage has its own time limit, so that one that hangs leaves the others their time.
 set -u
@@ -11,17 +12,19 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+STAGES=${*:-train decode tests train-b64}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
     $PY -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
     nproc
 } 2>&1 | tee "$OUT/gpu.txt"
-timeout 280 $PY bench/train_speed.py --device cuda --preset-shape --rounds 5 --steps 5 \
+want train && timeout 280 $PY bench/train_speed.py --device cuda --preset-shape --rounds 5 --steps 5 \
     --out "$OUT/train_speed_cuda.json" 2>&1 | tee "$OUT/train_speed.log"
-timeout 110 $PY bench/decode.py --device cuda --dtype bfloat16 --models stories15m stories260k stories110m \
+want decode && timeout 200 $PY bench/decode.py --device cuda --dtype bfloat16 --models stories15m stories260k stories110m \
     --rounds 3 --out "$OUT/decode_cuda.json" 2>&1 | tee "$OUT/decode.log"
-timeout 90 $PY -m pytest -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
-timeout 80 $PY bench/train_speed.py --device cuda --presets stories110m --batch 64 --block 1024 \
+want tests && timeout 120 $PY -m pytest -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+want train-b64 && timeout 80 $PY bench/train_speed.py --device cuda --presets stories110m --batch 64 --block 1024 \
     --variants reference slmkit --rounds 3 --steps 4 --out "$OUT/train_speed_cuda_b64.json" 2>&1 \
     | tee "$OUT/train_speed_b64.log"
 echo "gpu_check done"

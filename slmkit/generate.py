@@ -7,7 +7,8 @@ Read top to bottom:
    top-p, min-p), chained into a pipeline, then greedy argmax or a seeded draw.
 3. Runners: how the model is run. With the KV cache the prompt is prefilled in one forward pass,
    then each step runs one token per row ("fast": ``cpu_decode.CPUDecoder`` for float32 on the
-   CPU, else ``GPT.decode_step``; "step": always ``GPT.decode_step``; "cached": the module path
+   CPU, ``gpu_decode.GraphDecoder`` (a CUDA graph of the step) on a GPU, else ``GPT.decode_step``;
+   "step": always ``GPT.decode_step``; "cached": the module path
    ``GPT.forward_cached``). "uncached" re-runs the whole window every step, as nanoGPT does; it is
    the reference the cached paths are tested against. All of them follow the context rule below
    (the uncached reference slides each row's window on its own).
@@ -42,7 +43,7 @@ from typing import Literal
 
 import torch
 
-from slmkit import cpu_decode
+from slmkit import cpu_decode, gpu_decode
 from slmkit.errors import SlmError
 from slmkit.model import KVCache
 
@@ -228,6 +229,8 @@ class CachedRunner:
         model = self.model
         if path == "fast" and cpu_decode.supported(model):
             return cpu_decode.CPUDecoder(model).step
+        if path == "fast" and gpu_decode.supported(model):
+            return gpu_decode.GraphDecoder(model).step
         if path == "step" or (path == "fast" and model.reads_float_weights()):
             return partial(model.decode_step, weights=model.decode_weights())
         # "cached", or "fast" on int8-quantized linears: through the modules

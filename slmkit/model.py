@@ -313,6 +313,16 @@ def activate(h: torch.Tensor, swiglu: bool) -> torch.Tensor:
     return F.gelu(h, approximate="tanh")
 
 
+def decode_norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None], c: ModelConfig,
+                eps: torch.Tensor) -> torch.Tensor:
+    """The decode steps' norm: RMSNorm in three calls (mean(x^2) + eps = |x|^2 / C + eps), or
+    LayerNorm. ``eps`` is a one-element tensor: a Python float costs an allocation per call."""
+    if c.norm == "rmsnorm":
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x * torch.addcmul(eps, n, n, value=1.0 / c.n_embd).rsqrt_() * wb[0]
+    return F.layer_norm(x, (c.n_embd,), wb[0], wb[1], c.norm_eps)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -539,15 +549,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[pos]
         rot = rope_matrix(self.rope_cos[pos], self.rope_sin[pos]).to(x.dtype) if self.rope_cos is not None else None
-        # A Python float argument costs a tensor allocation per call: epsilon goes in as a tensor.
-        eps, inv_c = x.new_full((1,), c.norm_eps), 1.0 / c.n_embd
-
-        def norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-            if c.norm == "rmsnorm":  # mean(x^2) + eps = |x|^2 / C + eps
-                n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-                return x * torch.addcmul(eps, n, n, value=inv_c).rsqrt_() * wb[0]
-            return F.layer_norm(x, (c.n_embd,), wb[0], wb[1], c.norm_eps)
-
+        eps = x.new_full((1,), c.norm_eps)
         if cache.padded:  # additive mask over the slots, shared by the query heads of a kv head
             mask = cache.attn_mask(1)  # (B, 1, 1, S+1)
             bias = x.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))
@@ -557,7 +559,7 @@ class GPT(nn.Module):
         # (n_layer, B * KV, max_len, D): one (rows x kv heads) batch of caches per layer
         keys, values = cache.k.view(c.n_layer, B * KV, -1, D), cache.v.view(c.n_layer, B * KV, -1, D)
         for layer, k_cache, v_cache in zip(w.layers, keys, values):
-            qk, v = layer.qkv(norm(x, layer.norm1)).split_with_sizes((QK, KV * D), 1)
+            qk, v = layer.qkv(decode_norm(x, layer.norm1, c, eps)).split_with_sizes((QK, KV * D), 1)
             qk = qk.view(B, H + KV, D)
             if rot is not None:
                 qk = qk @ rot
@@ -570,9 +572,9 @@ class GPT(nn.Module):
             if probs.dtype != q.dtype:
                 probs = probs.to(q.dtype)
             x = layer.proj.add_to(x, torch.bmm(probs, v_cache.narrow(1, 0, S + 1)).view(B, H * D))
-            x = layer.down.add_to(x, activate(layer.up(norm(x, layer.norm2)), swiglu))
+            x = layer.down.add_to(x, activate(layer.up(decode_norm(x, layer.norm2, c, eps)), swiglu))
         cache.length = S + 1
-        return w.head(norm(x, w.norm))
+        return w.head(decode_norm(x, w.norm, c, eps))
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 * params for the matmuls plus the attention term

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slmkit import gpu_decode
 from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.generate import SamplingConfig, generate_tokens
 from slmkit.model import GPT, KVCache, ModelConfig
@@ -93,8 +94,22 @@ def _model(**kw) -> GPT:
     return model.cuda()
 
 
+@pytest.fixture
+def graph_decoders(monkeypatch):
+    """The GraphDecoders that generation makes, to check that they replayed graphs."""
+    made = []
+    real = gpu_decode.GraphDecoder
+
+    def spy(model):
+        made.append(real(model))
+        return made[-1]
+
+    monkeypatch.setattr(gpu_decode, "GraphDecoder", spy)
+    return made
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(positions="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2)])
-def test_cuda_every_path_gives_the_uncached_tokens(kw):
+def test_cuda_every_path_gives_the_uncached_tokens(kw, graph_decoders):
     model = _model(**kw)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 12]  # different lengths in one batch
     want = generate_tokens(model, prompts, GREEDY, path="uncached")
@@ -102,6 +117,26 @@ def test_cuda_every_path_gives_the_uncached_tokens(kw):
         assert generate_tokens(model, prompts, GREEDY, path=path) == want, path
     one_by_one = [generate_tokens(model, [p], GREEDY, path="fast")[0] for p in prompts]
     assert one_by_one == want
+    long = SamplingConfig(max_new_tokens=100, temperature=0.0, stop_at_eot=False)  # the window slides
+    assert generate_tokens(model, [[5, 6]], long, path="fast") == generate_tokens(model, [[5, 6]], long, path="uncached")
+    assert len(graph_decoders) == 5 and all(d.graphs and d.replays > 10 for d in graph_decoders)
+
+
+def test_cuda_graph_replays_give_decode_steps_logits():
+    model = _model(positions="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2)
+    x = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(9)).cuda()
+    with torch.inference_mode():
+        a, b = (KVCache.empty(model.config, 2, start=torch.tensor([3, 0]), device="cuda") for _ in range(2))
+        model.forward_cached(x[:, :8], a)
+        model.forward_cached(x[:, :8], b)
+        decoder = gpu_decode.GraphDecoder(model)
+        for t in range(8, 30):
+            if t == 20:  # rows swap, as beam search does: a new cache, so a new graph
+                a.reorder(torch.tensor([1, 0], device="cuda"))
+                b.reorder(torch.tensor([1, 0], device="cuda"))
+            torch.testing.assert_close(decoder.step(x[:, t], b), model.decode_step(x[:, t], a), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b.k, a.k)
+    assert decoder.graphs and decoder.replays == 22 - 2  # the first step on each of the two caches: eager
 
 
 def test_cuda_bf16_decode_step_and_seeded_sampling():

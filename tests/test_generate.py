@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import slmkit.generate as G
-from slmkit import cpu_decode
+from slmkit import cpu_decode, gpu_decode
 from slmkit.cpu_decode import CPUDecoder
 from slmkit.errors import SlmError
 from slmkit.generate import (
@@ -276,6 +276,59 @@ def test_cpu_decoder_refuses_negative_ids_and_works_outside_inference_mode():
         model.decode_step(torch.tensor([4]), b)
     with torch.no_grad():
         torch.testing.assert_close(decoder.step(torch.tensor([5]), a), model.decode_step(torch.tensor([5]), b))
+
+
+@pytest.fixture
+def graph_step_on_cpu(monkeypatch):
+    """Generation's "fast" path through ``GraphDecoder`` on the CPU (its fixed-shape step, without
+    recording a graph): how CI checks the math that a GPU replays. Yields the decoders made."""
+    made = []
+    monkeypatch.setattr(cpu_decode, "supported", lambda model: False)
+    monkeypatch.setattr(gpu_decode, "supported", lambda model: True)
+    real = gpu_decode.GraphDecoder
+
+    def spy(model):
+        made.append(real(model))
+        return made[-1]
+
+    monkeypatch.setattr(gpu_decode, "GraphDecoder", spy)
+    yield made
+
+
+@pytest.mark.parametrize("kw", VARIANTS[::3], ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_graph_decoder_step_gives_the_uncached_tokens(kw, graph_step_on_cpu):
+    """Attention over every slot with a mask made from the filled length, and the new key and
+    value written at a slot index held in a tensor: the same tokens as the uncached reference,
+    through window slides, a padded batch, finished rows and beam search."""
+    model = random_model(2, **kw, bias=kw["norm"] == "layernorm")
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, 61, (1, 9), generator=g).tolist()
+    cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 9 + 40 > 24: the window slides twice
+    assert generate_tokens(model, prompt, cfg, path="fast") == generate_tokens(model, prompt, cfg, path="uncached")
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 11, 1)]
+    cfg = SamplingConfig(max_new_tokens=12, **GREEDY)
+    alone = [generate_tokens(model, [p], cfg, path="uncached")[0] for p in prompts]
+    assert generate_tokens(model, prompts, cfg, path="fast") == alone
+    beams = SamplingConfig(max_new_tokens=20, beams=3)
+    assert beam_search(model, prompt[0], beams, path="fast") == beam_search(model, prompt[0], beams, path="uncached")
+    assert len(graph_step_on_cpu) == 3 and not any(d.graphs for d in graph_step_on_cpu)
+
+
+def test_graph_decoder_step_has_decode_steps_logits():
+    model = random_model(3, n_kv_head=2)
+    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        a, b = (KVCache.empty(model.config, 2, start=torch.tensor([3, 0])) for _ in range(2))
+        model.forward_cached(x[:, :8], a)
+        model.forward_cached(x[:, :8], b)
+        decoder = gpu_decode.GraphDecoder(model)
+        for t in range(8, 12):
+            if t == 10:  # rows swap, as beam search does: the decoder must follow the new cache
+                a.reorder(torch.tensor([1, 0]))
+                b.reorder(torch.tensor([1, 0]))
+            torch.testing.assert_close(decoder.step(x[:, t], b), model.decode_step(x[:, t], a), rtol=1e-5, atol=1e-5)
+        assert b.length == a.length == 12
+        torch.testing.assert_close(b.k, a.k)
 
 
 def test_forward_for_training_is_unchanged():
