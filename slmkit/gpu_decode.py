@@ -93,7 +93,7 @@ class GraphDecoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(stream):
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):  # the model's GPU, not GPU 0
                 # Once more on the recording stream, so that its library handles exist before
                 # recording. The inputs are still the previous step's: it rewrites the same slot
                 # with the same values.

@@ -14,6 +14,7 @@ import torch
 
 from slmkit import gpu_decode
 from slmkit.checkpoint import load_run, read_checkpoint
+from slmkit.cli import main
 from slmkit.generate import SamplingConfig, generate_tokens
 from slmkit.model import GPT, KVCache, ModelConfig
 from slmkit.train import Trainer, train
@@ -38,7 +39,7 @@ def exact_fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def test_cuda_run_trains_in_bf16_resumes_and_loads_on_the_cpu(data_dir, tmp_path, monkeypatch):
+def test_cuda_run_trains_in_bf16_resumes_generates_and_loads_on_the_cpu(data_dir, tmp_path, monkeypatch, capsys):
     over = TINY + ["train.device=cuda", "train.max_steps=40", "train.checkpoint_interval=10",
                    "train.eval_interval=20", "train.log_interval=1"]
     full = tmp_path / "full"
@@ -64,6 +65,12 @@ def test_cuda_run_trains_in_bf16_resumes_and_loads_on_the_cpu(data_dir, tmp_path
     assert train(data_dir, part, overrides=over, quiet=True)["steps"] == 40
     # GPU kernels (atomics in the embedding backward) are not bit-reproducible: close, not equal.
     assert _losses(part) == pytest.approx(losses, rel=2e-2, abs=2e-2)
+
+    # slm generate on the GPU (the CUDA-graph decoder), a batch of samples streamed as text.
+    assert main(["generate", str(full), "--prompt", "Once upon", "--num-samples", "2", "--max-new-tokens", "30",
+                 "--seed", "1", "--device", "cuda"]) == 0
+    samples = capsys.readouterr().out.split("\n---\n")
+    assert len(samples) == 2 and all(s.startswith("Once upon") and len(s) > len("Once upon ") for s in samples)
 
     # A run trained on a GPU loads on a CPU and gives the same logits as on the GPU.
     cpu_model, _, _ = load_run(full, device="cpu")
