@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from slmkit.model import GPT, KVCache, activate, decode_norm, rope_matrix
+from slmkit.model import GPT, KVCache, decode_norm, decode_qkv, decode_rest, rope_matrix
 
 
 def supported(model: GPT) -> bool:
@@ -114,7 +114,6 @@ class GraphDecoder:
         model, w, c = self.model, self.weights, self.model.config
         B, L = self.idx.size(0), cache.max_len
         H, KV, D = c.n_head, c.kv_heads, c.head_dim
-        QK, swiglu = (H + KV) * D, c.activation == "swiglu"
         pos = (self.length - self.start).clamp_(min=0)  # (B,) the new token's position in its row
         x = F.embedding(self.idx, model.tok_emb.weight)
         if model.pos_emb is not None:
@@ -129,16 +128,11 @@ class GraphDecoder:
         bias = bias.expand(B, KV, L).reshape(B * KV, 1, L)
         keys, values = cache.k.view(c.n_layer, B * KV, L, D), cache.v.view(c.n_layer, B * KV, L, D)
         for layer, k_cache, v_cache in zip(w.layers, keys, values):
-            qk, v = layer.qkv(decode_norm(x, layer.norm1, c, eps)).split_with_sizes((QK, KV * D), 1)
-            qk = qk.view(B, H + KV, D)
-            if rot is not None:
-                qk = qk @ rot
-            q, k = qk.split_with_sizes((H, KV), 1)
+            q, k, v = decode_qkv(layer, x, c, eps, rot)
             k_cache.index_copy_(1, self.length, k.reshape(B * KV, 1, D))
             v_cache.index_copy_(1, self.length, v.reshape(B * KV, 1, D))
             q = q.reshape(B * KV, H // KV, D)
             scores = torch.baddbmm(bias, q, k_cache.transpose(1, 2), alpha=D**-0.5)
             probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-            x = layer.proj.add_to(x, torch.bmm(probs, v_cache).view(B, H * D))
-            x = layer.down.add_to(x, activate(layer.up(decode_norm(x, layer.norm2, c, eps)), swiglu))
+            x = decode_rest(layer, x, torch.bmm(probs, v_cache).view(B, H * D), c, eps)
         return w.head(decode_norm(x, w.norm, c, eps))

@@ -323,6 +323,27 @@ def decode_norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None], c
     return F.layer_norm(x, (c.n_embd,), wb[0], wb[1], c.norm_eps)
 
 
+def decode_qkv(layer: LayerWeights, x: torch.Tensor, c: ModelConfig, eps: torch.Tensor, rot: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's queries (B, H, D) and keys (B, KV, D), rotated by ``rot`` (rotary positions),
+    and values (B, KV * D), from the residual stream x (B, C)."""
+    H, KV, D = c.n_head, c.kv_heads, c.head_dim
+    qk, v = layer.qkv(decode_norm(x, layer.norm1, c, eps)).split_with_sizes(((H + KV) * D, KV * D), 1)
+    qk = qk.view(-1, H + KV, D)
+    if rot is not None:
+        qk = qk @ rot
+    q, k = qk.split_with_sizes((H, KV), 1)
+    return q, k, v
+
+
+def decode_rest(layer: LayerWeights, x: torch.Tensor, attended: torch.Tensor, c: ModelConfig,
+                eps: torch.Tensor) -> torch.Tensor:
+    """The rest of a decode step's block after attention: the projection and the MLP, each added
+    to the residual stream (the adds fused into the matmuls)."""
+    x = layer.proj.add_to(x, attended)
+    return layer.down.add_to(x, activate(layer.up(decode_norm(x, layer.norm2, c, eps)), c.activation == "swiglu"))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -542,7 +563,6 @@ class GPT(nn.Module):
         c = self.config
         w = weights or self.decode_weights()
         H, KV, D = c.n_head, c.kv_heads, c.head_dim
-        QK, swiglu = (H + KV) * D, c.activation == "swiglu"  # qkv's output: queries and keys, then values
         # Position of the new token: S in every row, unless rows are padded.
         pos = cache.positions(1)[:, 0] if cache.padded else S  # (B,) or an int
         x = F.embedding(idx, self.tok_emb.weight)  # (B, C)
@@ -559,11 +579,7 @@ class GPT(nn.Module):
         # (n_layer, B * KV, max_len, D): one (rows x kv heads) batch of caches per layer
         keys, values = cache.k.view(c.n_layer, B * KV, -1, D), cache.v.view(c.n_layer, B * KV, -1, D)
         for layer, k_cache, v_cache in zip(w.layers, keys, values):
-            qk, v = layer.qkv(decode_norm(x, layer.norm1, c, eps)).split_with_sizes((QK, KV * D), 1)
-            qk = qk.view(B, H + KV, D)
-            if rot is not None:
-                qk = qk @ rot
-            q, k = qk.split_with_sizes((H, KV), 1)
+            q, k, v = decode_qkv(layer, x, c, eps, rot)
             k_cache.select(1, S).copy_(k.reshape(B * KV, D))
             v_cache.select(1, S).copy_(v.reshape(B * KV, D))
             q = q.reshape(B * KV, H // KV, D)  # query heads grouped by the kv head they read
@@ -571,8 +587,7 @@ class GPT(nn.Module):
             probs = scores.softmax(-1, dtype=torch.float32)  # fp32 (as in SDPA) also for bf16 / fp16 models
             if probs.dtype != q.dtype:
                 probs = probs.to(q.dtype)
-            x = layer.proj.add_to(x, torch.bmm(probs, v_cache.narrow(1, 0, S + 1)).view(B, H * D))
-            x = layer.down.add_to(x, activate(layer.up(decode_norm(x, layer.norm2, c, eps)), swiglu))
+            x = decode_rest(layer, x, torch.bmm(probs, v_cache.narrow(1, 0, S + 1)).view(B, H * D), c, eps)
         cache.length = S + 1
         return w.head(decode_norm(x, w.norm, c, eps))
 

@@ -62,3 +62,22 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     train(data_dir, out, overrides=TINY + ["train.max_steps=60", "train.eval_interval=30",
                                            "train.checkpoint_interval=30", "train.plot=true"], quiet=True)
     return out
+
+
+def train_killed_after(step: int, data_dir: Path, run: Path, overrides: list[str], monkeypatch) -> None:
+    """Train into ``run`` and kill the run (a KeyboardInterrupt out of the training loop, as a kill
+    would leave it: no final checkpoint) right after step ``step``."""
+    from slmkit.train import Trainer, train
+
+    real_step = Trainer.train_step
+
+    def step_then_die(self):
+        loss = real_step(self)
+        if self.state.step == step:
+            raise KeyboardInterrupt
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_dir, run, overrides=overrides, quiet=True)
+    monkeypatch.setattr(Trainer, "train_step", real_step)

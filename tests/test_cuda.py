@@ -17,9 +17,9 @@ from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.cli import main
 from slmkit.generate import SamplingConfig, generate_tokens
 from slmkit.model import GPT, KVCache, ModelConfig
-from slmkit.train import Trainer, train
+from slmkit.train import train
 
-from conftest import TINY
+from conftest import TINY, train_killed_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,18 +49,7 @@ def test_cuda_run_trains_in_bf16_resumes_generates_and_loads_on_the_cpu(data_dir
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it learns in bf16 autocast
 
     part = tmp_path / "part"
-    real_step = Trainer.train_step
-
-    def step_then_die(self):
-        loss = real_step(self)
-        if self.state.step == 25:
-            raise KeyboardInterrupt
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(data_dir, part, overrides=over, quiet=True)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train_killed_after(25, data_dir, part, over, monkeypatch)
     assert read_checkpoint(part / "last")["state"]["step"] == 20
     assert train(data_dir, part, overrides=over, quiet=True)["steps"] == 40
     # GPU kernels (atomics in the embedding backward) are not bit-reproducible: close, not equal.

@@ -12,7 +12,7 @@ from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
 from slmkit.train import LRSchedule, TrainConfig, Trainer, train
 
-from conftest import TINY
+from conftest import TINY, train_killed_after
 
 
 def lrs(**kw):
@@ -81,18 +81,7 @@ def test_resume_continues_the_same_loss_curve(data_dir, tmp_path, monkeypatch):
 
     # Interrupt the second run after step 10 (last checkpoint at step 8), as a kill would.
     part = tmp_path / "part"
-    real_step = Trainer.train_step
-
-    def step_then_die(self):
-        loss = real_step(self)
-        if self.state.step == 10:
-            raise KeyboardInterrupt
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(data_dir, part, overrides=over, quiet=True)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train_killed_after(10, data_dir, part, over, monkeypatch)
     assert read_checkpoint(part / "last")["state"]["step"] == 8
     summary = train(data_dir, part, overrides=over, quiet=True)
     assert summary["steps"] == 16
