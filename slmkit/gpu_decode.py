@@ -2,7 +2,7 @@
 
 A decode step of a small model is about a hundred kernels of a few microseconds each, and the
 Python that launches them takes longer than the GPU takes to run them: on an H200, ``decode_step``
-ran stories15m in bf16 at 2.3-3 ms per token at batch 1, and barely slower at batch 32
+ran stories15m in bf16 at 2.5-4 ms per token at batch 1, and a step at batch 32 took about as long
 (``bench/decode.py --device cuda``). ``GraphDecoder`` records the step once as a CUDA graph and
 then replays it, one launch per step.
 

@@ -545,7 +545,8 @@ class GPT(nn.Module):
     def decode_step(self, idx: torch.Tensor, cache: KVCache, weights: DecodeWeights | None = None) -> torch.Tensor:
         """The PyTorch fast path of generation: one new token per row, ids (B,) -> next-token logits
         (B, vocab). (For float32 on the CPU, ``slmkit.cpu_decode.CPUDecoder`` runs the same math with
-        the small operations in NumPy, faster at small batches.)
+        the small operations in NumPy, faster at small batches; on a GPU,
+        ``slmkit.gpu_decode.GraphDecoder`` replays it from a CUDA graph.)
 
         The same math as ``forward_cached`` with T=1 (tested to give the same logits), written
         straight through over the weights. At batch 1 on a CPU the matrix-vector products take
