@@ -1,4 +1,4 @@
-"""Decoding speed on the CPU: the uncached loop vs the KV cache vs the fast paths.
+"""Decoding speed: the uncached loop vs the KV cache vs the fast paths (CPU, or a GPU with --device cuda).
 
     python bench/decode.py                 # the table quoted in docs/generation.md
     python bench/decode.py --compile       # adds torch.compile of the decode step (slow to start)
@@ -12,8 +12,9 @@ Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights:
 not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
 llama2.c). Tokens per second include the prefill. Rows: "uncached" re-runs the window every
 token; "kv-cache" is ``GPT.forward_cached`` one token at a time; "step" is ``GPT.decode_step``
-(the fast path on GPUs and in bf16); "fast" is the default, ``slmkit.cpu_decode.CPUDecoder`` for
-float32 on the CPU (the same math with the small operations in NumPy).
+(the fast path in bf16 on the CPU); "fast" is the default: ``slmkit.cpu_decode.CPUDecoder`` for
+float32 on the CPU (the same math with the small operations in NumPy), and on a GPU
+``slmkit.gpu_decode.GraphDecoder`` (the step replayed from a CUDA graph).
 The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export --format onnx``
 (its KV-cache graph, greedy, batch 1); it is skipped without onnx/onnxruntime
 (``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
