@@ -13,8 +13,9 @@ arrays are large enough to split) catch up, first in attention over a long cache
 stories42m (width 512) is 1.05-1.10x with 16 cached tokens, even at 400 and 0.9x at 900; at
 stories15m, batch 4 over 16-272 cached tokens is still 1.1x, batch 8 even. So a step whose rows x
 attended positions (the cache and the new token) x width exceeds 2^18 goes to ``decode_step``.
-It is for float32 models on the CPU; generation uses ``decode_step`` for everything else (GPUs,
-bf16 / fp16, int8-quantized linear layers).
+It is for float32 models on the CPU; generation uses ``gpu_decode.GraphDecoder`` on GPUs and
+``decode_step`` (or the module path) for everything else (bf16 / fp16 on the CPU, int8-quantized
+linear layers).
 """
 
 from __future__ import annotations

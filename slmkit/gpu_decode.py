@@ -16,7 +16,9 @@ slots are copied into fixed input buffers before each replay.
 A graph belongs to one cache (its buffers and batch size). When the cache changes (the window
 slides, finished rows leave the batch, beam search reorders its beams), the first step on the new
 cache runs without a graph, and the second records a new one; beam search, which reorders every
-step, so never records. If recording fails, the decoder warns once and runs without graphs.
+step, so never records. Recording synchronises the GPU (milliseconds), so a batch whose rows
+finish one by one pays that once per finished row. If recording fails, the decoder warns once and
+runs without graphs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class GraphDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.replays = 0  # steps served by a graph (tests read it)
 
+    @torch.no_grad()  # also when called outside inference mode: no autograd history through the cache
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab); fills one cache slot."""
         if cache.length >= cache.max_len:
@@ -59,7 +62,7 @@ class GraphDecoder:
             logits = self._run_eagerly(idx, cache)
         else:
             if self.graph is None and self.graphs:
-                self._record(cache)
+                self._record(idx, cache)
             logits = self._replay(idx, cache) if self.graph is not None else self._run_eagerly(idx, cache)
         cache.length += 1
         return logits
@@ -87,27 +90,33 @@ class GraphDecoder:
         self.replays += 1
         return self.out.clone()  # the next replay overwrites out; callers may keep these logits
 
-    def _record(self, cache: KVCache) -> None:
-        """Record ``_fixed_step`` on this cache as a graph. Recording runs nothing: the step is
-        then replayed. The previous step ran the same kernels eagerly, which warmed them up."""
+    def _record(self, idx: torch.Tensor, cache: KVCache) -> None:
+        """Record ``_fixed_step`` on this cache as a graph (recording runs nothing; the step is then
+        replayed). If recording fails, warn and go on without graphs."""
+        try:
+            self.graph, self.out = self._capture(idx, cache)
+        except Exception as e:  # noqa: BLE001 - a GPU or driver without graph support still generates
+            warnings.warn(f"CUDA graph recording failed ({type(e).__name__}: {e}); decoding without graphs",
+                          stacklevel=4)
+            self.graphs = False
+
+    def _capture(self, idx: torch.Tensor, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of ``_fixed_step`` on this cache, and its output buffer."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(stream):  # the model's GPU, not GPU 0
-                # Once more on the recording stream, so that its library handles exist before
-                # recording. The inputs are still the previous step's: it rewrites the same slot
-                # with the same values.
+                # Run the step once on the recording stream first, so that its library handles
+                # exist before recording. With this step's inputs it writes this step's slot, which
+                # the replay then writes again with the same values.
+                self._set_inputs(idx, cache)
                 self._fixed_step(cache)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=stream):
-                    self.out = self._fixed_step(cache)
+                    out = self._fixed_step(cache)
+            return graph, out
+        finally:
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            self.graph = graph
-        except Exception as e:  # noqa: BLE001 - a GPU or driver without graph support still generates
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            warnings.warn(f"CUDA graph recording failed ({type(e).__name__}: {e}); decoding without graphs",
-                          stacklevel=3)
-            self.graphs = False
 
     def _fixed_step(self, cache: KVCache) -> torch.Tensor:
         """``decode_step``'s math on fixed shapes and addresses, reading the input buffers."""

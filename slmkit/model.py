@@ -125,6 +125,8 @@ class KVCache:
     of prompts of different lengths is left-padded: row ``b``'s first real token is in slot
     ``start[b]``. Positions count from there (the first real token has position 0), and padding
     slots are masked out, so a row's numbers do not depend on what else is in the batch.
+    The buffers start as zeros, and must: ``gpu_decode.GraphDecoder`` attends over every slot with
+    the unfilled ones masked, and a zero weight times a NaN left in memory would still be NaN.
     """
 
     k: torch.Tensor  # (n_layer, B, n_kv_head, max_len, head_dim)

@@ -278,17 +278,38 @@ def test_cpu_decoder_refuses_negative_ids_and_works_outside_inference_mode():
         torch.testing.assert_close(decoder.step(torch.tensor([5]), a), model.decode_step(torch.tensor([5]), b))
 
 
+class CPUGraph:
+    """What a CUDA graph does, on the CPU: ``replay()`` runs the recorded step again on the same
+    cache and input buffers, into the same output tensor."""
+
+    def __init__(self, decoder: gpu_decode.GraphDecoder, cache: KVCache, out: torch.Tensor) -> None:
+        self.decoder, self.cache, self.out = decoder, cache, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.decoder._fixed_step(self.cache))
+
+
+def cpu_capture(decoder: gpu_decode.GraphDecoder, idx: torch.Tensor, cache: KVCache):
+    """``GraphDecoder._capture`` on the CPU: the warm-up run with this step's inputs (as on a GPU),
+    then a CPUGraph in place of the recording. Logs the slot each recording happens at."""
+    decoder.recorded_at = getattr(decoder, "recorded_at", []) + [cache.length]
+    decoder._set_inputs(idx, cache)
+    out = decoder._fixed_step(cache)
+    return CPUGraph(decoder, cache, out), out
+
+
 @pytest.fixture
 def graph_step_on_cpu(monkeypatch):
-    """Generation's "fast" path through ``GraphDecoder`` on the CPU (its fixed-shape step, without
-    recording a graph): how CI checks the math that a GPU replays. Yields the decoders made."""
+    """Generation's "fast" path through ``GraphDecoder`` on the CPU, with its record-and-replay
+    logic driven by CPUGraph: how CI checks what a GPU replays. Yields the decoders made."""
     made = []
     monkeypatch.setattr(cpu_decode, "supported", lambda model: False)
     monkeypatch.setattr(gpu_decode, "supported", lambda model: True)
+    monkeypatch.setattr(gpu_decode.GraphDecoder, "_capture", cpu_capture)
     real = gpu_decode.GraphDecoder
 
     def spy(model):
-        made.append(real(model))
+        made.append(real(model, graphs=True))
         return made[-1]
 
     monkeypatch.setattr(gpu_decode, "GraphDecoder", spy)
@@ -297,38 +318,66 @@ def graph_step_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("kw", VARIANTS[::3], ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_graph_decoder_step_gives_the_uncached_tokens(kw, graph_step_on_cpu):
-    """Attention over every slot with a mask made from the filled length, and the new key and
-    value written at a slot index held in a tensor: the same tokens as the uncached reference,
-    through window slides, a padded batch, finished rows and beam search."""
+    """Attention over every slot with a mask made from the filled length, the new key and value
+    written at a slot index held in a tensor, and a graph per cache: the same tokens as the uncached
+    reference through window slides, a padded batch, a row that finishes early and beam search."""
     model = random_model(2, **kw, bias=kw["norm"] == "layernorm")
     g = torch.Generator().manual_seed(8)
     prompt = torch.randint(0, 61, (1, 9), generator=g).tolist()
-    cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 9 + 40 > 24: the window slides twice
+    cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 9 + 40 > 24: the window slides at 24 and 36
     assert generate_tokens(model, prompt, cfg, path="fast") == generate_tokens(model, prompt, cfg, path="uncached")
+    assert graph_step_on_cpu[-1].recorded_at == [10, 13, 13]  # the 2nd step on each cache (9 slots prefilled, then 12)
+
     prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 11, 1)]
     cfg = SamplingConfig(max_new_tokens=12, **GREEDY)
     alone = [generate_tokens(model, [p], cfg, path="uncached")[0] for p in prompts]
-    assert generate_tokens(model, prompts, cfg, path="fast") == alone
+    gen = G.Generation(model, prompts, cfg, path="fast")
+    for _ in range(5):
+        gen.step()
+    gen.finish(1)  # row 1 leaves the batch: a new, smaller cache, so a new graph
+    while not gen.finished:
+        gen.step()
+    assert gen.tokens == [alone[0], alone[1][:5], alone[2]]
+    assert graph_step_on_cpu[-1].recorded_at == [12, 17]
+
     beams = SamplingConfig(max_new_tokens=20, beams=3)
     assert beam_search(model, prompt[0], beams, path="fast") == beam_search(model, prompt[0], beams, path="uncached")
-    assert len(graph_step_on_cpu) == 3 and not any(d.graphs for d in graph_step_on_cpu)
+    assert not hasattr(graph_step_on_cpu[-1], "recorded_at")  # beams reorder the cache every step: never recorded
+    assert len(graph_step_on_cpu) == 3
 
 
-def test_graph_decoder_step_has_decode_steps_logits():
+def test_graph_decoder_replays_give_decode_steps_logits(monkeypatch):
+    """Step by step against decode_step, on a padded batch whose rows are swapped half-way (a new
+    cache: a new recording); logits returned earlier stay as they were after later replays."""
+    monkeypatch.setattr(gpu_decode.GraphDecoder, "_capture", cpu_capture)
     model = random_model(3, n_kv_head=2)
-    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(9))
+    x = torch.randint(0, 61, (2, 14), generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         a, b = (KVCache.empty(model.config, 2, start=torch.tensor([3, 0])) for _ in range(2))
         model.forward_cached(x[:, :8], a)
         model.forward_cached(x[:, :8], b)
-        decoder = gpu_decode.GraphDecoder(model)
-        for t in range(8, 12):
-            if t == 10:  # rows swap, as beam search does: the decoder must follow the new cache
+        decoder = gpu_decode.GraphDecoder(model, graphs=True)
+        returned = []
+        for t in range(8, 14):
+            if t == 11:  # rows swap, as beam search does: the decoder must follow the new cache
                 a.reorder(torch.tensor([1, 0]))
                 b.reorder(torch.tensor([1, 0]))
-            torch.testing.assert_close(decoder.step(x[:, t], b), model.decode_step(x[:, t], a), rtol=1e-5, atol=1e-5)
-        assert b.length == a.length == 12
+            logits = decoder.step(x[:, t], b)
+            torch.testing.assert_close(logits, model.decode_step(x[:, t], a), rtol=1e-5, atol=1e-5)
+            returned.append((logits, logits.clone()))
+        assert b.length == a.length == 14
         torch.testing.assert_close(b.k, a.k)
+    assert decoder.recorded_at == [9, 12] and decoder.replays == 4
+    assert all(torch.equal(kept, copy) for kept, copy in returned)
+
+
+def test_graph_decoder_works_outside_inference_mode():
+    model = random_model(4)
+    cache = KVCache.empty(model.config, 1)
+    with torch.no_grad():
+        model.forward_cached(torch.tensor([[1, 2, 3]]), cache)
+    logits = gpu_decode.GraphDecoder(model).step(torch.tensor([4]), cache)
+    assert not logits.requires_grad and not cache.k.requires_grad
 
 
 def test_forward_for_training_is_unchanged():
