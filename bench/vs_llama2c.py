@@ -1,0 +1,194 @@
+"""slmkit's decoding against llama2.c's C program (``run.c``), on the same machine and the same model.
+
+    python bench/vs_llama2c.py --llama2c PATH/TO/llama2.c      # a clone of github.com/karpathy/llama2.c
+
+Issue #3 quotes llama2.c's ``run.c`` (fp32) at about 110 tokens/s for the stories15M shape on an
+M1 laptop, and asks slmkit to beat that C program on the same machine, from Python. This script
+measures both here, on one model:
+
+* a random stories15m-shape model (dim 288, 6 layers, 6 heads, context 256, vocab 4096; untied
+  head whose row for token 1 is zero, so that greedy decoding never picks token 1, on which run.c
+  stops) is written in llama2.c's checkpoint format (the query and key rows permuted from slmkit's
+  half-split rotary layout to llama2.c's interleaved one), with a stand-in ``tokenizer.bin``;
+* ``run.c`` is compiled as llama2.c's Makefile does, ``make runomp`` (``gcc -Ofast -fopenmp
+  -march=native``, run with 2 OpenMP threads) and ``make run`` (``gcc -O3``, one thread), and run
+  greedily from its start token for the whole context (``-t 0 -n 256``); it reports tokens/s from
+  its second step on;
+* slmkit generates greedily from the same start token, 255 tokens (the same 256 positions), on
+  its default fast path with 2 threads, timed from the first new token as run.c is.
+
+The runs alternate, round after round, and the table gives medians. The greedy tokens of the two
+programs are compared too (fp32 in both, so they agree until rounding first flips a near tie).
+Writes bench/results/vs_llama2c.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slmkit.config import from_dict, load_preset  # noqa: E402
+from slmkit.generate import Generation, SamplingConfig  # noqa: E402
+from slmkit.model import GPT, ModelConfig  # noqa: E402
+
+BUILDS = {"runomp": ["-Ofast", "-fopenmp", "-march=native"], "run": ["-O3"]}  # llama2.c's Makefile
+
+
+def llama2c_model(vocab_size: int = 4096) -> GPT:
+    """The stories15m shape with an untied head whose row for token 1 (run.c's stop token) is 0."""
+    section = dict(load_preset("stories15m")["model"], vocab_size=vocab_size, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT(from_dict(ModelConfig, section, "model")).eval()
+    with torch.no_grad():
+        model.lm_head.weight[1] = 0.0
+    return model
+
+
+def interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a query or key projection reordered from the half-split rotary layout (pairs i and
+    i + D/2) to llama2.c's interleaved one (pairs 2i and 2i + 1)."""
+    out, width = w.shape
+    return w.view(heads, 2, out // heads // 2, width).transpose(1, 2).reshape(out, width)
+
+
+def write_llama2c_checkpoint(model: GPT, path: Path) -> None:
+    """``model`` in llama2.c's checkpoint format: a header of 7 int32 (dim, hidden_dim, layers,
+    heads, kv heads, vocab size (negative: untied head), context), then float32 weights."""
+    c = model.config
+    if not (c.positions == "rope" and c.norm == "rmsnorm" and c.activation == "swiglu" and not c.bias):
+        raise ValueError("llama2.c runs Llama-style models: rope, rmsnorm, swiglu, no biases")
+    H, KV, D = c.n_head, c.kv_heads, c.head_dim
+    hidden = model.blocks[0].mlp.down.in_features
+    layers = [(b.attn.qkv.weight.detach().split([H * D, KV * D, KV * D]), b) for b in model.blocks]
+    parts = [model.tok_emb.weight, *(b.norm1.weight for _, b in layers)]
+    parts += [interleave_rope_rows(q, H) for (q, _, _), _ in layers]
+    parts += [interleave_rope_rows(k, KV) for (_, k, _), _ in layers]
+    parts += [v for (_, _, v), _ in layers]
+    parts += [b.attn.proj.weight for _, b in layers]
+    parts += [b.norm2.weight for _, b in layers]
+    parts += [b.mlp.up.weight[:hidden] for _, b in layers]  # w1, the gate
+    parts += [b.mlp.down.weight for _, b in layers]  # w2
+    parts += [b.mlp.up.weight[hidden:] for _, b in layers]  # w3
+    parts += [model.norm.weight, torch.zeros(c.block_size * D)]  # freq_cis_real and _imag: unused by run.c
+    tied = c.tie_embeddings
+    if not tied:
+        parts.append(model.lm_head.weight)
+    vocab = c.vocab_size if tied else -c.vocab_size
+    with open(path, "wb") as f:
+        f.write(struct.pack("7i", c.n_embd, hidden, c.n_layer, H, KV, vocab, c.block_size))
+        for p in parts:
+            f.write(p.detach().float().contiguous().numpy().tobytes())
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A stand-in ``tokenizer.bin``: token i prints as "[i]", so run.c's output gives the ids back."""
+    pieces = [f"[{i}]".encode() for i in range(vocab_size)]
+    with open(path, "wb") as f:
+        f.write(struct.pack("i", max(len(p) for p in pieces)))
+        for p in pieces:
+            f.write(struct.pack("fi", 0.0, len(p)) + p)
+
+
+def build(llama2c: Path, out: Path) -> dict[str, Path]:
+    src = llama2c / "run.c"
+    if not src.is_file():
+        raise SystemExit(f"error: {src} not found: --llama2c takes a clone of github.com/karpathy/llama2.c")
+    compiler = os.environ.get("CC", "gcc")
+    if not shutil.which(compiler):
+        raise SystemExit(f"error: no C compiler ({compiler}) on PATH: install gcc or set CC")
+    exes = {}
+    for name, flags in BUILDS.items():
+        exes[name] = out / name
+        subprocess.run([compiler, *flags, str(src), "-lm", "-o", str(exes[name])], check=True)
+    return exes
+
+
+def run_c(exe: Path, model: Path, tokenizer: Path, threads: int, steps: int) -> tuple[float, list[int]]:
+    """run.c's reported tokens/s and the ids it printed."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [str(exe), str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-s", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    rate = re.search(r"achieved tok/s: ([0-9.]+)", done.stderr)
+    if rate is None:
+        raise RuntimeError(f"run.c printed no speed: {done.stderr[-500:]}")
+    return float(rate.group(1)), [int(i) for i in re.findall(r"\[(\d+)\]", done.stdout)]
+
+
+def run_slmkit(model: GPT, steps: int) -> tuple[float, list[int]]:
+    """Tokens/s of slmkit's default greedy path from token 1 over ``steps`` positions, and the ids.
+    Like run.c, the clock starts after the first step (its first forward and pick)."""
+    gen = Generation(model, [[1]], SamplingConfig(max_new_tokens=steps - 1, temperature=0.0, stop_at_eot=False))
+    gen.step()
+    t0, n = time.perf_counter(), 0
+    while not gen.finished:
+        gen.step()
+        n += 1
+    return n / (time.perf_counter() - t0), gen.tokens[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama2c", type=Path, required=True, help="a clone of github.com/karpathy/llama2.c")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_llama2c.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = llama2c_model()
+    steps = model.config.block_size
+    rows: dict[str, list[float]] = {"slmkit (fast path, 2 threads)": [], "run.c, make runomp (2 threads)": [],
+                                    "run.c, make run (1 thread)": []}
+    with tempfile.TemporaryDirectory(prefix="slm-llama2c-") as tmp:
+        tmp = Path(tmp)
+        write_llama2c_checkpoint(model, tmp / "model.bin")
+        write_tokenizer(tmp / "tokenizer.bin", model.config.vocab_size)
+        exes = build(args.llama2c.expanduser(), tmp)
+        _, ours = run_slmkit(model, steps)  # warm-up
+        _, theirs = run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)
+        for r in range(args.rounds):
+            rows["slmkit (fast path, 2 threads)"].append(run_slmkit(model, steps)[0])
+            rows["run.c, make runomp (2 threads)"].append(
+                run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)[0])
+            rows["run.c, make run (1 thread)"].append(
+                run_c(exes["run"], tmp / "model.bin", tmp / "tokenizer.bin", 1, steps)[0])
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()),
+                  file=sys.stderr)
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    base = rows["run.c, make runomp (2 threads)"]
+    table = ["| program | tokens/s (median) | vs run.c runomp | runs |", "|---|---|---|---|"]
+    for name, runs in rows.items():
+        ratio = statistics.median(a / b for a, b in zip(runs, base))
+        table.append(f"| {name} | {statistics.median(runs):.0f} | {ratio:.2f}x | "
+                     + " ".join(f"{x:.0f}" for x in runs) + " |")
+    print("\n".join(table))
+    print(f"greedy tokens: the first {agree} of {min(len(ours), len(theirs))} compared agree", file=sys.stderr)
+    report = {
+        "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__, "numpy": np.__version__, "threads": args.threads, "positions": steps,
+        "builds": {k: " ".join(v) for k, v in BUILDS.items()},
+        "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in rows.items()},
+        "greedy_tokens_agree": agree, "tokens_compared": min(len(ours), len(theirs)), "table": table,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
