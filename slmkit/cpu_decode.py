@@ -143,12 +143,24 @@ class _Buffers:
         c = model.config
         hidden = model.blocks[0].mlp.down.in_features
         width = 2 * hidden if c.activation == "swiglu" else hidden
+        H, KV, D = c.n_head, c.kv_heads, c.head_dim
         self.x, self.x_t = _pair(B, c.n_embd)  # the residual stream
         self.h, self.h_t = _pair(B, c.n_embd)  # its norm
-        self.qkv, self.qkv_t = _pair(B, (c.n_head + 2 * c.kv_heads) * c.head_dim)
+        self.qkv, self.qkv_t = _pair(B, (H + 2 * KV) * D)
         self.att, self.att_t = _pair(B, c.n_embd)
         self.up, self.up_t = _pair(B, width)
         self.act, self.act_t = _pair(B, hidden)
+        # Views made once (each costs a call a layer): queries and keys as heads, rotated into
+        # their own buffer with rotary positions; queries, values and the attention output with
+        # the query heads grouped by the key/value head they read, (B, KV, H / KV, D).
+        self.qk = self.qkv[:, : (H + KV) * D].reshape(B, H + KV, D)
+        rotated = np.zeros_like(self.qk) if c.positions == "rope" else self.qk
+        self.qk_rotated = rotated
+        self.q = rotated[:, :H].reshape(B, KV, H // KV, D)
+        self.k = rotated[:, H:]  # (B, KV, D)
+        self.v = self.qkv[:, (H + KV) * D :].reshape(B, KV, D)
+        self.att_heads = self.att.reshape(B, KV, H // KV, D)
+        assert all(np.shares_memory(a, b) for a, b in ((self.qk, self.qkv), (self.v, self.qkv), (self.att_heads, self.att)))
 
 
 class CPUDecoder:
@@ -181,8 +193,7 @@ class CPUDecoder:
         if S >= cache.max_len:
             raise ValueError(f"KV cache full: {S} + 1 tokens > {cache.max_len} slots")
         c, model = self.config, self.model
-        H, KV, D = c.n_head, c.kv_heads, c.head_dim
-        QK, eps = (H + KV) * D, c.norm_eps
+        D, eps = c.head_dim, c.norm_eps
         if B not in self.buffers:
             self.buffers[B] = _Buffers(B, model)
         buf = self.buffers[B]
@@ -195,29 +206,26 @@ class CPUDecoder:
         if self.pos_emb is not None:
             x += self.pos_emb[pos]
         rot = self.rotations(pos) if self.rotations is not None else None  # (D, D) or (B, D, D)
-        bias = None  # when padded, an additive mask over the slots, (B * KV, 1, S + 1), for all queries of a kv head
+        bias = None  # when padded, an additive mask over the slots, (B, 1, 1, S + 1), for all heads of a row
         if cache.padded:
-            real = cache.attn_mask(1).numpy()  # (B, 1, 1, S + 1)
-            bias = np.where(real, np.float32(0), np.float32(-np.inf)).repeat(KV, axis=0).reshape(B * KV, 1, S + 1)
-        # (n_layer, B * KV, max_len, D): views of the cache, so writes land in it
-        keys = cache.k.view(c.n_layer, B * KV, -1, D).numpy()
-        values = cache.v.view(c.n_layer, B * KV, -1, D).numpy()
-        att = buf.att.reshape(B * KV, H // KV, D)  # attention output, query heads grouped by kv head
+            bias = np.where(cache.attn_mask(1).numpy(), np.float32(0), np.float32(-np.inf))
+        # (n_layer, B, KV, max_len, D): the cache itself, so writes land in it
+        keys, values = cache.k.numpy(), cache.v.numpy()
+        scale = D**-0.5
         with np.errstate(over="ignore"):  # exp(-gate) = inf in SwiGLU is the right limit
             for layer, (norm1, norm2), k_cache, v_cache in zip(self.weights.layers, self.norms, keys, values):
                 self.norm(x, *norm1, eps, out=h)
                 layer.qkv.into(buf.h_t, buf.qkv_t)
-                qk = buf.qkv[:, :QK].reshape(B, H + KV, D)
                 if rot is not None:
-                    qk = np.matmul(qk, rot)
-                k_cache[:, S] = qk[:, H:].reshape(B * KV, D)
-                v_cache[:, S] = buf.qkv[:, QK:].reshape(B * KV, D)
-                scores = np.matmul(qk[:, :H].reshape(B * KV, H // KV, D), k_cache[:, : S + 1].transpose(0, 2, 1))
-                scores *= D**-0.5
+                    np.matmul(buf.qk, rot, out=buf.qk_rotated)
+                k_cache[:, :, S] = buf.k
+                v_cache[:, :, S] = buf.v
+                scores = np.matmul(buf.q, k_cache[:, :, : S + 1].swapaxes(2, 3))  # (B, KV, H / KV, S + 1)
+                scores *= scale
                 if bias is not None:
                     scores += bias
                 _softmax_(scores)
-                np.matmul(scores, v_cache[:, : S + 1], out=att)
+                np.matmul(scores, v_cache[:, :, : S + 1], out=buf.att_heads)
                 layer.proj.add_into(buf.x_t, buf.att_t)
                 self.norm(x, *norm2, eps, out=h)
                 layer.up.into(buf.h_t, buf.up_t)
