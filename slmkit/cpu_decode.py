@@ -7,7 +7,7 @@ that do the actual work. A NumPy call on an array of a few hundred numbers costs
 products stay in PyTorch (MKL, written into preallocated buffers), and everything between them
 (norms, rotary positions, KV-cache writes, attention over the cache, activations) runs in NumPy
 on arrays that share memory with those buffers and with the ``KVCache``. At the stories15m shape
-this is 1.1-1.3x the PyTorch step at batch 1 (``bench/decode.py``), 1.3-1.4x at stories260k.
+this is 1.2-1.3x the PyTorch step at batch 1 (``bench/decode.py``), 1.3-1.7x at stories260k.
 NumPy runs on one thread, so as the work of a step grows, PyTorch's kernels (two threads once
 arrays are large enough to split) catch up, first in attention over a long cache: at batch 1,
 stories42m (width 512) is 1.05-1.10x with 16 cached tokens, even at 400 and 0.9x at 900; at
