@@ -75,11 +75,16 @@ def _rms_norm(x: np.ndarray, w: np.ndarray, b: None, eps: float, out: np.ndarray
 
 
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float, out: np.ndarray) -> None:
-    np.subtract(x, _mean(x), out=out)
-    scale = _mean(np.square(out))
-    scale += eps
-    np.sqrt(scale, out=scale)
-    out /= scale
+    if x.shape[0] == 1:  # batch 1: the mean and variance as Python floats, as in _rms_norm
+        row = out[0]
+        np.subtract(x, float(np.add.reduce(x[0])) / row.shape[0], out=out)
+        out *= 1.0 / math.sqrt(float(np.dot(row, row)) / row.shape[0] + eps)
+    else:
+        np.subtract(x, _mean(x), out=out)
+        scale = _mean(np.square(out))
+        scale += eps
+        np.sqrt(scale, out=scale)
+        out /= scale
     out *= w
     if b is not None:
         out += b
