@@ -210,8 +210,8 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     tokens_per_step = batch * block
     flops_per_token = GPT(mc).flops_per_token()
     peak = statistics.median(peaks)
-    out = {"preset": preset, "batch": batch, "block": block, "model": {k: getattr(mc, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd",
-                                                                   "vocab_size", "block_size")},
+    shape = {k: getattr(mc, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "block_size")}
+    out = {"preset": preset, "batch": batch, "block": block, "model": shape,
            "params": GPT(mc).num_params(), "flops_per_token": flops_per_token, "peak_flops_median": peak,
            "peak_flops_max": max(peaks), "load_before": load_before, "load_after": os.getloadavg()[0], "variants": {}}
     ref = statistics.median(times[args.variants[0]])
