@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slmkit import cpu_attention
 from slmkit.errors import SlmError
 
 
@@ -264,17 +265,18 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
         if cache is not None:  # generation: attend over the cached tokens plus these T new ones
             k, v = cache.store(layer, k, v)
-            y = self._attend_cached(q, k, v, mask)
-        else:  # training: the whole sequence at once
+            y = self._attend_cached(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
+        elif dropout == 0.0 and cpu_attention.usable(q, k, v):  # CPU float32: slmkit's own kernel
+            y = cpu_attention.causal_attention(q, k, v)
+        else:  # the whole sequence at once
             if self.n_kv != self.n_head:
                 rep = self.n_head // self.n_kv
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
-        y = y.transpose(1, 2).reshape(B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
     def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

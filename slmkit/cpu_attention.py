@@ -1,0 +1,181 @@
+"""Causal attention for CPU training in float32: a small C++ kernel (``csrc/attention.cpp``).
+
+PyTorch's CPU flash-attention spends most of its time on call overhead when the head size is
+small (8 at stories260k, 48 at stories15m) and computes the masked half of the scores. The kernel
+here is compiled once per machine with the C++ compiler torch.compile already needs, cached under
+``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as the custom
+op ``slmkit::causal_attention`` with its backward, so autograd and torch.compile see one opaque
+op. Where it cannot be built (no compiler, no OpenMP), ``available()`` says why and the model uses
+SDPA: the kernel is a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_lib: ctypes.CDLL | None = None
+_why_not: str | None = None
+_loaded = False
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on, so a cache shared between machines never runs the wrong code."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + platform.processor() + flags
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or clang++) found")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(encoding="utf-8"), compiler, version,
+                                    " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SLMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmkit")
+    lib = cache / f"attention-{key}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: concurrent processes (DDP ranks) never load a
+        # half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    # The library asks for libgomp.so.1, the soname of the OpenMP runtime torch has already loaded,
+    # so both share one thread pool instead of two pools spinning against each other.
+    handle = ctypes.CDLL(str(lib))
+    args = [ctypes.c_void_p] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+    handle.slm_attention_forward.argtypes = args
+    handle.slm_attention_backward.argtypes = [ctypes.c_void_p] * 9 + args[5:]
+    for f in (handle.slm_attention_forward, handle.slm_attention_backward):
+        f.restype = None
+    return handle
+
+
+def available() -> str | None:
+    """None when the kernel is built and loaded, else why not (one line). Builds on first call."""
+    global _lib, _why_not, _loaded
+    if not _loaded:
+        _loaded = True
+        if os.environ.get("SLMKIT_CPU_ATTENTION", "1") == "0":
+            _why_not = "turned off by SLMKIT_CPU_ATTENTION=0"
+        elif sys.platform == "win32":
+            _why_not = "not built on Windows"
+        else:
+            try:
+                _lib = _build()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _why_not = f"could not build {_SOURCE.name}: {e}"
+    return _why_not
+
+
+# Above this head size PyTorch's flash kernel, built on matrix multiplies, wins the backward pass
+# (measured on AVX-512: docs/training_speed.md). Past MAX_CONTEXT the backward's per-thread
+# scratch (T^2 / 2 floats) grows large, and SDPA takes over.
+MAX_HEAD_DIM = 16
+MAX_CONTEXT = 4096
+
+
+@torch.compiler.assume_constant_result
+def _built() -> bool:
+    return available() is None
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``causal_attention`` should take these: float32 CPU tensors with a head size of at
+    most MAX_HEAD_DIM, the kernel built, and no TorchScript/ONNX trace running (they cannot
+    record a ctypes call)."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and q.shape[-1] <= MAX_HEAD_DIM and q.shape[-2] <= MAX_CONTEXT
+            and not torch.jit.is_tracing() and _built())
+
+
+def _dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[ctypes.Array, ctypes.Array]:
+    B, H, T, D = q.shape
+    dims = (ctypes.c_int64 * 5)(B, H, k.shape[1], T, D)
+    strides = (ctypes.c_int64 * 9)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    return dims, strides
+
+
+def _dense_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("slmkit::causal_attention", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    B, H, T, D = q.shape
+    out = q.new_empty(B, T, H, D)
+    lse = q.new_empty(B, H, T)
+    dims, strides = _dims(q, k, v)
+    _lib.slm_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                               dims, strides, D ** -0.5, torch.get_num_threads())
+    return out, lse
+
+
+@_forward.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D), q.new_empty(B, H, T)
+
+
+@torch.library.custom_op("slmkit::causal_attention_backward", mutates_args=())
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    B, H, T, D = q.shape
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    dims, strides = _dims(q, k, v)
+    _lib.slm_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
+                                lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                dims, strides, D ** -0.5, torch.get_num_threads())
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(dout, q, k, v, out, lse):  # noqa: ANN001, ANN202
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _grad(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):  # noqa: ANN001, ANN202
+    q, k, v, out, lse = ctx.saved_tensors
+    return _backward(dout, q, k, v, out, lse)
+
+
+_forward.register_autograd(_grad, setup_context=_setup_context)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), causal) v for q (B, H, T, D) and k, v (B, KV, T, D) with KV
+    dividing H (grouped-query attention without repeating k and v). Returns (B, T, H * D): the
+    heads side by side, ready for the output projection. Check ``usable`` first."""
+    out, _ = _forward(q, k, v)
+    B, T, H, D = out.shape
+    return out.view(B, T, H * D)

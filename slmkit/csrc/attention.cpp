@@ -1,0 +1,324 @@
+// Causal self-attention on the CPU, forward and backward, for training in float32.
+//
+// Why this exists: PyTorch's CPU flash-attention computes scores a tile at a time with
+// matrix-multiply calls whose inner dimension is the head size D. At small head sizes (8 in
+// stories260k) those calls are mostly overhead, and tiles above the diagonal are computed and
+// masked. Here a vector holds 16 query rows (or 16 keys) side by side, so every step is the
+// same few vector instructions whatever D is, and no work is spent above the diagonal:
+//
+//   forward, lanes = 16 query rows: for each key j <= the last row, s = q . k_j (D fused
+//     multiply-adds with k_j[d] broadcast), then softmax over the keys and o += p v_j.
+//   backward, lanes = 16 keys: for each query row i that sees them, rebuild p from the saved
+//     log-sum-exp, dp = dout_i . v, ds = p (dp - delta_i), accumulate dk += ds q_i, dv += p dout_i.
+//   backward, lanes = 16 query rows again: dq += ds k_j.
+// No horizontal sums anywhere; each (batch, kv-head) is one task, and grouped-query attention
+// reads its shared keys and values directly (no repeat_interleave).
+//
+// Built by slmkit/cpu_attention.py with the machine's C++ compiler (-O3 -march=native -fopenmp),
+// loaded with ctypes. The vectors are GCC/Clang vector extensions, so the same source compiles to
+// AVX-512, AVX2 or NEON. The loops are instantiated for common head sizes so that D-long arrays of
+// vectors live in registers. Layouts (element strides are passed for q, k, v; the last dim is dense):
+//   q (B, H, T, D), k and v (B, KV, T, D); out and dout (B, T, H, D) dense; lse (B, H, T) dense;
+//   dq (B, H, T, D) dense; dk and dv (B, KV, T, D) dense.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <omp.h>
+
+namespace {
+
+constexpr int W = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return x - vf{}; }  // x - 0 is x exactly, so this folds to a broadcast
+inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+inline vi lane_index() { vi v; for (int i = 0; i < W; i++) v[i] = i; return v; }
+
+// exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf polynomial (about 1 ulp).
+// Lanes below -80 (and -inf, the masked ones) come back as 0: e^-80 is nothing next to the row's
+// largest term, and letting them through would feed denormals to the backward pass.
+inline vf vexp(vf x) {
+    const vi keep = x >= splat(-80.f);
+    x = vmax(x, splat(-87.f));
+    const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    const vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+    const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    // Estrin's scheme: the same polynomial as Horner's, in half the dependent steps.
+    const vf r2 = r * r, r4 = r2 * r2;
+    const vf a = splat(5.0000001201e-1f) + r * splat(1.6666665459e-1f);
+    const vf b = splat(4.1665795894e-2f) + r * splat(8.3334519073e-3f);
+    const vf c = splat(1.3981999507e-3f) + r * splat(1.9875691500e-4f);
+    const vf p = (a + r2 * b + r4 * c) * r2 + r + splat(1.f);
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return select(keep, p * (vf)bits, splat(0.f));
+}
+
+struct Shape {
+    int64_t B, H, KV, T, D;
+    int64_t qs[3], ks[3], vs[3];  // strides of q, k, v in batch, head and time, in elements
+    Shape(const int64_t* dims, const int64_t* st)
+        : B(dims[0]), H(dims[1]), KV(dims[2]), T(dims[3]), D(dims[4]),
+          qs{st[0], st[1], st[2]}, ks{st[3], st[4], st[5]}, vs{st[6], st[7], st[8]} {}
+};
+
+float* alloc(int64_t floats) {
+    return (float*)std::aligned_alloc(64, (size_t)((floats + W - 1) / W * W) * sizeof(float));
+}
+
+// 16 rows of x (row stride `st`, rows from `row0`, zeros past T), times `scale`, as D vectors:
+// out[d][lane] = x[row0 + lane][d].
+template <int DC>
+inline void rows_to_lanes(vf* out, const float* x, int64_t st, int64_t row0, int64_t T, int64_t D, float scale) {
+    for (int64_t d = 0; d < (DC ? DC : D); d++) out[d] = splat(0.f);
+    for (int64_t r = 0; r < W && row0 + r < T; r++)
+        for (int64_t d = 0; d < (DC ? DC : D); d++) out[d][r] = x[(row0 + r) * st + d] * scale;
+}
+
+// ------------------------------------------------------------------------------------ forward
+template <int DC>
+void forward(const float* q, const float* k, const float* v, float* out, float* lse, const Shape& s,
+             float scale, int threads) {
+    const int64_t D = DC ? DC : s.D, T = s.T, rep = s.H / s.KV, blocks = (T + W - 1) / W;
+#pragma omp parallel num_threads(threads)
+    {
+        // With D known at compile time these arrays are locals the compiler keeps in registers.
+        vf qt_fixed[DC ? DC : 1], o_fixed[DC ? DC : 1];
+        vf* qt = DC ? qt_fixed : (vf*)alloc(D * W);
+        vf* o = DC ? o_fixed : (vf*)alloc(D * W);
+        vf* sc = (vf*)alloc(T * W);  // the block's scores, one vector (16 rows) per key
+        const vi lanes = lane_index();
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < s.B * s.H; task++) {
+            const int64_t b = task / s.H, h = task % s.H, g = h / rep;
+            const float* kb = k + b * s.ks[0] + g * s.ks[1];
+            const float* vb = v + b * s.vs[0] + g * s.vs[1];
+            for (int64_t blk = 0; blk < blocks; blk++) {
+                const int64_t i0 = blk * W, keys = std::min(i0 + W, T);
+                rows_to_lanes<DC>(qt, q + b * s.qs[0] + h * s.qs[1], s.qs[2], i0, T, D, scale);
+                vf m = splat(-INFINITY);
+                for (int64_t j = 0; j < keys; j++) {
+                    const float* kj = kb + j * s.ks[2];
+                    vf x = splat(0.f), y = splat(0.f);  // two partial sums: half the dependency chain
+                    for (int64_t d = 0; d + 1 < D; d += 2) {
+                        x += qt[d] * splat(kj[d]);
+                        y += qt[d + 1] * splat(kj[d + 1]);
+                    }
+                    if (D % 2) x += qt[D - 1] * splat(kj[D - 1]);
+                    x += y;
+                    if (j > i0) x = select(lanes >= (int32_t)(j - i0), x, splat(-INFINITY));
+                    sc[j] = x;
+                    m = vmax(m, x);
+                }
+                vf l = splat(0.f);
+                for (int64_t d = 0; d < D; d++) o[d] = splat(0.f);
+                // The exponentials in a loop of their own, so the core overlaps their long chains.
+                for (int64_t j = 0; j < keys; j++) {
+                    sc[j] = vexp(sc[j] - m);
+                    l += sc[j];
+                }
+                for (int64_t j = 0; j < keys; j++) {
+                    const float* vj = vb + j * s.vs[2];
+                    for (int64_t d = 0; d < D; d++) o[d] += sc[j] * splat(vj[d]);
+                }
+                for (int64_t r = 0; r < W && i0 + r < T; r++) {
+                    float* orow = out + ((b * T + i0 + r) * s.H + h) * D;
+                    for (int64_t d = 0; d < D; d++) orow[d] = o[d][r] / l[r];
+                    lse[(b * s.H + h) * T + i0 + r] = m[r] + std::log(l[r]);
+                }
+            }
+        }
+        if (!DC) { std::free(qt); std::free(o); }
+        std::free(sc);
+    }
+}
+
+// ----------------------------------------------------------------------------------- backward
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
+
+// One step of summing 16 vectors across their lanes at once: each 2H-lane block of the result
+// holds the H-lane half sums of a's block, then of b's.
+template <int H>
+inline vf fold(vf a, vf b) {
+    if constexpr (H == 8) return SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) + SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    else if constexpr (H == 4) return SHUFFLE(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) + SHUFFLE(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    else if constexpr (H == 2) return SHUFFLE(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) + SHUFFLE(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    else if constexpr (H == 1) return SHUFFLE(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) + SHUFFLE(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+// sums[n] = the sum of v[n]'s lanes, for n < count <= 16: four rounds of fold (15 of them for 16
+// vectors, instead of 16 chains of 15 dependent adds). The last round leaves vector n's sum in
+// lane bitreverse4(n).
+inline void lane_sums(const vf* v, int count, float* sums) {
+    vf x[16];
+    for (int n = 0; n < 16; n++) x[n] = n < count ? v[n] : splat(0.f);
+    for (int n = 0; n < 8; n++) x[n] = fold<8>(x[2 * n], x[2 * n + 1]);
+    for (int n = 0; n < 4; n++) x[n] = fold<4>(x[2 * n], x[2 * n + 1]);
+    for (int n = 0; n < 2; n++) x[n] = fold<2>(x[2 * n], x[2 * n + 1]);
+    const vf r = fold<1>(x[0], x[1]);
+    for (int n = 0; n < count; n++)
+        sums[n] = r[((n & 1) << 3) | ((n & 2) << 1) | ((n & 4) >> 1) | ((n & 8) >> 3)];
+}
+
+// Per (batch, kv-head) task, for each of the group's query heads:
+//   pass 1, lanes = 16 keys (a block): for each row i >= the block's first key, rebuild p,
+//     ds = p (dout_i . v - delta_i), add ds q_i to dk and p dout_i to dv (registers), and keep ds;
+//   pass 2, per row: dq_i = sum over blocks of the kept ds times the block's keys, one horizontal
+//     sum per (row, d) at the end instead of recomputing the softmax in the other orientation.
+template <int DC>
+void backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
+              const float* lse, float* dq, float* dk, float* dv, const Shape& s, float scale, int threads) {
+    const int64_t D = DC ? DC : s.D, T = s.T, rep = s.H / s.KV, blocks = (T + W - 1) / W;
+    const int64_t Tp = blocks * W;
+#pragma omp parallel num_threads(threads)
+    {
+        vf kb_fixed[DC ? DC : 1], vb_fixed[DC ? DC : 1], gk_fixed[DC ? DC : 1], gv_fixed[DC ? DC : 1];
+        vf* kl = DC ? kb_fixed : (vf*)alloc(D * W);  // the block's keys, lanes = 16 keys
+        vf* vl = DC ? vb_fixed : (vf*)alloc(D * W);  // and values
+        vf* gk = DC ? gk_fixed : (vf*)alloc(D * W);  // their dk
+        vf* gv = DC ? gv_fixed : (vf*)alloc(D * W);  // and dv
+        float* kt = alloc(D * Tp);                   // keys transposed (D, Tp), for pass 2
+        float* dkt = alloc(D * Tp);                  // dk and dv transposed, summed over heads
+        float* dvt = alloc(D * Tp);
+        float* delta = alloc(T);
+        float* ds_kept = alloc(Tp * Tp / 2 + Tp * W);  // ds of block b, row i at offset[b] + (i - 16 b) W
+        int64_t* offset = new int64_t[blocks + 1];
+        offset[0] = 0;
+        for (int64_t b = 0; b < blocks; b++) offset[b + 1] = offset[b] + (T - b * W) * W;
+        const vi lanes = lane_index();
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < s.B * s.KV; task++) {
+            const int64_t b = task / s.KV, g = task % s.KV;
+            const float* kb = k + b * s.ks[0] + g * s.ks[1];
+            const float* vb = v + b * s.vs[0] + g * s.vs[1];
+            std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t d = 0; d < D; d++) kt[d * Tp + t] = kb[t * s.ks[2] + d];
+            std::memset(dkt, 0, (size_t)(D * Tp) * sizeof(float));
+            std::memset(dvt, 0, (size_t)(D * Tp) * sizeof(float));
+            for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+                const float* qh = q + b * s.qs[0] + h * s.qs[1];
+                const float* lh = lse + (b * s.H + h) * T;
+                for (int64_t i = 0; i < T; i++) {  // delta_i = sum_j p_ij dp_ij = dout_i . out_i
+                    const int64_t at = ((b * T + i) * s.H + h) * D;
+                    float acc = 0.f;
+                    for (int64_t d = 0; d < D; d++) acc += dout[at + d] * out[at + d];
+                    delta[i] = acc;
+                }
+                for (int64_t blk = 0; blk < blocks; blk++) {  // pass 1
+                    const int64_t j0 = blk * W;
+                    rows_to_lanes<DC>(kl, kb, s.ks[2], j0, T, D, 1.f);
+                    rows_to_lanes<DC>(vl, vb, s.vs[2], j0, T, D, 1.f);
+                    for (int64_t d = 0; d < D; d++) {
+                        gk[d] = load(dkt + d * Tp + j0);
+                        gv[d] = load(dvt + d * Tp + j0);
+                    }
+                    float* kept = ds_kept + offset[blk];
+                    // Rows go R at a time in three loops (scores, exponentials, accumulation): an
+                    // exponential is a chain of some 15 dependent operations, and a loop of nothing
+                    // else lets the core overlap R of them (2x faster than one loop per row).
+                    constexpr int R = 8;
+                    vf xs[R], dps[R];
+                    for (int64_t i0 = j0; i0 < T; i0 += R) {
+                        const int rows = (int)std::min<int64_t>(R, T - i0);
+                        for (int r = 0; r < rows; r++) {
+                            const float* qi = qh + (i0 + r) * s.qs[2];
+                            const float* gi = dout + ((b * T + i0 + r) * s.H + h) * D;
+                            vf x = splat(0.f), dp = splat(0.f), x2 = splat(0.f), dp2 = splat(0.f);
+                            for (int64_t d = 0; d + 1 < D; d += 2) {
+                                x += kl[d] * splat(qi[d]);
+                                dp += vl[d] * splat(gi[d]);
+                                x2 += kl[d + 1] * splat(qi[d + 1]);
+                                dp2 += vl[d + 1] * splat(gi[d + 1]);
+                            }
+                            if (D % 2) { x += kl[D - 1] * splat(qi[D - 1]); dp += vl[D - 1] * splat(gi[D - 1]); }
+                            xs[r] = (x + x2) * splat(scale) - splat(lh[i0 + r]);
+                            dps[r] = dp + dp2 - splat(delta[i0 + r]);
+                        }
+                        for (int r = 0; r < rows; r++) xs[r] = vexp(xs[r]);
+                        for (int r = 0; r < rows; r++) {
+                            const int64_t i = i0 + r;
+                            const float* qi = qh + i * s.qs[2];
+                            const float* gi = dout + ((b * T + i) * s.H + h) * D;
+                            vf p = xs[r];
+                            if (i < j0 + W - 1) p = select(lanes <= (int32_t)(i - j0), p, splat(0.f));
+                            const vf ds = p * dps[r] * splat(scale);
+                            store(kept + (i - j0) * W, ds);
+                            for (int64_t d = 0; d < D; d++) {
+                                gk[d] += ds * splat(qi[d]);
+                                gv[d] += p * splat(gi[d]);
+                            }
+                        }
+                    }
+                    for (int64_t d = 0; d < D; d++) {
+                        store(dkt + d * Tp + j0, gk[d]);
+                        store(dvt + d * Tp + j0, gv[d]);
+                    }
+                }
+                for (int64_t i = 0; i < T; i++) {  // pass 2
+                    for (int64_t d = 0; d < D; d++) gk[d] = splat(0.f);
+                    for (int64_t blk = 0; blk <= i / W; blk++) {
+                        const vf ds = load(ds_kept + offset[blk] + (i - blk * W) * W);
+                        for (int64_t d = 0; d < D; d++) gk[d] += ds * load(kt + d * Tp + blk * W);
+                    }
+                    float* gq = dq + ((b * s.H + h) * T + i) * D;
+                    for (int64_t d = 0; d < D; d += W) lane_sums(gk + d, (int)std::min<int64_t>(W, D - d), gq + d);
+                }
+            }
+            float* gkb = dk + (b * s.KV + g) * T * D;
+            float* gvb = dv + (b * s.KV + g) * T * D;
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t d = 0; d < D; d++) {
+                    gkb[t * D + d] = dkt[d * Tp + t];
+                    gvb[t * D + d] = dvt[d * Tp + t];
+                }
+        }
+        if (!DC) { std::free(kl); std::free(vl); std::free(gk); std::free(gv); }
+        std::free(kt); std::free(dkt); std::free(dvt); std::free(ds_kept); std::free(delta);
+        delete[] offset;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out = softmax(q k^T * scale, causal) v, and lse = the log of each row's softmax denominator.
+void slm_attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
+                           const int64_t* dims, const int64_t* strides, float scale, int threads) {
+    const Shape s(dims, strides);
+    switch (s.D) {
+        case 8: return forward<8>(q, k, v, out, lse, s, scale, threads);
+        case 16: return forward<16>(q, k, v, out, lse, s, scale, threads);
+        case 32: return forward<32>(q, k, v, out, lse, s, scale, threads);
+        case 48: return forward<48>(q, k, v, out, lse, s, scale, threads);
+        case 64: return forward<64>(q, k, v, out, lse, s, scale, threads);
+        default: return forward<0>(q, k, v, out, lse, s, scale, threads);
+    }
+}
+
+// Gradients of the forward above: dq, dk, dv from dout, with the softmax rebuilt from lse.
+void slm_attention_backward(const float* q, const float* k, const float* v, const float* out,
+                            const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                            const int64_t* dims, const int64_t* strides, float scale, int threads) {
+    const Shape s(dims, strides);
+    switch (s.D) {
+        case 8: return backward<8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 16: return backward<16>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 32: return backward<32>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 48: return backward<48>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 64: return backward<64>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        default: return backward<0>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+    }
+}
+
+}  // extern "C"

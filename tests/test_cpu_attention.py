@@ -1,0 +1,152 @@
+"""slmkit's CPU attention kernel (csrc/attention.cpp) against PyTorch's SDPA, and where the model uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmkit import cpu_attention
+from slmkit.model import GPT, ModelConfig
+
+pytestmark = pytest.mark.skipif(cpu_attention.available() is not None,
+                                reason=f"kernel not built here: {cpu_attention.available()}")
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    rep = q.shape[1] // k.shape[1]
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def split_heads(qkv: torch.Tensor, H: int, KV: int, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as the model makes them: strided views of one fused projection."""
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
+    return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2),
+            v.view(B, T, KV, D).transpose(1, 2))
+
+
+@pytest.mark.parametrize("B,H,KV,T,D", [
+    (2, 8, 4, 37, 8),    # grouped-query, a context that is not a multiple of the 16-lane vectors
+    (1, 2, 2, 16, 16),   # exactly one block
+    (2, 3, 1, 1, 8),     # one token
+    (1, 3, 3, 50, 5),    # an odd head size: the generic (not unrolled) code
+    (2, 4, 2, 70, 12),   # another size without its own instantiation
+    (1, 2, 2, 40, 64),   # a large head size (the model leaves these to SDPA, the kernel still works)
+])
+def test_matches_sdpa_forward_and_backward(B: int, H: int, KV: int, T: int, D: int) -> None:
+    torch.manual_seed(0)
+    qkv64 = torch.randn(B, T, (H + 2 * KV) * D, dtype=torch.float64) * 2  # * 2: peakier softmaxes
+    grad = torch.randn(B, T, H * D, dtype=torch.float64)
+
+    exact = qkv64.clone().requires_grad_()
+    sdpa(*split_heads(exact, H, KV, D)).backward(grad)
+    ours = qkv64.float().requires_grad_()
+    y = cpu_attention.causal_attention(*split_heads(ours, H, KV, D))
+    y.backward(grad.float())
+
+    expected = sdpa(*split_heads(qkv64, H, KV, D))
+    assert y.shape == expected.shape
+    assert torch.allclose(y.double(), expected, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(ours.grad.double(), exact.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_extreme_scores_give_no_nan() -> None:
+    """Large logits: rows where most keys are e^-80 below the maximum, and exactly tied scores."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 33, 8) * 10 for _ in range(3))  # scores up to a few hundred
+    q.requires_grad_()
+    y = cpu_attention.causal_attention(q, k, v)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(q.grad).all()
+    assert torch.allclose(y.double(), sdpa(q.detach().double(), k.double(), v.double()), atol=1e-4, rtol=1e-5)
+    same = torch.ones(1, 1, 20, 8)
+    assert torch.allclose(cpu_attention.causal_attention(same, same, same), same.view(1, 20, 8))
+
+
+def test_thread_count_does_not_change_results() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(4, 4, 64, 8, requires_grad=True), torch.randn(4, 2, 64, 8), torch.randn(4, 2, 64, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            q.grad = None
+            y = cpu_attention.causal_attention(q, k, v)
+            y.square().sum().backward()
+            results.append((y.detach().clone(), q.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def tiny(head_dim: int = 8) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=4 * head_dim))
+
+
+def test_model_uses_the_kernel_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = cpu_attention.causal_attention
+    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randint(0, 64, (2, 32))
+    tiny(head_dim=8)(x, x)
+    assert len(calls) == 2  # one per layer
+    tiny(head_dim=32)(x, x)  # above MAX_HEAD_DIM: SDPA
+    assert len(calls) == 2
+    tiny(head_dim=8).double()(x, x)  # float64: SDPA
+    assert len(calls) == 2
+
+
+def test_model_loss_and_gradients_equal_the_sdpa_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = torch.randint(0, 64, (3, 32)), torch.randint(0, 64, (3, 32))
+    results = []
+    for limit in (cpu_attention.MAX_HEAD_DIM, 0):  # the kernel, then SDPA
+        monkeypatch.setattr(cpu_attention, "MAX_HEAD_DIM", limit)
+        model = tiny()
+        _, loss = model(x, y)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (loss_k, grads_k), (loss_s, grads_s) = results
+    assert abs(loss_k - loss_s) < 1e-5
+    for a, b in zip(grads_k, grads_s):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_model_matches_eager() -> None:
+    from slmkit.train import can_compile
+    if can_compile("cpu") is not None:
+        pytest.skip(can_compile("cpu"))
+    x, y = torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32))
+    model = tiny()
+    _, eager = model(x, y)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, compiled = torch.compile(model)(x, y)
+    compiled.backward()
+    assert abs(compiled.item() - eager.item()) < 1e-5
+    for a, p in zip(grads, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_traced_export_falls_back_to_sdpa() -> None:
+    """TorchScript (and the ONNX exporter, which traces) cannot record a ctypes call."""
+    class Logits(torch.nn.Module):
+        def __init__(self, model: GPT) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(ids)[0]
+
+    module = Logits(tiny()).eval()
+    x = torch.randint(0, 64, (1, 32))
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        assert "slmkit::" not in str(traced.inlined_graph)
+        assert "scaled_dot_product_attention" in str(traced.inlined_graph)
+        assert torch.allclose(traced(x), module(x), atol=1e-5)
