@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slmkit import cpu_attention
+from slmkit import cpu_kernels
 from slmkit.errors import SlmError
 
 
@@ -269,8 +269,8 @@ class Attention(nn.Module):
         if cache is not None:  # generation: attend over the cached tokens plus these T new ones
             k, v = cache.store(layer, k, v)
             y = self._attend_cached(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
-        elif dropout == 0.0 and cpu_attention.usable(q, k, v):  # CPU float32: slmkit's own kernel
-            y = cpu_attention.causal_attention(q, k, v)
+        elif dropout == 0.0 and cpu_kernels.usable(q, k, v):  # CPU float32: slmkit's own kernel
+            y = cpu_kernels.causal_attention(q, k, v)
         else:  # the whole sequence at once
             if self.n_kv != self.n_head:
                 rep = self.n_head // self.n_kv
@@ -401,13 +401,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 hs = h[s : s + chunk].to(cdt)
                 logits = (hs @ w.t()).to(acc)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                keep = valid[s : s + chunk, None].to(acc)
-                loss = loss + ((lse - logits.gather(1, safe[s : s + chunk])) * keep).sum()
-                # d loss / d logits = (softmax - onehot) / count, on the kept rows only
-                p = logits.sub_(lse).exp_()
-                p.scatter_add_(1, safe[s : s + chunk], -keep)
-                p = p.mul_(keep / count).to(cdt)
+                if cpu_kernels.cross_entropy_usable(logits):  # CPU float32: one pass per row, in C++
+                    loss = loss + cpu_kernels.cross_entropy_(logits, targets[s : s + chunk], 1.0 / count).sum()
+                    p = logits  # now the gradient
+                else:
+                    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                    keep = valid[s : s + chunk, None].to(acc)
+                    loss = loss + ((lse - logits.gather(1, safe[s : s + chunk])) * keep).sum()
+                    # d loss / d logits = (softmax - onehot) / count, on the kept rows only
+                    p = logits.sub_(lse).exp_()
+                    p.scatter_add_(1, safe[s : s + chunk], -keep)
+                    p = p.mul_(keep / count)
+                p = p.to(cdt)
                 grad_h[s : s + chunk] = (p @ w).to(h.dtype)
                 grad_w += (p.t() @ hs).to(acc)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

@@ -1,12 +1,19 @@
-"""Causal attention for CPU training in float32: a small C++ kernel (``csrc/attention.cpp``).
+"""slmkit's CPU kernels for float32 training: causal attention and the head's cross-entropy.
 
-PyTorch's CPU flash-attention spends most of its time on call overhead when the head size is
-small (8 at stories260k, 48 at stories15m) and computes the masked half of the scores. The kernel
-here is compiled once per machine with the C++ compiler torch.compile already needs, cached under
-``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as the custom
-op ``slmkit::causal_attention`` with its backward, so autograd and torch.compile see one opaque
-op. Where it cannot be built (no compiler, no OpenMP), ``available()`` says why and the model uses
-SDPA: the kernel is a speed-up, never a requirement.
+Two small C++ files (``csrc/attention.cpp``, ``csrc/cross_entropy.cpp``) do what PyTorch's CPU
+kernels do slowly at small-model shapes:
+
+* attention with a small head size (8 at stories260k): PyTorch's CPU flash-attention spends most of
+  its time on call overhead there and computes the masked half of the scores;
+* the softmax and loss of each chunk of logits in the fused head (``ChunkedCrossEntropy``), which
+  inductor compiles into two loops that each compute exp.
+
+They are compiled once per machine with the C++ compiler torch.compile already needs, cached under
+``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as custom ops
+(``slmkit::causal_attention`` with its backward, ``slmkit::cross_entropy``), so autograd and
+torch.compile see opaque ops. Where they cannot be built (no compiler, no OpenMP), ``available()``
+says why and the model uses PyTorch's ops: the kernels are a speed-up, never a requirement.
+``SLMKIT_CPU_KERNELS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp"]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -45,10 +53,10 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++ or clang++) found")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(encoding="utf-8"), compiler, version,
-                                    " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+    code = [f.read_text(encoding="utf-8") for f in [*_SOURCES, _CSRC / "vec.h"]]
+    key = hashlib.sha256("\0".join([*code, compiler, version, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SLMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmkit")
-    lib = cache / f"attention-{key}.so"
+    lib = cache / f"kernels-{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: concurrent processes (DDP ranks) never load a
@@ -56,7 +64,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+            done = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
             os.replace(tmp, lib)
@@ -69,25 +77,27 @@ def _build() -> ctypes.CDLL:
     args = [ctypes.c_void_p] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     handle.slm_attention_forward.argtypes = args
     handle.slm_attention_backward.argtypes = [ctypes.c_void_p] * 9 + args[5:]
-    for f in (handle.slm_attention_forward, handle.slm_attention_backward):
+    handle.slm_cross_entropy.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64,
+                                                                  ctypes.c_float, ctypes.c_int]
+    for f in (handle.slm_attention_forward, handle.slm_attention_backward, handle.slm_cross_entropy):
         f.restype = None
     return handle
 
 
 def available() -> str | None:
-    """None when the kernel is built and loaded, else why not (one line). Builds on first call."""
+    """None when the kernels are built and loaded, else why not (one line). Builds on first call."""
     global _lib, _why_not, _loaded
     if not _loaded:
         _loaded = True
-        if os.environ.get("SLMKIT_CPU_ATTENTION", "1") == "0":
-            _why_not = "turned off by SLMKIT_CPU_ATTENTION=0"
+        if os.environ.get("SLMKIT_CPU_KERNELS", "1") == "0":
+            _why_not = "turned off by SLMKIT_CPU_KERNELS=0"
         elif sys.platform == "win32":
             _why_not = "not built on Windows"
         else:
             try:
                 _lib = _build()
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _why_not = f"could not build {_SOURCE.name}: {e}"
+                _why_not = f"could not build slmkit's CPU kernels: {e}"
     return _why_not
 
 
@@ -179,3 +189,30 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     out, _ = _forward(q, k, v)
     B, T, H, D = out.shape
     return out.view(B, T, H * D)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+def cross_entropy_usable(logits: torch.Tensor) -> bool:
+    """Whether ``cross_entropy_`` should take these logits: contiguous float32 on the CPU, kernels built."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+            and not torch.jit.is_tracing() and _built())
+
+
+@torch.library.custom_op("slmkit::cross_entropy_", mutates_args=("logits",))
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """For contiguous logits (N, V) and targets (N,) (-1: ignored): returns the per-row losses
+    lse(x) - x[target] (0 for ignored rows) and overwrites the logits with d(scale * sum of
+    losses)/d logits = (softmax - onehot) * scale (0 for ignored rows). In place: a fresh 2 MB
+    buffer per chunk costs more in page faults than the arithmetic. ``scale`` is a one-element
+    tensor, so a compiled graph need not read it."""
+    loss = logits.new_empty(logits.shape[0])
+    _lib.slm_cross_entropy(logits.data_ptr(), targets.contiguous().data_ptr(), logits.data_ptr(), loss.data_ptr(),
+                           logits.shape[0], logits.shape[1], float(scale), torch.get_num_threads())
+    return loss
+
+
+@cross_entropy_.register_fake
+def _(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty(logits.shape[0])

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmkit import cpu_attention
+from slmkit import cpu_kernels
 from slmkit.model import GPT, ModelConfig
 
-pytestmark = pytest.mark.skipif(cpu_attention.available() is not None,
-                                reason=f"kernel not built here: {cpu_attention.available()}")
+pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None,
+                                reason=f"kernel not built here: {cpu_kernels.available()}")
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def test_matches_sdpa_forward_and_backward(B: int, H: int, KV: int, T: int, D: i
     exact = qkv64.clone().requires_grad_()
     sdpa(*split_heads(exact, H, KV, D)).backward(grad)
     ours = qkv64.float().requires_grad_()
-    y = cpu_attention.causal_attention(*split_heads(ours, H, KV, D))
+    y = cpu_kernels.causal_attention(*split_heads(ours, H, KV, D))
     y.backward(grad.float())
 
     expected = sdpa(*split_heads(qkv64, H, KV, D))
@@ -58,12 +58,12 @@ def test_extreme_scores_give_no_nan() -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 33, 8) * 10 for _ in range(3))  # scores up to a few hundred
     q.requires_grad_()
-    y = cpu_attention.causal_attention(q, k, v)
+    y = cpu_kernels.causal_attention(q, k, v)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(q.grad).all()
     assert torch.allclose(y.double(), sdpa(q.detach().double(), k.double(), v.double()), atol=1e-4, rtol=1e-5)
     same = torch.ones(1, 1, 20, 8)
-    assert torch.allclose(cpu_attention.causal_attention(same, same, same), same.view(1, 20, 8))
+    assert torch.allclose(cpu_kernels.causal_attention(same, same, same), same.view(1, 20, 8))
 
 
 def test_thread_count_does_not_change_results() -> None:
@@ -75,7 +75,7 @@ def test_thread_count_does_not_change_results() -> None:
         for n in (1, 2):
             torch.set_num_threads(n)
             q.grad = None
-            y = cpu_attention.causal_attention(q, k, v)
+            y = cpu_kernels.causal_attention(q, k, v)
             y.square().sum().backward()
             results.append((y.detach().clone(), q.grad.clone()))
     finally:
@@ -90,8 +90,8 @@ def tiny(head_dim: int = 8) -> GPT:
 
 def test_model_uses_the_kernel_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = cpu_attention.causal_attention
-    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu_kernels.causal_attention
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     x = torch.randint(0, 64, (2, 32))
     tiny(head_dim=8)(x, x)
     assert len(calls) == 2  # one per layer
@@ -104,8 +104,8 @@ def test_model_uses_the_kernel_where_it_pays(monkeypatch: pytest.MonkeyPatch) ->
 def test_model_loss_and_gradients_equal_the_sdpa_path(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = torch.randint(0, 64, (3, 32)), torch.randint(0, 64, (3, 32))
     results = []
-    for limit in (cpu_attention.MAX_HEAD_DIM, 0):  # the kernel, then SDPA
-        monkeypatch.setattr(cpu_attention, "MAX_HEAD_DIM", limit)
+    for limit in (cpu_kernels.MAX_HEAD_DIM, 0):  # the kernel, then SDPA
+        monkeypatch.setattr(cpu_kernels, "MAX_HEAD_DIM", limit)
         model = tiny()
         _, loss = model(x, y)
         loss.backward()

@@ -1,0 +1,51 @@
+// The vector helpers shared by slmkit's CPU kernels: 16 floats as a GCC/Clang vector extension
+// type (one AVX-512 register, two AVX2 ones, four NEON ones: the compiler picks with -march=native).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int W = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return x - vf{}; }  // x - 0 is x exactly, so this folds to a broadcast
+inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+inline vi lane_index() { vi v; for (int i = 0; i < W; i++) v[i] = i; return v; }
+
+// exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf polynomial (about 1 ulp).
+// Lanes below -80 (and -inf, the masked ones) come back as 0: e^-80 is nothing next to the row's
+// largest term, and letting them through would feed denormals to the backward pass.
+inline vf vexp(vf x) {
+    const vi keep = x >= splat(-80.f);
+    x = vmax(x, splat(-87.f));
+    const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    const vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+    const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    // Estrin's scheme: the same polynomial as Horner's, in half the dependent steps.
+    const vf r2 = r * r, r4 = r2 * r2;
+    const vf a = splat(5.0000001201e-1f) + r * splat(1.6666665459e-1f);
+    const vf b = splat(4.1665795894e-2f) + r * splat(8.3334519073e-3f);
+    const vf c = splat(1.3981999507e-3f) + r * splat(1.9875691500e-4f);
+    const vf p = (a + r2 * b + r4 * c) * r2 + r + splat(1.f);
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return select(keep, p * (vf)bits, splat(0.f));
+}
+
+inline float hsum(vf v) {
+    float t = 0.f;
+    for (int i = 0; i < W; i++) t += v[i];
+    return t;
+}
+
+inline float hmax(vf v) {
+    float m = v[0];
+    for (int i = 1; i < W; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+}  // namespace
