@@ -1,4 +1,5 @@
-"""slmkit's CPU attention kernel (csrc/attention.cpp) against PyTorch's SDPA, and where the model uses it."""
+"""slmkit's CPU kernels (csrc/): attention against PyTorch's SDPA, cross-entropy against F.cross_entropy,
+and where the model uses them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slmkit import cpu_kernels
-from slmkit.model import GPT, ModelConfig
+from slmkit.model import GPT, ChunkedCrossEntropy, ModelConfig
 
 pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None,
                                 reason=f"kernel not built here: {cpu_kernels.available()}")
@@ -150,3 +151,52 @@ def test_traced_export_falls_back_to_sdpa() -> None:
         assert "slmkit::" not in str(traced.inlined_graph)
         assert "scaled_dot_product_attention" in str(traced.inlined_graph)
         assert torch.allclose(traced(x), module(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+@pytest.mark.parametrize("N,V", [(64, 4096), (37, 100), (5, 17), (3, 8)])
+def test_cross_entropy_matches_torch(N: int, V: int) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(N, V, dtype=torch.float64) * 4
+    targets = torch.randint(0, V, (N,))
+    targets[::3] = -1
+    scale = 1.0 / (targets != -1).sum()
+
+    x = logits.float()  # overwritten with the gradient
+    rows = cpu_kernels.cross_entropy_(x, targets, scale.float())
+
+    keep = targets != -1
+    expected = F.cross_entropy(logits, targets.clamp(min=0), reduction="none") * keep
+    grad = (logits.softmax(-1) - F.one_hot(targets.clamp(min=0), V)) * (keep[:, None] * scale)
+    assert torch.allclose(rows.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(x.double(), grad, atol=1e-7, rtol=1e-5)
+    assert (x[~keep] == 0).all()
+
+
+def test_cross_entropy_flags_out_of_range_targets() -> None:
+    """A target past the vocabulary gives a NaN loss for its row (never a write out of bounds)."""
+    x = torch.randn(3, 10)
+    rows = cpu_kernels.cross_entropy_(x, torch.tensor([1, 10, -1]), torch.tensor(1.0))
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+def test_fused_head_equals_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    h, w = torch.randn(300, 32), torch.randn(100, 32)
+    targets = torch.randint(0, 100, (300,))
+    targets[::5] = -1
+    results, calls = [], []
+    real = cpu_kernels.cross_entropy_
+    monkeypatch.setattr(cpu_kernels, "cross_entropy_", lambda *a: calls.append(1) or real(*a))
+    for usable in (cpu_kernels.cross_entropy_usable, lambda logits: False):
+        monkeypatch.setattr(cpu_kernels, "cross_entropy_usable", usable)
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = ChunkedCrossEntropy.apply(hh, ww, targets, 64)
+        loss.backward()
+        results.append((loss.item(), hh.grad, ww.grad))
+    (l1, gh1, gw1), (l2, gh2, gw2) = results
+    assert len(calls) == 5  # 300 rows in chunks of 64, all through the kernel the first time
+    assert abs(l1 - l2) < 1e-5
+    assert torch.allclose(gh1, gh2, atol=1e-6) and torch.allclose(gw1, gw2, atol=1e-6)
