@@ -3,8 +3,9 @@
 Two small C++ files (``csrc/attention.cpp``, ``csrc/cross_entropy.cpp``) do what PyTorch's CPU
 kernels do slowly at small-model shapes:
 
-* attention with a small head size (8 at stories260k): PyTorch's CPU flash-attention spends most of
-  its time on call overhead there and computes the masked half of the scores;
+* causal attention at head sizes up to 16 and 32, 48, 64 (8 at stories260k, 48 at stories15m):
+  PyTorch's CPU flash-attention spends its time on call overhead at small heads, and its matrix
+  multiplies of 64-row tiles with a head-sized inner dimension run far from the machine's peak;
 * the softmax and loss of each chunk of logits in the fused head (``ChunkedCrossEntropy``), which
   inductor compiles into two loops that each compute exp.
 
@@ -101,11 +102,15 @@ def available() -> str | None:
     return _why_not
 
 
-# Above this head size PyTorch's flash kernel, built on matrix multiplies, wins the backward pass
-# (measured on AVX-512: docs/training_speed.md). Past MAX_CONTEXT the backward's per-thread
-# scratch (T^2 / 2 floats) grows large, and SDPA takes over.
-MAX_HEAD_DIM = 16
+# Past MAX_CONTEXT the small-head backward's per-thread scratch (T^2 / 2 floats) grows large, and
+# PyTorch's SDPA takes over.
 MAX_CONTEXT = 4096
+
+
+def attention_pays(head_dim: int) -> bool:
+    """Head sizes where the kernel beats PyTorch's CPU flash attention (measured: docs/training_speed.md):
+    up to 16 (vector lanes over 16 rows or keys), and 32, 48, 64 (tiles like a matrix multiply)."""
+    return head_dim <= 16 or head_dim in (32, 48, 64)
 
 
 @torch.compiler.assume_constant_result
@@ -114,11 +119,11 @@ def _built() -> bool:
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``causal_attention`` should take these: float32 CPU tensors with a head size of at
-    most MAX_HEAD_DIM, the kernel built, and no TorchScript/ONNX trace running (they cannot
-    record a ctypes call)."""
+    """Whether ``causal_attention`` should take these: float32 CPU tensors with a head size where
+    it pays, the kernels built, and no TorchScript/ONNX trace running (they cannot record a ctypes
+    call)."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and q.shape[-1] <= MAX_HEAD_DIM and q.shape[-2] <= MAX_CONTEXT
+            and attention_pays(q.shape[-1]) and q.shape[-2] <= MAX_CONTEXT
             and not torch.jit.is_tracing() and _built())
 
 

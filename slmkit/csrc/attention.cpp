@@ -109,6 +109,243 @@ void forward(const float* q, const float* k, const float* v, float* out, float* 
     }
 }
 
+
+// ------------------------------------------------------------------------- forward, tiled
+// For head sizes that are multiples of 16 (32, 48, 64): R query rows against 16 keys at a time,
+// like a matrix-multiply micro-kernel. Scores: for each d, one load of 16 keys' d-th component,
+// R fused multiply-adds against broadcast q[r][d]. Output: for each key, one load of v_j (DV
+// vectors), R x DV multiply-adds against broadcast p[r][j]. Softmax online, block by block.
+template <int DV, int R>
+void forward_tiled(const float* q, const float* k, const float* v, float* out, float* lse, const Shape& s,
+                   float scale, int threads) {
+    constexpr int64_t D = DV * W;
+    const int64_t T = s.T, rep = s.H / s.KV, Tp = (T + W - 1) / W * W;
+#pragma omp parallel num_threads(threads)
+    {
+        float* kt = alloc(D * Tp);  // keys transposed, (D, Tp)
+        float* sp = alloc(R * Tp);  // the R rows' scores, then probabilities
+        const vi lanes = lane_index();
+        int64_t loaded = -1;
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < s.B * s.H; task++) {
+            const int64_t b = task / s.H, h = task % s.H, g = h / rep;
+            const float* kb = k + b * s.ks[0] + g * s.ks[1];
+            const float* vb = v + b * s.vs[0] + g * s.vs[1];
+            if (loaded != b * s.KV + g) {  // consecutive tasks often share the kv head
+                loaded = b * s.KV + g;
+                std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
+                for (int64_t t = 0; t < T; t++)
+                    for (int64_t d = 0; d < D; d++) kt[d * Tp + t] = kb[t * s.ks[2] + d];
+            }
+            const float* qh = q + b * s.qs[0] + h * s.qs[1];
+            for (int64_t i0 = 0; i0 < T; i0 += R) {
+                const float* qr[R];
+                for (int r = 0; r < R; r++) qr[r] = qh + std::min(i0 + r, T - 1) * s.qs[2];
+                const int64_t last = std::min(i0 + R - 1, T - 1);  // the block's last row sees keys 0..last
+                vf mx[R];
+                for (int r = 0; r < R; r++) mx[r] = splat(-INFINITY);
+                // Scores into sp, two blocks of 16 keys at a time where there are two: each broadcast
+                // q[r][d] then feeds two multiply-adds (loads, not arithmetic, bound one block alone).
+                auto finish = [&](vf* sc, int64_t j0) {
+                    for (int r = 0; r < R; r++) {
+                        sc[r] *= splat(scale);
+                        if (j0 + W - 1 > i0 + r)  // keys past this row, or past T
+                            sc[r] = select(lanes <= (int32_t)(std::min(i0 + r, T - 1) - j0), sc[r], splat(-INFINITY));
+                        store(sp + r * Tp + j0, sc[r]);
+                        mx[r] = vmax(mx[r], sc[r]);
+                    }
+                };
+                int64_t j0 = 0;
+                for (; j0 + W <= last; j0 += 2 * W) {
+                    vf sa[R], sb[R];
+                    for (int r = 0; r < R; r++) sa[r] = sb[r] = splat(0.f);
+                    for (int64_t d = 0; d < D; d++) {
+                        const vf ka = load(kt + d * Tp + j0), kb2 = load(kt + d * Tp + j0 + W);
+                        for (int r = 0; r < R; r++) {
+                            const vf qd = splat(qr[r][d]);
+                            sa[r] += ka * qd;
+                            sb[r] += kb2 * qd;
+                        }
+                    }
+                    finish(sa, j0);
+                    finish(sb, j0 + W);
+                }
+                if (j0 <= last) {
+                    vf sc[R];
+                    for (int r = 0; r < R; r++) sc[r] = splat(0.f);
+                    for (int64_t d = 0; d < D; d++) {
+                        const vf kd = load(kt + d * Tp + j0);
+                        for (int r = 0; r < R; r++) sc[r] += kd * splat(qr[r][d]);
+                    }
+                    finish(sc, j0);
+                }
+                float m[R];
+                vf lsum[R];
+                for (int r = 0; r < R; r++) {
+                    m[r] = hmax(mx[r]);
+                    lsum[r] = splat(0.f);
+                }
+                for (int64_t j0 = 0; j0 <= last; j0 += W)  // probabilities (unnormalised), in place
+                    for (int r = 0; r < R; r++) {
+                        const vf p = vexp(load(sp + r * Tp + j0) - splat(m[r]));
+                        store(sp + r * Tp + j0, p);
+                        lsum[r] += p;
+                    }
+                vf o[R][DV];
+                for (int r = 0; r < R; r++)
+                    for (int c = 0; c < DV; c++) o[r][c] = splat(0.f);
+                for (int64_t j = 0; j <= last; j++) {  // o += p_j v_j
+                    const float* vj = vb + j * s.vs[2];
+                    vf vv[DV];
+                    for (int c = 0; c < DV; c++) vv[c] = load(vj + c * W);
+                    for (int r = 0; r < R; r++)
+                        for (int c = 0; c < DV; c++) o[r][c] += splat(sp[r * Tp + j]) * vv[c];
+                }
+                for (int r = 0; r < R && i0 + r < T; r++) {
+                    const float l = hsum(lsum[r]);
+                    float* orow = out + ((b * T + i0 + r) * s.H + h) * D;
+                    for (int c = 0; c < DV; c++) store(orow + c * W, o[r][c] * splat(1.f / l));
+                    lse[(b * s.H + h) * T + i0 + r] = m[r] + std::log(l);
+                }
+            }
+        }
+        std::free(sp);
+        std::free(kt);
+    }
+}
+
+
+// ------------------------------------------------------------------------ backward, tiled
+// For head sizes that are multiples of 16: 16 query rows x 16 keys at a time. Per tile, the five
+// products of the backward pass are small matrix multiplies with register-blocked accumulators:
+//   s = q k^T, dp = dout v^T (lanes = keys, 16 rows accumulated at once), then p, ds = p (dp - delta);
+//   dv += p^T dout, dk += ds^T q (KS keys x DV vectors of accumulators, summed over the 16 rows);
+//   dq += ds k (8 rows x DV vectors, summed over the 16 keys).
+// dk and dv (per kv head) and dq (per head) live in scratch between tiles.
+template <int DV, int KS>
+void backward_tiled(const float* q, const float* k, const float* v, const float* out, const float* dout,
+                    const float* lse, float* dq, float* dk, float* dv, const Shape& s, float scale, int threads) {
+    constexpr int64_t D = DV * W;
+    const int64_t T = s.T, rep = s.H / s.KV, blocks = (T + W - 1) / W, Tp = blocks * W;
+#pragma omp parallel num_threads(threads)
+    {
+        float* kt = alloc(D * Tp);   // keys and values transposed (D, Tp)
+        float* vt = alloc(D * Tp);
+        float* gk = alloc(Tp * D);   // dk, dv (Tp, D), summed over the group's heads
+        float* gv = alloc(Tp * D);
+        float* gq = alloc(Tp * D);   // dq of the current head
+        float* qs = alloc(Tp * D);   // the head's q rows, and dout rows, dense (Tp, D), zero past T
+        float* go = alloc(Tp * D);
+        float* delta = alloc(Tp);
+        alignas(64) float pt[W][W], dst[W][W];  // p and ds of the tile, [row][key]
+        const vi lanes = lane_index();
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < s.B * s.KV; task++) {
+            const int64_t b = task / s.KV, g = task % s.KV;
+            const float* kb = k + b * s.ks[0] + g * s.ks[1];
+            const float* vb = v + b * s.vs[0] + g * s.vs[1];
+            std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
+            std::memset(vt, 0, (size_t)(D * Tp) * sizeof(float));
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t d = 0; d < D; d++) {
+                    kt[d * Tp + t] = kb[t * s.ks[2] + d];
+                    vt[d * Tp + t] = vb[t * s.vs[2] + d];
+                }
+            std::memset(gk, 0, (size_t)(Tp * D) * sizeof(float));
+            std::memset(gv, 0, (size_t)(Tp * D) * sizeof(float));
+            for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+                const float* qh = q + b * s.qs[0] + h * s.qs[1];
+                const float* lh = lse + (b * s.H + h) * T;
+                std::memset(qs, 0, (size_t)(Tp * D) * sizeof(float));
+                std::memset(go, 0, (size_t)(Tp * D) * sizeof(float));
+                std::memset(gq, 0, (size_t)(Tp * D) * sizeof(float));
+                for (int64_t i = 0; i < T; i++) {
+                    const float* gi = dout + ((b * T + i) * s.H + h) * D;
+                    const float* oi = out + ((b * T + i) * s.H + h) * D;
+                    float acc = 0.f;
+                    for (int64_t d = 0; d < D; d++) {
+                        qs[i * D + d] = qh[i * s.qs[2] + d];
+                        go[i * D + d] = gi[d];
+                        acc += gi[d] * oi[d];
+                    }
+                    delta[i] = acc;
+                }
+                for (int64_t kb0 = 0; kb0 < blocks; kb0++) {
+                    const int64_t j0 = kb0 * W;
+                    for (int64_t i0 = j0 / W * W; i0 < T; i0 += W) {  // row blocks that see these keys
+                        // s and dp, lanes = the 16 keys, one accumulator per row
+                        vf sc[W], dp[W];
+                        for (int r = 0; r < W; r++) sc[r] = splat(0.f);
+                        for (int64_t d = 0; d < D; d++) {
+                            const vf kd = load(kt + d * Tp + j0);
+                            for (int r = 0; r < W; r++) sc[r] += kd * splat(qs[(i0 + r) * D + d]);
+                        }
+                        for (int r = 0; r < W; r++) dp[r] = splat(0.f);
+                        for (int64_t d = 0; d < D; d++) {
+                            const vf vd = load(vt + d * Tp + j0);
+                            for (int r = 0; r < W; r++) dp[r] += vd * splat(go[(i0 + r) * D + d]);
+                        }
+                        for (int r = 0; r < W; r++) {
+                            const int64_t i = std::min(i0 + r, T - 1);
+                            sc[r] = sc[r] * splat(scale) - splat(lh[i]);
+                        }
+                        for (int r = 0; r < W; r++) sc[r] = vexp(sc[r]);
+                        for (int r = 0; r < W; r++) {
+                            vf p = sc[r];
+                            if (i0 + r >= T) p = splat(0.f);  // rows past T
+                            else if (i0 + r < j0 + W - 1) p = select(lanes <= (int32_t)(i0 + r - j0), p, splat(0.f));
+                            store(pt[r], p);
+                            store(dst[r], p * (dp[r] - splat(delta[std::min(i0 + r, T - 1)])) * splat(scale));
+                        }
+                        // dv += p^T dout and dk += ds^T q, KS keys at a time (KS x DV accumulators)
+                        auto accumulate = [&](float (*coef)[W], const float* rows, float* acc) {
+                            for (int j = 0; j < W; j += KS) {
+                                vf a[KS][DV];
+                                for (int jj = 0; jj < KS; jj++)
+                                    for (int c = 0; c < DV; c++) a[jj][c] = load(acc + (j0 + j + jj) * D + c * W);
+                                for (int r = 0; r < W; r++) {
+                                    vf x[DV];
+                                    for (int c = 0; c < DV; c++) x[c] = load(rows + (i0 + r) * D + c * W);
+                                    for (int jj = 0; jj < KS; jj++) {
+                                        const vf cc = splat(coef[r][j + jj]);
+                                        for (int c = 0; c < DV; c++) a[jj][c] += cc * x[c];
+                                    }
+                                }
+                                for (int jj = 0; jj < KS; jj++)
+                                    for (int c = 0; c < DV; c++) store(acc + (j0 + j + jj) * D + c * W, a[jj][c]);
+                            }
+                        };
+                        accumulate(pt, go, gv);
+                        accumulate(dst, qs, gk);
+                        // dq += ds k, 8 rows at a time
+                        for (int r0 = 0; r0 < W; r0 += 8) {
+                            vf aq[8][DV];
+                            for (int r = 0; r < 8; r++)
+                                for (int c = 0; c < DV; c++) aq[r][c] = load(gq + (i0 + r0 + r) * D + c * W);
+                            for (int j = 0; j < W && j0 + j < T; j++) {
+                                vf kr[DV];
+                                for (int c = 0; c < DV; c++) kr[c] = load(kb + (j0 + j) * s.ks[2] + c * W);
+                                for (int r = 0; r < 8; r++) {
+                                    const vf dd = splat(dst[r0 + r][j]);
+                                    for (int c = 0; c < DV; c++) aq[r][c] += dd * kr[c];
+                                }
+                            }
+                            for (int r = 0; r < 8; r++)
+                                for (int c = 0; c < DV; c++) store(gq + (i0 + r0 + r) * D + c * W, aq[r][c]);
+                        }
+                    }
+                }
+                for (int64_t i = 0; i < T; i++)
+                    std::memcpy(dq + ((b * s.H + h) * T + i) * D, gq + i * D, D * sizeof(float));
+            }
+            std::memcpy(dk + (b * s.KV + g) * T * D, gk, (size_t)(T * D) * sizeof(float));
+            std::memcpy(dv + (b * s.KV + g) * T * D, gv, (size_t)(T * D) * sizeof(float));
+        }
+        std::free(kt); std::free(vt); std::free(gk); std::free(gv); std::free(gq); std::free(qs); std::free(go);
+        std::free(delta);
+    }
+}
+
 // ----------------------------------------------------------------------------------- backward
 #if defined(__clang__)
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -270,9 +507,9 @@ void slm_attention_forward(const float* q, const float* k, const float* v, float
     switch (s.D) {
         case 8: return forward<8>(q, k, v, out, lse, s, scale, threads);
         case 16: return forward<16>(q, k, v, out, lse, s, scale, threads);
-        case 32: return forward<32>(q, k, v, out, lse, s, scale, threads);
-        case 48: return forward<48>(q, k, v, out, lse, s, scale, threads);
-        case 64: return forward<64>(q, k, v, out, lse, s, scale, threads);
+        case 32: return forward_tiled<2, 8>(q, k, v, out, lse, s, scale, threads);
+        case 48: return forward_tiled<3, 8>(q, k, v, out, lse, s, scale, threads);
+        case 64: return forward_tiled<4, 6>(q, k, v, out, lse, s, scale, threads);
         default: return forward<0>(q, k, v, out, lse, s, scale, threads);
     }
 }
@@ -285,9 +522,9 @@ void slm_attention_backward(const float* q, const float* k, const float* v, cons
     switch (s.D) {
         case 8: return backward<8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
         case 16: return backward<16>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
-        case 32: return backward<32>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
-        case 48: return backward<48>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
-        case 64: return backward<64>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 32: return backward_tiled<2, 8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 48: return backward_tiled<3, 8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 64: return backward_tiled<4, 4>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
         default: return backward<0>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
     }
 }
