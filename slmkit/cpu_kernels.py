@@ -11,7 +11,7 @@ kernels do slowly at small-model shapes:
 
 They are compiled once per machine with the C++ compiler torch.compile already needs, cached under
 ``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as custom ops
-(``slmkit::causal_attention`` with its backward, ``slmkit::cross_entropy``), so autograd and
+(``slmkit::causal_attention`` with its backward, ``slmkit::head_loss``), so autograd and
 torch.compile see opaque ops. Where they cannot be built (no compiler, no OpenMP), ``available()``
 says why and the model uses PyTorch's ops: the kernels are a speed-up, never a requirement.
 ``SLMKIT_CPU_KERNELS=0`` turns them off.
@@ -196,28 +196,50 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.view(B, T, H * D)
 
 
-# --------------------------------------------------------------------------- cross-entropy
+# --------------------------------------------------------------------------- the fused head's loss
 
 
-def cross_entropy_usable(logits: torch.Tensor) -> bool:
-    """Whether ``cross_entropy_`` should take these logits: contiguous float32 on the CPU, kernels built."""
-    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
-            and not torch.jit.is_tracing() and _built())
-
-
-@torch.library.custom_op("slmkit::cross_entropy_", mutates_args=("logits",))
-def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """For contiguous logits (N, V) and targets (N,) (-1: ignored): returns the per-row losses
-    lse(x) - x[target] (0 for ignored rows) and overwrites the logits with d(scale * sum of
-    losses)/d logits = (softmax - onehot) * scale (0 for ignored rows). In place: a fresh 2 MB
-    buffer per chunk costs more in page faults than the arithmetic. ``scale`` is a one-element
-    tensor, so a compiled graph need not read it."""
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    """For contiguous float32 logits (N, V) and targets (N,) (-1: ignored): returns the per-row
+    losses lse(x) - x[target] (0 for ignored rows; NaN for a target outside the vocabulary) and
+    overwrites the logits with d(scale * sum of losses)/d logits = (softmax - onehot) * scale
+    (0 for ignored rows)."""
     loss = logits.new_empty(logits.shape[0])
     _lib.slm_cross_entropy(logits.data_ptr(), targets.contiguous().data_ptr(), logits.data_ptr(), loss.data_ptr(),
-                           logits.shape[0], logits.shape[1], float(scale), torch.get_num_threads())
+                           logits.shape[0], logits.shape[1], scale, torch.get_num_threads())
     return loss
 
 
-@cross_entropy_.register_fake
-def _(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return logits.new_empty(logits.shape[0])
+def head_loss_usable(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``head_loss`` should take these: float32 CPU tensors outside autocast, kernels built."""
+    return (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and _built())
+
+
+@torch.library.custom_op("slmkit::head_loss", mutates_args=())
+def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (-1 ignored), and its gradients
+    for h and weight, ``chunk`` rows at a time (see ``model.ChunkedCrossEntropy``). One opaque op,
+    run eagerly even inside a compiled model: the logits live in one reused buffer, each chunk's
+    gradient is written straight into its rows of grad_h, and grad_w accumulates in place; traced
+    by the compiler, the same loop costs a fresh buffer and a full copy of grad_w per chunk."""
+    h, weight, targets = h.contiguous(), weight.contiguous(), targets.contiguous()
+    count = max(int((targets != -1).sum()), 1)
+    grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+    logits = h.new_empty(min(chunk, h.shape[0]), weight.shape[0])
+    total = 0.0
+    for s in range(0, h.shape[0], chunk):
+        hs = h[s : s + chunk]
+        x = logits[: hs.shape[0]]
+        torch.mm(hs, weight.t(), out=x)
+        total += cross_entropy_(x, targets[s : s + chunk], 1.0 / count).sum().item()
+        torch.mm(x, weight, out=grad_h[s : s + chunk])
+        grad_w.addmm_(x.t(), hs)
+    return h.new_tensor(total / count), grad_h, grad_w
+
+
+@head_loss.register_fake
+def _(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return h.new_empty(()), torch.empty_like(h), torch.empty_like(weight)

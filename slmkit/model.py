@@ -385,6 +385,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        if cpu_kernels.head_loss_usable(h, weight):  # float32 on a CPU: the same loop, in C++ and eager
+            loss, grad_h, grad_w = cpu_kernels.head_loss(h, weight, targets, chunk)
+            ctx.save_for_backward(grad_h, grad_w)
+            return loss
         # Under autocast, run the matmuls in the autocast dtype and the softmax in fp32, as F.linear
         # followed by logits.float() would.
         device = h.device.type
@@ -401,18 +405,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 hs = h[s : s + chunk].to(cdt)
                 logits = (hs @ w.t()).to(acc)
-                if cpu_kernels.cross_entropy_usable(logits):  # CPU float32: one pass per row, in C++
-                    loss = loss + cpu_kernels.cross_entropy_(logits, targets[s : s + chunk], 1.0 / count).sum()
-                    p = logits  # now the gradient
-                else:
-                    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                    keep = valid[s : s + chunk, None].to(acc)
-                    loss = loss + ((lse - logits.gather(1, safe[s : s + chunk])) * keep).sum()
-                    # d loss / d logits = (softmax - onehot) / count, on the kept rows only
-                    p = logits.sub_(lse).exp_()
-                    p.scatter_add_(1, safe[s : s + chunk], -keep)
-                    p = p.mul_(keep / count)
-                p = p.to(cdt)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                keep = valid[s : s + chunk, None].to(acc)
+                loss = loss + ((lse - logits.gather(1, safe[s : s + chunk])) * keep).sum()
+                # d loss / d logits = (softmax - onehot) / count, on the kept rows only
+                p = logits.sub_(lse).exp_()
+                p.scatter_add_(1, safe[s : s + chunk], -keep)
+                p = p.mul_(keep / count).to(cdt)
                 grad_h[s : s + chunk] = (p @ w).to(h.dtype)
                 grad_w += (p.t() @ hs).to(acc)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

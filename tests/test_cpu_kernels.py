@@ -181,7 +181,7 @@ def test_cross_entropy_matches_torch(N: int, V: int) -> None:
     scale = 1.0 / (targets != -1).sum()
 
     x = logits.float()  # overwritten with the gradient
-    rows = cpu_kernels.cross_entropy_(x, targets, scale.float())
+    rows = cpu_kernels.cross_entropy_(x, targets, scale.item())
 
     keep = targets != -1
     expected = F.cross_entropy(logits, targets.clamp(min=0), reduction="none") * keep
@@ -194,7 +194,7 @@ def test_cross_entropy_matches_torch(N: int, V: int) -> None:
 def test_cross_entropy_flags_out_of_range_targets() -> None:
     """A target past the vocabulary gives a NaN loss for its row (never a write out of bounds)."""
     x = torch.randn(3, 10)
-    rows = cpu_kernels.cross_entropy_(x, torch.tensor([1, 10, -1]), torch.tensor(1.0))
+    rows = cpu_kernels.cross_entropy_(x, torch.tensor([1, 10, -1]), 1.0)
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
 
 
@@ -206,8 +206,8 @@ def test_fused_head_equals_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> 
     results, calls = [], []
     real = cpu_kernels.cross_entropy_
     monkeypatch.setattr(cpu_kernels, "cross_entropy_", lambda *a: calls.append(1) or real(*a))
-    for usable in (cpu_kernels.cross_entropy_usable, lambda logits: False):
-        monkeypatch.setattr(cpu_kernels, "cross_entropy_usable", usable)
+    for usable in (cpu_kernels.head_loss_usable, lambda h, w: False):
+        monkeypatch.setattr(cpu_kernels, "head_loss_usable", usable)
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss = ChunkedCrossEntropy.apply(hh, ww, targets, 64)
         loss.backward()
