@@ -13,8 +13,9 @@ typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float x) { return x - vf{}; }  // x - 0 is x exactly, so this folds to a broadcast
-inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+// Lane-wise choice (C++ vector ?:, GCC and Clang): one compare-and-blend, where and/or/andnot took three.
+inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vi lane_index() { vi v; for (int i = 0; i < W; i++) v[i] = i; return v; }
 
 // exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf polynomial (about 1 ulp).
