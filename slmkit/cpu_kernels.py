@@ -118,7 +118,7 @@ def _built() -> bool:
     return available() is None
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``causal_attention`` should take these: float32 CPU tensors with a head size where
     it pays, the kernels built, and no TorchScript/ONNX trace running (they cannot record a ctypes
     call)."""
@@ -190,7 +190,7 @@ _forward.register_autograd(_grad, setup_context=_setup_context)
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D), causal) v for q (B, H, T, D) and k, v (B, KV, T, D) with KV
     dividing H (grouped-query attention without repeating k and v). Returns (B, T, H * D): the
-    heads side by side, ready for the output projection. Check ``usable`` first."""
+    heads side by side, ready for the output projection. Check ``attention_usable`` first."""
     out, _ = _forward(q, k, v)
     B, T, H, D = out.shape
     return out.view(B, T, H * D)

@@ -240,7 +240,8 @@ class DecodeWeights:
 
 
 class Attention(nn.Module):
-    """Causal self-attention with fused QKV, optional GQA, through PyTorch's SDPA kernels."""
+    """Causal self-attention with fused QKV, optional GQA: slmkit's CPU kernel where it pays
+    (cpu_kernels.py: float32 on a CPU, head sizes up to 16 and 32, 48, 64), else PyTorch's SDPA."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -269,7 +270,7 @@ class Attention(nn.Module):
         if cache is not None:  # generation: attend over the cached tokens plus these T new ones
             k, v = cache.store(layer, k, v)
             y = self._attend_cached(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
-        elif dropout == 0.0 and cpu_kernels.usable(q, k, v):  # CPU float32: slmkit's own kernel
+        elif dropout == 0.0 and cpu_kernels.attention_usable(q, k, v):  # CPU float32: slmkit's own kernel
             y = cpu_kernels.causal_attention(q, k, v)
         else:  # the whole sequence at once
             if self.n_kv != self.n_head:

@@ -28,6 +28,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no run-dir lock
     fcntl = None
 
+from slmkit import cpu_kernels
 from slmkit.checkpoint import build_model, checkpoint_candidates, read_checkpoint, remove_stale_temps, write_checkpoint
 from slmkit.config import dump_toml, from_dict, load_preset, load_toml, merge, parse_duration, parse_overrides, to_dict
 from slmkit.data import TokenBatches, check_context_fits, eval_batches, load_meta, open_split
@@ -534,6 +535,9 @@ class Trainer:
                 # gives the eager losses; untested on GPUs, where torchtitan compiles block by block.
                 net, self.compiled = torch.compile(net), True
         self.forward = net  # the training forward; evaluation uses the plain model (no second compile)
+        if self.device == "cpu" and self.dtype == torch.float32 and dist.main and cpu_kernels.available():
+            print(f"note: slmkit's CPU kernels are off ({cpu_kernels.available()}); attention and the loss "
+                  "use PyTorch's slower ops", file=sys.stderr)
         self.stop_signal: str | None = None
         self.bad_step: str | None = None  # what was non-finite in the last step, e.g. "loss became nan"
         self.nan_streak = 0

@@ -216,3 +216,20 @@ def test_fused_head_equals_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(calls) == 5  # 300 rows in chunks of 64, all through the kernel the first time
     assert abs(l1 - l2) < 1e-5
     assert torch.allclose(gh1, gh2, atol=1e-6) and torch.allclose(gw1, gw2, atol=1e-6)
+
+
+@pytest.mark.parametrize("env,reason", [({"SLMKIT_CPU_KERNELS": "0"}, "turned off"),
+                                        ({"CXX": "false"}, "could not build")])
+def test_without_the_kernels_the_model_uses_pytorch(tmp_path, env: dict, reason: str) -> None:
+    """Turned off, or no working compiler: one line says why, and training still runs (on SDPA)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from slmkit import cpu_kernels; from slmkit.model import GPT, ModelConfig\n"
+            "m = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32))\n"
+            "x = torch.randint(0, 64, (2, 32)); m(x, x)[1].backward()\n"
+            "print(cpu_kernels.available())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "SLMKIT_CACHE": str(tmp_path), **env})
+    assert done.returncode == 0, done.stderr
+    assert reason in done.stdout
