@@ -2,22 +2,28 @@
 //
 // Why this exists: PyTorch's CPU flash-attention computes scores a tile at a time with
 // matrix-multiply calls whose inner dimension is the head size D. At small head sizes (8 in
-// stories260k) those calls are mostly overhead, and tiles above the diagonal are computed and
-// masked. Here a vector holds 16 query rows (or 16 keys) side by side, so every step is the
-// same few vector instructions whatever D is, and no work is spent above the diagonal:
+// stories260k) those calls are mostly overhead, tiles above the diagonal are computed and masked,
+// and at D = 48 (stories15m) the calls still run far from the machine's multiply-add peak. Two
+// designs, by head size (the dispatch is at the bottom of the file):
 //
+// D <= 16 and odd sizes (forward, backward): a vector holds 16 query rows or 16 keys side by side,
+//   so every step is the same few vector instructions whatever D is, and nothing is computed
+//   above the diagonal.
 //   forward, lanes = 16 query rows: for each key j <= the last row, s = q . k_j (D fused
 //     multiply-adds with k_j[d] broadcast), then softmax over the keys and o += p v_j.
 //   backward, lanes = 16 keys: for each query row i that sees them, rebuild p from the saved
-//     log-sum-exp, dp = dout_i . v, ds = p (dp - delta_i), accumulate dk += ds q_i, dv += p dout_i.
-//   backward, lanes = 16 query rows again: dq += ds k_j.
-// No horizontal sums anywhere; each (batch, kv-head) is one task, and grouped-query attention
-// reads its shared keys and values directly (no repeat_interleave).
+//     log-sum-exp, dp = dout_i . v, ds = p (dp - delta_i), accumulate dk += ds q_i, dv += p dout_i,
+//     keep ds; then per row, dq = sum over key blocks of ds k, one transposing sum at the end.
+// D = 32, 48, 64 (forward_tiled, backward_tiled): small matrix multiplies on tiles of rows x 16
+//   keys with register-blocked accumulators, like a GEMM micro-kernel.
+// Each (batch, head) or (batch, kv-head) is one task; grouped-query attention reads its shared
+// keys and values directly (no repeat_interleave).
 //
 // Built by slmkit/cpu_kernels.py with the machine's C++ compiler (-O3 -march=native -fopenmp),
-// loaded with ctypes. The vectors are GCC/Clang vector extensions, so the same source compiles to
-// AVX-512, AVX2 or NEON. The loops are instantiated for common head sizes so that D-long arrays of
-// vectors live in registers. Layouts (element strides are passed for q, k, v; the last dim is dense):
+// loaded with ctypes. The vectors are GCC/Clang vector extensions (vec.h), so the same source
+// compiles to AVX-512, AVX2 or NEON. The loops are instantiated for common head sizes so that
+// D-long arrays of vectors live in registers. Layouts (element strides are passed for q, k, v;
+// the last dim is dense):
 //   q (B, H, T, D), k and v (B, KV, T, D); out and dout (B, T, H, D) dense; lse (B, H, T) dense;
 //   dq (B, H, T, D) dense; dk and dv (B, KV, T, D) dense.
 #include <algorithm>
@@ -130,7 +136,9 @@ void forward(const float* q, const float* k, const float* v, float* out, float* 
 // For head sizes that are multiples of 16 (32, 48, 64): R query rows against 16 keys at a time,
 // like a matrix-multiply micro-kernel. Scores: for each d, one load of 16 keys' d-th component,
 // R fused multiply-adds against broadcast q[r][d]. Output: for each key, one load of v_j (DV
-// vectors), R x DV multiply-adds against broadcast p[r][j]. Softmax online, block by block.
+// vectors), R x DV multiply-adds against broadcast p[r][j]. The softmax takes two passes over the
+// R rows' stored scores (maxima, then exponentials): rescaling an online softmax block by block
+// cost as much scalar work as the multiplies.
 template <int DV, int R>
 void forward_tiled(const float* q, const float* k, const float* v, float* out, float* lse, const Shape& s,
                    float scale, int threads) {
@@ -230,137 +238,6 @@ void forward_tiled(const float* q, const float* k, const float* v, float* out, f
     }
 }
 
-
-// ------------------------------------------------------------------------ backward, tiled
-// For head sizes that are multiples of 16: 16 query rows x 16 keys at a time. Per tile, the five
-// products of the backward pass are small matrix multiplies with register-blocked accumulators:
-//   s = q k^T, dp = dout v^T (lanes = keys, 16 rows accumulated at once), then p, ds = p (dp - delta);
-//   dv += p^T dout, dk += ds^T q (KS keys x DV vectors of accumulators, summed over the 16 rows);
-//   dq += ds k (8 rows x DV vectors, summed over the 16 keys).
-// dk and dv (per kv head) and dq (per head) live in scratch between tiles.
-template <int DV, int KS>
-void backward_tiled(const float* q, const float* k, const float* v, const float* out, const float* dout,
-                    const float* lse, float* dq, float* dk, float* dv, const Shape& s, float scale, int threads) {
-    constexpr int64_t D = DV * W;
-    const int64_t T = s.T, rep = s.H / s.KV, blocks = (T + W - 1) / W, Tp = blocks * W;
-#pragma omp parallel num_threads(threads)
-    {
-        float* kt = alloc(D * Tp);   // keys and values transposed (D, Tp)
-        float* vt = alloc(D * Tp);
-        float* gk = alloc(Tp * D);   // dk, dv (Tp, D), summed over the group's heads
-        float* gv = alloc(Tp * D);
-        float* gq = alloc(Tp * D);   // dq of the current head
-        float* qs = alloc(Tp * D);   // the head's q rows, and dout rows, dense (Tp, D), zero past T
-        float* go = alloc(Tp * D);
-        float* delta = alloc(Tp);
-        alignas(64) float pt[W][W], dst[W][W];  // p and ds of the tile, [row][key]
-        const vi lanes = lane_index();
-#pragma omp for schedule(dynamic)
-        for (int64_t task = 0; task < s.B * s.KV; task++) {
-            const int64_t b = task / s.KV, g = task % s.KV;
-            const float* kb = k + b * s.ks[0] + g * s.ks[1];
-            const float* vb = v + b * s.vs[0] + g * s.vs[1];
-            std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
-            std::memset(vt, 0, (size_t)(D * Tp) * sizeof(float));
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t d = 0; d < D; d++) {
-                    kt[d * Tp + t] = kb[t * s.ks[2] + d];
-                    vt[d * Tp + t] = vb[t * s.vs[2] + d];
-                }
-            std::memset(gk, 0, (size_t)(Tp * D) * sizeof(float));
-            std::memset(gv, 0, (size_t)(Tp * D) * sizeof(float));
-            for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
-                const float* qh = q + b * s.qs[0] + h * s.qs[1];
-                const float* lh = lse + (b * s.H + h) * T;
-                std::memset(qs, 0, (size_t)(Tp * D) * sizeof(float));
-                std::memset(go, 0, (size_t)(Tp * D) * sizeof(float));
-                std::memset(gq, 0, (size_t)(Tp * D) * sizeof(float));
-                for (int64_t i = 0; i < T; i++) {
-                    const float* gi = dout + ((b * T + i) * s.H + h) * D;
-                    const float* oi = out + ((b * T + i) * s.H + h) * D;
-                    float acc = 0.f;
-                    for (int64_t d = 0; d < D; d++) {
-                        qs[i * D + d] = qh[i * s.qs[2] + d];
-                        go[i * D + d] = gi[d];
-                        acc += gi[d] * oi[d];
-                    }
-                    delta[i] = acc;
-                }
-                for (int64_t kb0 = 0; kb0 < blocks; kb0++) {
-                    const int64_t j0 = kb0 * W;
-                    for (int64_t i0 = j0 / W * W; i0 < T; i0 += W) {  // row blocks that see these keys
-                        // s and dp, lanes = the 16 keys, one accumulator per row
-                        vf sc[W], dp[W];
-                        for (int r = 0; r < W; r++) sc[r] = splat(0.f);
-                        for (int64_t d = 0; d < D; d++) {
-                            const vf kd = load(kt + d * Tp + j0);
-                            for (int r = 0; r < W; r++) sc[r] += kd * splat(qs[(i0 + r) * D + d]);
-                        }
-                        for (int r = 0; r < W; r++) dp[r] = splat(0.f);
-                        for (int64_t d = 0; d < D; d++) {
-                            const vf vd = load(vt + d * Tp + j0);
-                            for (int r = 0; r < W; r++) dp[r] += vd * splat(go[(i0 + r) * D + d]);
-                        }
-                        for (int r = 0; r < W; r++) {
-                            const int64_t i = std::min(i0 + r, T - 1);
-                            sc[r] = sc[r] * splat(scale) - splat(lh[i]);
-                        }
-                        for (int r = 0; r < W; r++) sc[r] = vexp(sc[r]);
-                        for (int r = 0; r < W; r++) {
-                            vf p = sc[r];
-                            if (i0 + r >= T) p = splat(0.f);  // rows past T
-                            else if (i0 + r < j0 + W - 1) p = select(lanes <= (int32_t)(i0 + r - j0), p, splat(0.f));
-                            store(pt[r], p);
-                            store(dst[r], p * (dp[r] - splat(delta[std::min(i0 + r, T - 1)])) * splat(scale));
-                        }
-                        // dv += p^T dout and dk += ds^T q, KS keys at a time (KS x DV accumulators)
-                        auto accumulate = [&](float (*coef)[W], const float* rows, float* acc) {
-                            for (int j = 0; j < W; j += KS) {
-                                vf a[KS][DV];
-                                for (int jj = 0; jj < KS; jj++)
-                                    for (int c = 0; c < DV; c++) a[jj][c] = load(acc + (j0 + j + jj) * D + c * W);
-                                for (int r = 0; r < W; r++) {
-                                    vf x[DV];
-                                    for (int c = 0; c < DV; c++) x[c] = load(rows + (i0 + r) * D + c * W);
-                                    for (int jj = 0; jj < KS; jj++) {
-                                        const vf cc = splat(coef[r][j + jj]);
-                                        for (int c = 0; c < DV; c++) a[jj][c] += cc * x[c];
-                                    }
-                                }
-                                for (int jj = 0; jj < KS; jj++)
-                                    for (int c = 0; c < DV; c++) store(acc + (j0 + j + jj) * D + c * W, a[jj][c]);
-                            }
-                        };
-                        accumulate(pt, go, gv);
-                        accumulate(dst, qs, gk);
-                        // dq += ds k, 8 rows at a time
-                        for (int r0 = 0; r0 < W; r0 += 8) {
-                            vf aq[8][DV];
-                            for (int r = 0; r < 8; r++)
-                                for (int c = 0; c < DV; c++) aq[r][c] = load(gq + (i0 + r0 + r) * D + c * W);
-                            for (int j = 0; j < W && j0 + j < T; j++) {
-                                vf kr[DV];
-                                for (int c = 0; c < DV; c++) kr[c] = load(kb + (j0 + j) * s.ks[2] + c * W);
-                                for (int r = 0; r < 8; r++) {
-                                    const vf dd = splat(dst[r0 + r][j]);
-                                    for (int c = 0; c < DV; c++) aq[r][c] += dd * kr[c];
-                                }
-                            }
-                            for (int r = 0; r < 8; r++)
-                                for (int c = 0; c < DV; c++) store(gq + (i0 + r0 + r) * D + c * W, aq[r][c]);
-                        }
-                    }
-                }
-                for (int64_t i = 0; i < T; i++)
-                    std::memcpy(dq + ((b * s.H + h) * T + i) * D, gq + i * D, D * sizeof(float));
-            }
-            std::memcpy(dk + (b * s.KV + g) * T * D, gk, (size_t)(T * D) * sizeof(float));
-            std::memcpy(dv + (b * s.KV + g) * T * D, gv, (size_t)(T * D) * sizeof(float));
-        }
-        std::free(kt); std::free(vt); std::free(gk); std::free(gv); std::free(gq); std::free(qs); std::free(go);
-        std::free(delta);
-    }
-}
 
 // ----------------------------------------------------------------------------------- backward
 #if defined(__clang__)
@@ -509,6 +386,137 @@ void backward(const float* q, const float* k, const float* v, const float* out, 
         if (!DC) { std::free(kl); std::free(vl); std::free(gk); std::free(gv); }
         std::free(kt); std::free(dkt); std::free(dvt); std::free(ds_kept); std::free(delta);
         delete[] offset;
+    }
+}
+
+// ------------------------------------------------------------------------ backward, tiled
+// For head sizes that are multiples of 16: 16 query rows x 16 keys at a time. Per tile, the five
+// products of the backward pass are small matrix multiplies with register-blocked accumulators:
+//   s = q k^T, dp = dout v^T (lanes = keys, 16 rows accumulated at once), then p, ds = p (dp - delta);
+//   dv += p^T dout, dk += ds^T q (KS keys x DV vectors of accumulators, summed over the 16 rows);
+//   dq += ds k (8 rows x DV vectors, summed over the 16 keys).
+// dk and dv (per kv head) and dq (per head) live in scratch between tiles.
+template <int DV, int KS>
+void backward_tiled(const float* q, const float* k, const float* v, const float* out, const float* dout,
+                    const float* lse, float* dq, float* dk, float* dv, const Shape& s, float scale, int threads) {
+    constexpr int64_t D = DV * W;
+    const int64_t T = s.T, rep = s.H / s.KV, blocks = (T + W - 1) / W, Tp = blocks * W;
+#pragma omp parallel num_threads(threads)
+    {
+        float* kt = alloc(D * Tp);   // keys and values transposed (D, Tp)
+        float* vt = alloc(D * Tp);
+        float* gk = alloc(Tp * D);   // dk, dv (Tp, D), summed over the group's heads
+        float* gv = alloc(Tp * D);
+        float* gq = alloc(Tp * D);   // dq of the current head
+        float* qs = alloc(Tp * D);   // the head's q rows, and dout rows, dense (Tp, D), zero past T
+        float* go = alloc(Tp * D);
+        float* delta = alloc(Tp);
+        alignas(64) float pt[W][W], dst[W][W];  // p and ds of the tile, [row][key]
+        const vi lanes = lane_index();
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < s.B * s.KV; task++) {
+            const int64_t b = task / s.KV, g = task % s.KV;
+            const float* kb = k + b * s.ks[0] + g * s.ks[1];
+            const float* vb = v + b * s.vs[0] + g * s.vs[1];
+            std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
+            std::memset(vt, 0, (size_t)(D * Tp) * sizeof(float));
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t d = 0; d < D; d++) {
+                    kt[d * Tp + t] = kb[t * s.ks[2] + d];
+                    vt[d * Tp + t] = vb[t * s.vs[2] + d];
+                }
+            std::memset(gk, 0, (size_t)(Tp * D) * sizeof(float));
+            std::memset(gv, 0, (size_t)(Tp * D) * sizeof(float));
+            for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+                const float* qh = q + b * s.qs[0] + h * s.qs[1];
+                const float* lh = lse + (b * s.H + h) * T;
+                std::memset(qs, 0, (size_t)(Tp * D) * sizeof(float));
+                std::memset(go, 0, (size_t)(Tp * D) * sizeof(float));
+                std::memset(gq, 0, (size_t)(Tp * D) * sizeof(float));
+                for (int64_t i = 0; i < T; i++) {
+                    const float* gi = dout + ((b * T + i) * s.H + h) * D;
+                    const float* oi = out + ((b * T + i) * s.H + h) * D;
+                    float acc = 0.f;
+                    for (int64_t d = 0; d < D; d++) {
+                        qs[i * D + d] = qh[i * s.qs[2] + d];
+                        go[i * D + d] = gi[d];
+                        acc += gi[d] * oi[d];
+                    }
+                    delta[i] = acc;
+                }
+                for (int64_t kb0 = 0; kb0 < blocks; kb0++) {
+                    const int64_t j0 = kb0 * W;
+                    for (int64_t i0 = j0 / W * W; i0 < T; i0 += W) {  // row blocks that see these keys
+                        // s and dp, lanes = the 16 keys, one accumulator per row
+                        vf sc[W], dp[W];
+                        for (int r = 0; r < W; r++) sc[r] = splat(0.f);
+                        for (int64_t d = 0; d < D; d++) {
+                            const vf kd = load(kt + d * Tp + j0);
+                            for (int r = 0; r < W; r++) sc[r] += kd * splat(qs[(i0 + r) * D + d]);
+                        }
+                        for (int r = 0; r < W; r++) dp[r] = splat(0.f);
+                        for (int64_t d = 0; d < D; d++) {
+                            const vf vd = load(vt + d * Tp + j0);
+                            for (int r = 0; r < W; r++) dp[r] += vd * splat(go[(i0 + r) * D + d]);
+                        }
+                        for (int r = 0; r < W; r++) {
+                            const int64_t i = std::min(i0 + r, T - 1);
+                            sc[r] = sc[r] * splat(scale) - splat(lh[i]);
+                        }
+                        for (int r = 0; r < W; r++) sc[r] = vexp(sc[r]);
+                        for (int r = 0; r < W; r++) {
+                            vf p = sc[r];
+                            if (i0 + r >= T) p = splat(0.f);  // rows past T
+                            else if (i0 + r < j0 + W - 1) p = select(lanes <= (int32_t)(i0 + r - j0), p, splat(0.f));
+                            store(pt[r], p);
+                            store(dst[r], p * (dp[r] - splat(delta[std::min(i0 + r, T - 1)])) * splat(scale));
+                        }
+                        // dv += p^T dout and dk += ds^T q, KS keys at a time (KS x DV accumulators)
+                        auto accumulate = [&](float (*coef)[W], const float* rows, float* acc) {
+                            for (int j = 0; j < W; j += KS) {
+                                vf a[KS][DV];
+                                for (int jj = 0; jj < KS; jj++)
+                                    for (int c = 0; c < DV; c++) a[jj][c] = load(acc + (j0 + j + jj) * D + c * W);
+                                for (int r = 0; r < W; r++) {
+                                    vf x[DV];
+                                    for (int c = 0; c < DV; c++) x[c] = load(rows + (i0 + r) * D + c * W);
+                                    for (int jj = 0; jj < KS; jj++) {
+                                        const vf cc = splat(coef[r][j + jj]);
+                                        for (int c = 0; c < DV; c++) a[jj][c] += cc * x[c];
+                                    }
+                                }
+                                for (int jj = 0; jj < KS; jj++)
+                                    for (int c = 0; c < DV; c++) store(acc + (j0 + j + jj) * D + c * W, a[jj][c]);
+                            }
+                        };
+                        accumulate(pt, go, gv);
+                        accumulate(dst, qs, gk);
+                        // dq += ds k, 8 rows at a time
+                        for (int r0 = 0; r0 < W; r0 += 8) {
+                            vf aq[8][DV];
+                            for (int r = 0; r < 8; r++)
+                                for (int c = 0; c < DV; c++) aq[r][c] = load(gq + (i0 + r0 + r) * D + c * W);
+                            for (int j = 0; j < W && j0 + j < T; j++) {
+                                vf kr[DV];
+                                for (int c = 0; c < DV; c++) kr[c] = load(kb + (j0 + j) * s.ks[2] + c * W);
+                                for (int r = 0; r < 8; r++) {
+                                    const vf dd = splat(dst[r0 + r][j]);
+                                    for (int c = 0; c < DV; c++) aq[r][c] += dd * kr[c];
+                                }
+                            }
+                            for (int r = 0; r < 8; r++)
+                                for (int c = 0; c < DV; c++) store(gq + (i0 + r0 + r) * D + c * W, aq[r][c]);
+                        }
+                    }
+                }
+                for (int64_t i = 0; i < T; i++)
+                    std::memcpy(dq + ((b * s.H + h) * T + i) * D, gq + i * D, D * sizeof(float));
+            }
+            std::memcpy(dk + (b * s.KV + g) * T * D, gk, (size_t)(T * D) * sizeof(float));
+            std::memcpy(dv + (b * s.KV + g) * T * D, gv, (size_t)(T * D) * sizeof(float));
+        }
+        std::free(kt); std::free(vt); std::free(gk); std::free(gv); std::free(gq); std::free(qs); std::free(go);
+        std::free(delta);
     }
 }
 
