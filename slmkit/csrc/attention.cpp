@@ -57,6 +57,13 @@ inline void rows_to_lanes(vf* out, const float* x, int64_t st, int64_t row0, int
         for (int64_t d = 0; d < (DC ? DC : D); d++) out[d][r] = x[(row0 + r) * st + d] * scale;
 }
 
+// The T rows of x (row stride `st`) transposed into (D, Tp), zeros past T.
+inline void transpose_rows(float* out, const float* x, int64_t st, int64_t T, int64_t D, int64_t Tp) {
+    std::memset(out, 0, (size_t)(D * Tp) * sizeof(float));
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t d = 0; d < D; d++) out[d * Tp + t] = x[t * st + d];
+}
+
 // ------------------------------------------------------------------------------------ forward
 template <int DC>
 void forward(const float* q, const float* k, const float* v, float* out, float* lse, const Shape& s,
@@ -157,9 +164,7 @@ void forward_tiled(const float* q, const float* k, const float* v, float* out, f
             const float* vb = v + b * s.vs[0] + g * s.vs[1];
             if (loaded != b * s.KV + g) {  // consecutive tasks often share the kv head
                 loaded = b * s.KV + g;
-                std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
-                for (int64_t t = 0; t < T; t++)
-                    for (int64_t d = 0; d < D; d++) kt[d * Tp + t] = kb[t * s.ks[2] + d];
+                transpose_rows(kt, kb, s.ks[2], T, D, Tp);
             }
             const float* qh = q + b * s.qs[0] + h * s.qs[1];
             for (int64_t i0 = 0; i0 < T; i0 += R) {
@@ -301,9 +306,7 @@ void backward(const float* q, const float* k, const float* v, const float* out, 
             const int64_t b = task / s.KV, g = task % s.KV;
             const float* kb = k + b * s.ks[0] + g * s.ks[1];
             const float* vb = v + b * s.vs[0] + g * s.vs[1];
-            std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t d = 0; d < D; d++) kt[d * Tp + t] = kb[t * s.ks[2] + d];
+            transpose_rows(kt, kb, s.ks[2], T, D, Tp);
             std::memset(dkt, 0, (size_t)(D * Tp) * sizeof(float));
             std::memset(dvt, 0, (size_t)(D * Tp) * sizeof(float));
             for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
@@ -418,13 +421,8 @@ void backward_tiled(const float* q, const float* k, const float* v, const float*
             const int64_t b = task / s.KV, g = task % s.KV;
             const float* kb = k + b * s.ks[0] + g * s.ks[1];
             const float* vb = v + b * s.vs[0] + g * s.vs[1];
-            std::memset(kt, 0, (size_t)(D * Tp) * sizeof(float));
-            std::memset(vt, 0, (size_t)(D * Tp) * sizeof(float));
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t d = 0; d < D; d++) {
-                    kt[d * Tp + t] = kb[t * s.ks[2] + d];
-                    vt[d * Tp + t] = vb[t * s.vs[2] + d];
-                }
+            transpose_rows(kt, kb, s.ks[2], T, D, Tp);
+            transpose_rows(vt, vb, s.vs[2], T, D, Tp);
             std::memset(gk, 0, (size_t)(Tp * D) * sizeof(float));
             std::memset(gv, 0, (size_t)(Tp * D) * sizeof(float));
             for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
