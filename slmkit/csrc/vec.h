@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -24,8 +27,12 @@ inline vi lane_index() { vi v; for (int i = 0; i < W; i++) v[i] = i; return v; }
 inline vf vexp(vf x) {
     const vi keep = x >= splat(-80.f);
     x = vmax(x, splat(-87.f));
+#if defined(__AVX512F__)  // one rounding instruction
+    const vf n = (vf)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
     const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
     const vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+#endif
     const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
     // Estrin's scheme: the same polynomial as Horner's, in half the dependent steps.
     const vf r2 = r * r, r4 = r2 * r2;
@@ -33,8 +40,12 @@ inline vf vexp(vf x) {
     const vf b = splat(4.1665795894e-2f) + r * splat(8.3334519073e-3f);
     const vf c = splat(1.3981999507e-3f) + r * splat(1.9875691500e-4f);
     const vf p = (a + r2 * b + r4 * c) * r2 + r + splat(1.f);
+#if defined(__AVX512F__)  // p * 2^n in one instruction
+    return select(keep, (vf)_mm512_scalef_ps((__m512)p, (__m512)n), splat(0.f));
+#else
     const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
     return select(keep, p * (vf)bits, splat(0.f));
+#endif
 }
 
 inline float hsum(vf v) {
