@@ -12,9 +12,10 @@ kernels do slowly at small-model shapes:
 They are compiled once per machine with the C++ compiler torch.compile already needs, cached under
 ``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as custom ops
 (``slmkit::causal_attention`` with its backward, ``slmkit::head_loss``), so autograd and
-torch.compile see opaque ops. Where they cannot be built (no compiler, no OpenMP), ``available()``
-says why and the model uses PyTorch's ops: the kernels are a speed-up, never a requirement.
-``SLMKIT_CPU_KERNELS=0`` turns them off.
+torch.compile see opaque ops. Where they cannot be built (no compiler, no OpenMP) or would not be
+fast (a CPU without AVX-512: GCC turns some operations on their 16-float vectors into scalar code
+there, measured 6-10x slower on AVX2), ``available()`` says why and the model uses PyTorch's ops:
+the kernels are a speed-up, never a requirement. ``SLMKIT_CPU_KERNELS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def _build() -> ctypes.CDLL:
                                                                   ctypes.c_float, ctypes.c_int]
     for f in (handle.slm_attention_forward, handle.slm_attention_backward, handle.slm_cross_entropy):
         f.restype = None
+    if not handle.slm_kernels_native():
+        raise RuntimeError("this CPU has no AVX-512, and the kernels' 16-float vectors are not fast without it")
     return handle
 
 

@@ -537,7 +537,7 @@ class Trainer:
         self.forward = net  # the training forward; evaluation uses the plain model (no second compile)
         if self.device == "cpu" and self.dtype == torch.float32 and dist.main and cpu_kernels.available():
             print(f"note: slmkit's CPU kernels are off ({cpu_kernels.available()}); attention and the loss "
-                  "use PyTorch's slower ops", file=sys.stderr)
+                  "use PyTorch's ops", file=sys.stderr)
         self.stop_signal: str | None = None
         self.bad_step: str | None = None  # what was non-finite in the last step, e.g. "loss became nan"
         self.nan_streak = 0

@@ -218,14 +218,18 @@ def test_fused_head_equals_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> 
     assert torch.allclose(gh1, gh2, atol=1e-6) and torch.allclose(gw1, gw2, atol=1e-6)
 
 
-@pytest.mark.parametrize("env,reason", [({"SLMKIT_CPU_KERNELS": "0"}, "turned off"),
-                                        ({"CXX": "false"}, "could not build")])
-def test_without_the_kernels_the_model_uses_pytorch(tmp_path, env: dict, reason: str) -> None:
-    """Turned off, or no working compiler: one line says why, and training still runs (on SDPA)."""
+@pytest.mark.parametrize("env,prelude,reason", [
+    ({"SLMKIT_CPU_KERNELS": "0"}, "", "turned off"),
+    ({"CXX": "false"}, "", "could not build"),
+    ({}, "cpu_kernels._FLAGS.append('-mno-avx512f')\n", "no AVX-512"),  # as on an AVX2-only CPU
+])
+def test_without_the_kernels_the_model_uses_pytorch(tmp_path, env: dict, prelude: str, reason: str) -> None:
+    """Turned off, no working compiler, or a CPU they are not fast on: one line says why, and
+    training still runs (on PyTorch's ops)."""
     import os
     import subprocess
     import sys
-    code = ("import torch; from slmkit import cpu_kernels; from slmkit.model import GPT, ModelConfig\n"
+    code = ("import torch; from slmkit import cpu_kernels; from slmkit.model import GPT, ModelConfig\n" + prelude +
             "m = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32))\n"
             "x = torch.randint(0, 64, (2, 32)); m(x, x)[1].backward()\n"
             "print(cpu_kernels.available())")

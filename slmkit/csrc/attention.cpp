@@ -522,6 +522,17 @@ void backward_tiled(const float* q, const float* k, const float* v, const float*
 
 extern "C" {
 
+// 1 where the vectors above are native registers (AVX-512). Elsewhere (AVX2, NEON) GCC lowers some
+// operations on 16-float vectors to scalar code, measured 6-10x slower, and the caller must not use
+// these kernels until they have a narrower build.
+int slm_kernels_native(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // out = softmax(q k^T * scale, causal) v, and lse = the log of each row's softmax denominator.
 void slm_attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
                            const int64_t* dims, const int64_t* strides, float scale, int threads) {
