@@ -81,3 +81,23 @@ def train_killed_after(step: int, data_dir: Path, run: Path, overrides: list[str
     with pytest.raises(KeyboardInterrupt):
         train(data_dir, run, overrides=overrides, quiet=True)
     monkeypatch.setattr(Trainer, "train_step", real_step)
+
+
+def check_bf16_decode_step(model, x: torch.Tensor, reference: torch.Tensor, prompt: int) -> None:
+    """A bf16 ``model``'s decode_step, token by token after ``prompt`` tokens of ``x``, is within 2x
+    (+0.05) of the cached module path's error against ``reference`` (the fp32 model's logits on x),
+    and within 10% of the logits' scale."""
+    from slmkit.model import KVCache
+
+    slow_err, fast_err = [], []
+    with torch.inference_mode():
+        a, b = (KVCache.empty(model.config, x.shape[0], device=x.device, dtype=torch.bfloat16) for _ in range(2))
+        model.forward_cached(x[:, :prompt], a)
+        model.forward_cached(x[:, :prompt], b)
+        for t in range(prompt, x.shape[1]):
+            slow, fast = model.forward_cached(x[:, t : t + 1], a), model.decode_step(x[:, t], b)
+            assert fast.dtype == torch.bfloat16
+            slow_err.append((slow.float() - reference[:, t]).abs().max().item())
+            fast_err.append((fast.float() - reference[:, t]).abs().max().item())
+    assert max(fast_err) <= 2 * max(slow_err) + 0.05, (fast_err, slow_err)
+    assert max(fast_err) < 0.1 * reference.abs().max().item()

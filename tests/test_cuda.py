@@ -19,7 +19,7 @@ from slmkit.generate import SamplingConfig, generate_tokens
 from slmkit.model import GPT, KVCache, ModelConfig
 from slmkit.train import train
 
-from conftest import TINY, train_killed_after
+from conftest import TINY, check_bf16_decode_step, train_killed_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -141,19 +141,7 @@ def test_cuda_bf16_decode_step_and_seeded_sampling():
     fp32 = _model(positions="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2)
     model = _model(positions="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2).to(torch.bfloat16)
     x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(6)).cuda()
-    reference = fp32(x)[0].detach()
-    slow_err, fast_err = [], []
-    with torch.inference_mode():
-        a, b = (KVCache.empty(model.config, 2, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        model.forward_cached(x[:, :12], a)
-        model.forward_cached(x[:, :12], b)
-        for t in range(12, 20):
-            slow, fast = model.forward_cached(x[:, t : t + 1], a), model.decode_step(x[:, t], b)
-            assert fast.dtype == torch.bfloat16
-            slow_err.append((slow.float() - reference[:, t]).abs().max().item())
-            fast_err.append((fast.float() - reference[:, t]).abs().max().item())
-    assert max(fast_err) <= 2 * max(slow_err) + 0.05, (fast_err, slow_err)
-    assert max(fast_err) < 0.1 * reference.abs().max().item()
+    check_bf16_decode_step(model, x, fp32(x)[0].detach(), prompt=12)
 
     sampled = SamplingConfig(max_new_tokens=32, temperature=0.8, top_k=20, top_p=0.9, seed=3, stop_at_eot=False)
     tokens = generate_tokens(model, [[1, 2, 3], [4]], sampled)

@@ -26,6 +26,8 @@ from slmkit.generate import (
 )
 from slmkit.model import GPT, KVCache, ModelConfig, apply_rope, rope_matrix, rope_tables
 
+from conftest import check_bf16_decode_step
+
 GREEDY = dict(temperature=0.0, stop_at_eot=False)
 
 
@@ -178,19 +180,7 @@ def test_decode_step_in_bfloat16_is_as_close_to_fp32_as_forward_cached(kw):
     (it keeps the attention softmax in fp32, like SDPA), measured against the fp32 model."""
     model = random_model(5, **kw).to(torch.bfloat16)
     x = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(6))
-    reference = random_model(5, **kw)(x)[0].detach()
-    slow_err, fast_err = [], []
-    with torch.inference_mode():
-        a, b = (KVCache.empty(model.config, 2, dtype=torch.bfloat16) for _ in range(2))
-        model.forward_cached(x[:, :6], a)
-        model.forward_cached(x[:, :6], b)
-        for t in range(6, 10):
-            slow, fast = model.forward_cached(x[:, t : t + 1], a), model.decode_step(x[:, t], b)
-            assert fast.dtype == torch.bfloat16
-            slow_err.append((slow.float() - reference[:, t]).abs().max().item())
-            fast_err.append((fast.float() - reference[:, t]).abs().max().item())
-    assert max(fast_err) <= 2 * max(slow_err) + 0.05, (fast_err, slow_err)
-    assert max(fast_err) < 0.1 * reference.abs().max().item()
+    check_bf16_decode_step(model, x, random_model(5, **kw)(x)[0].detach(), prompt=6)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2, positions="learned", norm="layernorm", bias=True)])
