@@ -2,6 +2,10 @@
 
     python bench/cpu_kernels.py                 # 2 threads, the shapes below
     python bench/cpu_kernels.py --threads 1
+    python bench/cpu_kernels.py --smoke     # seconds: one small shape, 1 round, a temporary file
+
+On a CPU where the kernels are off (no AVX-512, see ``slmkit.cpu_kernels.available()``) it stops
+with one line saying why: there is nothing to compare.
 
 Each shape is (batch, heads, kv heads, context, head size): stories260k's and stories15m's training
 shapes first, then other head sizes the kernel takes. SDPA gets q, k and v as the model makes them,
@@ -24,6 +28,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import machine_info  # noqa: E402
 
 from slmkit import cpu_kernels  # noqa: E402
 
@@ -44,13 +51,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_kernels.json"))
+    parser.add_argument("--out", default=None, help="JSON result path (default bench/results/cpu_kernels.json)")
+    parser.add_argument("--smoke", action="store_true", help="one small shape, 1 round, a temporary file")
     args = parser.parse_args()
+    shapes = SHAPES
+    if args.smoke:
+        import tempfile
+
+        shapes, args.rounds = [(2, 2, 2, 32, 8)], 1
+        if args.out is None:
+            args.out = str(Path(tempfile.mkdtemp(prefix="slm-cpu-kernels-smoke-")) / "cpu_kernels.json")
+    args.out = args.out or str(ROOT / "bench" / "results" / "cpu_kernels.json")
     if cpu_kernels.available() is not None:
         sys.exit(f"error: {cpu_kernels.available()}")
     torch.set_num_threads(args.threads)
     rows = []
-    for B, H, KV, T, D in SHAPES:
+    for B, H, KV, T, D in shapes:
         torch.manual_seed(0)
         qkv = torch.randn(B, T, (H + 2 * KV) * D, requires_grad=True)
         q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
@@ -78,8 +94,7 @@ def main() -> None:
         ratio = (a["forward"] + a["backward"]) / (b["forward"] + b["backward"])
         print(f"| {s['batch']} x {s['heads']} ({s['kv_heads']}) x {s['context']} x {s['head_size']} | "
               f"{a['forward']:.2f} | {b['forward']:.2f} | {a['backward']:.2f} | {b['backward']:.2f} | {ratio:.2f}x |")
-    out = {"command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
-           "threads": args.threads, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    out = {**machine_info(), "threads": args.threads, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
            "rounds": args.rounds, "shapes": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

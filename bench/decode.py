@@ -2,7 +2,8 @@
 
     python bench/decode.py                 # the table quoted in docs/generation.md
     python bench/decode.py --compile       # adds torch.compile of the decode step (slow to start)
-    python bench/decode.py --quick         # a smoke run: fewer tokens and rounds
+    python bench/decode.py --quick         # fewer tokens and rounds
+    python bench/decode.py --smoke         # seconds: stories260k, 16 tokens, 1 round, no onnxruntime, a tmp file
     python bench/decode.py --device cuda --dtype bfloat16 --out bench/results/decode_cuda.json
                                            # the same table on a GPU, in bf16 (issue #3)
     python bench/decode.py --models stories42m --prompt-len 400 --new-tokens 32 --batches --out x.json
@@ -37,6 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine_info  # noqa: E402
 
 from slmkit import cpu_decode, gpu_decode  # noqa: E402
 from slmkit.config import from_dict, load_preset  # noqa: E402
@@ -135,9 +139,9 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
                      + " ".join(f"{x:.0f}" for x in r["runs"]) + " |")
     print("\n".join(table))
     report = {
-        "command": "python " + " ".join(sys.argv),
+        **machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(), "device": device_name(args.device), "dtype": args.dtype,
+        "device": device_name(args.device), "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
                 if k in os.environ},
@@ -163,10 +167,20 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (30-60 s to compile)")
     parser.add_argument("--one-thread-rows", action="store_true", help="add the fast rows with 1 thread")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 2 rounds: a smoke run")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime row")
+    parser.add_argument("--smoke", action="store_true", help="seconds: stories260k, 16 new tokens, batch 1 and 2, "
+                        "1 round, no onnxruntime, written to a temporary file (not bench/results)")
+    parser.add_argument("--out", default=None, help="JSON result path (default bench/results/decode.json)")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.rounds = 64, 2
+    if args.smoke:
+        args.models, args.new_tokens, args.rounds, args.batches, args.no_onnx = ["stories260k"], 16, 1, [2], True
+        if args.out is None:
+            import tempfile
+
+            args.out = str(Path(tempfile.mkdtemp(prefix="slm-decode-smoke-")) / "decode.json")
+    args.out = args.out or str(Path(__file__).parent / "results" / "decode.json")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     greedy = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
@@ -189,7 +203,8 @@ def main() -> None:
                 variants.append(("step + torch.compile", 1, "step", greedy, fast_model, t))
             except Exception as e:  # noqa: BLE001 - a failed compile is a result too
                 print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
-        gen = onnx_generator(model, t) if args.device == "cpu" and dtype == torch.float32 else None
+        gen = (onnx_generator(model, t) if args.device == "cpu" and dtype == torch.float32 and not args.no_onnx
+               else None)
         if gen is not None:
             variants.append(("onnxruntime (KV cache)", 1, "onnxruntime", greedy, gen, t))
         for b in args.batches:

@@ -1,112 +1,444 @@
-"""Quality per minute: train recipes for a fixed wall-clock budget, report bits per byte.
+"""Quality per minute: train recipes for a fixed wall-clock budget, report bits per byte on val and test.
 
-    python bench/quality.py --max-time 15m                      # the two recipes of the table
+    python bench/quality.py --max-time 15m                                  # the default recipes
+    python bench/quality.py --max-time 15m --nanogpt PATH/TO/nanoGPT      # + nanoGPT's own train.py
     python bench/quality.py --max-time 3m --try "lr5e-3: train.lr=5e-3"   # explore on top of cpu-15min
+    python bench/quality.py --smoke                                         # seconds, a tmp dir, a toy corpus
 
-Each recipe trains with ``slm train --max-time`` on the shared TinyStories train.txt (prepared with
-the project's tokenizer, vocab 4096) and is scored on all of the shared valid.txt with ``slm eval``
-(the last checkpoint, every token of the file). Runs go one after another, each with all the cores;
-the machine's load average is recorded with each result because the machine may be shared.
-Results are appended as JSON lines to bench/results/quality.jsonl, each with its command.
+**Three splits.** The shared TinyStories ``train.txt`` loses its last 500 stories (``TEST_STORIES``)
+to a test split, written to DATA/test.txt, that no recipe search ever looks at (the searches in
+docs/recipes.md read val only); the rest is the training text, from which the tokenizer (byte-level
+BPE, vocab 4096) is learned; ``valid.txt`` is the validation split recipes are chosen on. Every row
+reports bits per byte on both, last checkpoint, every token of each file, by ``slm eval``; the test
+figure is the one to quote.
+
+**Recipes** (``RECIPES``) train with ``slm train --max-time`` one after another with all the cores:
+
+* ``cpu-15min``: the preset;
+* ``nanogpt-tuned``: nanoGPT's architecture (learned positions, LayerNorm, GELU, no biases, tied
+  embeddings: nanoGPT's defaults) trained with cpu-15min's tuned settings (4 x 192, context 256,
+  batch 16, lr 3e-3 warmup-stable-decay, compiled): the same recipe, nanoGPT's model;
+* ``nanogpt-cpu``: nanoGPT's README advice for CPUs (``config/train_shakespeare_char.py`` with 4
+  layers, 4 heads, width 128, context 64, batch 12, dropout 0, eval_iters 20, eager) in slmkit's
+  trainer, its cosine stretched over the budget;
+* ``nanogpt-shakespeare``: nanoGPT's GPU shakespeare config (6 x 384, dropout 0.2, batch 16, eager),
+  the baseline of earlier sessions, kept to re-run old rows.
+
+**The real nanoGPT** (``--nanogpt PATH``, a clone of github.com/karpathy/nanoGPT): its ``train.py``
+runs the README's CPU command on the same prepared ``train.bin``/``val.bin`` (slmkit writes uint16
+tokens, nanoGPT's format; a ``meta.pkl`` gives it the vocab size). First as written (2000 iterations),
+which also times an iteration; then with ``max_iters`` and ``lr_decay_iters`` scaled to fill the
+budget (a multiple of its eval_interval 250, where it saves its checkpoint). Its ``ckpt.pt`` (a torch
+pickle this script just had it write, loaded with ``weights_only=True``) is converted to slmkit's GPT
+(same architecture: learned positions, LayerNorm, GELU, nanoGPT's bias setting) and scored like the
+other rows. slmkit's GELU is the tanh form and nanoGPT's the exact erf form, so the conversion is
+checked: the loss of nanoGPT's own module and of the converted model on the same windows are both
+recorded (``loss_check``).
+
+Results are appended as JSON lines to bench/results/quality_test_split.jsonl (``--results``), each
+with its command, the machine, the commit and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
+import pickle
+import re
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import machine_info  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
+TEST_STORIES = 500  # the last stories of train.txt that become the test split
+EOT_LINE = "<|endoftext|>"
 
-# nanoGPT's config/train_shakespeare_char.py carried over: 6 layers, 6 heads, width 384, context 256,
-# dropout 0.2, lr 1e-3 with warmup and cosine to 1e-4, beta2 0.99, learned positions, LayerNorm
-# without biases, GELU, tied embeddings; batch 16 x 256 as in the issue's nanoGPT measurement. Run the
-# nanoGPT way: eager PyTorch, no compile.
-NANOGPT = [
-    "model.n_layer=6", "model.n_head=6", "model.n_embd=384", "model.block_size=256", "model.dropout=0.2",
-    "model.positions=learned", "model.norm=layernorm", "model.activation=gelu", "model.bias=false",
-    "model.tie_embeddings=true", "train.batch_size=16", "train.grad_accum=1", "train.lr=1e-3",
-    "train.min_lr_ratio=0.1", "train.warmup_steps=100", "train.max_steps=5000", "train.schedule=cosine",
-    "train.beta2=0.99", "train.weight_decay=0.1", "train.eval_interval=250", "train.checkpoint_interval=250",
-    "train.compile=false",
-]
+# nanoGPT's model: learned positions, LayerNorm, GELU MLP 4x, tied embeddings, bias=False (its default).
+NANOGPT_ARCH = ["model.positions=learned", "model.norm=layernorm", "model.activation=gelu", "model.bias=false",
+                "model.tie_embeddings=true"]
+# nanoGPT's config/train_shakespeare_char.py, which both of its CPU recipes start from.
+SHAKESPEARE = ["train.lr=1e-3", "train.min_lr_ratio=0.1", "train.warmup_steps=100", "train.schedule=cosine",
+               "train.beta2=0.99", "train.weight_decay=0.1", "train.grad_accum=1", "train.max_steps=1000000",
+               "train.eval_interval=250", "train.checkpoint_interval=250", "train.compile=false"]
+# The README's CPU advice on top of it (its eval_iters=20 is train.eval_batches=20, slmkit's default).
+NANOGPT_CPU_ADVICE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                      "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                      "--lr_decay_iters=2000", "--dropout=0.0"]
 RECIPES: dict[str, tuple[str | None, list[str]]] = {
-    "nanogpt": (None, NANOGPT),
     "cpu-15min": ("cpu-15min", []),
+    "nanogpt-tuned": ("cpu-15min", NANOGPT_ARCH),
+    "nanogpt-cpu": (None, NANOGPT_ARCH + SHAKESPEARE + [
+        "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.dropout=0.0",
+        "train.batch_size=12", "train.eval_batches=20"]),
+    "nanogpt-shakespeare": (None, NANOGPT_ARCH + SHAKESPEARE + [
+        "model.n_layer=6", "model.n_head=6", "model.n_embd=384", "model.block_size=256", "model.dropout=0.2",
+        "train.batch_size=16"]),
 }
+DEFAULT_RECIPES = ["cpu-15min", "nanogpt-tuned", "nanogpt-cpu"]
 
 
 def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def prepare_data(data: Path) -> None:
-    """Tokenize the shared TinyStories files into ``data`` unless that was done already."""
-    if (data / "meta.json").exists():
-        return
+def parse_seconds(text: str) -> float:
+    """'15m' -> 900.0, '90s' -> 90.0, '1h' -> 3600.0, '20' -> 20.0."""
+    m = re.fullmatch(r"([0-9.]+)([smh]?)", text.strip())
+    if not m:
+        raise SystemExit(f"error: --max-time {text!r} is not a duration like 15m, 90s or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+# --------------------------------------------------------------------------- data and the test split
+
+
+def read_stories(path: Path) -> list[str]:
+    from slmkit.data import read_documents
+
+    return list(read_documents([str(path)]))
+
+
+def write_stories(path: Path, stories: list[str]) -> None:
+    path.write_text("".join(f"{s}\n{EOT_LINE}\n" for s in stories), encoding="utf-8")
+
+
+def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int, vocab_size: int) -> dict:
+    """Tokenize ``train_txt`` minus its last ``test_stories`` stories into ``data`` (val: ``valid_txt``)
+    and write those stories to DATA/test.txt; kept when DATA was made from the same files already.
+    Stories of the test split that also occur verbatim earlier in train.txt are dropped from training."""
     from slmkit.data import prepare
 
-    prepare([str(SHARED / "train.txt")], data, vocab_size=4096, val_inputs=[str(SHARED / "valid.txt")])
+    source = {"train": str(train_txt), "train_sha256": hashlib.sha256(train_txt.read_bytes()).hexdigest(),
+              "valid": str(valid_txt), "test_stories": test_stories, "vocab_size": vocab_size}
+    split_file = data / "split.json"
+    if split_file.exists() and (data / "meta.json").exists() and (data / "test.txt").exists():
+        if json.loads(split_file.read_text())["source"] == source:
+            return json.loads(split_file.read_text())
+    stories = read_stories(train_txt)
+    test = stories[-test_stories:]
+    seen = set(test)
+    train = [s for s in stories[:-test_stories] if s not in seen]
+    with tempfile.TemporaryDirectory(prefix="slm-quality-split-") as tmp:
+        train_part = Path(tmp) / "train_part.txt"
+        write_stories(train_part, train)
+        prepare([str(train_part)], data, vocab_size=vocab_size, val_inputs=[str(valid_txt)])
+    write_stories(data / "test.txt", test)
+    split = {"source": source, "train_stories": len(train), "test_stories": len(test),
+             "test_duplicates_removed_from_train": len(stories) - test_stories - len(train),
+             "test_sha256": hashlib.sha256((data / "test.txt").read_bytes()).hexdigest()}
+    split_file.write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
+    return split
 
 
-def run_recipe(name: str, preset: str | None, overrides: list[str], data: Path, out: Path, max_time: str) -> dict:
+def smoke_corpus(directory: Path) -> tuple[Path, Path]:
+    """A toy corpus for --smoke: short deterministic stories from a small word list."""
+    import random
+
+    rng = random.Random(0)
+    names, things = ["Tom", "Lily", "Sam", "Mia", "Ben"], ["ball", "cat", "tree", "box", "cake", "dog"]
+    verbs = ["saw", "liked", "found", "took", "lost", "shared"]
+
+    def story() -> str:
+        n = rng.choice(names)
+        return " ".join(f"{n} {rng.choice(verbs)} a {rng.choice(things)}." for _ in range(rng.randint(4, 9)))
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_stories(directory / "train.txt", [story() for _ in range(400)])
+    write_stories(directory / "valid.txt", [story() for _ in range(40)])
+    return directory / "train.txt", directory / "valid.txt"
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score(run: Path, data: Path) -> dict[str, float]:
+    """Bits per byte and loss of RUN's last checkpoint on the val split and on DATA/test.txt."""
     from slmkit.evaluate import evaluate_run
+
+    val = evaluate_run(run, data_dir=data, which="last")
+    test = evaluate_run(run, input_path=str(data / "test.txt"), which="last")
+    return {"val_bpb": val["bpb"], "val_loss": val["loss"], "test_bpb": test["bpb"], "test_loss": test["loss"],
+            "val_tokens": val["tokens"], "test_tokens": test["tokens"]}
+
+
+def eval_command(run: Path, data: Path) -> str:
+    return f"slm eval {run} --data {data} --which last && slm eval {run} --input {data / 'test.txt'} --which last"
+
+
+def run_recipe(name: str, preset: str | None, overrides: list[str], data: Path, out: Path, max_time: str,
+               quiet: bool = True) -> dict:
     from slmkit.train import train
 
     load_before, t0 = load_average(), time.time()
-    summary = train(data, out / name, preset=preset, overrides=overrides, max_time=max_time, fresh=True, quiet=True)
+    summary = train(data, out / name, preset=preset, overrides=overrides, max_time=max_time, fresh=True, quiet=quiet)
     wall = time.time() - t0
-    metrics = evaluate_run(out / name, data_dir=data, which="last")
     cmd = (f"slm train --data {data} --out {out / name} --fresh --max-time {max_time}"
            + (f" --preset {preset}" if preset else "") + "".join(" " + shlex.quote(o) for o in overrides)
-           + f" && slm eval {out / name} --data {data} --which last")
+           + " && " + eval_command(out / name, data))
+    from slmkit.checkpoint import load_run
+
+    model, _, _ = load_run(out / name, which="last")
     return {
-        "recipe": name, "max_time": max_time, "val_bpb": metrics["bpb"], "val_loss": metrics["loss"],
-        "steps": summary["steps"], "tokens": summary["tokens"], "tok_per_s": summary["tok_per_s"],
-        "mfu": summary["mfu"], "wall_s": round(wall, 1), "load_before": load_before, "load_after": load_average(),
-        "threads": __import__("torch").get_num_threads(), "command": cmd,
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "recipe": name, "max_time": max_time, **score(out / name, data), "steps": summary["steps"],
+        "tokens": summary["tokens"], "tok_per_s": summary["tok_per_s"], "mfu": summary["mfu"],
+        "params": model.num_params(non_embedding=False), "wall_s": round(wall, 1), "load_before": load_before,
+        "load_after": load_average(), "threads": __import__("torch").get_num_threads(), "command": cmd,
     }
+
+
+# --------------------------------------------------------------------------- the real nanoGPT
+
+
+def nanogpt_workdir(clone: Path, data: Path, work: Path) -> Path:
+    """A folder to run nanoGPT's train.py in: its scripts linked from the clone (it reads
+    configurator.py and data/<dataset>/ relative to the working directory) and data/slmkit/ holding
+    slmkit's train.bin and val.bin with a meta.pkl for the vocab size."""
+    from slmkit.data import load_meta
+
+    for f in ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py"):
+        if not (clone / f).is_file():
+            raise SystemExit(f"error: {clone / f} not found: --nanogpt takes a clone of github.com/karpathy/nanoGPT")
+    meta = load_meta(data)
+    if meta["dtype"] != "uint16":
+        raise SystemExit(f"error: {data} stores {meta['dtype']} tokens; nanoGPT reads uint16 (vocab <= 65,535)")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "data" / "slmkit").mkdir(parents=True)
+    for f in ("train.py", "model.py", "configurator.py", "config"):
+        (work / f).symlink_to((clone / f).resolve())
+    for split in ("train.bin", "val.bin"):
+        (work / "data" / "slmkit" / split).symlink_to((data / split).resolve())
+    with open(work / "data" / "slmkit" / "meta.pkl", "wb") as f:  # nanoGPT's own format for the vocab size
+        pickle.dump({"vocab_size": meta["vocab_size"]}, f)
+    return work
+
+
+def run_nanogpt_train(work: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run nanoGPT's train.py in ``work``; returns its wall time, last iteration and log path.
+    A run past ``timeout_s`` is stopped (its last saved checkpoint still counts, and says so)."""
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *args]
+    log = work / f"train_{len(list(work.glob('train_*.log')))}.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=work, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout_s)
+            stopped = False
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+            stopped = True
+    wall = time.time() - t0
+    text = log.read_text()
+    if proc.returncode not in (0, None) and not stopped:
+        raise RuntimeError(f"nanoGPT's train.py failed (exit {proc.returncode}); end of {log}:\n{text[-2000:]}")
+    iters = [int(i) for i in re.findall(r"^iter (\d+):", text, re.M)]
+    return {"wall_s": wall, "last_iter": iters[-1] if iters else -1, "log": str(log), "stopped_by_timeout": stopped,
+            "command": f"cd {work} && python train.py config/train_shakespeare_char.py " + " ".join(args)}
+
+
+def nanogpt_to_slmkit(state: dict[str, Any], model_args: dict[str, Any]):
+    """nanoGPT's GPT weights as slmkit's GPT with the same architecture (names mapped one to one)."""
+    from slmkit.config import from_dict
+    from slmkit.model import GPT, ModelConfig
+
+    mc = from_dict(ModelConfig, {
+        "n_layer": model_args["n_layer"], "n_head": model_args["n_head"], "n_embd": model_args["n_embd"],
+        "block_size": model_args["block_size"], "vocab_size": model_args["vocab_size"], "bias": model_args["bias"],
+        "positions": "learned", "norm": "layernorm", "activation": "gelu", "tie_embeddings": True, "dropout": 0.0,
+    }, "model")
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    names = {"transformer.wte.": "tok_emb.", "transformer.wpe.": "pos_emb.", "transformer.ln_f.": "norm.",
+             "lm_head.": "lm_head."}
+    parts = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+             "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+    weights = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m and m.group(2) in parts:
+            weights[f"blocks.{m.group(1)}.{parts[m.group(2)]}.{m.group(3)}"] = value
+        elif m is None and re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", key):
+            continue  # the causal mask buffer of nanoGPT's non-flash path
+        else:
+            prefix = next((p for p in names if key.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"unexpected nanoGPT weight {key}")
+            weights[names[prefix] + key[len(prefix):]] = value
+    model = GPT(mc)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to tok_emb
+    if missing or unexpected:
+        raise ValueError(f"nanoGPT weights do not map onto slmkit's GPT: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def loss_check(clone: Path, ckpt: dict[str, Any], converted, data: Path, windows: int = 16) -> dict[str, float]:
+    """Mean loss of nanoGPT's own module (its model.py) and of the converted model on the same
+    val windows: the conversion is right when they agree to the GELU forms' difference."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(clone))
+    try:
+        import model as nanogpt_model  # nanoGPT's model.py
+    finally:
+        sys.path.remove(str(clone))
+    theirs = nanogpt_model.GPT(nanogpt_model.GPTConfig(**{**ckpt["model_args"], "dropout": 0.0}))
+    theirs.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    theirs.eval()
+    T = converted.config.block_size
+    from slmkit.data import open_split
+
+    val = np.asarray(open_split(data, "val")[: windows * T + 1], dtype=np.int64)
+    x = torch.from_numpy(val[:-1].reshape(windows, T))
+    y = torch.from_numpy(val[1:].reshape(windows, T))
+    with torch.no_grad():
+        ours = converted(x, y)[1].item()
+        logits, _ = theirs(x, y)
+        nano = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    return {"nanogpt_module_loss": nano, "converted_loss": ours, "windows": windows, "context": T}
+
+
+def write_run(model, data: Path, run: Path, step: int) -> None:
+    """``model`` as a slmkit RUN_DIR (tokenizer from DATA, weights as last/), so ``slm eval`` scores it."""
+    from slmkit.checkpoint import write_checkpoint
+
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "encoder.json", "vocab.bpe", "tokenizer_meta.json"):
+        if (data / name).exists():
+            shutil.copy2(data / name, run / "tokenizer" / name)
+    write_checkpoint(run / "last", model=model, state={"step": step, "converted_from": "nanoGPT ckpt.pt"})
+
+
+def run_nanogpt(clone: Path, data: Path, out: Path, max_time: str, smoke: bool) -> list[dict]:
+    """nanoGPT's train.py with the README's CPU advice: as written, then stretched to the budget."""
+    import torch
+
+    work = nanogpt_workdir(clone, data, out / "nanogpt-train.py")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True)
+    budget = parse_seconds(max_time)
+    advice = [a for a in NANOGPT_CPU_ADVICE if not a.startswith(("--max_iters", "--lr_decay_iters"))]
+    common = ["--dataset=slmkit", "--out_dir=out"]
+    # (name, iterations, time limit): the as-written run also measures the time an iteration takes
+    plans = [("nanogpt-train.py-as-written", 20 if smoke else 2000, 3600.0)]
+    rows = []
+    per_iter = None
+    while plans:
+        name, iters, limit = plans.pop(0)
+        shutil.rmtree(work / "out", ignore_errors=True)
+        extra = ["--eval_interval=10"] if smoke else []
+        load_before = load_average()
+        res = run_nanogpt_train(work, advice + common + extra + [f"--max_iters={iters}", f"--lr_decay_iters={iters}"],
+                                timeout_s=limit)
+        if per_iter is None:
+            per_iter = res["wall_s"] / max(iters, 1)
+            if not smoke:  # as many iterations as fit, rounded down to where it evaluates and saves
+                fit = int(budget / per_iter) // 250 * 250
+                plans.append((f"nanogpt-train.py-{max_time}", max(fit, 250), budget * 1.1))
+        ckpt_path = work / "out" / "ckpt.pt"
+        if not ckpt_path.exists():
+            raise RuntimeError(f"nanoGPT wrote no checkpoint; see {res['log']}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        converted = nanogpt_to_slmkit(ckpt["model"], ckpt["model_args"])
+        run = out / name
+        write_run(converted, data, run, ckpt["iter_num"])
+        check = loss_check(clone, ckpt, converted, data, windows=4 if smoke else 16)
+        tokens_per_iter = ckpt["config"]["batch_size"] * ckpt["config"]["block_size"]
+        rows.append({
+            "recipe": name, "max_time": max_time if "as-written" not in name else f"{iters} iterations",
+            **score(run, data), "steps": ckpt["iter_num"], "tokens": ckpt["iter_num"] * tokens_per_iter,
+            "iterations_run": res["last_iter"] + 1, "tok_per_s": (res["last_iter"] + 1) * tokens_per_iter / res["wall_s"],
+            "params": converted.num_params(non_embedding=False), "wall_s": round(res["wall_s"], 1),
+            "stopped_by_timeout": res["stopped_by_timeout"], "load_before": load_before, "load_after": load_average(),
+            "loss_check": check, "nanogpt_commit": commit.stdout.strip(),
+            "command": res["command"] + " && " + eval_command(run, data) + "  # ckpt.pt converted by bench/quality.py",
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def print_table(rows: list[dict]) -> None:
+    base = rows[0]["test_bpb"]
+    print("\n| recipe | budget | test bpb | val bpb | test vs first | steps | tokens | tok/s |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['max_time']} | {r['test_bpb']:.3f} | {r['val_bpb']:.3f} | "
+              f"{r['test_bpb'] / base:.2f}x | {r['steps']} | {r['tokens']:,} | {r['tok_per_s']:,.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-time", default="15m")
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help=f"of {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", nargs="*", default=None, help=f"of {', '.join(RECIPES)} "
+                        f"(default: {' '.join(DEFAULT_RECIPES)})")
     parser.add_argument("--try", dest="tries", action="append", default=[], metavar="'NAME: overrides'",
                         help="an extra recipe: cpu-15min with these overrides")
-    parser.add_argument("--data", default="/tmp/speed_ts", help="prepared data (made from the shared files if missing)")
-    parser.add_argument("--out", default="/tmp/speed_quality", help="where the runs go")
-    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality.jsonl"))
+    parser.add_argument("--nanogpt", type=Path, default=None, help="a clone of github.com/karpathy/nanoGPT: "
+                        "also run its train.py (the README's CPU advice) on the same data")
+    parser.add_argument("--data", default="/tmp/slm_quality_ts", help="prepared data with the test split "
+                        "(made from the shared files if missing)")
+    parser.add_argument("--out", default="/tmp/slm_quality", help="where the runs go")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality_test_split.jsonl"))
+    parser.add_argument("--smoke", action="store_true", help="a toy corpus, the tiny preset, seconds; "
+                        "everything in a temporary folder (not bench/results)")
     args = parser.parse_args()
 
-    data, out = Path(args.data), Path(args.out)
-    prepare_data(data)
-    todo = [(n, *RECIPES[n]) for n in args.recipes]
+    train_txt, valid_txt, test_stories, vocab = SHARED / "train.txt", SHARED / "valid.txt", TEST_STORIES, 4096
+    recipes = args.recipes if args.recipes is not None else DEFAULT_RECIPES
+    todo = [(n, *RECIPES[n]) for n in recipes]
     for t in args.tries:
         name, _, over = t.partition(":")
         todo.append((name.strip(), "cpu-15min", over.split()))
+    tmp = None
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="slm-quality-smoke-"))
+        train_txt, valid_txt = smoke_corpus(tmp / "corpus")
+        test_stories, vocab, args.max_time = 40, 320, "4s"
+        args.data, args.out, args.results = str(tmp / "data"), str(tmp / "runs"), str(tmp / "quality.jsonl")
+        tiny = ["model.block_size=32", "train.batch_size=4", "train.max_steps=6", "train.eval_interval=3",
+                "train.checkpoint_interval=3", "train.eval_batches=2", "train.warmup_steps=2", "train.compile=false"]
+        todo = [(n, "tiny", [o for o in ov if not o.startswith(("model.block_size", "model.n_", "train.batch_size"))]
+                 + tiny) for n, _, ov in todo]
+    elif not train_txt.exists():
+        raise SystemExit(f"error: {train_txt} not found: the benchmark trains on the shared TinyStories files")
+    data, out = Path(args.data), Path(args.out)
+    split = prepare_data(data, train_txt, valid_txt, test_stories, vocab)
+    info = {**machine_info(), "split": {k: v for k, v in split.items() if k != "source"}, "data": str(data)}
     rows = []
-    for name, preset, overrides in todo:
-        row = run_recipe(name, preset, overrides, data, out, args.max_time)
+
+    def keep(row: dict) -> None:
+        row = {**info, "bench_command": info["command"], **row}
         rows.append(row)
         with open(args.results, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{name:24s} bpb {row['val_bpb']:.4f}  steps {row['steps']:5d}  {row['tok_per_s']:6,.0f} tok/s  "
-              f"MFU {row['mfu']:.0%}  load {row['load_before']:.1f}->{row['load_after']:.1f}", flush=True)
-    if len(rows) > 1:
-        base = rows[0]["val_bpb"]
-        print("\n| recipe | budget | val bpb | vs first | steps | tok/s | load |\n|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['recipe']} | {r['max_time']} | {r['val_bpb']:.3f} | {r['val_bpb'] / base:.2f}x | {r['steps']} | "
-                  f"{r['tok_per_s']:,.0f} | {r['load_before']:.1f} |")
+        print(f"{row['recipe']:32s} test bpb {row['test_bpb']:.4f}  val bpb {row['val_bpb']:.4f}  steps "
+              f"{row['steps']:6d}  {row['tok_per_s']:7,.0f} tok/s  load {row['load_before']:.1f}->{row['load_after']:.1f}",
+              flush=True)
+
+    for name, preset, overrides in todo:
+        keep(run_recipe(name, preset, overrides, data, out, args.max_time))
+    if args.nanogpt is not None:
+        for row in run_nanogpt(args.nanogpt.expanduser(), data, out, args.max_time, args.smoke):
+            keep(row)
+    if rows and not math.isnan(rows[0]["test_bpb"]):
+        print_table(rows)
+    if tmp is not None:
+        print(f"smoke results: {args.results}")
 
 
 if __name__ == "__main__":

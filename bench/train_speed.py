@@ -1,25 +1,37 @@
-"""Training throughput: slmkit's training step against a plain eager reference, in the same process.
+"""Training throughput: slmkit's training step against plain references, in the same process.
 
     python bench/train_speed.py                                  # CPU, 2 threads, fp32
     python bench/train_speed.py --device cuda --preset-shape    # GPU, bf16: 15m, 42m, 110m at their own shapes
+    python bench/train_speed.py --smoke                          # seconds: tiny model, eager only, a tmp file
 
 One training step is forward + backward + gradient clipping + optimizer step on a fixed batch
 (16 x 256 tokens by default, vocab 4096; ``--preset-shape`` takes each preset's own micro-batch and
-context instead, e.g. 32 x 1024 for stories110m, the size a GPU is used at). Three ways of doing it
-are timed:
+context instead, e.g. 32 x 1024 for stories110m, the size a GPU is used at). Two architectures,
+each against its own reference written the peers' way below in this file:
 
-* ``reference``: the same architecture written the nanoGPT / llama2.c way, below in this file:
-  eager PyTorch, separate q/k/v and w1/w2/w3 matmuls, hand-written RMSNorm and RoPE, SDPA, the full
-  logits and F.cross_entropy, AdamW (foreach, as nanoGPT uses off CUDA), no compile;
-* ``slmkit-eager``: slmkit's model and optimizer as ``Trainer.train_step`` uses them, uncompiled;
-* ``slmkit``: the same with ``train.compile=true``: slmkit's fastest path;
+* ``reference``: the preset's Llama architecture the llama2.c way (its ``model.py``): eager PyTorch,
+  separate q/k/v and w1/w2/w3 matmuls, hand-written RMSNorm and RoPE, SDPA, the full logits and
+  F.cross_entropy, AdamW (fused on CUDA, foreach elsewhere, as nanoGPT);
+* ``nanogpt``: nanoGPT's architecture (its ``model.py``) at the preset's width, depth and heads:
+  learned positions, LayerNorm, one fused qkv matmul, GELU MLP 4x, biases as nanoGPT's default
+  (none), tied embeddings, SDPA, full logits, AdamW with decay on 2-D weights only;
+* ``slmkit-eager`` / ``slmkit``: slmkit's model and optimizer as ``Trainer.train_step`` uses them,
+  the preset's architecture, uncompiled / with ``train.compile=true`` (slmkit's fastest path);
+* ``slmkit-gpt2-eager`` / ``slmkit-gpt2``: the same with nanoGPT's architecture, against ``nanogpt``;
 * ``slmkit-blocks`` (only when asked for): compile just the repeated block, which compiles faster.
+
+Both peers default to ``compile=True`` on a GPU, so there the references are compiled too
+(``--compile-references``, on by default with ``--device cuda``); on a CPU nanoGPT's README says
+``--compile=False``, so they stay eager. Every variant reports its compile time (the first two steps
+minus two steady steps) beside its steady-state speed.
 
 The machine may be shared, so the variants run in alternation (a few steps of each, round after
 round), every round also times a large square matmul, and the table shows medians; ratios between
 variants of the same round survive a noisy machine better than absolute numbers. MFU is
-``flops_per_token x tokens/s`` (6 x params plus the attention term) over the median matmul peak.
-The result goes to bench/results/train_speed_<device>.json with the command that reproduces it.
+``flops_per_token x tokens/s`` (6 x params plus the attention term). On a CPU it is taken against the
+highest matmul peak measured in the run (the median peak would flatter it); on a GPU against the
+datasheet peak (as nanoGPT quotes MFU, for the GPUs in ``DATASHEET_PEAK``) and the highest measured
+peak. The result goes to bench/results/train_speed_<device>.json with the command and the machine.
 """
 
 from __future__ import annotations
@@ -39,6 +51,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import machine_info  # noqa: E402
 
 from slmkit.config import load_preset  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
@@ -139,7 +154,78 @@ class RefGPT(nn.Module):
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
+class NanoBlock(nn.Module):
+    """nanoGPT's Block: pre-LayerNorm, causal self-attention with one fused qkv matmul, GELU MLP."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        C, self.nh = c.n_embd, c.n_head
+        self.ln_1 = nn.LayerNorm(C, bias=c.bias)
+        self.c_attn = nn.Linear(C, 3 * C, bias=c.bias)
+        self.attn_proj = nn.Linear(C, C, bias=c.bias)
+        self.ln_2 = nn.LayerNorm(C, bias=c.bias)
+        self.c_fc = nn.Linear(C, 4 * C, bias=c.bias)
+        self.mlp_proj = nn.Linear(4 * C, C, bias=c.bias)
+        self.gelu = nn.GELU()  # the exact (erf) form, as nanoGPT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.nh, C // self.nh).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT (learned positions, LayerNorm, GELU, tied embeddings), full logits + cross-entropy."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.h = nn.ModuleList(NanoBlock(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def nanogpt_optimizer(model: nn.Module, device: str) -> torch.optim.AdamW:
+    """nanoGPT's configure_optimizers: weight decay on 2-D parameters only, fused AdamW on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
+
+
+def gpt2_arch(mc: ModelConfig) -> ModelConfig:
+    """The preset's shape with nanoGPT's architecture (no grouped-query attention, MLP 4x)."""
+    return ModelConfig(**{**mc.__dict__, "positions": "learned", "norm": "layernorm", "activation": "gelu",
+                          "bias": False, "n_kv_head": None, "mlp_hidden": None})
+
+
 # --------------------------------------------------------------------------- the steps
+
+# variant -> (architecture, implementation, compiled); None: --compile-references decides
+VARIANTS: dict[str, tuple[str, str, bool | None]] = {
+    "reference": ("llama", "reference", None), "slmkit-eager": ("llama", "slmkit", False),
+    "slmkit": ("llama", "slmkit", True), "slmkit-blocks": ("llama", "slmkit-blocks", False),
+    "nanogpt": ("gpt2", "nanogpt", None), "slmkit-gpt2-eager": ("gpt2", "slmkit", False),
+    "slmkit-gpt2": ("gpt2", "slmkit", True),
+}
+BASELINE = {"llama": "reference", "gpt2": "nanogpt"}
+# Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), the peak nanoGPT quotes MFU against.
+DATASHEET_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
 def sync(device: str) -> None:
@@ -147,22 +233,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor
-              ) -> tuple[Callable[[], None], float]:
+def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor,
+              compile_references: bool) -> tuple[Callable[[], None], float]:
     """A function running one training step of ``variant``, and the seconds its first two steps took
     (compilation included)."""
     torch.manual_seed(0)
-    if variant == "reference":
-        model = RefGPT(mc).to(device)
-        fused = device == "cuda"  # nanoGPT: fused AdamW on CUDA only
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
-        forward = lambda: model(x, y)[1]  # noqa: E731
+    arch, impl, compiled = VARIANTS[variant]
+    if arch == "gpt2":
+        mc = gpt2_arch(mc)
+    if impl in ("reference", "nanogpt"):
+        model = (RefGPT(mc) if impl == "reference" else NanoGPT(mc)).to(device)
+        if impl == "reference":  # nanoGPT: fused AdamW on CUDA only
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=device == "cuda")
+        else:
+            opt = nanogpt_optimizer(model, device)
+        net = torch.compile(model) if compile_references else model
+        forward = lambda: net(x, y)[1]  # noqa: E731
     else:
         model = GPT(mc).to(device)
-        cfg = TrainConfig(lr=1e-4, compile=variant == "slmkit")
+        cfg = TrainConfig(lr=1e-4, compile=bool(compiled))
         opt = make_optimizer(model, cfg, device)
         net = torch.compile(model) if cfg.compile else model
-        if variant == "slmkit-blocks":
+        if impl == "slmkit-blocks":
             for block in model.blocks:
                 block.compile()
         forward = lambda: net(x, y, return_logits=False)[1]  # noqa: E731
@@ -182,6 +274,11 @@ def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x:
     return step, time.perf_counter() - t0
 
 
+def is_compiled(variant: str, compile_references: bool) -> bool:
+    compiled = VARIANTS[variant][2]
+    return compile_references if compiled is None else compiled or VARIANTS[variant][1] == "slmkit-blocks"
+
+
 def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict:
     sections = load_preset(preset)
     batch, block = args.batch, args.block
@@ -193,7 +290,7 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
     steps, warmup = {}, {}
     for v in args.variants:
-        steps[v], warmup[v] = make_step(v, mc, device, dtype, x, y)
+        steps[v], warmup[v] = make_step(v, mc, device, dtype, x, y, args.compile_references)
         print(f"  {preset} {v}: first two steps {warmup[v]:.1f}s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     peaks = []
@@ -208,20 +305,38 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
                 sync(device)
                 times[v].append(time.perf_counter() - t0)
     tokens_per_step = batch * block
-    flops_per_token = GPT(mc).flops_per_token()
-    peak = statistics.median(peaks)
+    peak_max, peak_median = max(peaks), statistics.median(peaks)
     shape = {k: getattr(mc, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "block_size")}
     out = {"preset": preset, "batch": batch, "block": block, "model": shape,
-           "params": GPT(mc).num_params(), "flops_per_token": flops_per_token, "peak_flops_median": peak,
-           "peak_flops_max": max(peaks), "load_before": load_before, "load_after": os.getloadavg()[0], "variants": {}}
-    ref = statistics.median(times[args.variants[0]])
+           "params": GPT(mc).num_params(), "flops_per_token": GPT(mc).flops_per_token(),
+           "peak_flops_median": peak_median, "peak_flops_max": peak_max, "peak_flops_all": peaks,
+           "load_before": load_before, "load_after": os.getloadavg()[0], "variants": {}}
+    datasheet = next((v for k, v in DATASHEET_PEAK.items() if k in args.device_name), None) if device == "cuda" else None
+    if datasheet:
+        out["peak_flops_datasheet"] = datasheet
     for v in args.variants:
+        arch = VARIANTS[v][0]
+        arch_mc = gpt2_arch(mc) if arch == "gpt2" else mc
+        flops = GPT(arch_mc).flops_per_token()
         med = statistics.median(times[v])
-        out["variants"][v] = {
+        base = BASELINE[arch]
+        row = {
+            "architecture": "nanoGPT (learned, LayerNorm, GELU)" if arch == "gpt2" else "Llama (RoPE, RMSNorm, SwiGLU)",
+            "params": GPT(arch_mc).num_params(), "flops_per_token": flops, "compiled": is_compiled(v, args.compile_references),
             "tok_per_s": tokens_per_step / med, "tok_per_s_best": tokens_per_step / min(times[v]),
-            "mfu": flops_per_token * tokens_per_step / med / peak, f"speedup_vs_{args.variants[0]}": ref / med,
-            "first_two_steps_s": warmup[v], "step_times_s": [round(t, 4) for t in times[v]],
+            # against the highest peak of the run; the median peak is kept for older comparisons
+            "mfu": flops * tokens_per_step / med / peak_max,
+            "mfu_vs_median_peak": flops * tokens_per_step / med / peak_median,
+            "baseline": base if base in times else None,
+            "first_two_steps_s": warmup[v], "compile_s": max(warmup[v] - 2 * med, 0.0),
+            "step_s_median": med, "step_times_s": [round(t, 4) for t in times[v]],
         }
+        if datasheet:
+            row["mfu_vs_datasheet"] = flops * tokens_per_step / med / datasheet
+        if base in times:
+            row["speedup_vs_baseline"] = statistics.median(times[base]) / med
+            row["speedup_vs_reference"] = row["speedup_vs_baseline"]  # the key older files use
+        out["variants"][v] = row
     return out
 
 
@@ -230,8 +345,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=None, help="default: stories260k stories15m (CPU), "
                         "stories15m stories42m stories110m (CUDA)")
-    parser.add_argument("--variants", nargs="+", default=["reference", "slmkit-eager", "slmkit"],
-                        choices=["reference", "slmkit-eager", "slmkit", "slmkit-blocks"], help="the first one is the baseline")
+    parser.add_argument("--variants", nargs="+", default=["reference", "slmkit-eager", "slmkit", "nanogpt", "slmkit-gpt2"],
+                        choices=list(VARIANTS), help="each is compared with its architecture's reference "
+                        "(reference or nanogpt) when that runs too")
+    parser.add_argument("--compile-references", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the references (default: on with --device cuda, as the peers "
+                        "default to compile=True there; off on a CPU, as nanoGPT's README says)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=256)
@@ -242,40 +361,52 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--peak-n", type=int, default=None, help="size of the square matmul for the peak")
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/train_speed_<device>.json)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the tiny preset at 2 x 32 tokens, the eager "
+                        "variants, 1 round, written to a temporary file (not bench/results)")
     args = parser.parse_args()
+    if args.smoke:
+        args.presets, args.batch, args.block, args.vocab, args.rounds, args.steps = ["tiny"], 2, 32, 256, 1, 1
+        args.variants = ["reference", "slmkit-eager", "nanogpt", "slmkit-gpt2-eager"]
+        args.peak_n = 256
+        if args.out is None:
+            import tempfile
+
+            args.out = str(Path(tempfile.mkdtemp(prefix="slm-train-speed-smoke-")) / "train_speed.json")
 
     device = args.device
+    if args.compile_references is None:
+        args.compile_references = device == "cuda"
     if device == "cuda":
         dtype = torch.bfloat16
         args.presets = args.presets or ["stories15m", "stories42m", "stories110m"]
         args.peak_n = args.peak_n or 8192
         torch.backends.cuda.matmul.allow_tf32 = True
-        name = torch.cuda.get_device_name()
+        name = args.device_name = torch.cuda.get_device_name()
     else:
         dtype = torch.float32
         args.presets = args.presets or ["stories260k", "stories15m"]
         args.peak_n = args.peak_n or 2048
         torch.set_num_threads(args.threads)
+        args.device_name = "cpu"
         name = f"CPU, {args.threads} threads"
     results = {
-        "command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
-        "device": name, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **machine_info(), "device": name, "threads": args.threads if device == "cpu" else None,
+        "dtype": str(dtype).replace("torch.", ""), "compile_references": args.compile_references,
+        "mfu_peak": "highest measured" if device == "cpu" else "datasheet (mfu_vs_datasheet) and highest measured (mfu)",
         "rounds": args.rounds, "steps_per_round": args.steps, "presets": [],
     }
     for preset in args.presets:
         results["presets"].append(bench_preset(preset, args, device, dtype))
 
-    base = args.variants[0]
     print(f"\n{name}, {results['dtype']}, medians of {args.rounds} x {args.steps} steps "
-          f"(load average {results['presets'][0]['load_before']:.1f})\n")
-    print(f"| preset | batch x context | variant | tokens/s | vs {base} | MFU | matmul peak | first 2 steps |")
+          f"(load average {results['presets'][0]['load_before']:.1f}); MFU against the highest measured peak\n")
+    print("| preset | batch x context | variant | tokens/s | vs its reference | MFU | highest peak | compile |")
     print("|---|---|---|---|---|---|---|---|")
     for p in results["presets"]:
         for v, r in p["variants"].items():
-            print(f"| {p['preset']} | {p['batch']} x {p['block']} | {v} | {r['tok_per_s']:,.0f} | "
-                  f"{r[f'speedup_vs_{base}']:.2f}x | {r['mfu']:.0%} | "
-                  f"{p['peak_flops_median'] / 1e9:,.0f} GFLOP/s | {r['first_two_steps_s']:.0f}s |")
+            ratio = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r["baseline"] else "-"
+            print(f"| {p['preset']} | {p['batch']} x {p['block']} | {v} | {r['tok_per_s']:,.0f} | {ratio} | "
+                  f"{r['mfu']:.0%} | {p['peak_flops_max'] / 1e9:,.0f} GFLOP/s | {r['compile_s']:.0f}s |")
     path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"train_speed_{device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -17,9 +17,12 @@ measures both here, on one model:
 * slmkit generates greedily from the same start token, 255 tokens (the same 256 positions), on
   its default fast path with 2 threads, timed from the first new token as run.c is.
 
-The runs alternate, round after round, and the table gives medians. The greedy tokens of the two
+The runs alternate, round after round, and the table gives medians. The headline ratio is the
+like-for-like build: slmkit against ``make runomp`` with the same 2 threads (``headline`` in the
+JSON); the single-threaded ``-O3`` build is shown beside it. The greedy tokens of the two
 programs are compared too (fp32 in both, so they agree until rounding first flips a near tie).
-Writes bench/results/vs_llama2c.json.
+Writes bench/results/vs_llama2c.json with the machine it ran on. ``--smoke`` decodes 32 positions
+once, into a temporary file, in seconds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import machine_info  # noqa: E402
 
 from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.generate import Generation, SamplingConfig  # noqa: E402
@@ -147,11 +153,17 @@ def main() -> None:
     parser.add_argument("--llama2c", type=Path, required=True, help="a clone of github.com/karpathy/llama2.c")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_llama2c.json"))
+    parser.add_argument("--out", default=None, help="JSON result path (default bench/results/vs_llama2c.json)")
+    parser.add_argument("--smoke", action="store_true", help="32 positions, 1 round, a temporary file: seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds = 1
+        if args.out is None:
+            args.out = str(Path(tempfile.mkdtemp(prefix="slm-llama2c-smoke-")) / "vs_llama2c.json")
+    args.out = args.out or str(ROOT / "bench" / "results" / "vs_llama2c.json")
     torch.set_num_threads(args.threads)
     model = llama2c_model()
-    steps = model.config.block_size
+    steps = 32 if args.smoke else model.config.block_size
     rows: dict[str, list[float]] = {"slmkit (fast path, 2 threads)": [], "run.c, make runomp (2 threads)": [],
                                     "run.c, make run (1 thread)": []}
     with tempfile.TemporaryDirectory(prefix="slm-llama2c-") as tmp:
@@ -178,9 +190,13 @@ def main() -> None:
                      + " ".join(f"{x:.0f}" for x in runs) + " |")
     print("\n".join(table))
     print(f"greedy tokens: the first {agree} of {min(len(ours), len(theirs))} compared agree", file=sys.stderr)
+    slm, omp = rows["slmkit (fast path, 2 threads)"], rows["run.c, make runomp (2 threads)"]
     report = {
-        "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "torch": torch.__version__, "numpy": np.__version__, "threads": args.threads, "positions": steps,
+        **machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "numpy": np.__version__, "threads": args.threads, "positions": steps,
+        "headline": {"what": "slmkit's fast path vs run.c make runomp, both 2 threads (median of per-round ratios)",
+                     "ratio": statistics.median(a / b for a, b in zip(slm, omp)),
+                     "slmkit_tok_per_s": statistics.median(slm), "runomp_tok_per_s": statistics.median(omp)},
         "builds": {k: " ".join(v) for k, v in BUILDS.items()},
         "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in rows.items()},
         "greedy_tokens_agree": agree, "tokens_compared": min(len(ours), len(theirs)), "table": table,
