@@ -20,7 +20,7 @@ demo: install
 	$(VENV)/bin/slm quickstart
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -rs
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -56,7 +56,8 @@ def slm(*args, capsys=None) -> tuple[int, str]:
 
 def one_error_line(code: int, err: str, *needles: str) -> str:
     assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning: ")]
+    # Notes and warnings (such as which CPU kernels are used) may come first; the error is one line.
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("warning: ", "note: "))]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], err

@@ -275,6 +275,14 @@ inline void lane_sums(const vf* v, int count, float* sums) {
         sums[n] = r[((n & 1) << 3) | ((n & 2) << 1) | ((n & 4) >> 1) | ((n & 8) >> 3)];
 }
 
+// Row 0 sees key 0 alone: its softmax is exactly 1, so ds = p (dp - delta) is exactly 0 and dv_0
+// gets dout_0 exactly. The rebuilt p and delta carry rounding (the scores are summed in another
+// order than in the forward), which would leave noise where the gradient is exactly zero.
+inline void first_row(vf& p, vf& ds, const vi& lanes) {
+    p = select(lanes == 0, splat(1.f), splat(0.f));
+    ds = splat(0.f);
+}
+
 // Per (batch, kv-head) task, for each of the group's query heads:
 //   pass 1, lanes = 16 keys (a block): for each row i >= the block's first key, rebuild p,
 //     ds = p (dout_i . v - delta_i), add ds q_i to dk and p dout_i to dv (registers), and keep ds;
@@ -353,9 +361,10 @@ void backward(const float* q, const float* k, const float* v, const float* out, 
                             const int64_t i = i0 + r;
                             const float* qi = qh + i * s.qs[2];
                             const float* gi = dout + ((b * T + i) * s.H + h) * D;
-                            vf p = xs[r];
+                            vf p = xs[r], ds;
                             if (i < j0 + W - 1) p = select(lanes <= (int32_t)(i - j0), p, splat(0.f));
-                            const vf ds = p * dps[r] * splat(scale);
+                            if (i == 0) first_row(p, ds, lanes);
+                            else ds = p * dps[r] * splat(scale);
                             store(kept + (i - j0) * W, ds);
                             for (int64_t d = 0; d < D; d++) {
                                 gk[d] += ds * splat(qi[d]);
@@ -463,11 +472,13 @@ void backward_tiled(const float* q, const float* k, const float* v, const float*
                         }
                         for (int r = 0; r < W; r++) sc[r] = vexp(sc[r]);
                         for (int r = 0; r < W; r++) {
-                            vf p = sc[r];
+                            vf p = sc[r], ds;
                             if (i0 + r >= T) p = splat(0.f);  // rows past T
                             else if (i0 + r < j0 + W - 1) p = select(lanes <= (int32_t)(i0 + r - j0), p, splat(0.f));
+                            if (i0 + r == 0) first_row(p, ds, lanes);
+                            else ds = p * (dp[r] - splat(delta[std::min(i0 + r, T - 1)])) * splat(scale);
                             store(pt[r], p);
-                            store(dst[r], p * (dp[r] - splat(delta[std::min(i0 + r, T - 1)])) * splat(scale));
+                            store(dst[r], ds);
                         }
                         // dv += p^T dout and dk += ds^T q, KS keys at a time (KS x DV accumulators)
                         auto accumulate = [&](float (*coef)[W], const float* rows, float* acc) {
