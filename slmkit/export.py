@@ -307,8 +307,20 @@ def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             weights.update(load_file(src / shard))
         return weights
-    if (src / "pytorch_model.bin").is_file():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (bin_path := src / "pytorch_model.bin").is_file():
+        import pickle
+
+        # weights_only refuses anything but tensors and containers: code planted in the pickle is
+        # refused, not run, and so is a file that is not a PyTorch pickle at all.
+        try:
+            weights = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            weights = e
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            why = type(weights).__name__
+            raise SlmError(f"{bin_path} cannot be read as a plain dict of tensors ({why}), and slmkit loads nothing else "
+                           "from a pickle: convert it to model.safetensors (save_pretrained(safe_serialization=True))")
+        return weights
     raise SlmError(f"{src} has no model.safetensors (or sharded index, or pytorch_model.bin): not an HF model folder")
 
 

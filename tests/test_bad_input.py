@@ -21,6 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import slmkit.export  # noqa: F401 - imported plainly (no importorskip): a module that does not import fails here
+import slmkit.generate  # noqa: F401
 from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.cli import main
 from slmkit.config import from_dict, load_preset, parse_duration, parse_overrides, preset_names
@@ -304,7 +306,6 @@ def test_resume_with_a_longer_context_is_refused(data_dir, run_dir, tmp_path):
                                     ["--top-p", "1.5"], ["--top-k", "-3"], ["--min-p", "2"], ["--max-new-tokens", "0"],
                                     ["--repetition-penalty", "0"], ["--beams", "0"], ["--seed", "-1"]])
 def test_sampling_options_are_range_checked(run_dir, option):
-    pytest.importorskip("slmkit.generate")
     code, err = run_cli("generate", run_dir, "--prompt", "Once", *option)
     assert option[0].lstrip("-").replace("-", "_") in assert_one_error_line(code, err)
 
@@ -382,15 +383,28 @@ def test_no_unsafe_loader_in_the_code():
                 assert kwargs.get("allow_pickle", "False") == "False", where
 
 
-def test_hf_import_refuses_a_pickle_payload(tmp_path):
-    pytest.importorskip("slmkit.export")
+def cut_short(path: Path, marker: Path) -> None:
+    torch.save({"weight": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+# What ends up in a pytorch_model.bin, and the exception torch.load(weights_only=True) raises for it.
+BAD_BINS = {"code": (plant, "UnpicklingError"),
+            "list": (lambda path, marker: torch.save([torch.zeros(2)], path), "list"),
+            "not-a-pickle": (lambda path, marker: path.write_bytes(b"not a pickle"), "UnpicklingError"),
+            "empty": (lambda path, marker: path.write_bytes(b""), "EOFError"),
+            "cut-short": (cut_short, "RuntimeError")}
+
+
+@pytest.mark.parametrize("make_bin, why", BAD_BINS.values(), ids=BAD_BINS.keys())
+def test_hf_import_refuses_a_pickle_payload(make_bin, why, tmp_path):
     src, marker = tmp_path / "hf", tmp_path / "marker"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2,
                                                  "vocab_size": 300, "n_positions": 8}))
-    plant(src / "pytorch_model.bin", marker)
-    try:
-        code, err = run_cli("import-hf", src, "--out", tmp_path / "run")
-    except Exception:  # noqa: BLE001 - see the report: export.py should turn this into one SlmError line
-        code = None
-    assert code != 0 and not marker.exists() and not (tmp_path / "run").exists()
+    make_bin(src / "pytorch_model.bin", marker)
+    code, err = run_cli("import-hf", src, "--out", tmp_path / "run")
+    assert assert_one_error_line(code, err) == (
+        f"error: {src / 'pytorch_model.bin'} cannot be read as a plain dict of tensors ({why}), and slmkit loads "
+        "nothing else from a pickle: convert it to model.safetensors (save_pretrained(safe_serialization=True))")
+    assert not marker.exists() and not (tmp_path / "run").exists()
