@@ -106,11 +106,14 @@ class TrainConfig:
 
 
 class LRSchedule:
-    """Learning rate as a function of training progress in [0, 1].
+    """Learning rate after ``step`` steps and ``elapsed`` seconds of training.
 
-    Progress is step / max_steps, or the fraction of the time budget used when that is larger, so
-    that a ``--max-time`` run still decays to its minimum when time runs out.
-    ``plateau`` keeps a multiplier that falls when validation loss stops improving.
+    Warmup is counted in steps. The decay runs on progress in [0, 1]: step / max_steps, or the
+    share of the time budget used when that is larger, so that a ``--max-time`` run still decays to
+    its minimum when time runs out. It starts where warmup ended on that same clock (the training
+    time at the end of warmup is recorded then and kept across resumes), so the rate leaves warmup
+    at its peak whichever clock drives it. ``plateau`` keeps a multiplier that falls when
+    validation loss stops improving.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -118,15 +121,25 @@ class LRSchedule:
         self.scale = 1.0  # plateau multiplier
         self.best = math.inf
         self.bad_evals = 0
+        self.warmup_elapsed: float | None = None  # training seconds when warmup ended
 
-    def lr(self, step: int, progress: float) -> float:
+    def progress(self, step: int, elapsed: float) -> float:
+        p = step / self.cfg.max_steps
+        if self.cfg.max_seconds:
+            p = max(p, elapsed / self.cfg.max_seconds)
+        return p
+
+    def lr(self, step: int, elapsed: float = 0.0) -> float:
         cfg = self.cfg
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
+        if step == cfg.warmup_steps:
+            self.warmup_elapsed = elapsed
         lo = cfg.lr * cfg.min_lr_ratio
-        # Warmup takes the first warmup_steps/max_steps of progress; the decay runs over the rest.
-        w = min(cfg.warmup_steps / cfg.max_steps, 0.999)
-        t = min(max((progress - w) / (1 - w), 0.0), 1.0)
+        # Where warmup ended on the current budget (a changed --max-time on resume moves it too);
+        # not recorded (a schedule asked about a later step first, or an older checkpoint): by steps.
+        w = min(self.progress(cfg.warmup_steps, self.warmup_elapsed or 0.0), 0.999)
+        t = min(max((self.progress(step, elapsed) - w) / (1 - w), 0.0), 1.0)
         if cfg.schedule == "cosine":
             return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))
         if cfg.schedule == "wsd":
@@ -145,13 +158,15 @@ class LRSchedule:
                 self.scale *= self.cfg.plateau_factor
                 self.bad_evals = 0
 
-    def state_dict(self) -> dict[str, float]:
-        return {"scale": self.scale, "best": self.best if math.isfinite(self.best) else None, "bad_evals": self.bad_evals}
+    def state_dict(self) -> dict[str, float | None]:
+        return {"scale": self.scale, "best": self.best if math.isfinite(self.best) else None,
+                "bad_evals": self.bad_evals, "warmup_elapsed": self.warmup_elapsed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale = state["scale"]
         self.best = math.inf if state["best"] is None else state["best"]
         self.bad_evals = state["bad_evals"]
+        self.warmup_elapsed = state.get("warmup_elapsed")
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -651,12 +666,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def progress(self) -> float:
-        p = self.state.step / self.cfg.max_steps
-        if self.cfg.max_seconds:
-            p = max(p, self.state.elapsed / self.cfg.max_seconds)
-        return p
-
     def done(self) -> bool:
         if self.state.step >= self.cfg.max_steps:
             return True
@@ -664,7 +673,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
-        lr = self.schedule.lr(self.state.step, self.progress()) * self.state.lr_scale
+        lr = self.schedule.lr(self.state.step, self.state.elapsed) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
