@@ -418,7 +418,10 @@ def main() -> None:
         raise SystemExit(f"error: {train_txt} not found: the benchmark trains on the shared TinyStories files")
     data, out = Path(args.data), Path(args.out)
     split = prepare_data(data, train_txt, valid_txt, test_stories, vocab)
-    info = {**machine_info(), "split": {k: v for k, v in split.items() if k != "source"}, "data": str(data)}
+    from slmkit.data import load_meta
+
+    info = {**machine_info(), "split": {k: v for k, v in split.items() if k != "source"}, "data": str(data),
+            "train_tokens": load_meta(data)["train"]["tokens"]}
     rows = []
 
     def keep(row: dict) -> None:
