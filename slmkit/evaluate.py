@@ -1,6 +1,8 @@
 """Evaluation: loss, perplexity, bits per byte and next-token accuracy of a trained model.
 
-Bits per byte is total nats / ln 2 / UTF-8 bytes of the evaluated text. Unlike loss per token it
+Loss and perplexity are per target token, ``<|endoftext|>`` included. Bits per byte is the nats
+of the text targets / ln 2 / the UTF-8 bytes they stand for (special tokens have no bytes and are
+left out, as in lm-eval-harness and nanochat: see ``slmkit.scoring``). Unlike loss per token it
 does not depend on the tokenizer, so a 512-token and a 50k-token model compare fairly.
 """
 
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,16 @@ import torch
 from slmkit.data import eval_batches, load_meta, open_split, read_documents
 from slmkit.errors import SlmError
 from slmkit.model import GPT
+from slmkit.scoring import Tally
 
 
 @torch.no_grad()
 def evaluate_tokens(
-    model: GPT, tokens: np.ndarray, n_bytes: int, *, batch_size: int = 8, device: str = "cpu",
+    model: GPT, tokens: np.ndarray, token_bytes: Sequence[int], *, batch_size: int = 8, device: str = "cpu",
     max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``model`` on a token stream whose text is ``n_bytes`` UTF-8 bytes long.
+    """Evaluate ``model`` on a token stream; ``token_bytes[i]`` is the UTF-8 bytes of text token
+    ``i`` stands for, 0 for special tokens (``Tokenizer.token_byte_lengths()``).
 
     The stream is cut into non-overlapping windows of the model's context, so every token after the
     first is predicted exactly once (with less context at the start of each window, as in nanoGPT
@@ -33,15 +37,11 @@ def evaluate_tokens(
     """
     model.eval()
     block = model.config.block_size
-    nats, correct, count = 0.0, 0, 0
+    tally = Tally(token_bytes)
 
     def score(x: torch.Tensor, y: torch.Tensor) -> None:
-        nonlocal nats, correct, count
         logits, _ = model(x.to(device))
-        logits, y = logits.float(), y.to(device)
-        nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
+        tally.add(logits, y.to(device))
 
     for x, y in eval_batches(tokens, block, batch_size, max_batches):
         score(x, y)
@@ -50,19 +50,9 @@ def evaluate_tokens(
         # The windows leave a tail shorter than the context: score it too, so every token counts.
         tail = torch.from_numpy(np.asarray(tokens[covered:], dtype=np.int64))
         score(tail[None, :-1], tail[None, 1:])
-    if count == 0:
+    if tally.tokens == 0:
         raise SlmError("nothing to evaluate: the text is shorter than two tokens")
-    loss = nats / count
-    if max_batches is not None:
-        # Only part of the text was scored: scale the byte count by the share of tokens seen.
-        n_bytes = n_bytes * count / max(len(tokens) - 1, 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bpb": nats / math.log(2) / max(n_bytes, 1),
-        "accuracy": correct / count,
-        "tokens": count,
-    }
+    return tally.metrics()
 
 
 def evaluate_run(
@@ -83,7 +73,6 @@ def evaluate_run(
                 f"{model.config.vocab_size}: evaluate on data prepared with the run's tokenizer (or use --input)"
             )
         tokens = open_split(data_dir, "val")
-        n_bytes = meta["val"]["bytes"]
         source = f"{data_dir} (val)"
     else:
         docs = list(read_documents([input_path]))
@@ -92,9 +81,8 @@ def evaluate_run(
             ids.extend(doc_ids)
             ids.append(tokenizer.eot_id)
         tokens = np.asarray(ids, dtype=np.int64)
-        n_bytes = sum(len(d.encode("utf-8")) for d in docs)
         source = input_path
-    metrics = evaluate_tokens(model, tokens, n_bytes, batch_size=batch_size, device=device)
+    metrics = evaluate_tokens(model, tokens, tokenizer.token_byte_lengths(), batch_size=batch_size, device=device)
     return {"source": str(source), **metrics}
 
 
@@ -117,8 +105,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(json.dumps(metrics))
     else:
         print(f"evaluated {metrics['tokens']:,} tokens of {metrics['source']}")
-        print(f"loss        {metrics['loss']:.4f} nats/token")
+        print(f"loss        {metrics['loss']:.4f} nats/token (every token, <|endoftext|> included)")
         print(f"perplexity  {metrics['perplexity']:.3f}")
-        print(f"bits/byte   {metrics['bpb']:.4f}")
+        print(f"bits/byte   {metrics['bpb']:.4f} (text tokens over their bytes)")
         print(f"accuracy    {metrics['accuracy']:.2%}")
     return 0

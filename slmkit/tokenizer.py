@@ -123,6 +123,21 @@ class Tokenizer:
         table = self._id_bytes
         return b"".join(table[i] for i in ids)
 
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of the special tokens (``<|endoftext|>``, and any other added as special): markers
+        that stand for no text."""
+        if self.kind == "gpt2":
+            return sorted(self._enc.encode_single_token(t) for t in self._enc.special_tokens_set)
+        return sorted(i for i, t in self._hf.get_added_tokens_decoder().items() if t.special)
+
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text that each id stands for, 0 for the special tokens: bits per byte
+        counts the loss of text tokens over their bytes (as lm-eval-harness and nanochat do), so a
+        model is not charged for predicting document boundaries that have no bytes."""
+        special = set(self.special_ids)
+        return [0 if i in special else len(self.decode_bytes([i])) for i in range(self.vocab_size)]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the tokens; bytes that are not valid UTF-8 on their own become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")

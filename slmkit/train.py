@@ -34,6 +34,8 @@ from slmkit.config import dump_toml, from_dict, load_preset, load_toml, merge, p
 from slmkit.data import TokenBatches, check_context_fits, eval_batches, load_meta, open_split
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
+from slmkit.scoring import Tally
+from slmkit.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -519,6 +521,7 @@ class Trainer:
         self.cfg = from_dict(TrainConfig, sections["train"], "train")
         self.sections = sections
         self.meta = load_meta(self.data_dir)
+        self.token_bytes = load_tokenizer(self.data_dir).token_byte_lengths()
         self.device = pick_device(self.cfg.device)
         self.dtype = pick_dtype(self.cfg.dtype, self.device)
 
@@ -640,10 +643,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over the first ``eval_batches`` batches, and bits per byte.
-        With several processes each evaluates its share of the batches."""
+        """Validation loss (every target token) and bits per byte (text tokens over their bytes,
+        ``slmkit.scoring``) on the first ``eval_batches`` batches. With several processes each
+        evaluates its share of the batches."""
         self.model.eval()
-        total, count = 0.0, 0
+        tally = Tally(self.token_bytes)
         cfg = self.cfg
         batches = list(eval_batches(self.val_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.eval_batches))
         world, rank = self.dist.world_size, self.dist.rank
@@ -653,16 +657,13 @@ class Trainer:
             x, y = batches[min(i, len(batches) - 1)]
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.device, self.dtype):
-                _, loss = self.model(x, y)
+                logits, _ = self.model(x)
             if i < len(batches):
-                total += loss.item() * y.numel()
-                count += y.numel()
+                tally.add(logits, y)
         self.model.train()
-        total, count = self.dist.all_mean([total, count])
-        val_loss = total / count
-        val = self.meta["val"]
-        bpb = val_loss * val["tokens"] / max(val["bytes"], 1) / math.log(2)
-        return {"val_loss": val_loss, "val_bpb": bpb}
+        tally.set_totals([v * self.dist.world_size for v in self.dist.all_mean(tally.totals())])
+        metrics = tally.metrics()
+        return {"val_loss": metrics["loss"], "val_bpb": metrics["bpb"]}
 
     # ------------------------------------------------------------------ the loop
 

@@ -95,6 +95,18 @@ def test_decode_rejects_ids_outside_vocab(bpe):
         bpe.decode([-1])
 
 
+@pytest.mark.parametrize("which", ["bpe", "gpt2"])
+def test_token_bytes_add_up_to_the_text_and_specials_have_none(which, request):
+    """The table bits per byte divides by: the bytes of the text tokens, none for <|endoftext|>."""
+    tok = request.getfixturevalue(which)
+    table = tok.token_byte_lengths()
+    assert len(table) == tok.vocab_size and tok.special_ids == [tok.eot_id] and table[tok.eot_id] == 0
+    text = "Once upon a time, Zoë counted 1234 stars.\n\n  <|endoftext|> is just text here. 日本"
+    ids = tok.encode(text)
+    assert sum(table[i] for i in ids) == len(text.encode("utf-8"))
+    assert all(table[i] > 0 for i in ids)
+
+
 def test_vocab_size_too_small():
     with pytest.raises(SlmError, match="at least 257"):
         train_bpe(CORPUS, 256)
