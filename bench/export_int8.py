@@ -17,7 +17,7 @@ torchscript, each in fp32 and with ``--quantize int8``, and PyTorch's own dynami
 Decoding is greedy, batch 1, a 4-token prompt, ``--new-tokens`` (200) new tokens, no stopping, the
 rows alternating for ``--rounds`` rounds (medians; "x fast path" is the median of per-round ratios to
 PyTorch's fast path). Sizes are the bytes of the one file each runtime loads. Bits per byte are
-scored by ``slmkit.evaluate.evaluate_tokens`` through each runtime's full-sequence model on DATA's val
+scored as ``slm eval`` does (text targets over their bytes) through each runtime's full-sequence model on DATA's val
 split (and DATA/test.txt when ``bench/quality.py`` made DATA). Writes
 bench/results/export_int8_<name>.json (``--out``) with the command and the machine.
 """
@@ -65,8 +65,8 @@ class Logits:
         return self.fn(x), None
 
 
-def text_tokens(tokenizer, path: Path) -> tuple[np.ndarray, int]:
-    """``path``'s documents as slm eval --input tokenizes them, and their UTF-8 bytes."""
+def text_tokens(tokenizer, path: Path) -> np.ndarray:
+    """``path``'s documents as slm eval --input tokenizes them."""
     from slmkit.data import read_documents
 
     docs = list(read_documents([str(path)]))
@@ -74,13 +74,14 @@ def text_tokens(tokenizer, path: Path) -> tuple[np.ndarray, int]:
     for doc_ids in tokenizer.encode_batch(docs):
         ids.extend(doc_ids)
         ids.append(tokenizer.eot_id)
-    return np.asarray(ids, dtype=np.int64), sum(len(d.encode("utf-8")) for d in docs)
+    return np.asarray(ids, dtype=np.int64)
 
 
-def bpb(model, tokens: np.ndarray, n_bytes: int) -> float:
+def bpb(model, tokens: np.ndarray, tokenizer) -> float:
+    """Bits per byte as slm eval counts them (text targets over their bytes)."""
     from slmkit.evaluate import evaluate_tokens
 
-    return evaluate_tokens(model, tokens, n_bytes)["bpb"]
+    return evaluate_tokens(model, tokens, tokenizer.token_byte_lengths())["bpb"]
 
 
 def main() -> None:
@@ -164,11 +165,11 @@ def main() -> None:
         "onnxruntime int8 (model_kv.onnx)": Logits(lambda x: torch.from_numpy(g8.logits(x.numpy())), model.config),
         "torchscript fp32 (no cache)": Logits(j32, model.config), "torchscript int8 (no cache)": Logits(j8, model.config),
     }
-    splits: dict[str, tuple[np.ndarray, int]] = {}
+    splits: dict[str, np.ndarray] = {}
     if args.data is not None:
-        from slmkit.data import load_meta, open_split
+        from slmkit.data import open_split
 
-        splits["val"] = (np.asarray(open_split(args.data, "val"), dtype=np.int64), load_meta(args.data)["val"]["bytes"])
+        splits["val"] = np.asarray(open_split(args.data, "val"), dtype=np.int64)
         if (args.data / "test.txt").exists():
             splits["test"] = text_tokens(tok, args.data / "test.txt")
     fast = runs["pytorch fp32, fast path"]
@@ -177,9 +178,9 @@ def main() -> None:
         rows[k] = {"bytes": size[k], "size_vs_fp32": size[k] / ckpt_bytes,
                    "tok_per_s": statistics.median(runs[k]), "runs": [round(x, 1) for x in runs[k]],
                    "x_fast_path": statistics.median(a / b for a, b in zip(runs[k], fast))}
-        for split, (tokens, n_bytes) in splits.items():
+        for split, tokens in splits.items():
             if k in scorers:
-                rows[k][f"{split}_bpb"] = bpb(scorers[k], tokens, n_bytes)
+                rows[k][f"{split}_bpb"] = bpb(scorers[k], tokens, tok)
     table = ["| runtime | file size | vs fp32 file | tokens/s | x fast path |"
              + "".join(f" {s} bpb |" for s in splits), "|---|---|---|---|---|" + "---|" * len(splits)]
     for k, r in rows.items():
