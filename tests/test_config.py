@@ -23,6 +23,22 @@ def test_llama2c_shapes():
     assert (m["n_embd"], m["n_layer"], m["n_head"], m["block_size"]) == (288, 6, 6, 256)
 
 
+@pytest.mark.parametrize("preset,hidden,params", [
+    # llama2.c's checkpoints at its vocab (512 for stories260K, 32000 for the others), tied head:
+    # embedding + per layer (wq, wk, wv, wo, w1, w2, w3, two norms) + final norm.
+    ("stories260k", 172, 512 * 64 + 5 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 172 + 2 * 64) + 64),  # 260,032
+    ("stories15m", 768, 32000 * 288 + 6 * (4 * 288 * 288 + 3 * 288 * 768 + 2 * 288) + 288),
+    ("stories42m", 1376, 32000 * 512 + 8 * (4 * 512 * 512 + 3 * 512 * 1376 + 2 * 512) + 512),
+])
+def test_presets_have_llama2c_parameter_counts(preset, hidden, params):
+    from slmkit.model import GPT
+
+    vocab = 512 if preset == "stories260k" else 32000
+    model = GPT(from_dict(ModelConfig, {**load_preset(preset)["model"], "vocab_size": vocab}, "model"))
+    assert model.config.hidden_dim == hidden
+    assert model.num_params(non_embedding=False) == params
+
+
 def test_unknown_preset_suggests_closest():
     with pytest.raises(SlmError, match="did you mean 'stories15m'"):
         load_preset("stories15")
