@@ -390,6 +390,8 @@ def main() -> None:
                         help="an extra recipe: cpu-15min with these overrides")
     parser.add_argument("--nanogpt", type=Path, default=None, help="a clone of github.com/karpathy/nanoGPT: "
                         "also run its train.py (the README's CPU advice) on the same data")
+    parser.add_argument("--tinystories", type=Path, default=SHARED, help="the folder with TinyStories' train.txt "
+                        "and valid.txt (default: ../shared/data/tinystories beside the repository)")
     parser.add_argument("--data", default="/tmp/slm_quality_ts", help="prepared data with the test split "
                         "(made from the shared files if missing)")
     parser.add_argument("--out", default="/tmp/slm_quality", help="where the runs go")
@@ -398,7 +400,8 @@ def main() -> None:
                         "everything in a temporary folder (not bench/results)")
     args = parser.parse_args()
 
-    train_txt, valid_txt, test_stories, vocab = SHARED / "train.txt", SHARED / "valid.txt", TEST_STORIES, 4096
+    train_txt, valid_txt = args.tinystories / "train.txt", args.tinystories / "valid.txt"
+    test_stories, vocab = TEST_STORIES, 4096
     recipes = args.recipes if args.recipes is not None else DEFAULT_RECIPES
     todo = [(n, *RECIPES[n]) for n in recipes]
     for t in args.tries:
