@@ -1,0 +1,122 @@
+"""Each bench script runs end to end in its quickest mode (``--smoke``): a tiny model, seconds, its
+results in a temporary folder, bench/results/ untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+LLAMA2C = Path(os.environ.get("SLMKIT_LLAMA2C", ROOT.parent / "shared" / "peers" / "llama2c"))
+NANOGPT = os.environ.get("SLMKIT_NANOGPT")  # a clone of github.com/karpathy/nanoGPT, when there is one
+
+
+def results_state() -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in RESULTS.iterdir()}
+
+
+def smoke(script: str, tmp_path: Path, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    """Run ``bench/<script> --smoke ARGS`` with temporary files under tmp_path; bench/results must not change."""
+    before = results_state()
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode in ok, done.stdout[-2000:] + done.stderr[-3000:]
+    assert results_state() == before, "a smoke run wrote to bench/results"
+    return done
+
+
+def written_json(tmp_path: Path, name: str) -> dict:
+    found = list(tmp_path.rglob(name))
+    assert len(found) == 1, found
+    return json.loads(found[0].read_text())
+
+
+def test_train_speed(tmp_path: Path) -> None:
+    smoke("train_speed.py", tmp_path)
+    d = written_json(tmp_path, "train_speed.json")
+    assert d["machine"] and d["cpu"] and d["commit"]
+    v = d["presets"][0]["variants"]
+    assert set(v) == {"reference", "slmkit-eager", "nanogpt", "slmkit-gpt2-eager"}
+    assert v["slmkit-eager"]["baseline"] == "reference" and v["slmkit-gpt2-eager"]["baseline"] == "nanogpt"
+    assert v["nanogpt"]["params"] == v["slmkit-gpt2-eager"]["params"] != v["reference"]["params"]
+    p = d["presets"][0]
+    assert p["peak_flops_max"] == max(p["peak_flops_all"])
+    for r in v.values():  # MFU is against the highest measured peak
+        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tok_per_s"] / p["peak_flops_max"], rel=1e-9)
+
+
+def test_decode(tmp_path: Path) -> None:
+    smoke("decode.py", tmp_path)
+    d = written_json(tmp_path, "decode.json")
+    rows = {r["row"] for r in d["results"]}
+    assert "uncached" in rows and "fast, batch 2" in rows and not any("onnx" in r for r in rows)
+    assert all(r["tokens_per_s"] > 0 for r in d["results"]) and d["machine"]
+
+
+def test_export_int8(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="the export extra (pip install 'slmkit[export]') is not installed")
+    smoke("export_int8.py", tmp_path)
+    d = written_json(tmp_path, "export_int8.json")
+    rows = d["rows"]
+    assert len(rows) == 7 and all(r["tok_per_s"] > 0 for r in rows.values())
+    assert rows["onnxruntime int8 (model_kv.onnx)"]["bytes"] < rows["onnxruntime fp32 (model_kv.onnx)"]["bytes"]
+
+
+def test_cpu_kernels(tmp_path: Path) -> None:
+    from slmkit import cpu_kernels
+
+    why = cpu_kernels.available()
+    done = smoke("cpu_kernels.py", tmp_path, ok=(0,) if why is None else (1,))
+    if why is None:
+        d = written_json(tmp_path, "cpu_kernels.json")
+        assert d["shapes"][0]["slmkit_ms"]["forward"] > 0
+    else:  # nothing to compare on this CPU: one line saying why
+        assert done.stderr.strip().splitlines()[-1] == f"error: {why}"
+
+
+@pytest.mark.skipif(not (LLAMA2C / "run.c").exists() or shutil.which("gcc") is None,
+                    reason=f"needs llama2.c's run.c ({LLAMA2C}; set SLMKIT_LLAMA2C) and gcc")
+def test_vs_llama2c(tmp_path: Path) -> None:
+    smoke("vs_llama2c.py", tmp_path, "--llama2c", str(LLAMA2C))
+    d = written_json(tmp_path, "vs_llama2c.json")
+    assert d["greedy_tokens_agree"] == d["tokens_compared"] == 31
+    assert d["headline"]["ratio"] > 0 and "runomp" in d["headline"]["what"]
+
+
+def test_quality(tmp_path: Path) -> None:
+    args = ["--recipes", "nanogpt-tuned"] + (["--nanogpt", NANOGPT] if NANOGPT else [])
+    smoke("quality.py", tmp_path, *args)
+    rows = [json.loads(line) for f in tmp_path.rglob("quality.jsonl") for line in f.read_text().splitlines()]
+    assert [r["recipe"] for r in rows][:1] == ["nanogpt-tuned"]
+    for r in rows:
+        assert 0 < r["test_bpb"] < 10 and 0 < r["val_bpb"] < 10 and r["machine"]
+        assert r["split"]["test_stories"] == 40 and r["split"]["train_stories"] == 360
+    if NANOGPT:
+        check = rows[-1]["loss_check"]
+        assert check["converted_loss"] == pytest.approx(check["nanogpt_module_loss"], abs=1e-3)
+
+
+def test_test_split_is_disjoint_from_training(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality
+
+    train, valid = quality.smoke_corpus(tmp_path / "corpus")
+    stories = quality.read_stories(train)
+    quality.write_stories(train, stories + stories[:2])  # the first two stories again, in the test split
+    split = quality.prepare_data(tmp_path / "data", train, valid, 5, 320)
+    test = quality.read_stories(tmp_path / "data" / "test.txt")
+    assert test == stories[-3:] + stories[:2]
+    assert split["test_stories"] == 5 and split["test_duplicates_removed_from_train"] == 2
+    from slmkit.data import load_meta
+
+    meta = load_meta(tmp_path / "data")
+    assert meta["train"]["documents"] == split["train_stories"] == len(stories) - 3 - 2
+    assert quality.prepare_data(tmp_path / "data", train, valid, 5, 320) == split  # kept, not made again
