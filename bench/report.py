@@ -97,9 +97,16 @@ def quality(name: str = "quality_test_split.jsonl") -> str:
 def quality_history(name: str, command: str) -> str:
     rows = load(name)
     out = [source(name, rows, command) + " (val bpb only, counting the `<|endoftext|>` targets; no test split then)", "",
-           "| recipe | budget | val bpb | steps | tokens | tok/s | load before | when |", "|---|---|---|---|---|---|---|---|"]
+           "| recipe | overrides | val bpb | steps | tokens | tok/s | load before | when |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['recipe']} | {r['max_time']} | {r['val_bpb']:.3f} | {r['steps']:,} | {r['tokens'] / 1e6:.2f}M | "
+        train = r["command"].split(" && ")[0]
+        over = re.findall(r" ((?:model|train)\.\w+=\S+)", train)
+        shown = (f"`--preset {m.group(1)}` " if (m := re.search(r"--preset (\S+)", train)) else "") + " ".join(
+            f"`{o}`" for o in over if r["recipe"] not in ("nanogpt",))
+        shown = shown.strip()
+        if r["recipe"] == "nanogpt":
+            shown = "nanoGPT's shakespeare config (`nanogpt-shakespeare` in bench/quality.py)"
+        out.append(f"| {r['recipe']} | {shown} | {r['val_bpb']:.3f} | {r['steps']:,} | {r['tokens'] / 1e6:.2f}M | "
                    f"{r['tok_per_s']:,.0f} | {r['load_before']:.1f} | {r['when']} |")
     return "\n".join(out)
 
@@ -179,15 +186,15 @@ def stored_table(name: str, note: str = "") -> str:
     """Results files that carry their own Markdown table (decode, vs_llama2c, export_int8)."""
     d = load(name)
     out = [source(name, d) + note, "", *d["table"]]
-    if "headline" in d:
-        h = d["headline"]
-        out += ["", f"Headline, {h['what']}: {h['ratio']:.2f}x ({h['slmkit_tok_per_s']:.0f} against "
-                    f"{h['runomp_tok_per_s']:.0f} tokens/s)."]
-    elif name.startswith("vs_llama2c"):
-        slm, omp = d["tokens_per_s"]["slmkit (fast path, 2 threads)"], d["tokens_per_s"]["run.c, make runomp (2 threads)"]
-        ratio = statistics.median(a / b for a, b in zip(slm, omp))
-        out += ["", f"Headline, slmkit's fast path vs run.c make runomp, both 2 threads (median of per-round ratios): "
-                    f"{ratio:.2f}x ({statistics.median(slm):.0f} against {statistics.median(omp):.0f} tokens/s)."]
+    if name.startswith("vs_llama2c"):
+        tps = d["tokens_per_s"]
+        slm, omp, o3 = (tps[k] for k in ("slmkit (fast path, 2 threads)", "run.c, make runomp (2 threads)",
+                                         "run.c, make run (1 thread)"))
+        ratio, vs_o3 = (statistics.median(a / b for a, b in zip(slm, c)) for c in (omp, o3))
+        out += ["", f"Headline, like for like: slmkit's fast path against run.c built with `make runomp`, both 2 "
+                    f"threads: **{ratio:.2f}x** ({statistics.median(slm):.0f} against {statistics.median(omp):.0f} "
+                    f"tokens/s, median of per-round ratios). Against the single-threaded `make run` (`-O3`) build: "
+                    f"{vs_o3:.2f}x."]
     if "greedy_tokens_agree" in d:
         out.append(f"Greedy tokens: the first {d['greedy_tokens_agree']} of {d['tokens_compared']} agree.")
     return "\n".join(out)
@@ -212,6 +219,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "train-speed-cpu": lambda: train_speed("train_speed_cpu_epyc.json"),
     "train-speed-intel-s6": lambda: train_speed_runs([f"train_speed_cpu_s6_run{i}.json" for i in range(4, 10)]),
     "train-speed-intel-quiet": lambda: train_speed("train_speed_cpu_quiet.json"),
+    "train-speed-intel-quiet2": lambda: train_speed("train_speed_cpu_quiet2.json"),
+    "train-speed-intel-s3": lambda: train_speed("train_speed_cpu_s3.json"),
+    "train-speed-intel-loaded": lambda: train_speed("train_speed_cpu.json"),
     "train-speed-cuda": lambda: train_speed("train_speed_cuda.json"),
     "train-speed-cuda-b64": lambda: train_speed("train_speed_cuda_b64.json"),
     "cpu-kernels-intel": cpu_kernels,
