@@ -667,23 +667,29 @@ class OnnxGenerator:
         return tuple(self._kv.run(None, {"input_ids": ids, "past_key": past_key, "past_value": past_value}))
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, stop_at_eot: bool = True) -> list[int]:
-        """Greedy continuation of one prompt: the new token ids. The prompt is run as one call,
-        then one token per call. Past the context length, the window slides (the last
-        ``block_size`` tokens are re-run without cache), as in slmkit's own generation."""
-        seq = [int(t) for t in prompt_ids] or [self.eot_id or 0]
+        """Greedy continuation of one prompt: the new token ids (ending with ``<|endoftext|>``
+        when it stops there). The prompt is run as one call, then one token per call. The context
+        rule is slmkit's own (``slmkit.generate``): a prompt longer than the context is cut from
+        the left, and when the cache is full the last ``block_size // 2`` tokens are prefilled
+        into a fresh cache, so every path gives the same tokens."""
+        from slmkit.generate import fit_context, slide_window
+
+        context = fit_context([int(t) for t in prompt_ids], self.block_size, self.eot_id or 0)
         new: list[int] = []
         past_k = past_v = self.empty_past(1)
-        pending = seq[-self.block_size:]
+        pending = context
         for _ in range(max_new_tokens):
-            if past_k.shape[3] + len(pending) > self.block_size:  # cache full: slide the window
-                pending, past_k, past_v = seq[-self.block_size:], self.empty_past(1), self.empty_past(1)
             logits, past_k, past_v = self.step(np.asarray([pending], dtype=np.int64), past_k, past_v)
             token = int(logits[0, -1].argmax())
             new.append(token)
-            seq.append(token)
-            pending = [token]
             if stop_at_eot and token == self.eot_id:
                 break
+            context.append(token)
+            if len(context) > self.block_size:  # the cache is full: slide the window
+                context = slide_window(context, self.block_size)
+                pending, past_k, past_v = context, self.empty_past(1), self.empty_past(1)
+            else:
+                pending = [token]
         return new
 
     @property

@@ -20,12 +20,12 @@ Read top to bottom:
 
 The context rule. A prompt longer than the context (``block_size``) is cut from the left, with a
 warning. When generation fills the context, the window slides: each row keeps its last
-``block_size // 2`` tokens, which are prefilled into a fresh cache, and generation goes on. (With
-learned positions nothing else is possible, since positions stop at ``block_size``; for rotary
-positions it is still the only exact choice, because cached keys of later layers depend on
-everything the token saw.) In a batch all rows slide together, when the longest row fills the
-context, so a shorter row may slide earlier than it would alone; until then a batch gives exactly
-the tokens of one-by-one runs.
+``block_size // 2`` tokens (``slide_window``, which ``export.OnnxGenerator`` uses too), which are
+prefilled into a fresh cache, and generation goes on. (With learned positions nothing else is
+possible, since positions stop at ``block_size``; for rotary positions it is still the only exact
+choice, because cached keys of later layers depend on everything the token saw.) In a batch all
+rows slide together, when the longest row fills the context, so a shorter row may slide earlier
+than it would alone; until then a batch gives exactly the tokens of one-by-one runs.
 """
 
 from __future__ import annotations
@@ -209,6 +209,13 @@ def fit_context(ids: list[int], block_size: int, eot_id: int | None = None) -> l
     return list(ids)
 
 
+def slide_window(context: list[int], block_size: int) -> list[int]:
+    """The context rule for a full window (one token more than ``block_size``): the last
+    ``block_size // 2`` tokens (at least one) are what the model sees next. Every generation path
+    uses this, ``OnnxGenerator`` too, so all of them give the same tokens past the context."""
+    return list(context[-max(1, block_size // 2) :])
+
+
 class CachedRunner:
     """Run the model with a KV cache: prefill every row's context at once (left-padded), then one
     token per row per step. When the cache is full, every row keeps its last ``block_size // 2``
@@ -217,7 +224,6 @@ class CachedRunner:
     def __init__(self, model, contexts: list[list[int]], max_new_tokens: int, path: Path = "fast") -> None:
         self.model = model
         self.block_size = model.config.block_size
-        self.keep = max(1, self.block_size // 2)
         self.device, self.dtype = _device_dtype(model)
         self.contexts = [list(c) for c in contexts]  # what the cache holds, to prefill again
         self.budget = max_new_tokens  # tokens still to come: the cache needs no more slots
@@ -251,7 +257,7 @@ class CachedRunner:
         for context, token in zip(self.contexts, tokens):
             context.append(token)
         if self.cache.length == self.block_size:  # the context is full: slide the window
-            self.contexts = [c[-self.keep :] for c in self.contexts]
+            self.contexts = [slide_window(c, self.block_size) for c in self.contexts]
             self.logits = self._prefill()
         else:
             self.logits = self.step(torch.tensor(tokens, device=self.device), self.cache).float()
@@ -272,7 +278,6 @@ class UncachedRunner:
     def __init__(self, model, contexts: list[list[int]], max_new_tokens: int = 0) -> None:
         self.model = model
         self.block_size = model.config.block_size
-        self.keep = max(1, self.block_size // 2)
         self.device, _ = _device_dtype(model)
         self.contexts = [list(c) for c in contexts]
         self.logits = self._run()
@@ -285,7 +290,7 @@ class UncachedRunner:
         for context, token in zip(self.contexts, tokens):
             context.append(token)
             if len(context) > self.block_size:
-                del context[: -self.keep]
+                context[:] = slide_window(context, self.block_size)
         self.logits = self._run()
         return self.logits
 

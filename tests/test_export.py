@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -49,16 +50,22 @@ def random_model(vocab: int, **kw) -> GPT:
 
 
 @torch.no_grad()
-def our_greedy(model: GPT, ids: list[int], n: int, eot: int) -> list[int]:
-    """Reference greedy decoding with the full forward (no cache), window cropped to the context."""
-    seq, new = list(ids), []
+def our_greedy(model: GPT, ids: list[int], n: int, eot: int | None, keep: int | None = None) -> list[int]:
+    """Reference greedy decoding with the full forward (no cache), written out by hand: past the
+    context, the window slides to its last ``keep`` tokens (slmkit's rule: block_size // 2;
+    nanoGPT's is block_size - 1, re-cropped at every step)."""
+    block = model.config.block_size
+    keep = block // 2 if keep is None else keep
+    seq, new = list(ids[-block:]), []
     for _ in range(n):
-        logits, _ = model(torch.tensor([seq[-model.config.block_size:]]))
+        logits, _ = model(torch.tensor([seq]))
         token = int(logits[0, -1].argmax())
         new.append(token)
         seq.append(token)
         if token == eot:
             break
+        if len(seq) > block:
+            seq = seq[-keep:]
     return new
 
 
@@ -194,9 +201,41 @@ def test_onnx_matches_onnxruntime(tmp_path, tok, variant):
     assert np.abs(np.concatenate(parts, axis=1) - ref).max() < 1e-4
     # Greedy text, 40 new tokens: runs past the 32-token context, so the window slides too.
     prompt = tok.encode(PROMPT)
+    assert len(prompt) + 40 > model.config.block_size
     ours = our_greedy(model, prompt, 40, tok.eot_id)
     assert gen.generate(prompt, 40) == ours
     assert gen.generate_text(PROMPT, 40) == tok.decode([t for t in ours if t != tok.eot_id])
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
+def test_every_generation_path_slides_the_context_the_same_way(tmp_path, tok, variant):
+    """One context rule for every path: a prompt longer than the context is cut from the left, and
+    a full window slides to its last block_size // 2 tokens. 80 greedy tokens run past the
+    32-token context several times; PyTorch without a cache, with the module KV cache, with
+    decode_step, the CPU decoder ("fast") and onnxruntime give the same tokens as the rule
+    written out by hand, which here differ from nanoGPT's rule."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from slmkit import cpu_decode
+    from slmkit.generate import SamplingConfig, generate_tokens
+
+    model = random_model(tok.vocab_size, **ONNX_VARIANTS[variant])
+    assert cpu_decode.supported(model)  # so "fast" is the CPU decoder, not decode_step again
+    gen = OnnxGenerator(export_onnx(model, tok, tmp_path / "onnx"), threads=1)
+    cfg = SamplingConfig(max_new_tokens=80, temperature=0.0, stop_at_eot=False)
+    g = torch.Generator().manual_seed(1)
+    for length in (5, 20, 45):  # 45 > 32: cut, with a warning, on every path
+        prompt = torch.randint(0, tok.vocab_size, (length,), generator=g).tolist()
+        expected = our_greedy(model, prompt, 80, eot=None)
+        assert len(set(expected)) > 10  # varied text, not one token repeated
+        assert expected != our_greedy(model, prompt, 80, eot=None, keep=31)  # the rule shows in the tokens
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for path in ("uncached", "cached", "step", "fast"):
+                assert generate_tokens(model, [prompt], cfg, path=path) == [expected], path
+            assert gen.generate(prompt, 80, stop_at_eot=False) == expected
+        cut = [w for w in caught if "longer than the context" in str(w.message)]
+        assert len(cut) == (5 if length > 32 else 0)
 
 
 # ------------------------------------------------------------------------------ TorchScript
