@@ -752,9 +752,13 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         # With a time budget the bar runs on seconds, so its ETA is the budget, not max_steps.
         timed = cfg.max_seconds is not None
+        # A bar on a terminal; into a file or a pipe, one plain line per log_interval instead of
+        # a carriage-return update per step.
+        show = not quiet and self.dist.main
+        plain = show and not sys.stderr.isatty()
         bar = tqdm(total=round(cfg.max_seconds) if timed else cfg.max_steps,
                    initial=round(self.state.elapsed) if timed else self.state.step,
-                   unit="s" if timed else "step", disable=quiet or not self.dist.main, dynamic_ncols=True, file=sys.stderr,
+                   unit="s" if timed else "step", disable=not show or plain, dynamic_ncols=True, file=sys.stderr,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]" if timed else None)
         last_eval: dict[str, float] = {}
         # The MFU peak: the better of a measurement now and one at the end, so that another job
@@ -789,6 +793,8 @@ class Trainer:
                     self.log({"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                               "tokens": self.state.tokens, "elapsed": round(self.state.elapsed, 3),
                               "tok_per_s": tokens_per_step / dt})
+                    if plain:
+                        print(self._log_line(step, loss, tokens_per_step / dt), file=sys.stderr, flush=True)
                 bar.update(min(dt, bar.total - bar.n) if timed else 1)
                 postfix = {"step": step, "loss": f"{loss:.3f}", "tok/s": f"{tokens_per_step / dt:,.0f}"}
                 if last_eval:
@@ -796,6 +802,9 @@ class Trainer:
                 bar.set_postfix(postfix, refresh=False)
                 if step % cfg.eval_interval == 0 or self.done():
                     last_eval = self._eval_and_keep_best()
+                    if plain:
+                        print(f"step {step}: val loss {last_eval['val_loss']:.4f}, val bpb {last_eval['val_bpb']:.4f}",
+                              file=sys.stderr, flush=True)
                 if step % cfg.checkpoint_interval == 0 and not self.done():  # the final one is written below
                     self.save("last")
                     if cfg.nan_policy == "rollback":
@@ -833,6 +842,16 @@ class Trainer:
         if self.cfg.plot and self.dist.main:
             plot_metrics(self.run_dir)
         return summary
+
+    def _log_line(self, step: int, loss: float, tok_per_s: float) -> str:
+        """The plain progress line printed where no bar can be drawn (a log file, a pipe)."""
+        cfg, s = self.cfg, self.state
+        if cfg.max_seconds:
+            where = f"{s.elapsed:,.0f}/{cfg.max_seconds:,.0f}s"
+        else:
+            where = f"{step}/{cfg.max_steps}"
+        return (f"step {step} ({where}): loss {loss:.4f}, lr {self.optimizer.param_groups[0]['lr']:.3g}, "
+                f"{tok_per_s:,.0f} tok/s")
 
     def _eval_and_keep_best(self) -> dict[str, float]:
         metrics = self.evaluate()

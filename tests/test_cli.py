@@ -93,3 +93,46 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slmkit.cli", "eval", str(tmp_path / "missing"), "--data", "x"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def _train_output(data_dir: Path, run: Path, stderr_to_terminal: bool) -> str:
+    """What `slm train` writes to stderr when it goes to a pipe, or to a terminal (a pty)."""
+    import pty
+
+    cmd = [sys.executable, "-m", "slmkit.cli", "train", "--data", str(data_dir), "--out", str(run), *TINY,
+           "train.max_steps=40", "train.log_interval=10", "train.eval_interval=20"]
+    env = {**os.environ, "SLMKIT_CPU_KERNELS": "0", "COLUMNS": "100"}
+    if not stderr_to_terminal:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(data_dir, tmp_path):
+    logged = _train_output(data_dir, tmp_path / "piped", stderr_to_terminal=False)
+    assert "\r" not in logged
+    steps = [line for line in logged.splitlines() if line.startswith("step ") and "tok/s" in line]
+    # One line per log_interval (and step 1), with the loss, the lr and the speed.
+    assert [line.split()[1] for line in steps] == ["1", "10", "20", "30", "40"], logged
+    assert "(40/40): loss " in steps[-1] and ", lr " in steps[-1]
+    evals = [line for line in logged.splitlines() if line.startswith("step ") and "val bpb" in line]
+    assert [line.split()[1] for line in evals] == ["20:", "40:"], logged
+    assert len(logged) < 3000
+    on_terminal = _train_output(data_dir, tmp_path / "tty", stderr_to_terminal=True)
+    assert "\r" in on_terminal and "step" in on_terminal  # tqdm redraws its bar in place
+    assert not any(line.startswith("step 10 (") for line in on_terminal.splitlines())
