@@ -40,14 +40,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def random_model(seed: int = 0, **kw) -> GPT:
+def random_model(seed: int = 0, scale: float = 6.0, **kw) -> GPT:
     base = dict(vocab_size=61, block_size=24, n_layer=2, n_head=4, n_embd=32)
     base.update(kw)
     torch.manual_seed(seed)
     model = GPT(ModelConfig(**base)).eval()
     with torch.no_grad():  # larger weights: peaked, context-dependent predictions
         for p in model.parameters():
-            p.mul_(6.0)
+            p.mul_(scale)
     return model
 
 
@@ -233,21 +233,37 @@ def test_cpu_decoder_handles_overflowing_swiglu_gates_quietly():
 
 
 def test_fast_path_is_the_cpu_decoder_for_float32_and_decode_step_otherwise(monkeypatch):
-    """"fast" steps through CPUDecoder for a float32 CPU model; CPUDecoder is float32-only, so on
-    a bf16 model "fast" is decode_step, the same tokens as "step"."""
+    """"fast" steps through CPUDecoder for a float32 CPU model. CPUDecoder is float32-only, so on
+    a bf16 model "fast" steps through decode_step (and not the module path): checked by counting
+    its calls, and by its logits along the float32 model's greedy tokens, which must be as close
+    to the float32 ones as the bf16 module path's ("cached", another computation) are."""
     calls = []
     real_step = CPUDecoder.step
     monkeypatch.setattr(CPUDecoder, "step", lambda self, idx, cache: calls.append(cache.length) or real_step(self, idx, cache))
     cfg = SamplingConfig(max_new_tokens=12, **GREEDY)
-    generate_tokens(random_model(12), [[1, 2, 3]], cfg)
+    tokens = generate_tokens(random_model(12), [[1, 2, 3]], cfg)[0]
     assert calls == list(range(3, 14))  # one step per new token after the first (from the prefill)
     calls.clear()
     model = random_model(12).to(torch.bfloat16)
     assert not cpu_decode.supported(model)
     with pytest.raises(ValueError, match="float32"):
         CPUDecoder(model)
-    assert generate_tokens(model, [[1, 2, 3]], cfg, path="fast") == generate_tokens(model, [[1, 2, 3]], cfg, path="step")
-    assert calls == []
+    real_decode_step = model.decode_step
+    steps = []
+    monkeypatch.setattr(model, "decode_step", lambda idx, cache, weights=None: steps.append(cache.length) or real_decode_step(idx, cache, weights))
+    with torch.inference_mode():
+        runners = {"fast": G.make_runner("fast", model, [[1, 2, 3]], 12),
+                   "cached": G.make_runner("cached", model, [[1, 2, 3]], 12),
+                   "fp32": G.make_runner("uncached", random_model(12), [[1, 2, 3]], 12)}
+        errors: dict[str, list[float]] = {"fast": [], "cached": []}
+        for token in tokens[:-1]:  # teacher-forced: the same context on every path, whatever bf16 picks
+            for path in runners:
+                runners[path].advance([token])
+            for path in errors:
+                errors[path].append((runners[path].logits - runners["fp32"].logits).abs().max().item())
+    assert steps == list(range(3, 14)) and calls == []  # "fast" stepped through decode_step; "cached" never did
+    assert 0 < max(errors["fast"]) <= 2 * max(errors["cached"]) + 0.05, errors
+    assert max(errors["fast"]) < 0.1 * runners["fp32"].logits.abs().max().item()
 
 
 def test_cpu_decoder_refuses_negative_ids_and_works_outside_inference_mode():
@@ -555,6 +571,63 @@ def test_beam_search_paths_agree_and_one_beam_is_greedy():
     assert len(fast) == 30 and beam_search(model, [5, 6, 7], cfg, path="uncached") == fast
     cfg.beams = 1
     assert beam_search(model, [5, 6, 7], cfg) == generate_tokens(model, [[5, 6, 7]], SamplingConfig(max_new_tokens=30, **GREEDY))[0]
+
+
+def test_beam_search_finishes_only_the_best_candidates_of_a_step():
+    """As Hugging Face: of a step's 2N candidates only the N best may finish. Here, at step 2 the
+    order is [1, eot], [1, 5], [2, eot], [2, 7]: [2, eot] is a spare, not a finished text. Had it
+    counted, two texts would be finished and at step 3 the best live beam (-2.33 / 3) would look
+    unable to beat the worse of them (-1.51 / 2), ending the search with [1]; instead it goes on
+    to [1, 5, 10, 16] (-2.33 / 5), which beats [1] (-1.20 / 2). (transformers gives the same.)"""
+    lp = math.log
+    model = bigram_model({0: {1: lp(0.6), 2: lp(0.4)}, 1: {9: lp(0.5), 5: lp(0.45), 3: lp(0.05)},
+                          2: {9: lp(0.55), 7: lp(0.45)}, 5: {10: lp(0.36), 11: lp(0.33), 12: lp(0.31)},
+                          7: {13: lp(0.4), 14: lp(0.3), 15: lp(0.3)}, 10: {16: 0.0}, 11: {17: 0.0},
+                          16: {9: 0.0}, 17: {9: 0.0}}, vocab_size=32)
+    assert beam_search(model, [0], SamplingConfig(max_new_tokens=8, beams=2), eot_id=9) == [1, 5, 10, 16]
+    # A length penalty of 0.5 favours shorter texts: [1] wins (-1.20 / 2 ** 0.5 against -2.33 / 5 ** 0.5).
+    assert beam_search(model, [0], SamplingConfig(max_new_tokens=8, beams=2, length_penalty=0.5), eot_id=9) == [1]
+
+
+def hf_twin(model: GPT):
+    """The same model as a transformers GPT-2 or Llama module, through slmkit's export mapping."""
+    transformers = pytest.importorskip("transformers")
+    from slmkit.export import hf_config, hf_state_dict
+
+    config = {k: v for k, v in hf_config(model.config, None).items() if k != "architectures"}
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config)).eval()
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and model.config.tie_embeddings == bool(missing)
+    x = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x)[0], rtol=0, atol=1e-4)
+    return hf
+
+
+@pytest.mark.parametrize("seed,kw", [(0, dict()), (1, dict(positions="learned", norm="layernorm", activation="gelu"))],
+                         ids=["llama", "gpt2"])
+def test_beam_search_matches_transformers(seed, kw):
+    """The same tokens as Hugging Face's ``generate(num_beams=N, do_sample=False,
+    repetition_penalty=R, length_penalty=L)``: the penalty on log-probabilities, only the N best
+    candidates of a step may finish, the early-stopping rule. <|endoftext|> is a token the model
+    likes, so hypotheses end at many lengths and the length penalty matters."""
+    model = random_model(seed, scale=3.0, block_size=64, **kw)  # flatter than x6: more beams in the running
+    hf = hf_twin(model)
+    g, ended, total = torch.Generator().manual_seed(seed), 0, 0
+    for length in (3, 5, 7):
+        prompt = torch.randint(0, 61, (length,), generator=g).tolist()
+        eot = generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=5, **GREEDY))[0][4]
+        for beams, penalty, length_penalty in [(2, 1.3, 1.0), (3, 1.5, 0.5), (4, 1.2, 2.0), (3, 0.8, 1.0), (4, 1.0, 1.5)]:
+            cfg = SamplingConfig(max_new_tokens=16, beams=beams, repetition_penalty=penalty, length_penalty=length_penalty)
+            ours = beam_search(model, prompt, cfg, eot)
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt]), num_beams=beams, do_sample=False, max_new_tokens=16,
+                                  repetition_penalty=penalty, length_penalty=length_penalty,
+                                  eos_token_id=eot, pad_token_id=eot)[0, length:].tolist()
+            theirs = out[: out.index(eot)] if eot in out else out  # ours leaves <|endoftext|> out
+            assert ours == theirs, (prompt, beams, penalty, length_penalty)
+            ended, total = ended + (len(theirs) < 16), total + 1
+    assert 0 < ended < total  # some hypotheses end at <|endoftext|>, some run to max_new_tokens
 
 
 def test_beam_search_honours_stop_strings():
