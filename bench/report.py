@@ -78,13 +78,17 @@ def quality(name: str = "quality_test_split.jsonl") -> str:
     base = next((r for r in rows if r["recipe"].startswith("nanogpt-train.py-") and "as-written" not in r["recipe"]), rows[0])
     out = [source(name, rows, "python bench/quality.py --max-time 15m --recipes cpu-15min nanogpt-tuned "
                   "--nanogpt PATH/TO/nanoGPT"), "",
-           f"| recipe | budget | **test bpb** | val bpb | test vs {base['recipe']} | steps | tokens (epochs) | tok/s | machine |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"| recipe | budget | **test bpb** | val bpb | test vs {base['recipe']} | steps | tokens (epochs) | tok/s | "
+           "wall s | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["test_bpb"]):
         epochs = r["tokens"] / r["train_tokens"]
         out.append(f"| {r['recipe']} | {r['max_time']} | {r['test_bpb']:.3f} | {r['val_bpb']:.3f} | "
                    f"{r['test_bpb'] / base['test_bpb']:.2f}x | {r['steps']:,} | {r['tokens'] / 1e6:.2f}M ({epochs:.1f}) | "
-                   f"{r['tok_per_s']:,.0f} | {r['machine']} |")
+                   f"{r['tok_per_s']:,.0f} | {r['wall_s']:.0f} | {r['machine']} |")
+    out += ["", "steps and tokens are those of the scored checkpoint; nanoGPT keeps the checkpoint with its best "
+            "val-loss estimate (every 250 iterations) and trains on past it: "
+            + ", ".join(f"{r['recipe']} ran {r['iterations_run']:,} iterations" for r in rows if "iterations_run" in r)
+            + ". wall s is the whole training process (slmkit: compile, evaluation and checkpoints included)."]
     checks = [r for r in rows if "loss_check" in r]
     for r in checks:
         c = r["loss_check"]
