@@ -18,12 +18,10 @@ bad checkpoint costs at most one checkpoint interval of work.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from slmkit.config import from_dict, to_dict
 from slmkit.errors import SlmError
+from slmkit.files import atomic_dir, sha256_file
 from slmkit.model import GPT, ModelConfig
 
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "model.json", "state.json")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems refuse to open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -106,45 +84,26 @@ def write_checkpoint(
     replaces ``model.state_dict()`` when the model's own are sharded (FSDP): the gathered whole ones.
     """
     directory = Path(directory)
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
+    # The checkpoint being replaced becomes <name>.old, the fallback if the new one is ever bad.
+    backup = directory.with_name(f"{directory.name}.old")
     try:
-        save_file(model_state(model, weights), tmp / "model.safetensors")
-        _slow_down()
-        _write_json(tmp / "model.json", to_dict(model.config))
-        state = dict(state)
-        if optimizer_state is not None:
-            tensors, meta = optimizer_tensors(optimizer_state)
-            save_file(tensors, tmp / "optimizer.safetensors")
-            state["optimizer"] = meta
-        if rng:
-            save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
-        _write_json(tmp / "state.json", state)
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"files": {name: sha256_file(tmp / name) for name in files}}
-        _write_json(tmp / MANIFEST, manifest)
-        for name in files + [MANIFEST]:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        # The checkpoint being replaced becomes <name>.old, the fallback if the new one is ever bad.
-        # With no <name> (killed between these renames last time) the existing .old is the only good
-        # copy, so it is kept until the new checkpoint has landed.
-        old = parent / f"{directory.name}.old"
-        if directory.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync_dir(parent)
+        with atomic_dir(directory, backup=backup, durable=True) as tmp:
+            save_file(model_state(model, weights), tmp / "model.safetensors")
+            _slow_down()
+            _write_json(tmp / "model.json", to_dict(model.config))
+            state = dict(state)
+            if optimizer_state is not None:
+                tensors, meta = optimizer_tensors(optimizer_state)
+                save_file(tensors, tmp / "optimizer.safetensors")
+                state["optimizer"] = meta
+            if rng:
+                save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+            _write_json(tmp / "state.json", state)
+            files = sorted(p.name for p in tmp.iterdir())
+            _write_json(tmp / MANIFEST, {"files": {name: sha256_file(tmp / name) for name in files}})
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SlmError(f"disk full while writing checkpoint {directory}: free space and resume") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

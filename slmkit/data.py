@@ -22,15 +22,12 @@ Empty (whitespace-only) documents are skipped everywhere.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import math
 import os
 import re
-import shutil
 import socket
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -43,6 +40,7 @@ import torch
 
 from slmkit import __version__
 from slmkit.errors import SlmError
+from slmkit.files import atomic_dir, sha256_file
 
 EOT_LINE = b"<|endoftext|>"
 TEXT_EXTS = (".txt", ".jsonl")
@@ -223,14 +221,6 @@ def read_documents(inputs: list[str]) -> Iterator[str]:
 # --- prepare ------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tokenizer_dir(path: Path) -> Path:
     """The folder holding the tokenizer files: ``path`` itself (a data directory or a tokenizer
     folder) or ``path/tokenizer`` (a run directory)."""
@@ -250,22 +240,6 @@ def _check_out_dir(out_dir: Path) -> None:
             f"{out_dir} is not empty and is not a data directory (no meta.json): "
             "choose a new or empty output folder"
         )
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` onto ``out_dir``; an old data dir is removed only after that."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if old is not None:
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _split_plan(files: list[Path], val_files: list[Path], val_fraction: float, seed: int):
@@ -403,10 +377,7 @@ def prepare(
         raise SlmError(f"{sorted(both)[0]} is both a training and a validation input: use it in only one")
     stream = _split_plan(files, val_files, val_fraction, seed)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         if reused is not None:
             tok = reused
         elif tokenizer == "bpe":
@@ -429,15 +400,11 @@ def prepare(
             "val_fraction": None if val_files else val_fraction,
             "seed": seed,
             "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from),
-            "sources": [{"path": str(p), "sha256": _sha256(p), "bytes": p.stat().st_size} for p in sources],
+            "sources": [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sources],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "slmkit_version": __version__,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

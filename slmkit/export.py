@@ -35,11 +35,9 @@ import contextlib
 import importlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -50,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slmkit.errors import SlmError
+from slmkit.files import atomic_dir
 from slmkit.model import GPT, ModelConfig
 
 FORMATS = ("hf", "onnx", "torchscript")
@@ -88,18 +87,8 @@ def _output_dir(out: Path) -> Iterator[Path]:
             raise SlmError(f"--out {out} is a file: give a folder path (it is created)")
         if any(out.iterdir()) and not (out / META_FILE).is_file():
             raise SlmError(f"--out {out} exists and is not an earlier slmkit export: choose a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_json(path: Path, data: Any) -> None:
