@@ -20,6 +20,7 @@ import torch
 from slmkit.data import eval_batches, load_meta, open_split, read_documents
 from slmkit.errors import SlmError
 from slmkit.model import GPT
+from slmkit.runtime import resolve_device
 from slmkit.scoring import Tally
 
 
@@ -97,10 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from slmkit.train import pick_device
-
     metrics = evaluate_run(args.run_dir, data_dir=args.data, input_path=args.input, which=args.which,
-                           device=pick_device(args.device), batch_size=args.batch_size)
+                           device=resolve_device(args.device), batch_size=args.batch_size)
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -46,6 +46,7 @@ import torch
 from slmkit import cpu_decode, gpu_decode
 from slmkit.errors import SlmError
 from slmkit.model import KVCache
+from slmkit.runtime import resolve_device
 
 # --- 1. options -----------------------------------------------------------------------------------
 
@@ -634,17 +635,6 @@ def _sampling_config(args: argparse.Namespace) -> SamplingConfig:
     )
     cfg.validate()
     return cfg
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` is cuda, then mps, then cpu; asking for one that is missing is an error."""
-    has = {"cpu": True, "cuda": torch.cuda.is_available(),
-           "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if has[d])
-    if not has.get(name, False):
-        raise SlmError(f"--device {name} is not available on this machine: use --device cpu or auto")
-    return name
 
 
 def _load(args: argparse.Namespace):

@@ -34,6 +34,7 @@ from slmkit.config import dump_toml, from_dict, load_preset, load_toml, merge, p
 from slmkit.data import TokenBatches, check_context_fits, eval_batches, load_meta, open_split
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
+from slmkit.runtime import resolve_device
 from slmkit.scoring import Tally
 from slmkit.tokenizer import load_tokenizer
 
@@ -174,21 +175,6 @@ class LRSchedule:
 # --------------------------------------------------------------------------- setup helpers
 
 
-def pick_device(name: str = "auto") -> str:
-    """cuda if present, else Apple's mps when it really works, else cpu."""
-    if name != "auto":
-        if name == "cuda" and not torch.cuda.is_available():
-            raise SlmError("train.device=cuda but no CUDA GPU is visible: use train.device=cpu or auto")
-        if name == "mps" and not (torch.backends.mps.is_available() and torch.backends.mps.is_built()):
-            raise SlmError("train.device=mps but MPS is not available: use train.device=cpu or auto")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available() and torch.backends.mps.is_built():
-        return "mps"
-    return "cpu"
-
-
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """Training precision: bf16 autocast on GPUs that support it, else fp16 on CUDA; fp32 elsewhere."""
     if name == "auto":
@@ -273,7 +259,7 @@ def init_distributed(device_name: str = "auto") -> Dist:
     import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name)
+    device = resolve_device(device_name, setting="train.device={}")
     if device == "cuda":
         torch.cuda.set_device(local)  # so that "cuda" means this rank's GPU everywhere below
     if not dist.is_initialized():
@@ -471,7 +457,7 @@ def resolve_config(
     train_cfg = from_dict(TrainConfig, sections["train"], "train")
     # Everything that can be checked without training is checked now, before RUN_DIR is touched.
     check_context_fits(data_dir, meta, model_cfg.block_size)
-    device = pick_device(train_cfg.device)
+    device = resolve_device(train_cfg.device, setting="train.device={}")
     pick_dtype(train_cfg.dtype, device)
     check_memory(model_cfg, device)
     return {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}
@@ -522,7 +508,7 @@ class Trainer:
         self.sections = sections
         self.meta = load_meta(self.data_dir)
         self.token_bytes = load_tokenizer(self.data_dir).token_byte_lengths()
-        self.device = pick_device(self.cfg.device)
+        self.device = resolve_device(self.cfg.device, setting="train.device={}")
         self.dtype = pick_dtype(self.cfg.dtype, self.device)
 
         torch.manual_seed(self.cfg.seed)
