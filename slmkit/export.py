@@ -194,55 +194,72 @@ def hf_config(config: ModelConfig, eot_id: int | None) -> dict[str, Any]:
     }
 
 
+# One name table per architecture, read both ways by export (hf_state_dict) and import-hf
+# (_hf_to_ours): our module, the HF modules it is (several are stacked along dim 0 in ours: Llama's
+# q/k/v in our qkv, gate/up in our mlp.up) and flags: "b" has a bias slot, "t" HF stores the weight
+# transposed (GPT-2's Conv1D is (in, out), nn.Linear (out, in)). HF names lack the model prefix.
+HF_NAMES: dict[str, tuple[str, list[tuple[str, tuple[str, ...], str]]]] = {
+    "gpt2": ("transformer.", [
+        ("tok_emb", ("wte",), ""),
+        ("pos_emb", ("wpe",), ""),
+        ("blocks.{i}.norm1", ("h.{i}.ln_1",), "b"),
+        ("blocks.{i}.attn.qkv", ("h.{i}.attn.c_attn",), "bt"),  # [q; k; v] as ours
+        ("blocks.{i}.attn.proj", ("h.{i}.attn.c_proj",), "bt"),
+        ("blocks.{i}.norm2", ("h.{i}.ln_2",), "b"),
+        ("blocks.{i}.mlp.up", ("h.{i}.mlp.c_fc",), "bt"),
+        ("blocks.{i}.mlp.down", ("h.{i}.mlp.c_proj",), "bt"),
+        ("norm", ("ln_f",), "b"),
+    ]),
+    "llama": ("model.", [
+        ("tok_emb", ("embed_tokens",), ""),
+        ("blocks.{i}.norm1", ("layers.{i}.input_layernorm",), ""),
+        ("blocks.{i}.norm2", ("layers.{i}.post_attention_layernorm",), ""),
+        ("blocks.{i}.attn.qkv", tuple(f"layers.{{i}}.self_attn.{x}_proj" for x in "qkv"), "b"),
+        ("blocks.{i}.attn.proj", ("layers.{i}.self_attn.o_proj",), "b"),
+        ("blocks.{i}.mlp.up", ("layers.{i}.mlp.gate_proj", "layers.{i}.mlp.up_proj"), "b"),  # ours packs [gate; up]
+        ("blocks.{i}.mlp.down", ("layers.{i}.mlp.down_proj",), "b"),
+        ("norm", ("norm",), ""),
+    ]),
+}
+
+
+def _hf_links(arch: str, n_layer: int) -> Iterator[tuple[str, tuple[str, ...], str]]:
+    """The rows of ``HF_NAMES[arch]``: the whole-model ones, then the per-layer ones for each layer."""
+    rows = HF_NAMES[arch][1]
+    yield from (row for row in rows if "{i}" not in row[0])
+    for i in range(n_layer):
+        for ours, theirs, flags in (row for row in rows if "{i}" in row[0]):
+            yield ours.format(i=i), tuple(t.format(i=i) for t in theirs), flags
+
+
+def _split_parts(c: ModelConfig, ours: str, value: torch.Tensor, n: int) -> Sequence[torch.Tensor]:
+    """Our stacked tensor cut into the ``n`` HF tensors it holds (see HF_NAMES)."""
+    if n == 1:
+        return [value]
+    if ours.endswith("attn.qkv"):
+        q, kv = c.n_head * c.head_dim, c.kv_heads * c.head_dim
+        return value.split([q, kv, kv], dim=0)
+    return value.chunk(n, dim=0)
+
+
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under HF names (GPT-2 or Llama), float32, contiguous, tied weights stored once."""
     c = model.config
     arch = hf_architecture(c)
+    prefix = HF_NAMES[arch][0]
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-
-    def bias(name: str, size: int) -> torch.Tensor:
-        return sd.get(name, torch.zeros(size))  # GPT-2 always has biases: ours may have none
-
-    if arch == "gpt2":
-        d = c.n_embd
-        out["transformer.wte.weight"] = sd["tok_emb.weight"]
-        out["transformer.wpe.weight"] = sd["pos_emb.weight"]
-        for i in range(c.n_layer):
-            p, h = f"blocks.{i}.", f"transformer.h.{i}."
-            # HF's Conv1D stores (in, out): the transpose of nn.Linear's weight. c_attn is [q; k; v] as ours.
-            out[h + "ln_1.weight"] = sd[p + "norm1.weight"]
-            out[h + "ln_1.bias"] = bias(p + "norm1.bias", d)
-            out[h + "attn.c_attn.weight"] = sd[p + "attn.qkv.weight"].t()
-            out[h + "attn.c_attn.bias"] = bias(p + "attn.qkv.bias", 3 * d)
-            out[h + "attn.c_proj.weight"] = sd[p + "attn.proj.weight"].t()
-            out[h + "attn.c_proj.bias"] = bias(p + "attn.proj.bias", d)
-            out[h + "ln_2.weight"] = sd[p + "norm2.weight"]
-            out[h + "ln_2.bias"] = bias(p + "norm2.bias", d)
-            out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up.weight"].t()
-            out[h + "mlp.c_fc.bias"] = bias(p + "mlp.up.bias", c.hidden_dim)
-            out[h + "mlp.c_proj.weight"] = sd[p + "mlp.down.weight"].t()
-            out[h + "mlp.c_proj.bias"] = bias(p + "mlp.down.bias", d)
-        out["transformer.ln_f.weight"] = sd["norm.weight"]
-        out["transformer.ln_f.bias"] = bias("norm.bias", d)
-    else:
-        q, kv = c.n_head * c.head_dim, c.kv_heads * c.head_dim
-        out["model.embed_tokens.weight"] = sd["tok_emb.weight"]
-        for i in range(c.n_layer):
-            p, h = f"blocks.{i}.", f"model.layers.{i}."
-            out[h + "input_layernorm.weight"] = sd[p + "norm1.weight"]
-            out[h + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
-            for suffix in ("weight", "bias") if c.bias else ("weight",):
-                wq, wk, wv = sd[p + f"attn.qkv.{suffix}"].split([q, kv, kv], dim=0)
-                out[h + f"self_attn.q_proj.{suffix}"] = wq
-                out[h + f"self_attn.k_proj.{suffix}"] = wk
-                out[h + f"self_attn.v_proj.{suffix}"] = wv
-                out[h + f"self_attn.o_proj.{suffix}"] = sd[p + f"attn.proj.{suffix}"]
-                gate, up = sd[p + f"mlp.up.{suffix}"].chunk(2, dim=0)  # ours packs [gate; up]
-                out[h + f"mlp.gate_proj.{suffix}"] = gate
-                out[h + f"mlp.up_proj.{suffix}"] = up
-                out[h + f"mlp.down_proj.{suffix}"] = sd[p + f"mlp.down.{suffix}"]
-        out["model.norm.weight"] = sd["norm.weight"]
+    for ours, theirs, flags in _hf_links(arch, c.n_layer):
+        for suffix in ("weight", "bias") if "b" in flags else ("weight",):
+            value = sd.get(f"{ours}.{suffix}")
+            if value is None:
+                if arch == "llama":
+                    continue  # bias=false: Llama simply has no bias tensors
+                value = torch.zeros(sd[f"{ours}.weight"].shape[0])  # GPT-2 always has biases: ours may have none
+            if "t" in flags and suffix == "weight":
+                value = value.t()
+            for name, part in zip(theirs, _split_parts(c, ours, value, len(theirs))):
+                out[f"{prefix}{name}.{suffix}"] = part
     if not c.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous().clone() for k, v in out.items()}
@@ -313,6 +330,17 @@ def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     raise SlmError(f"{src} has no model.safetensors (or sharded index, or pytorch_model.bin): not an HF model folder")
 
 
+def _hf_to_ours(arch: str, w: dict[str, torch.Tensor], n_layer: int, bias: bool) -> dict[str, torch.Tensor]:
+    """HF weights (model prefix stripped) under our names: HF_NAMES read backwards."""
+    out = {}
+    for ours, theirs, flags in _hf_links(arch, n_layer):
+        for suffix in ("weight", "bias") if bias and "b" in flags else ("weight",):
+            parts = [w[f"{name}.{suffix}"] for name in theirs]
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            out[f"{ours}.{suffix}"] = value.t() if "t" in flags and suffix == "weight" else value
+    return out
+
+
 def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Drop a leading ``prefix`` from the names that have it (checkpoints saved from the base model lack it)."""
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in weights.items()}
@@ -324,7 +352,7 @@ def _gpt2_to_ours(cfg: dict[str, Any], w: dict[str, torch.Tensor]) -> tuple[Mode
         raise SlmError(f"GPT-2 checkpoint uses activation_function={act!r}: slmkit's GELU is the tanh approximation (gelu_new)")
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn") or cfg.get("scale_attn_weights") is False:
         raise SlmError("GPT-2 checkpoint uses a non-standard attention scaling that slmkit does not implement")
-    w = _strip(w, "transformer.")
+    w = _strip(w, HF_NAMES["gpt2"][0])
     n_layer, d = cfg["n_layer"], cfg["n_embd"]
     hidden = cfg.get("n_inner") or 4 * d
     # Biases all zero (as slmkit writes for bias=false) import as bias=false. ``h.N.attn.bias`` and
@@ -339,18 +367,7 @@ def _gpt2_to_ours(cfg: dict[str, Any], w: dict[str, torch.Tensor]) -> tuple[Mode
         norm="layernorm", positions="learned", activation="gelu", tie_embeddings=tied,
         norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
     )
-    out = {"tok_emb.weight": w["wte.weight"], "pos_emb.weight": w["wpe.weight"]}
-    names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-             "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
-    for i in range(n_layer):
-        for theirs, ours in names.items():
-            weight = w[f"h.{i}.{theirs}.weight"]
-            out[f"blocks.{i}.{ours}.weight"] = weight.t() if theirs.startswith(("attn", "mlp")) else weight
-            if has_bias:
-                out[f"blocks.{i}.{ours}.bias"] = w[f"h.{i}.{theirs}.bias"]
-    out["norm.weight"] = w["ln_f.weight"]
-    if has_bias:
-        out["norm.bias"] = w["ln_f.bias"]
+    out = _hf_to_ours("gpt2", w, n_layer, has_bias)
     if not tied:
         out["lm_head.weight"] = w["lm_head.weight"]
     return config, out
@@ -369,7 +386,7 @@ def _llama_to_ours(cfg: dict[str, Any], w: dict[str, torch.Tensor]) -> tuple[Mod
     d, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, d // n_head):
         raise SlmError(f"Llama checkpoint has head_dim={cfg['head_dim']} != hidden_size/num_attention_heads: not supported")
-    w = _strip(w, "model.")
+    w = _strip(w, HF_NAMES["llama"][0])
     n_kv = cfg.get("num_key_value_heads") or n_head
     tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in w
     config = ModelConfig(
@@ -380,16 +397,7 @@ def _llama_to_ours(cfg: dict[str, Any], w: dict[str, torch.Tensor]) -> tuple[Mod
     )
     if cfg["intermediate_size"] != config.hidden_dim:
         config.mlp_hidden = cfg["intermediate_size"]
-    out = {"tok_emb.weight": w["embed_tokens.weight"], "norm.weight": w["norm.weight"]}
-    for i in range(config.n_layer):
-        p, h = f"blocks.{i}.", f"layers.{i}."
-        out[p + "norm1.weight"] = w[h + "input_layernorm.weight"]
-        out[p + "norm2.weight"] = w[h + "post_attention_layernorm.weight"]
-        for s in ("weight", "bias") if attn_bias else ("weight",):
-            out[p + f"attn.qkv.{s}"] = torch.cat([w[h + f"self_attn.{x}_proj.{s}"] for x in "qkv"], dim=0)
-            out[p + f"attn.proj.{s}"] = w[h + f"self_attn.o_proj.{s}"]
-            out[p + f"mlp.up.{s}"] = torch.cat([w[h + f"mlp.gate_proj.{s}"], w[h + f"mlp.up_proj.{s}"]], dim=0)
-            out[p + f"mlp.down.{s}"] = w[h + f"mlp.down_proj.{s}"]
+    out = _hf_to_ours("llama", w, config.n_layer, attn_bias)
     if not tied:
         out["lm_head.weight"] = w["lm_head.weight"]
     return config, out
