@@ -561,6 +561,8 @@ class Trainer:
             self.state = RunState(step=s["step"], tokens=s["tokens"], elapsed=s["elapsed"], best_val=s.get("best_val"),
                                   lr_scale=s.get("lr_scale", 1.0), skipped=s.get("skipped", 0))
             self.schedule.load_state_dict(s["schedule"])
+            if s.get("scaler") and self.scaler.is_enabled():  # fp16: go on at the scale it had reached
+                self.scaler.load_state_dict(s["scaler"])
             self.batches.load_state_dict(s["data"])
             set_rng_state(ckpt["rng"], self.device)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -602,6 +604,7 @@ class Trainer:
             "skipped": self.state.skipped,
             "data": self.batches.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16; plain numbers, JSON like the rest
             "data_dir": str(self.data_dir),
         }
 

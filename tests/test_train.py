@@ -343,9 +343,6 @@ def test_float16_trains_with_the_gradient_scaler(data_dir, tmp_path, monkeypatch
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the checkpoint does not hold the gradient scaler's state (issue 14): "
-                          "a resumed fp16 run starts again at scale 2**16 and overflows anew")
 def test_float16_resume_keeps_the_scaler_scale(data_dir, tmp_path, monkeypatch):
     _allow_cpu_float16(monkeypatch)
     _overflow_at(monkeypatch, {3})
