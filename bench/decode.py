@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine_info  # noqa: E402
+from benchlib import cpu_name, machine_info  # noqa: E402
 
 from slmkit import cpu_decode, gpu_decode  # noqa: E402
 from slmkit.config import from_dict, load_preset  # noqa: E402
@@ -59,16 +58,6 @@ def build(preset: str, vocab_size: int, device: str = "cpu", dtype: torch.dtype 
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(model: GPT, batch: int, prompt_len: int, new_tokens: int, path: str, cfg: SamplingConfig) -> float:
