@@ -34,7 +34,7 @@ from slmkit.config import dump_toml, from_dict, load_preset, load_toml, merge, p
 from slmkit.data import TokenBatches, check_context_fits, eval_batches, load_meta, open_split
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
-from slmkit.runtime import resolve_device
+from slmkit.runtime import autocast, can_compile, measure_matmul_peak, pick_dtype, resolve_device
 from slmkit.scoring import Tally
 from slmkit.tokenizer import load_tokenizer
 
@@ -173,24 +173,6 @@ class LRSchedule:
 
 
 # --------------------------------------------------------------------------- setup helpers
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    """Training precision: bf16 autocast on GPUs that support it, else fp16 on CUDA; fp32 elsewhere."""
-    if name == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if dtype == torch.float16 and device != "cuda":
-        raise SlmError("train.dtype=float16 needs CUDA (it uses a gradient scaler): use bfloat16 or float32")
-    return dtype
-
-
-def autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=dtype)
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
@@ -395,33 +377,6 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, we
         return
     names = dict(enumerate(_param_names(model, optimizer)))
     set_optimizer_state_dict(model, optimizer, _rekey(optimizer_state, names), options=options)
-
-
-def measure_matmul_peak(device: str, dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 5) -> float:
-    """FLOP/s of the best of a few large square matmuls: the practical peak that MFU is measured against.
-    The default size (1024 on a CPU, 8192 on a GPU) takes milliseconds and gets close to the peak."""
-    n = n or (8192 if device == "cuda" else 1024)
-    # A private generator: measuring must not move the global RNG that exact resume restores.
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    best = math.inf
-    for _ in range(reps + 1):  # the first one warms up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def can_compile(device: str) -> str | None:
-    """Why torch.compile cannot run here (None when it can): on CPU, inductor needs a C++ compiler."""
-    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
-        return "no C++ compiler (g++ or clang++) found, which torch.compile needs on CPU"
-    return None
 
 
 # --------------------------------------------------------------------------- config resolution

@@ -160,7 +160,7 @@ def test_model_loss_and_gradients_equal_the_sdpa_path(monkeypatch: pytest.Monkey
 
 
 def test_compiled_model_matches_eager(kernels_on: None) -> None:
-    from slmkit.train import can_compile
+    from slmkit.runtime import can_compile
     if can_compile("cpu") is not None:
         pytest.skip(can_compile("cpu"))
     x, y = torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32))

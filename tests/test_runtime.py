@@ -41,3 +41,10 @@ def test_present_devices_pass_through(monkeypatch, cpu_only):
     assert resolve_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("cuda") == "cuda"
+
+
+def test_matmul_peak_is_plausible():
+    from slmkit.runtime import measure_matmul_peak
+
+    peak = measure_matmul_peak("cpu", n=256, reps=2)
+    assert 1e8 < peak < 1e14
