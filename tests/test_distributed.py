@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from slmkit.config import from_dict
+from slmkit.distributed import split_batch
 from slmkit.errors import SlmError
-from slmkit.train import TrainConfig, split_batch, train
+from slmkit.train import TrainConfig, train
 
 from conftest import REPO, TINY
 
