@@ -40,7 +40,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     from slmkit.checkpoint import load_run
     from slmkit.config import load_toml
-    from slmkit.train import iter_records
+    from slmkit.rundir import iter_records
 
     run_dir = Path(args.run_dir)
     model, tokenizer, state = load_run(run_dir, which="last")

@@ -19,22 +19,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no run-dir lock
-    fcntl = None
-
 from slmkit import cpu_kernels
 from slmkit.checkpoint import build_model, checkpoint_candidates, read_checkpoint, remove_stale_temps, write_checkpoint
-from slmkit.config import dump_toml, from_dict, load_preset, load_toml, merge, parse_duration, parse_overrides, to_dict
+from slmkit.config import from_dict, load_preset, load_toml, merge, parse_duration, parse_overrides, to_dict
 from slmkit.data import TokenBatches, check_context_fits, eval_batches, load_meta, open_split
 from slmkit.distributed import Dist, full_state, grad_sync, init_distributed, load_full_state, split_batch, wrap_model
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
+from slmkit.rundir import check_run_dir, lock_run_dir, plot_metrics, prepare_run_dir
 from slmkit.runtime import autocast, can_compile, measure_matmul_peak, pick_dtype, resolve_device
 from slmkit.scoring import Tally
 from slmkit.tokenizer import load_tokenizer
@@ -631,108 +627,6 @@ class Trainer:
         return {**metrics, "step": self.state.step}
 
 
-def plot_metrics(run_dir: Path) -> None:
-    """Draw train and validation loss from metrics.jsonl into loss.png (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = list(iter_records(run_dir))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), label="val", marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = run_dir / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, run_dir / "loss.png")
-
-
-LOCK = ".lock"
-OWN_FILES = {LOCK, ".tokenizer.tmp", ".config.toml.tmp"}  # what a run killed before config.toml leaves
-
-
-def check_run_dir(run_dir: Path, fresh: bool) -> None:
-    """Refuse a folder that holds something else, before anything is written into it."""
-    if not run_dir.is_dir() or fresh or (run_dir / "config.toml").exists() or checkpoint_candidates(run_dir / "last"):
-        return
-    if any(p.name not in OWN_FILES for p in run_dir.iterdir()):
-        raise SlmError(f"{run_dir} exists and is not a slmkit run directory: choose an empty or new --out")
-
-
-def lock_run_dir(run_dir: Path):
-    """Hold an exclusive lock on RUN_DIR/.lock; close the returned file to release it.
-
-    flock dies with the process, so a killed run never leaves a stale lock behind.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / LOCK, "a+", encoding="utf-8")
-    if fcntl is None:  # pragma: no cover
-        return f
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise SlmError(f"{run_dir} is in use by another slm train (pid {pid}): wait for it or use another --out") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def prepare_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str, Any]], fresh: bool) -> bool:
-    """Create or check RUN_DIR; returns True when the run resumes from ``last/``.
-
-    A new run writes config.toml and copies the tokenizer. An existing run must have the same model
-    config and the same vocab as the data; ``--fresh`` starts over but keeps the old checkpoints until
-    the new run writes its own.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    has_last = bool(checkpoint_candidates(run_dir / "last"))
-    config_path = run_dir / "config.toml"
-    tok_dir = run_dir / "tokenizer"
-    if has_last and not fresh:
-        old = load_toml(config_path) if config_path.exists() else {}
-        if old.get("model") != sections["model"]:
-            diff = sorted(k for k in set(old.get("model", {})) | set(sections["model"])
-                          if old.get("model", {}).get(k) != sections["model"].get(k))
-            raise SlmError(
-                f"{run_dir} holds a run with a different model config ({', '.join('model.' + k for k in diff)}): "
-                "use another --out, or --fresh to start over"
-            )
-        # Same vocab size is not enough: token ids must mean the same strings as in the checkpoint.
-        for name in ("tokenizer.json", "encoder.json", "vocab.bpe"):
-            ours, theirs = tok_dir / name, data_dir / name
-            if ours.exists() and (not theirs.exists() or ours.read_bytes() != theirs.read_bytes()):
-                raise SlmError(f"{data_dir} was made with a different tokenizer than the run in {run_dir}: "
-                               "use the DATA_DIR it was trained on, or --fresh to start over")
-    tmp = run_dir / ".tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name in ("tokenizer.json", "encoder.json", "vocab.bpe", "tokenizer_meta.json"):
-        if (data_dir / name).exists():
-            shutil.copy2(data_dir / name, tmp / name)
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    os.replace(tmp, tok_dir)
-    (run_dir / ".config.toml.tmp").write_text(dump_toml(sections), encoding="utf-8")
-    os.replace(run_dir / ".config.toml.tmp", config_path)
-    if fresh or not has_last:  # also a run killed before its first checkpoint: it starts over
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return has_last and not fresh
-
-
 def train(
     data_dir: str | Path,
     run_dir: str | Path,
@@ -857,17 +751,6 @@ def run_cli(args: argparse.Namespace) -> int:
     summary = train(args.data, args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
                     max_time=args.max_time, fresh=args.fresh, quiet=args.quiet)
     return {"SIGINT": 130, "SIGTERM": 143}.get(summary["stopped_by"], 0)
-
-
-def iter_records(run_dir: Path) -> Iterator[dict[str, Any]]:
-    """Records of RUN_DIR/metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                yield json.loads(line)
-            except ValueError:  # empty, or cut short by a kill
-                continue
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ from slmkit.checkpoint import load_run, read_checkpoint, write_checkpoint
 from slmkit.cli import main
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
-from slmkit.train import LRSchedule, TrainConfig, Trainer, lock_run_dir, train
+from slmkit.rundir import lock_run_dir
+from slmkit.train import LRSchedule, TrainConfig, Trainer, train
 
 from conftest import REPO, TINY
 
