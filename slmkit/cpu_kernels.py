@@ -23,6 +23,7 @@ results on every CPU, including those where the model leaves it unused.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -106,8 +107,10 @@ def built() -> str | None:
     return _why_not
 
 
+@functools.cache
 def available() -> str | None:
-    """None when the model should use the kernels (built, and fast on this CPU), else why not."""
+    """None when the model should use the kernels (built, and fast on this CPU), else why not.
+    Asked once per attention call in training, so the answer is kept."""
     why = built()
     if why is None and not _lib.slm_kernels_native():
         return "this CPU has no AVX-512, and the kernels' 16-float vectors are not fast without it"

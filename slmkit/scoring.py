@@ -31,17 +31,18 @@ class Tally:
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Score logits (..., vocab) against targets (...); targets of -1 are not scored."""
+        # Ignored targets are masked, not indexed out: indexing would copy all the logits.
         logits, targets = logits.float().flatten(0, -2), targets.flatten()
         keep = targets != -1
-        logits, targets = logits[keep], targets[keep]
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        nbytes = self.token_bytes.to(targets.device)[targets]
-        text = nbytes > 0
+        losses = F.cross_entropy(logits, targets, reduction="none", ignore_index=-1)  # 0 where ignored
+        if self.token_bytes.device != targets.device:
+            self.token_bytes = self.token_bytes.to(targets.device)
+        nbytes = self.token_bytes[targets.clamp(min=0)] * keep
         self.nats += losses.sum().item()
-        self.text_nats += losses[text].sum().item()
+        self.text_nats += losses[nbytes > 0].sum().item()
         self.text_bytes += int(nbytes.sum().item())
-        self.correct += int((logits.argmax(-1) == targets).sum().item())
-        self.tokens += targets.numel()
+        self.correct += int(((logits.argmax(-1) == targets) & keep).sum().item())
+        self.tokens += int(keep.sum().item())
 
     def totals(self) -> list[float]:
         """The sums, in ``FIELDS`` order, for adding up over processes."""
