@@ -19,8 +19,8 @@ from slmkit.errors import SlmError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "prepare": ("slmkit.data", "add_arguments", "run_cli", "tokenize a corpus into DATA_DIR"),
     "train": ("slmkit.train", "add_arguments", "run_cli", "train or resume a model in RUN_DIR"),
-    "generate": ("slmkit.generate", "add_generate_arguments", "run_generate", "sample text from a trained model"),
-    "chat": ("slmkit.generate", "add_chat_arguments", "run_chat", "interactive prompt loop"),
+    "generate": ("slmkit.generate.cli", "add_generate_arguments", "run_generate", "sample text from a trained model"),
+    "chat": ("slmkit.generate.cli", "add_chat_arguments", "run_chat", "interactive prompt loop"),
     "eval": ("slmkit.evaluate", "add_arguments", "run_cli", "loss, perplexity, bits per byte, accuracy"),
     "info": ("slmkit.cli", "add_info_arguments", "run_info", "config, parameters and training summary of RUN_DIR"),
     "quickstart": ("slmkit.quickstart", "add_arguments", "run_cli", "the demo: prepare, train a few minutes, sample"),

@@ -1,0 +1,157 @@
+"""Sampling: every decoding option (``SamplingConfig``), the logits processors, and the draw.
+
+One small pure function per method (repetition penalty, temperature, top-k, top-p, min-p), chained
+into a pipeline in Hugging Face's order, then greedy argmax or a seeded draw (``choose``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from slmkit.errors import SlmError
+
+# --- options --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token. The defaults suit a small story model."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy (always the most likely token)
+    top_k: int | None = 200  # keep the k most likely tokens; None or 0 = off
+    top_p: float = 0.95  # nucleus: keep the fewest tokens whose probability adds up to p; 1.0 = off
+    min_p: float = 0.0  # drop tokens less likely than min_p * the top token's probability; 0 = off
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the context less likely; 1.0 = off
+    stop: list[str] = field(default_factory=list)  # end at the first of these strings (not included)
+    stop_at_eot: bool = True  # end at <|endoftext|>
+    seed: int | None = None  # makes sampling reproducible
+    beams: int = 1  # > 1: beam search for the most likely continuation (deterministic)
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
+
+    def validate(self) -> None:
+        """Raise SlmError for an out-of-range value, naming the option and the allowed range."""
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop!r}"),
+            (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.beams >= 1, f"beams must be at least 1, got {self.beams}"),
+            (math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SlmError(message)
+
+
+# --- logits processors: (B, vocab) logits in, the same shape out ---------------------------------
+
+Processor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019), as in Hugging Face: for every token already in the
+    context (``seen``, a (B, vocab) bool mask), divide a positive logit by ``penalty`` and multiply
+    a negative one by it, so that penalty > 1 always makes the token less likely."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sharpen (< 1) or flatten (> 1) the distribution."""
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the ``k`` largest logits of each row (ties broken by torch.topk)."""
+    if k >= logits.size(-1):
+        return logits
+    values, indices = logits.topk(k, dim=-1)
+    return torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the most likely tokens until their
+    probabilities add up to at least ``p``; the most likely token always stays."""
+    return apply_top_k_top_p(logits, logits.size(-1), p)  # top-k of the whole vocabulary is a sort
+
+
+def apply_top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """``apply_top_p(apply_top_k(logits, k), p)`` with one ``topk`` instead of a sort of the whole
+    vocabulary (the nucleus is taken among the k largest, which ``topk`` returns in order)."""
+    values, indices = logits.topk(min(k, logits.size(-1)), dim=-1)
+    probs = values.softmax(dim=-1)
+    values = values.masked_fill(probs.cumsum(dim=-1) - probs >= p, -math.inf)
+    return torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p sampling (Nguyen et al. 2024): drop tokens whose probability is below ``min_p`` times
+    the most likely token's, a cut that adapts to how confident the model is."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
+
+
+def logits_pipeline(cfg: SamplingConfig, seen: torch.Tensor | None = None) -> list[Processor]:
+    """The processors ``cfg`` switches on, in Hugging Face's order. Greedy decoding (temperature 0)
+    keeps only the repetition penalty: the others never change the argmax."""
+    steps: list[Processor] = []
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        steps.append(partial(apply_repetition_penalty, seen=seen, penalty=cfg.repetition_penalty))
+    if cfg.temperature == 0:
+        return steps
+    if cfg.temperature != 1.0:
+        steps.append(partial(apply_temperature, temperature=cfg.temperature))
+    if cfg.top_k and cfg.top_p < 1.0:
+        steps.append(partial(apply_top_k_top_p, k=cfg.top_k, p=cfg.top_p))
+    elif cfg.top_k:
+        steps.append(partial(apply_top_k, k=cfg.top_k))
+    elif cfg.top_p < 1.0:
+        steps.append(partial(apply_top_p, p=cfg.top_p))
+    if cfg.min_p > 0:
+        steps.append(partial(apply_min_p, min_p=cfg.min_p))
+    return steps
+
+
+def choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row (B,): the argmax when greedy, else a draw from the softmax.
+
+    The draw inverts the cumulative distribution with one uniform number per row: exact, and on
+    a CPU about 10x cheaper than ``torch.multinomial`` over a 4k vocabulary (14 vs 180 us a step)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    # float64 sums keep even a one-in-a-million token's share of [0, 1) right (MPS has no float64)
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+    cdf = logits.softmax(dim=-1, dtype=dtype).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=dtype, device=logits.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never a p = 0 token
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A private random stream, so a seed reproduces a sample without touching global state."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _seen_mask(contexts: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    seen = torch.zeros(len(contexts), vocab_size, dtype=torch.bool, device=device)
+    for row, context in enumerate(contexts):
+        seen[row, torch.tensor(context, device=device)] = True
+    return seen

@@ -1,0 +1,60 @@
+"""The CLI: slm generate and slm chat, on a scripted model.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+import slmkit.generate.cli as G
+from slmkit.errors import SlmError
+
+from generation_models import TOK, one_thread, script_model  # noqa: F401 (one_thread: a fixture)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def cli_args(command: str, *argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    (G.add_generate_arguments if command == "generate" else G.add_chat_arguments)(parser)
+    return parser.parse_args(["RUN", *argv])
+
+
+@pytest.fixture
+def scripted_run(monkeypatch):
+    model = script_model("Hi, Bob.", then_eot=True)
+    monkeypatch.setattr(G, "_load", lambda args: (model, TOK))
+    return model
+
+
+def test_cli_generate_streams_prompt_and_continuation(scripted_run, capsys):
+    assert G.run_generate(cli_args("generate", "--prompt", "Hi", "--seed", "1")) == 0
+    assert capsys.readouterr().out == "Hi, Bob.\n"
+    assert G.run_generate(cli_args("generate", "--prompt", "Hi", "--num-samples", "3", "--stop", "B")) == 0
+    assert capsys.readouterr().out == "Hi, \n---\nHi, \n---\nHi, \n"
+    assert G.run_generate(cli_args("generate", "--prompt", "B", "--no-stop", "--max-new-tokens", "9", "--stop", "\\n")) == 0
+    assert capsys.readouterr().out == "Bob.<|endoftext|>Hi, B\n"
+    with pytest.raises(SlmError, match="top_p"):
+        G.run_generate(cli_args("generate", "--top-p", "2"))
+
+
+def test_cli_chat_loop(scripted_run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nB\n"))
+    assert G.run_chat(cli_args("chat")) == 0
+    assert capsys.readouterr().out == ", Bob.\nob.\n"
+
+
+def test_cli_chat_ctrl_c_stops_the_reply_only(scripted_run, monkeypatch, capsys):
+    def interrupted(*args):
+        yield "partial"
+        raise KeyboardInterrupt
+
+    replies = iter([interrupted, lambda *a: iter(["fine"])])
+    monkeypatch.setattr(G, "stream", lambda *a: next(replies)(*a))
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
+    assert G.run_chat(cli_args("chat")) == 0
+    assert capsys.readouterr().out == "partial [stopped]\nfine\n"
