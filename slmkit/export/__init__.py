@@ -1,0 +1,115 @@
+"""Export a trained model out of slmkit, and import Hugging Face checkpoints back in.
+
+``slm export RUN_DIR --format hf|onnx|torchscript --out DIR [--quantize int8]`` writes a folder:
+
+    hf           config.json, generation_config.json, model.safetensors, tokenizer.json,
+                 tokenizer_config.json, special_tokens_map.json: loads with transformers'
+                 ``AutoModelForCausalLM`` / ``AutoTokenizer``, no slmkit needed. Our variants map
+                 onto two standard architectures: learned positions + LayerNorm + GELU is GPT-2
+                 (``GPT2LMHeadModel``), rotary + RMSNorm + SwiGLU (with or without GQA) is Llama
+                 (``LlamaForCausalLM``). Other mixes are refused: no standard class computes them.
+    onnx         model.onnx (input_ids -> logits, dynamic batch and sequence) and model_kv.onnx
+                 (input_ids, past_key, past_value -> logits, present_key, present_value) for fast
+                 decoding with onnxruntime (``OnnxGenerator``), plus tokenizer.json.
+    torchscript  model.pt, a traced module (``torch.jit.load``): input_ids -> logits.
+
+Every folder also holds ``slmkit_export.json`` (format, shapes, eot id) so that ``OnnxGenerator``
+and a second export into the same folder know what is there.
+
+``--quantize int8`` applies dynamic int8 quantization to the linear layers (weights int8,
+activations quantized on the fly): onnxruntime's for onnx, PyTorch's for torchscript. It is a
+CPU inference format; ``hf`` exports stay float32.
+
+``slm import-hf PATH --out RUN_DIR`` reads a GPT-2- or Llama-shaped HF folder (config.json,
+safetensors, a byte-level BPE tokenizer.json with ``<|endoftext|>``) into a RUN_DIR that
+``slm generate``, ``slm eval`` and ``slm train`` (which continues from it) accept.
+
+One module per format and direction: ``hf`` (both ways), ``onnx``, ``torchscript``; ``common``
+holds the output folder and its metadata. This package holds the stage: ``export_model``,
+``export_run`` and the two CLI commands.
+
+The optional packages (onnx, onnxruntime, transformers) are imported only inside the functions
+that need them: ``pip install 'slmkit[export]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import SlmError
+from slmkit.export.common import META_FILE, file_sizes
+from slmkit.export.hf import export_hf, hf_architecture, hf_config, hf_state_dict, hf_to_slmkit, import_hf
+from slmkit.export.onnx import ExportGPT, export_onnx, quantize_onnx
+from slmkit.export.onnx_generator import OnnxGenerator
+from slmkit.export.torchscript import export_torchscript, quantize_int8
+from slmkit.model import GPT
+
+FORMATS = ("hf", "onnx", "torchscript")
+
+
+def export_model(model: GPT, tokenizer: Any, fmt: str, out: str | Path, quantize: str | None = None) -> Path:
+    """Export an in-memory model and tokenizer; see the module docstring for the formats."""
+    if fmt not in FORMATS:
+        raise SlmError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise SlmError(f"--quantize {quantize!r} is not supported: the only choice is int8")
+    model = model.float().cpu().eval()
+    if fmt == "hf":
+        if quantize:
+            raise SlmError("--quantize int8 applies to --format onnx and torchscript; hf exports stay float32")
+        return export_hf(model, tokenizer, out)
+    if fmt == "onnx":
+        return export_onnx(model, tokenizer, out, quantize)
+    return export_torchscript(model, tokenizer, out, quantize)
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, quantize: str | None = None,
+               which: str = "best") -> Path:
+    """Export RUN_DIR's ``best`` (or ``last``) checkpoint to ``out``."""
+    from slmkit.checkpoint import load_run
+
+    if fmt == "hf" and quantize:
+        raise SlmError("--quantize int8 applies to --format onnx and torchscript; hf exports stay float32")
+    model, tokenizer, _ = load_run(run_dir, device="cpu", which=which)
+    return export_model(model, tokenizer, fmt, out, quantize)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="RUN_DIR written by slm train")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="hf (transformers), onnx (onnxruntime) or torchscript")
+    parser.add_argument("--out", required=True, help="folder to write (created; an earlier export there is replaced)")
+    parser.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers, for CPU inference (onnx, torchscript)")
+    parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to export")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    out = export_run(args.run_dir, args.format, args.out, quantize=args.quantize, which=args.which)
+    sizes = file_sizes(out)
+    print(f"exported {args.run_dir} as {args.format}{' int8' if args.quantize else ''} to {out}")
+    for name, size in sizes.items():
+        print(f"  {name:28s} {size / 1e6:10.2f} MB")
+    return 0
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a Hugging Face GPT-2/Llama model folder (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--out", required=True, help="new RUN_DIR to create")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    run_dir = import_hf(args.path, args.out)
+    from slmkit.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir, which="last")
+    print(f"imported {args.path} into {run_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"vocab {tokenizer.vocab_size}; continue with: slm train --data DATA_DIR --out {run_dir}")
+    return 0
+
+
+__all__ = [
+    "ExportGPT", "OnnxGenerator", "export_hf", "export_model", "export_onnx", "export_run", "export_torchscript",
+    "file_sizes", "hf_architecture", "hf_config", "hf_state_dict", "hf_to_slmkit", "import_hf", "quantize_int8",
+    "quantize_onnx",
+]

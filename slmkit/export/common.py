@@ -1,0 +1,78 @@
+"""What every export format shares: the output folder, its ``slmkit_export.json``, optional imports."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from slmkit.errors import SlmError
+from slmkit.files import atomic_dir
+from slmkit.model import GPT
+
+META_FILE = "slmkit_export.json"
+EXTRA_HINT = "pip install 'slmkit[export]'"
+EOT = "<|endoftext|>"
+
+
+def require(module: str, what: str) -> Any:
+    """Import an optional dependency or raise a one-line SlmError with the install hint."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SlmError(f"{what} needs the '{module.split('.')[0]}' package: {EXTRA_HINT}") from None
+
+
+def version() -> str:
+    """slmkit's version, recorded in every export's metadata."""
+    from slmkit import __version__
+
+    return __version__
+
+
+@contextlib.contextmanager
+def output_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``out``; on success it replaces ``out`` (``files.atomic_dir``).
+
+    ``out`` may be missing, empty, or an earlier export (it holds ``slmkit_export.json``); anything
+    else is refused, so an export never deletes a user's unrelated files.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise SlmError(f"--out {out} is a file: give a folder path (it is created)")
+        if any(out.iterdir()) and not (out / META_FILE).is_file():
+            raise SlmError(f"--out {out} exists and is not an earlier slmkit export: choose a new or empty folder")
+    with atomic_dir(out) as tmp:
+        yield tmp
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON with a final newline."""
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def export_meta(model: GPT, tokenizer: Any, fmt: str, **extra: Any) -> dict[str, Any]:
+    """The contents of ``slmkit_export.json``: format, model config, the shapes a runtime needs, eot id."""
+    c = model.config
+    from slmkit.config import to_dict
+
+    return {
+        "format": fmt,
+        "slmkit_version": version(),
+        "model": to_dict(c),
+        "vocab_size": c.vocab_size,
+        "block_size": c.block_size,
+        "n_layer": c.n_layer,
+        "n_kv_head": c.kv_heads,
+        "head_dim": c.head_dim,
+        "eot_id": getattr(tokenizer, "eot_id", None),
+        **extra,
+    }
+
+
+def file_sizes(directory: str | Path) -> dict[str, int]:
+    """Bytes on disk of each file in an export folder."""
+    return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.is_file()}
