@@ -10,50 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from slmkit.data import eval_batches, load_meta, open_split, read_documents
+from slmkit.data import load_meta, open_split, read_documents
 from slmkit.errors import SlmError
-from slmkit.model import GPT
 from slmkit.runtime import resolve_device
-from slmkit.scoring import Tally
-
-
-@torch.no_grad()
-def evaluate_tokens(
-    model: GPT, tokens: np.ndarray, token_bytes: Sequence[int], *, batch_size: int = 8, device: str = "cpu",
-    max_batches: int | None = None,
-) -> dict[str, float]:
-    """Evaluate ``model`` on a token stream; ``token_bytes[i]`` is the UTF-8 bytes of text token
-    ``i`` stands for, 0 for special tokens (``Tokenizer.token_byte_lengths()``).
-
-    The stream is cut into non-overlapping windows of the model's context, so every token after the
-    first is predicted exactly once (with less context at the start of each window, as in nanoGPT
-    and llama2.c evaluations). Returns loss (nats/token), perplexity, bpb, accuracy, tokens.
-    """
-    model.eval()
-    block = model.config.block_size
-    tally = Tally(token_bytes)
-
-    def score(x: torch.Tensor, y: torch.Tensor) -> None:
-        logits, _ = model(x.to(device))
-        tally.add(logits, y.to(device))
-
-    for x, y in eval_batches(tokens, block, batch_size, max_batches):
-        score(x, y)
-    covered = ((len(tokens) - 1) // block) * block
-    if max_batches is None and len(tokens) - covered >= 2:
-        # The windows leave a tail shorter than the context: score it too, so every token counts.
-        tail = torch.from_numpy(np.asarray(tokens[covered:], dtype=np.int64))
-        score(tail[None, :-1], tail[None, 1:])
-    if tally.tokens == 0:
-        raise SlmError("nothing to evaluate: the text is shorter than two tokens")
-    return tally.metrics()
+from slmkit.scoring import evaluate_tokens  # the one evaluator; slm eval's name for it, kept for callers
 
 
 def evaluate_run(
