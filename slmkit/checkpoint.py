@@ -117,9 +117,12 @@ def _slow_down() -> None:
 
 
 def remove_stale_temps(parent: Path) -> None:
-    """Delete the temp dirs of checkpoint writes that were killed (call only while holding the run lock)."""
-    for tmp in Path(parent).glob(".*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Delete the folders of swaps that were killed (call only while holding the run lock):
+    ``files.atomic_dir``'s ``.<name>.tmp-*`` (a checkpoint or the tokenizer half written) and
+    ``.<name>.old-*`` (a tokenizer replaced, killed before the old one was deleted)."""
+    for pattern in (".*.tmp-*", ".*.old-*"):
+        for tmp in Path(parent).glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def verify_checkpoint(directory: Path) -> set[str]:

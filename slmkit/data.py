@@ -535,6 +535,11 @@ class TokenBatches:
         """``{"epoch", "cursor", "seed"}``: enough to resume the exact same batch sequence."""
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
 
+    @staticmethod
+    def start_state(seed: int) -> dict:
+        """The ``state_dict()`` of a sampler with ``seed`` that has given no batch yet (a new run's)."""
+        return {"epoch": 0, "cursor": 0, "seed": seed}
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from a ``state_dict()``, including its seed."""
         epoch, cursor, seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
