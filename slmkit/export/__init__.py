@@ -42,8 +42,8 @@ from slmkit.errors import SlmError
 from slmkit.export.common import META_FILE, file_sizes
 from slmkit.export.hf import export_hf, hf_architecture, hf_config, hf_state_dict, hf_to_slmkit, import_hf
 from slmkit.export.onnx import ExportGPT, export_onnx, quantize_onnx
-from slmkit.export.onnx_generator import OnnxGenerator
 from slmkit.export.torchscript import export_torchscript, quantize_int8
+from slmkit.generate.onnx import OnnxGenerator  # lives beside generation; re-exported for old imports
 from slmkit.model import GPT
 
 FORMATS = ("hf", "onnx", "torchscript")

@@ -10,10 +10,9 @@ from typing import Any, Iterator
 
 from slmkit.errors import SlmError
 from slmkit.files import atomic_dir
+from slmkit.generate.onnx import EXTRA_HINT, META_FILE  # defined by the reader, below this stage
 from slmkit.model import GPT
 
-META_FILE = "slmkit_export.json"
-EXTRA_HINT = "pip install 'slmkit[export]'"
 EOT = "<|endoftext|>"
 
 
