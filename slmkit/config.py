@@ -1,13 +1,20 @@
-"""Config plumbing shared by every stage: TOML presets, dotted CLI overrides, early validation.
+"""Config plumbing shared by every stage: TOML presets, dotted CLI overrides, flags from fields,
+early validation.
 
-Each concern owns its own dataclass (``ModelConfig`` in model.py, ``TrainConfig`` in train.py).
-A run's config is a dict of sections, ``{"model": {...}, "train": {...}}``, built from a preset,
-then an optional ``--config`` file, then ``section.key=value`` overrides, and only then turned into
-dataclasses, so that an unknown key or a wrong type is reported before any work starts.
+Each stage declares its sections as dataclasses (``ModelConfig`` in model.py, ``TrainConfig`` in
+train.py, ``SamplingConfig`` for ``[sample]`` in generate/sampling.py). A run's config is a dict of
+sections, ``{"model": {...}, "train": {...}}``, built from a preset, then an optional ``--config``
+file, then ``section.key=value`` overrides, and only then turned into dataclasses by
+``from_dict``, so that an unknown key or a wrong type is reported before any work starts.
+
+A section can also be set by command-line flags made from its fields: a field whose metadata has
+a ``help`` becomes a flag (``add_section_arguments``), and ``section_from_args`` builds the
+dataclass from the flags given, over a TOML table, through the same ``from_dict``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -16,6 +23,7 @@ import sys
 import types
 from importlib import resources
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
@@ -165,6 +173,84 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
     return obj
 
 
+def check_sections(sections: dict[str, Any], known: Iterable[str], where: str) -> None:
+    """Refuse a section no stage reads (a typo, most likely), suggesting the closest known one;
+    ``where`` names the file. Each known section must be a table."""
+    known = sorted(known)
+    for name, table in sections.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean [{close[0]}]? " if close else ""
+            raise SlmError(f"unknown config section [{name}] in {where}: {hint}the sections are "
+                           + ", ".join(f"[{k}]" for k in known))
+        if not isinstance(table, dict):
+            raise SlmError(f"config section [{name}] in {where} must be a table of key = value pairs")
+
+
+# --- command-line flags from dataclass fields -----------------------------------------------------
+#
+# A field becomes a flag when its metadata has a "help" (argparse help; %(default)s is the field's
+# default). Optional metadata, only where the flag is not the plain one: "flag" (its name; default
+# --field-name, or --no-field-name for a bool that defaults to true), "metavar", and "parse" (turns
+# one command-line word into a value, e.g. unescaping; default: the field's type).
+
+_FLAG_KEYS = {"help", "flag", "metavar", "parse"}
+
+
+def _flag_type(tp: Any) -> Any:
+    """The type of one command-line word for annotation ``tp`` (``int | None`` -> int, list[str] -> str)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        (tp,) = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (list, tuple):
+        return _flag_type(get_args(tp)[0])
+    return tp
+
+
+def add_section_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add a flag for each field of dataclass ``cls`` that declares a ``help`` in its metadata.
+
+    A number or string field takes one value, a list field one or more (repeating the flag adds
+    more), a bool field is a switch that flips its default. Flags not given leave no attribute in
+    the parsed namespace, so ``section_from_args`` can tell them from values typed on the command line.
+    """
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        if set(meta) - _FLAG_KEYS:  # a typo in a field's metadata is the program's bug, not the user's
+            raise TypeError(f"{cls.__name__}.{f.name}: unknown flag metadata {sorted(set(meta) - _FLAG_KEYS)}")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        tp = hints[f.name]
+        # The default goes into the help now, because argparse's own default stays unset (SUPPRESS).
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                              "help": (meta["help"] % {"default": default}).replace("%", "%%")}
+        name = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            kw["action"] = "store_false" if default else "store_true"
+            name = f"--no-{name[2:]}" if default else name
+        else:
+            one = _flag_type(tp)
+            if get_origin(one) is Literal:
+                kw["choices"] = get_args(one)
+                one = type(kw["choices"][0])
+            kw["type"] = meta.get("parse", one)
+            if get_origin(tp) in (list, tuple):
+                kw["nargs"], kw["action"] = "+", "extend"
+            if "metavar" in meta:
+                kw["metavar"] = meta["metavar"]
+        parser.add_argument(meta.get("flag", name), **kw)
+
+
+def section_from_args(cls: type[T], args: argparse.Namespace, section: str, table: dict[str, Any] | None = None) -> T:
+    """Dataclass ``cls`` from the TOML ``table`` of ``[section]`` (may be empty) with the flags given
+    on the command line on top (they win), checked by ``from_dict``: the same coercion, "did you
+    mean" and ``validate()`` messages as a config file's."""
+    flags = [f.name for f in dataclasses.fields(cls) if "help" in f.metadata]
+    given = {name: getattr(args, name) for name in flags if hasattr(args, name)}
+    return from_dict(cls, {**(table or {}), **given}, section)
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as a plain dict of TOML-friendly values (None entries are dropped)."""
     return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
@@ -208,6 +294,8 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 
 __all__ = [
+    "add_section_arguments",
+    "check_sections",
     "dump_toml",
     "from_dict",
     "load_preset",
@@ -216,5 +304,6 @@ __all__ = [
     "parse_duration",
     "parse_overrides",
     "preset_names",
+    "section_from_args",
     "to_dict",
 ]
