@@ -88,6 +88,14 @@ def test_generate_without_checkpoint(tmp_path, capsys):
     one_error_line(capsys, slm("generate", tmp_path / "r", "--prompt", "hi"), "no checkpoint")
 
 
+def test_generate_config_file_with_a_misspelt_sample_key(tmp_path, capsys):
+    """Checked before the checkpoint is read: the one line names the key and suggests the right one."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "run.toml").write_text("[sample]\ntop_kk = 5\n")
+    one_error_line(capsys, slm("chat", tmp_path / "r", "--config", tmp_path / "run.toml"),
+                   "unknown config key sample.top_kk (did you mean sample.top_k?)")
+
+
 def test_console_entry_point_prints_no_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     r = subprocess.run([sys.executable, "-m", "slmkit.cli", "eval", str(tmp_path / "missing"), "--data", "x"],

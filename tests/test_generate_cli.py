@@ -58,3 +58,35 @@ def test_cli_chat_ctrl_c_stops_the_reply_only(scripted_run, monkeypatch, capsys)
     monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
     assert G.run_chat(cli_args("chat")) == 0
     assert capsys.readouterr().out == "partial [stopped]\nfine\n"
+
+
+def test_cli_reads_the_sample_section_of_a_config_file_and_flags_win(scripted_run, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "run.toml"  # a run's file may hold every stage's sections: [model] is not an error here
+    config.write_text('[model]\nn_layer = 2\n\n[sample]\nmax_new_tokens = 5\nstop = ["o"]\n')
+    assert G.run_generate(cli_args("generate", "--prompt", "Hi", "--config", str(config))) == 0
+    assert capsys.readouterr().out == "Hi, B\n"  # ", Bob" cut at "o"
+    assert G.run_generate(cli_args("generate", "--prompt", "Hi", "--config", str(config), "--max-new-tokens", "2")) == 0
+    assert capsys.readouterr().out == "Hi, \n"
+    assert G.run_generate(cli_args("generate", "--prompt", "Hi", "--config", str(config), "--stop", "b")) == 0
+    assert capsys.readouterr().out == "Hi, Bo\n"  # the command line's stop list replaces the file's
+    config.write_text("[sample]\nmax_new_tokens = 9\nstop_at_eot = false\n")
+    assert G.run_generate(cli_args("generate", "--prompt", "B", "--config", str(config))) == 0
+    assert capsys.readouterr().out == "Bob.<|endoftext|>Hi, B\n"
+    config.write_text("[sample]\nmax_new_tokens = 2\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert G.run_chat(cli_args("chat", "--config", str(config))) == 0
+    assert capsys.readouterr().out == ", \n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[sample]\ntemprature = 0.5\n", r"unknown config key sample.temprature \(did you mean sample.temperature\?\)"),
+    ("[sampel]\nseed = 1\n", r"unknown config section \[sampel\] in .*run.toml: did you mean \[sample\]\?"),
+    ("[sample]\nseed = 1.5\n", r"sample.seed = 1.5 has the wrong type: expected int"),
+    ("[sample]\ntop_p = 0\n", r"top_p must be in \(0, 1\]"),
+    ("[sample\n", r"run.toml is not valid TOML"),
+])
+def test_cli_config_file_errors(scripted_run, tmp_path, text, message):
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    with pytest.raises(SlmError, match=message):
+        G.run_generate(cli_args("generate", "--config", str(config)))

@@ -9,49 +9,38 @@ import warnings
 
 import torch
 
+from slmkit.config import add_section_arguments, check_sections, load_toml, section_from_args
 from slmkit.errors import SlmError
 from slmkit.generate.generation import Generation
 from slmkit.generate.sampling import SamplingConfig
 from slmkit.generate.text import TextStream, stream
 from slmkit.runtime import resolve_device
 
-def _unescape(text: str) -> str:
-    """``\\n``, ``\\t`` and ``\\\\`` typed on the command line, as the characters."""
-    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+# A run's config file may hold every stage's sections; these commands read [sample] only.
+CONFIG_SECTIONS = ("model", "train", "sample")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    d = SamplingConfig()
     parser.add_argument("run_dir", help="RUN_DIR written by slm train")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate at most (default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy; higher = more random (default %(default)s)")
-    parser.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely tokens; 0 = off (default %(default)s)")
-    parser.add_argument("--top-p", type=float, default=d.top_p, help="nucleus: smallest set with this much probability; 1 = off (default %(default)s)")
-    parser.add_argument("--min-p", type=float, default=d.min_p, help="drop tokens below min-p x the top probability; 0 = off (default %(default)s)")
-    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                        help="> 1 discourages tokens already in the context; 1 = off (default %(default)s)")
-    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
-                        help="end at the first of these strings (\\n and \\t understood)")
-    parser.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>: run on to --max-new-tokens")
-    parser.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    parser.add_argument("--beams", type=int, default=d.beams, help="beam search with N beams: the most likely text, not a sample")
-    parser.add_argument("--length-penalty", type=float, default=d.length_penalty,
-                        help="beam search: > 1 favours longer texts, < 1 shorter (default %(default)s)")
+    add_section_arguments(parser, SamplingConfig)
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="a TOML file whose [sample] section sets the options above (flags given here win)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (default auto)")
-    parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint: best validation loss or last (default best)")
+    parser.add_argument("--which", default="best", choices=["best", "last"],
+                        help="checkpoint: best validation loss or last (default best)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: PyTorch's choice); on a busy machine 1 is often fastest for one prompt")
 
 
 def _sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        stop=[_unescape(s) for s in args.stop], stop_at_eot=not args.no_stop, seed=args.seed,
-        beams=args.beams, length_penalty=args.length_penalty,
-    )
-    cfg.validate()
-    return cfg
+    """The [sample] section of ``--config`` (if given) with the sampling flags on top, validated."""
+    table: dict = {}
+    if args.config:
+        sections = load_toml(args.config)
+        check_sections(sections, CONFIG_SECTIONS, args.config)
+        table = sections.get("sample", {})
+    return section_from_args(SamplingConfig, args, "sample", table)
 
 
 def _load(args: argparse.Namespace):

@@ -18,21 +18,35 @@ from slmkit.errors import SlmError
 # --- options --------------------------------------------------------------------------------------
 
 
+def _unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` typed on the command line, as the characters."""
+    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+
 @dataclass
 class SamplingConfig:
-    """How to pick each next token. The defaults suit a small story model."""
+    """How to pick each next token: the ``[sample]`` section of a config file, and the flags of
+    ``slm generate`` and ``slm chat`` (made from these fields by ``config.add_section_arguments``).
+    The defaults suit a small story model."""
 
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 = greedy (always the most likely token)
-    top_k: int | None = 200  # keep the k most likely tokens; None or 0 = off
-    top_p: float = 0.95  # nucleus: keep the fewest tokens whose probability adds up to p; 1.0 = off
-    min_p: float = 0.0  # drop tokens less likely than min_p * the top token's probability; 0 = off
-    repetition_penalty: float = 1.0  # > 1 makes tokens already in the context less likely; 1.0 = off
-    stop: list[str] = field(default_factory=list)  # end at the first of these strings (not included)
-    stop_at_eot: bool = True  # end at <|endoftext|>
-    seed: int | None = None  # makes sampling reproducible
-    beams: int = 1  # > 1: beam search for the most likely continuation (deterministic)
-    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
+    max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate at most (default %(default)s)"})
+    temperature: float = field(default=0.8, metadata={"help": "0 = greedy; higher = more random (default %(default)s)"})
+    top_k: int | None = field(default=200, metadata={  # None or 0 = off
+        "help": "sample among the k most likely tokens; 0 = off (default %(default)s)"})
+    top_p: float = field(default=0.95, metadata={
+        "help": "nucleus: smallest set with this much probability; 1 = off (default %(default)s)"})
+    min_p: float = field(default=0.0, metadata={
+        "help": "drop tokens below min-p x the top probability; 0 = off (default %(default)s)"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "> 1 discourages tokens already in the context; 1 = off (default %(default)s)"})
+    stop: list[str] = field(default_factory=list, metadata={  # the text ends before the first of these
+        "help": "end at the first of these strings (\\n and \\t understood)", "metavar": "STR", "parse": _unescape})
+    stop_at_eot: bool = field(default=True, metadata={
+        "help": "do not stop at <|endoftext|>: run on to --max-new-tokens", "flag": "--no-stop"})
+    seed: int | None = field(default=None, metadata={"help": "random seed: the same seed gives the same text"})
+    beams: int = field(default=1, metadata={"help": "beam search with N beams: the most likely text, not a sample"})
+    length_penalty: float = field(default=1.0, metadata={  # score = log-prob / length ** length_penalty
+        "help": "beam search: > 1 favours longer texts, < 1 shorter (default %(default)s)"})
 
     def validate(self) -> None:
         """Raise SlmError for an out-of-range value, naming the option and the allowed range."""
