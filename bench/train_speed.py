@@ -58,7 +58,7 @@ from benchlib import machine_info  # noqa: E402
 from slmkit.config import load_preset  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
 from slmkit.runtime import autocast, measure_matmul_peak  # noqa: E402
-from slmkit.train import TrainConfig, make_optimizer  # noqa: E402
+from slmkit.trainer import TrainConfig, make_optimizer  # noqa: E402
 
 # --------------------------------------------------------------------------- the eager reference
 

@@ -1,4 +1,5 @@
-"""The learning-rate schedule when a time budget drives it: warmup in steps, decay in time."""
+"""The learning-rate schedules (slmkit.schedules): warmup, cosine, WSD, constant, plateau, and
+the time budget driving them (warmup in steps, decay in time)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,52 @@ import time
 
 import pytest
 
-from slmkit.train import LRSchedule, TrainConfig, train
+from slmkit.schedules import LRSchedule
+from slmkit.train import TrainConfig, train
 
 from conftest import TINY
+
+
+def lrs(**kw):
+    cfg = TrainConfig(**kw)
+    s = LRSchedule(cfg)
+    return cfg, s, [s.lr(step, step / cfg.max_steps) for step in range(cfg.max_steps)]
+
+
+def test_cosine_warmup_then_decay_to_min():
+    cfg, _, curve = lrs(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    assert curve[0] == pytest.approx(0.1) and curve[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(curve[10:], curve[11:]))  # monotone decay after warmup
+    assert curve[-1] == pytest.approx(0.1, abs=1e-3)
+    assert LRSchedule(cfg).lr(100, 1.0) == pytest.approx(0.1)
+
+
+def test_wsd_is_flat_then_decays():
+    _, s, curve = lrs(lr=1.0, warmup_steps=0, max_steps=100, schedule="wsd", decay_fraction=0.2)
+    assert curve[50] == 1.0 and curve[79] == 1.0
+    assert curve[90] < 1.0 and s.lr(100, 1.0) == pytest.approx(0.1)
+
+
+def test_constant_schedule():
+    _, _, curve = lrs(lr=0.5, warmup_steps=0, max_steps=10, schedule="constant")
+    assert curve == [0.5] * 10
+
+
+def test_plateau_halves_after_patience_and_state_roundtrip():
+    cfg, s, _ = lrs(lr=1.0, warmup_steps=0, max_steps=10, schedule="plateau", plateau_patience=2)
+    for loss in [3.0, 2.0, 2.5, 2.4]:
+        s.observe(loss)
+    assert s.lr(5, 0.5) == 0.5
+    s2 = LRSchedule(cfg)
+    s2.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert s2.lr(5, 0.5) == 0.5 and s2.best == 2.0
+
+
+def test_time_budget_drives_the_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10_000, max_time="10s")
+    s = LRSchedule(cfg)
+    # Half the time used: the cosine is half way although few steps were taken.
+    assert s.lr(10, 5.0) == pytest.approx(0.55)
 
 
 def timed_curve(cfg: TrainConfig, seconds_per_step: float, schedule: LRSchedule | None = None,
@@ -75,9 +119,9 @@ class FakeClock:
 
 
 def test_a_timed_run_keeps_the_peak_after_warmup(data_dir, tmp_path, monkeypatch) -> None:
-    import slmkit.train
+    import slmkit.trainer
 
-    monkeypatch.setattr(slmkit.train, "time", FakeClock(tick=0.5))  # 0.5 s a step
+    monkeypatch.setattr(slmkit.trainer, "time", FakeClock(tick=0.5))  # 0.5 s a step (the loop's clock)
     over = TINY + ["train.warmup_steps=5", "train.max_steps=1000", "train.max_time=12s", "train.log_interval=1",
                    "train.eval_interval=1000", "train.checkpoint_interval=1000"]
     summary = train(data_dir, tmp_path / "r", overrides=over, quiet=True)

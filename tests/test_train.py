@@ -8,54 +8,13 @@ import torch
 
 from slmkit import checkpoint as ckpt_mod
 from slmkit import train as train_mod
+from slmkit import trainer as trainer_mod
 from slmkit.checkpoint import load_run, read_checkpoint, write_checkpoint
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
-from slmkit.train import LRSchedule, TrainConfig, Trainer, train
+from slmkit.train import TrainConfig, Trainer, train
 
 from conftest import TINY, train_killed_after
-
-
-def lrs(**kw):
-    cfg = TrainConfig(**kw)
-    s = LRSchedule(cfg)
-    return cfg, s, [s.lr(step, step / cfg.max_steps) for step in range(cfg.max_steps)]
-
-
-def test_cosine_warmup_then_decay_to_min():
-    cfg, _, curve = lrs(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
-    assert curve[0] == pytest.approx(0.1) and curve[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(curve[10:], curve[11:]))  # monotone decay after warmup
-    assert curve[-1] == pytest.approx(0.1, abs=1e-3)
-    assert LRSchedule(cfg).lr(100, 1.0) == pytest.approx(0.1)
-
-
-def test_wsd_is_flat_then_decays():
-    _, s, curve = lrs(lr=1.0, warmup_steps=0, max_steps=100, schedule="wsd", decay_fraction=0.2)
-    assert curve[50] == 1.0 and curve[79] == 1.0
-    assert curve[90] < 1.0 and s.lr(100, 1.0) == pytest.approx(0.1)
-
-
-def test_constant_schedule():
-    _, _, curve = lrs(lr=0.5, warmup_steps=0, max_steps=10, schedule="constant")
-    assert curve == [0.5] * 10
-
-
-def test_plateau_halves_after_patience_and_state_roundtrip():
-    cfg, s, _ = lrs(lr=1.0, warmup_steps=0, max_steps=10, schedule="plateau", plateau_patience=2)
-    for loss in [3.0, 2.0, 2.5, 2.4]:
-        s.observe(loss)
-    assert s.lr(5, 0.5) == 0.5
-    s2 = LRSchedule(cfg)
-    s2.load_state_dict(json.loads(json.dumps(s.state_dict())))
-    assert s2.lr(5, 0.5) == 0.5 and s2.best == 2.0
-
-
-def test_time_budget_drives_the_schedule():
-    cfg = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10_000, max_time="10s")
-    s = LRSchedule(cfg)
-    # Half the time used: the cosine is half way although few steps were taken.
-    assert s.lr(10, 5.0) == pytest.approx(0.55)
 
 
 def test_run_writes_artifacts_and_learns(run_dir):
@@ -135,6 +94,40 @@ def test_not_a_run_dir_is_refused(data_dir, tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_a_run_killed_while_swapping_the_tokenizer_is_taken_up_again(data_dir, tmp_path):
+    """What a kill during the tokenizer copy leaves (files.atomic_dir's temp and old folders, the
+    lock) is the run's own: the next slm train accepts the folder and removes the leftovers."""
+    run = tmp_path / "r"
+    (run / ".tokenizer.tmp-0123abcd").mkdir(parents=True)
+    (run / ".tokenizer.tmp-0123abcd" / "tokenizer.json").write_text("{half")
+    (run / ".tokenizer.old-4567ef01").mkdir()
+    (run / ".lock").write_text("")
+    assert train(data_dir, run, overrides=TINY + ["train.max_steps=2"], quiet=True)["steps"] == 2
+    assert not list(run.glob(".tokenizer.*"))
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (data_dir / "tokenizer.json").read_bytes()
+
+
+def test_create_run_writes_what_the_trainer_resumes_from(data_dir, run_dir, tmp_path):
+    """create_run's step-0 checkpoints hold the keys a training run's checkpoint holds (less the
+    optimizer it does not have), and slm train resumes them at step 0 with the given weights."""
+    from slmkit.rundir import create_run
+
+    model, tok, _ = load_run(run_dir, which="last")
+    new = create_run(tmp_path / "new", model, tok, TrainConfig(), imported_from="a test")
+    for name in ("last", "best"):
+        state = read_checkpoint(new / name)["state"]
+        trained = read_checkpoint(run_dir / name)["state"]
+        assert set(state) == set(trained) - {"optimizer", "data_dir"} | {"imported_from"}
+        assert set(state["data"]) == set(trained["data"]) and set(state["schedule"]) == set(trained["schedule"])
+        assert state["step"] == 0 and state["imported_from"] == "a test"
+    with pytest.raises(SlmError, match="not empty"):
+        create_run(new, model, tok, TrainConfig())
+    summary = train(data_dir, new, overrides=TINY + ["train.max_steps=3", "train.log_interval=1"], quiet=True)
+    assert summary["steps"] == 3
+    first = _curve(new)[0]
+    assert first < _curve(run_dir)[0] - 1.0  # it went on from the trained weights, not from scratch
+
+
 def _tiny_model(seed: int) -> GPT:
     torch.manual_seed(seed)
     return GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8))
@@ -196,7 +189,7 @@ def test_load_run_gives_an_eval_model(run_dir):
 
 
 class FakeClock:
-    """``slmkit.train``'s ``time`` module: every training step takes one second (the test advances
+    """``slmkit.trainer``'s ``time`` module (the training loop's): every training step takes one second (the test advances
     ``now``), each reading of the clock 2**-20 s (the matmul peak must not divide by zero). Powers
     of two keep every sum exact, so a run's times do not depend on where the clock started."""
 
@@ -216,7 +209,7 @@ def test_max_time_is_summed_over_resumes(data_dir, tmp_path, monkeypatch):
     """A 10 s budget stopped after 4 s trains 6 s more on resume, not 10, and the time-driven
     schedule continues where it stopped: the lr curve is the uninterrupted run's."""
     clock = FakeClock()
-    monkeypatch.setattr(train_mod, "time", clock)
+    monkeypatch.setattr(trainer_mod, "time", clock)
     real_step, stop_at = Trainer.train_step, {"step": None}
 
     def one_second_step(self):
@@ -281,10 +274,10 @@ def _allow_cpu_float16(monkeypatch) -> None:
     scaler flow itself runs on CPU autocast, which torch supports, so let it through here.
     The MFU peak is measured on small matrices: a 1024**2 fp16 matmul takes 2.5 s on a CPU
     without native fp16, and the run measures 12 of them."""
-    real_dtype, real_peak = train_mod.pick_dtype, train_mod.measure_matmul_peak
+    real_dtype, real_peak = train_mod.pick_dtype, trainer_mod.measure_matmul_peak
     monkeypatch.setattr(train_mod, "pick_dtype",
                         lambda name, device: torch.float16 if name == "float16" else real_dtype(name, device))
-    monkeypatch.setattr(train_mod, "measure_matmul_peak", lambda device, dtype: real_peak(device, dtype, n=64))
+    monkeypatch.setattr(trainer_mod, "measure_matmul_peak", lambda device, dtype: real_peak(device, dtype, n=64))
 
 
 class _Overflow(torch.autograd.Function):
@@ -358,3 +351,68 @@ def test_float16_resume_keeps_the_scaler_scale(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "run", run_and_note)
     train(data_dir, tmp_path / "r", overrides=TINY + ["train.dtype=float16", "train.max_steps=9"], quiet=True)
     assert scale["resumed"] == 2.0**15  # halved once, at step 3
+
+
+# --------------------------------------------------------------------------- the loop with other parts (fine-tuning's seam)
+
+
+class FixedBatches:
+    """A batch source that is not TokenBatches: one fixed batch whose first half of targets is
+    masked (-1, as a prompt is in instruction tuning), with a counter as its position."""
+
+    def __init__(self) -> None:
+        self.served = 0
+        x = torch.arange(16).view(2, 8) % 20
+        self.x, self.y = x, torch.where(torch.arange(8) < 4, -1, (x + 1) % 20)
+
+    def next_batch(self):
+        self.served += 1
+        return self.x.clone(), self.y.clone()
+
+    def state_dict(self):
+        return {"served": self.served}
+
+    def load_state_dict(self, state):
+        self.served = state["served"]
+
+
+def test_the_trainer_trains_the_parts_it_is_handed(tmp_path):
+    """A model with frozen parameters, another batch source and another evaluator: the optimizer
+    holds only what requires grad, the frozen weights stay, the masked loss falls, the evaluator's
+    metrics decide best/, and the batch source's position resumes."""
+
+    def part_frozen() -> GPT:
+        model = GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+        model.blocks[0].attn.requires_grad_(False)  # as an adapter run freezes what it does not adapt
+        return model
+
+    torch.manual_seed(0)
+    model = part_frozen()
+    attn = model.blocks[0].attn
+    frozen = {n: p.detach().clone() for n, p in attn.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    scores = iter([2.0, 3.0])
+
+    def evaluator():
+        return {"val_loss": next(scores), "val_bpb": 0.0}
+
+    cfg = TrainConfig(batch_size=2, max_steps=40, eval_interval=20, checkpoint_interval=20, log_interval=1,
+                      warmup_steps=0, lr=3e-2, schedule="constant", device="cpu", plot=False)
+    trainer = Trainer(model, FixedBatches(), evaluator, cfg, tmp_path, device="cpu", dtype=torch.float32)
+    in_optimizer = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
+    assert in_optimizer == sum(p.requires_grad for p in model.parameters()) == len(list(model.parameters())) - len(frozen)
+    summary = trainer.run(quiet=True)
+    assert summary["steps"] == 40 and summary["val_loss"] == 3.0 and summary["tokens"] == 40 * 16
+    assert all(torch.equal(p, frozen[n]) for n, p in attn.named_parameters())
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n], p) for n, p in before.items() if n.endswith("weight"))
+    losses = _records(tmp_path, "loss")
+    assert losses[-1] < losses[0] - 1.0
+    assert read_checkpoint(tmp_path / "best")["state"]["step"] == 20  # val_loss 2.0 then 3.0: step 20 stays best
+    last = read_checkpoint(tmp_path / "last")["state"]
+    assert last["data"] == {"served": 40} and last["best_val"] == 2.0
+
+    resumed = Trainer(part_frozen(), FixedBatches(), evaluator, cfg, tmp_path, device="cpu", dtype=torch.float32,
+                      resume=True)
+    assert resumed.state.step == 40 and resumed.batches.served == 40 and resumed.state.best_val == 2.0
+    assert all(torch.equal(p, frozen[n]) for n, p in resumed.model.blocks[0].attn.named_parameters())
