@@ -12,10 +12,11 @@
 Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights: the values do
 not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
 llama2.c). Tokens per second include the prefill. Rows: "uncached" re-runs the window every
-token; "kv-cache" is ``GPT.forward_cached`` one token at a time; "step" is ``GPT.decode_step``
-(the fast path in bf16 on the CPU); "fast" is the default: ``slmkit.cpu_decode.CPUDecoder`` for
-float32 on the CPU (the same math with the small operations in NumPy), and on a GPU
-``slmkit.gpu_decode.GraphDecoder`` (the step replayed from a CUDA graph).
+token; "kv-cache" is ``model.forward`` with the cache one token at a time (``decode.ModuleDecoder``);
+"step" is ``decode.StepDecoder``, the PyTorch step (the fast path in bf16 on the CPU); "fast" is
+the default, the registry's pick: ``decode.CPUDecoder`` for float32 on the CPU (the same math with
+the small operations in NumPy), and on a GPU ``decode.GraphDecoder`` (the step replayed from a
+CUDA graph).
 The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export --format onnx``
 (its KV-cache graph, greedy, batch 1); it is skipped without onnx/onnxruntime
 (``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import cpu_name, machine_info  # noqa: E402
 
-from slmkit import cpu_decode, gpu_decode  # noqa: E402
+from slmkit import decode  # noqa: E402
 from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.generate import SamplingConfig, generate_tokens  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
@@ -108,16 +109,21 @@ def timed_onnx(gen, prompt_len: int, new_tokens: int) -> float:
     return new_tokens / seconds
 
 
-def compiled_copy(model: GPT) -> tuple[GPT, float]:
-    """The model with its decode step compiled (dynamic shapes: the cache length grows every step);
-    returns it and the time of the first call (the compilation)."""
-    import copy
+class CompiledStep(decode.StepDecoder):
+    """The PyTorch step under torch.compile (dynamic shapes: the cache length grows every step),
+    registered as the backend "step+compile" (after "cached", so never picked for "fast")."""
 
-    fast = copy.deepcopy(model)
-    fast.decode_step = torch.compile(fast.decode_step, dynamic=True)
+    name = "step+compile"
+    step = torch.compile(decode.StepDecoder.step, dynamic=True)
+
+
+def compiled_step(model: GPT) -> float:
+    """Register ``CompiledStep``; returns the time of its first generation (the compilation)."""
+    decode.BACKENDS[CompiledStep.name] = CompiledStep
     t0 = time.perf_counter()
-    generate_tokens(fast, [[1, 2, 3]], SamplingConfig(max_new_tokens=4, temperature=0, stop_at_eot=False))
-    return fast, time.perf_counter() - t0
+    generate_tokens(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=4, temperature=0, stop_at_eot=False),
+                    path=CompiledStep.name)
+    return time.perf_counter() - t0
 
 
 def write_report(results: list[dict], args: argparse.Namespace) -> None:
@@ -179,17 +185,16 @@ def main() -> None:
         model = build(name, MODELS[name], args.device, dtype)
         # (row label, batch, path, sampling config, model, threads)
         t = args.threads
-        fast = ("CPUDecoder" if cpu_decode.supported(model) else "GraphDecoder" if gpu_decode.supported(model)
-                else "decode_step")  # what "fast" runs here
+        fast = decode.pick(model).__name__  # what "fast" runs here
         variants = [("uncached", 1, "uncached", greedy, model, t), ("kv-cache", 1, "cached", greedy, model, t),
-                    ("step (GPT.decode_step)", 1, "step", greedy, model, t),
+                    ("step (StepDecoder)", 1, "step", greedy, model, t),
                     (f"fast (default: {fast})", 1, "fast", greedy, model, t),
                     ("fast + sampling (T=0.8, top-k 200, top-p 0.95)", 1, "fast", sampled, model, t)]
         compile_s = None
         if args.compile:
             try:
-                fast_model, compile_s = compiled_copy(model)
-                variants.append(("step + torch.compile", 1, "step", greedy, fast_model, t))
+                compile_s = compiled_step(model)
+                variants.append(("step + torch.compile", 1, CompiledStep.name, greedy, model, t))
             except Exception as e:  # noqa: BLE001 - a failed compile is a result too
                 print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
         gen = (onnx_generator(model, t) if args.device == "cpu" and dtype == torch.float32 and not args.no_onnx

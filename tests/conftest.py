@@ -84,20 +84,42 @@ def train_killed_after(step: int, data_dir: Path, run: Path, overrides: list[str
 
 
 def check_bf16_decode_step(model, x: torch.Tensor, reference: torch.Tensor, prompt: int) -> None:
-    """A bf16 ``model``'s decode_step, token by token after ``prompt`` tokens of ``x``, is within 2x
-    (+0.05) of the cached module path's error against ``reference`` (the fp32 model's logits on x),
-    and within 10% of the logits' scale."""
-    from slmkit.model import KVCache
+    """A bf16 ``model``'s PyTorch decode step (``StepDecoder``), token by token after ``prompt``
+    tokens of ``x``, is within 2x (+0.05) of the module path's error (``ModuleDecoder``: the model's
+    forward with the cache) against ``reference`` (the fp32 model's logits on x), and within 10% of
+    the logits' scale."""
+    from slmkit.decode import KVCache, ModuleDecoder, StepDecoder
 
     slow_err, fast_err = [], []
     with torch.inference_mode():
         a, b = (KVCache.empty(model.config, x.shape[0], device=x.device, dtype=torch.bfloat16) for _ in range(2))
-        model.forward_cached(x[:, :prompt], a)
-        model.forward_cached(x[:, :prompt], b)
+        module, step = ModuleDecoder(model), StepDecoder(model)
+        module.prefill(x[:, :prompt], a)
+        step.prefill(x[:, :prompt], b)
         for t in range(prompt, x.shape[1]):
-            slow, fast = model.forward_cached(x[:, t : t + 1], a), model.decode_step(x[:, t], b)
+            slow, fast = module.step(x[:, t], a), step.step(x[:, t], b)
             assert fast.dtype == torch.bfloat16
             slow_err.append((slow.float() - reference[:, t]).abs().max().item())
             fast_err.append((fast.float() - reference[:, t]).abs().max().item())
     assert max(fast_err) <= 2 * max(slow_err) + 0.05, (fast_err, slow_err)
     assert max(fast_err) < 0.1 * reference.abs().max().item()
+
+
+class CPUGraph:
+    """What a CUDA graph does, on the CPU: ``replay()`` runs the recorded step again on the same
+    cache and input buffers, into the same output tensor."""
+
+    def __init__(self, decoder, cache, out: torch.Tensor) -> None:
+        self.decoder, self.cache, self.out = decoder, cache, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.decoder._fixed_step(self.cache))
+
+
+def cpu_capture(decoder, idx: torch.Tensor, cache):
+    """``GraphDecoder._capture`` on the CPU: the warm-up run with this step's inputs (as on a GPU),
+    then a CPUGraph in place of the recording. Logs the slot each recording happens at."""
+    decoder.recorded_at = getattr(decoder, "recorded_at", []) + [cache.length]
+    decoder._set_inputs(idx, cache)
+    out = decoder._fixed_step(cache)
+    return CPUGraph(decoder, cache, out), out

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmkit import gpu_decode
 from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.cli import main
+from slmkit.decode import BACKENDS, GraphDecoder, KVCache, StepDecoder, pick
 from slmkit.generate import SamplingConfig, generate_tokens
-from slmkit.model import GPT, KVCache, ModelConfig
+from slmkit.model import GPT, ModelConfig
 from slmkit.train import train
 
 from conftest import TINY, check_bf16_decode_step, train_killed_after
@@ -94,13 +94,13 @@ def _model(**kw) -> GPT:
 def graph_decoders(monkeypatch):
     """The GraphDecoders that generation makes, to check that they replayed graphs."""
     made = []
-    real = gpu_decode.GraphDecoder
 
-    def spy(model):
-        made.append(real(model))
-        return made[-1]
+    class Spy(GraphDecoder):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            made.append(self)
 
-    monkeypatch.setattr(gpu_decode, "GraphDecoder", spy)
+    monkeypatch.setitem(BACKENDS, "cuda-graph", Spy)
     return made
 
 
@@ -120,23 +120,24 @@ def test_cuda_every_path_gives_the_uncached_tokens(kw, graph_decoders):
 
 def test_cuda_graph_replays_give_decode_steps_logits():
     model = _model(positions="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2)
+    assert pick(model) is GraphDecoder  # the registry's choice on a GPU
     x = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(9)).cuda()
     with torch.inference_mode():
         a, b = (KVCache.empty(model.config, 2, start=torch.tensor([3, 0]), device="cuda") for _ in range(2))
-        model.forward_cached(x[:, :8], a)
-        model.forward_cached(x[:, :8], b)
-        decoder = gpu_decode.GraphDecoder(model)
+        step, decoder = StepDecoder(model), GraphDecoder(model)
+        step.prefill(x[:, :8], a)
+        decoder.prefill(x[:, :8], b)
         for t in range(8, 30):
             if t == 20:  # rows swap, as beam search does: a new cache, so a new graph
                 a.reorder(torch.tensor([1, 0], device="cuda"))
                 b.reorder(torch.tensor([1, 0], device="cuda"))
-            torch.testing.assert_close(decoder.step(x[:, t], b), model.decode_step(x[:, t], a), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decoder.step(x[:, t], b), step.step(x[:, t], a), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(b.k, a.k)
     assert decoder.graphs and decoder.replays == 22 - 2  # the first step on each of the two caches: eager
 
 
 def test_cuda_bf16_decode_step_and_seeded_sampling():
-    """bf16 on a GPU (how it generates by default there): decode_step rounds no worse than the
+    """bf16 on a GPU (how it generates by default there): the PyTorch step rounds no worse than the
     module path against the fp32 model, and a seed makes sampling reproducible."""
     fp32 = _model(positions="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2)
     model = _model(positions="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2).to(torch.bfloat16)

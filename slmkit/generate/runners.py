@@ -1,11 +1,14 @@
 """Runners: the model's next-token logits for each row, step by step.
 
-With the KV cache the prompt is prefilled in one forward pass, then each step runs one token per
-row ("fast": ``cpu_decode.CPUDecoder`` for float32 on the CPU, ``gpu_decode.GraphDecoder`` (a CUDA
-graph of the step) on a GPU, else ``GPT.decode_step``; "step": always ``GPT.decode_step``;
-"cached": the module path ``GPT.forward_cached``). "uncached" re-runs the whole window every step,
-as nanoGPT does; it is the reference the cached paths are tested against. All of them follow the
-context rule below (the uncached reference slides each row's window on its own).
+With the KV cache (``CachedRunner``) the prompt is prefilled in one forward pass, then each step
+runs one token per row through a decoder from ``slmkit.decode``. ``path`` says which: "fast" (the
+default) is the fastest backend that runs the model (``decode.pick``: the CUDA graph on a GPU, the
+NumPy step for float32 on the CPU, else the PyTorch step, and the module path for int8-quantized
+layers); "step" is always the PyTorch step, "cached" the module path (``model.forward`` with the
+cache); any other backend name in ``decode.BACKENDS`` (e.g. "numpy") forces that one. "uncached"
+(``UncachedRunner``) re-runs the whole window every step, as nanoGPT does; it is the reference the
+cached paths are tested against. All of them follow the context rule below (the uncached reference
+slides each row's window on its own).
 
 The context rule. A prompt longer than the context (``block_size``) is cut from the left, with a
 warning. When generation fills the context, the window slides: each row keeps its last
@@ -20,17 +23,16 @@ than it would alone; until then a batch gives exactly the tokens of one-by-one r
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from functools import partial
 from typing import Literal
 
 import torch
 
-from slmkit import cpu_decode, gpu_decode
+from slmkit.decode import BACKENDS, KVCache, make_decoder
 from slmkit.errors import SlmError
-from slmkit.model import KVCache
 
-Path = Literal["fast", "step", "cached", "uncached"]
+Path = Literal["fast", "step", "cached", "uncached"]  # or the name of a backend in decode.BACKENDS
+# The decode backend behind each cached path (None: the fastest that runs the model).
+DECODERS: dict[str, str | None] = {"fast": None, "step": "step", "cached": "cached"}
 
 
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -67,26 +69,16 @@ class CachedRunner:
     token per row per step. When the cache is full, every row keeps its last ``block_size // 2``
     tokens and they are prefilled into a fresh cache (the window slides)."""
 
-    def __init__(self, model, contexts: list[list[int]], max_new_tokens: int, path: Path = "fast") -> None:
+    def __init__(self, model, contexts: list[list[int]], max_new_tokens: int, path: Path | str = "fast") -> None:
         self.model = model
         self.block_size = model.config.block_size
         self.device, self.dtype = _device_dtype(model)
         self.contexts = [list(c) for c in contexts]  # what the cache holds, to prefill again
         self.budget = max_new_tokens  # tokens still to come: the cache needs no more slots
-        self.step = self._one_token_step(path)  # weights looked up once here, not every step
+        # One decoder per generation: it looks the weights up once here, not every step.
+        self.decoder = make_decoder(model, DECODERS.get(path, path))
+        self.step = self.decoder.step
         self.logits = self._prefill()
-
-    def _one_token_step(self, path: Path) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
-        """(ids (B,), cache) -> logits (B, vocab): the fastest step for this model, or the one asked for."""
-        model = self.model
-        if path == "fast" and cpu_decode.supported(model):
-            return cpu_decode.CPUDecoder(model).step
-        if path == "fast" and gpu_decode.supported(model):
-            return gpu_decode.GraphDecoder(model).step
-        if path == "step" or (path == "fast" and model.reads_float_weights()):
-            return partial(model.decode_step, weights=model.decode_weights())
-        # "cached", or "fast" on int8-quantized linears: through the modules
-        return lambda idx, cache: model.forward_cached(idx[:, None], cache)
 
     def _prefill(self) -> torch.Tensor:
         n = max(len(c) for c in self.contexts)
@@ -95,7 +87,7 @@ class CachedRunner:
         slots = min(self.block_size, n + self.budget)
         self.cache = KVCache.empty(self.model.config, len(self.contexts), start=start, max_len=slots,
                                    device=self.device, dtype=self.dtype)
-        return self.model.forward_cached(ids, self.cache).float()
+        return self.decoder.prefill(ids, self.cache).float()
 
     def advance(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row; return (and keep in ``.logits``) the next-token logits."""
@@ -145,9 +137,10 @@ class UncachedRunner:
         self.logits = self.logits[torch.tensor(rows, device=self.logits.device)]
 
 
-def make_runner(path: Path, model, contexts: list[list[int]], max_new_tokens: int):
-    if path in ("fast", "step", "cached"):
+def make_runner(path: Path | str, model, contexts: list[list[int]], max_new_tokens: int):
+    """The runner for ``path`` (see the module docstring)."""
+    if path in DECODERS or path in BACKENDS:
         return CachedRunner(model, contexts, max_new_tokens, path)
     if path == "uncached":
         return UncachedRunner(model, contexts, max_new_tokens)
-    raise ValueError(f"unknown path {path!r}: choose fast, step, cached or uncached")
+    raise ValueError(f"unknown path {path!r}: choose fast, step, cached or uncached (or a decoder: {', '.join(BACKENDS)})")

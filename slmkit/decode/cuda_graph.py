@@ -1,12 +1,12 @@
 """Decoding on a GPU, where launching kernels and not running them sets the speed.
 
 A decode step of a small model is about a hundred kernels of a few microseconds each, and the
-Python that launches them takes longer than the GPU takes to run them: on an H200, ``decode_step``
+Python that launches them takes longer than the GPU takes to run them: on an H200, ``StepDecoder``
 ran stories15m in bf16 at 2.5-4 ms per token at batch 1, and a step at batch 32 took about as long
 (``bench/decode.py --device cuda``). ``GraphDecoder`` records the step once as a CUDA graph and
 then replays it, one launch per step.
 
-A graph replays fixed kernels on fixed memory, so its step differs from ``decode_step`` in two
+A graph replays fixed kernels on fixed memory, so its step differs from ``StepDecoder`` in two
 ways (same math, tested to give the same logits): it attends over all of the cache's slots, with
 the slots not yet filled (and a padded row's padding) masked out by a mask made on the GPU from
 the filled length, instead of over a slice that grows every step; and it writes the new key and
@@ -28,22 +28,28 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from slmkit.model import GPT, KVCache, decode_norm, decode_qkv, decode_rest, rope_matrix
+from slmkit.decode.base import ANY, SIZES, Decoder
+from slmkit.decode.cache import KVCache
+from slmkit.decode.step import decode_norm, decode_qkv, decode_rest, decode_weights, rope_matrix
+from slmkit.model import GPT
 
 
-def supported(model: GPT) -> bool:
-    """Whether ``GraphDecoder`` can run this model: on a CUDA GPU, with plain linear layers."""
-    return model.tok_emb.weight.is_cuda and model.reads_float_weights()
+class GraphDecoder(Decoder):
+    """``step(idx, cache) -> logits`` like ``StepDecoder``, replayed from a CUDA graph.
 
+    The registry offers it on CUDA only; ``graphs=False`` (the default off CUDA) runs the same
+    fixed-shape step without recording on any device: how the CPU tests check its math."""
 
-class GraphDecoder:
-    """``step(idx, cache) -> logits`` like ``GPT.decode_step``, replayed from a CUDA graph.
-
-    ``graphs=False`` (the default off CUDA) runs the same fixed-shape step without recording: how
-    the CPU tests check its math."""
+    name = "cuda-graph"
+    devices = {"cuda"}
+    handles = {**SIZES, "norm": {"layernorm", "rmsnorm"}, "positions": {"learned", "rope"},
+               "activation": {"gelu", "swiglu"}, "n_kv_head": ANY, "bias": {False, True},
+               "tie_embeddings": {False, True}}
 
     def __init__(self, model: GPT, graphs: bool | None = None) -> None:
-        self.model, self.weights = model, model.decode_weights()
+        self.check(model, placed=False)  # its math runs anywhere; graphs need CUDA
+        super().__init__(model)
+        self.weights = decode_weights(model)
         self.device = model.tok_emb.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.key: tuple | None = None  # the cache (and batch size) of the last step
@@ -119,7 +125,7 @@ class GraphDecoder:
             torch.cuda.current_stream(self.device).wait_stream(stream)
 
     def _fixed_step(self, cache: KVCache) -> torch.Tensor:
-        """``decode_step``'s math on fixed shapes and addresses, reading the input buffers."""
+        """``StepDecoder``'s math on fixed shapes and addresses, reading the input buffers."""
         model, w, c = self.model, self.weights, self.model.config
         B, L = self.idx.size(0), cache.max_len
         H, KV, D = c.n_head, c.kv_heads, c.head_dim

@@ -1,9 +1,9 @@
 """Decoding on the CPU, where per-call overhead and not arithmetic sets the speed.
 
-``GPT.decode_step`` makes about 200 PyTorch calls per token. At batch 1 on a CPU each costs 2-3 us
+``StepDecoder`` (the PyTorch step) makes about 200 PyTorch calls per token. At batch 1 on a CPU each costs 2-3 us
 of Python binding, dispatch and allocation: as long, all together, as the matrix-vector products
 that do the actual work. A NumPy call on an array of a few hundred numbers costs under 1 us.
-``CPUDecoder`` does the same math as ``decode_step`` (tested to give the same logits): the matrix
+``CPUDecoder`` does the same math as the PyTorch step (tested to give the same logits): the matrix
 products stay in PyTorch (MKL, written into preallocated buffers), and everything between them
 (norms, rotary positions, KV-cache writes, attention over the cache, activations) runs in NumPy
 on arrays that share memory with those buffers and with the ``KVCache``. At the stories15m shape
@@ -12,9 +12,9 @@ NumPy runs on one thread, so as the work of a step grows, PyTorch's kernels (two
 arrays are large enough to split) catch up, first in attention over a long cache: at batch 1,
 stories42m (width 512) is 1.05-1.10x with 16 cached tokens, even at 400 and 0.9x at 900; at
 stories15m, batch 4 over 16-272 cached tokens is still 1.1x, batch 8 even. So a step whose rows x
-attended positions (the cache and the new token) x width exceeds 2^18 goes to ``decode_step``.
-It is for float32 models on the CPU; generation uses ``gpu_decode.GraphDecoder`` on GPUs and
-``decode_step`` (or the module path) for everything else (bf16 / fp16 on the CPU, int8-quantized
+attended positions (the cache and the new token) x width exceeds 2^18 goes to ``StepDecoder``.
+It is for float32 models on the CPU; the registry picks ``GraphDecoder`` on GPUs and
+``StepDecoder`` (or the module path) for everything else (bf16 / fp16 on the CPU, int8-quantized
 linear layers).
 """
 
@@ -25,13 +25,10 @@ import math
 import numpy as np
 import torch
 
-from slmkit.model import GPT, KVCache
-
-
-def supported(model: GPT) -> bool:
-    """Whether ``CPUDecoder`` can run this model: float32 weights on the CPU, plain linear layers."""
-    p = model.tok_emb.weight
-    return p.device.type == "cpu" and p.dtype == torch.float32 and model.reads_float_weights()
+from slmkit.decode.base import ANY, SIZES, Decoder
+from slmkit.decode.cache import KVCache
+from slmkit.decode.step import StepDecoder
+from slmkit.model import GPT
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -118,7 +115,7 @@ def _gelu_tanh(h: np.ndarray, out: np.ndarray) -> None:
 
 
 class _Rotations:
-    """``model.rope_matrix`` in NumPy: (..., D, D) rotations for positions, 4 calls instead of 8."""
+    """``step.rope_matrix`` in NumPy: (..., D, D) rotations for positions, 4 calls instead of 8."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.cos, self.sin = _numpy(cos), _numpy(sin)  # (block_size, D/2)
@@ -168,19 +165,27 @@ class _Buffers:
         assert all(np.shares_memory(a, b) for a, b in ((self.qk, self.qkv), (self.v, self.qkv), (self.att_heads, self.att)))
 
 
-class CPUDecoder:
-    """``GPT.decode_step`` for float32 on the CPU, with the small operations in NumPy.
+class CPUDecoder(Decoder):
+    """The decode step for float32 on the CPU, with the small operations in NumPy.
 
-    Make one per generation (it looks the weights up once, like ``decode_weights``) and call
-    ``step(idx, cache)`` as you would ``model.decode_step(idx, cache, weights)``. Steps with more
-    than ``max_work`` rows x attended positions x width go to ``decode_step``. It follows the cache
-    through ``KVCache.reorder`` and a changing batch size. Inference only (eval mode)."""
+    Make one per generation (it looks the weights up once) and call ``step(idx, cache)``. Steps
+    with more than ``max_work`` rows x attended positions x width go to ``StepDecoder`` (its
+    ``fallback``). It follows the cache through ``KVCache.reorder`` and a changing batch size.
+    Inference only (eval mode)."""
+
+    name = "numpy"
+    devices = {"cpu"}
+    dtypes = {torch.float32}
+    handles = {**SIZES, "norm": {"layernorm", "rmsnorm"}, "positions": {"learned", "rope"},
+               "activation": {"gelu", "swiglu"}, "n_kv_head": ANY, "bias": {False, True},
+               "tie_embeddings": {False, True}}
 
     def __init__(self, model: GPT, max_work: int = 2**18) -> None:
-        if not supported(model):
-            raise ValueError("CPUDecoder runs float32 models on the CPU; use GPT.decode_step")
-        self.model, self.config, self.max_work = model, model.config, max_work
-        self.weights = model.decode_weights()  # the matmuls, in PyTorch
+        self.check(model)
+        super().__init__(model)
+        self.config, self.max_work = model.config, max_work
+        self.fallback = StepDecoder(model)  # the large steps
+        self.weights = self.fallback.weights  # the matmuls, in PyTorch
         self.tok_emb = _numpy(model.tok_emb.weight)
         self.pos_emb = _numpy(model.pos_emb.weight) if model.pos_emb is not None else None
         self.norm = _rms_norm if self.config.norm == "rmsnorm" else _layer_norm
@@ -191,10 +196,10 @@ class CPUDecoder:
         self.buffers: dict[int, _Buffers] = {}
 
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``decode_step``."""
+        """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``."""
         B, S = idx.size(0), cache.length
         if B * (S + 1) * self.config.n_embd > self.max_work:
-            return self.model.decode_step(idx, cache, self.weights)
+            return self.fallback.step(idx, cache)
         if S >= cache.max_len:
             raise ValueError(f"KV cache full: {S} + 1 tokens > {cache.max_len} slots")
         c, model = self.config, self.model
