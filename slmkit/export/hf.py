@@ -10,7 +10,6 @@ weight is named once. Neither direction needs transformers; safetensors and toke
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -353,31 +352,11 @@ def import_hf(src: str | Path, run_dir: str | Path) -> Path:
     ``slm train --data DATA --out RUN_DIR`` continues training the imported weights, on data
     prepared with the same tokenizer (the vocab sizes must match).
     """
-    from slmkit.checkpoint import write_checkpoint
-    from slmkit.config import dump_toml, to_dict
-    from slmkit.train import LRSchedule, TrainConfig
+    from slmkit.rundir import check_new_run_dir, create_run
+    from slmkit.trainer import TrainConfig
 
     run_dir = Path(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise SlmError(f"--out {run_dir} already exists and is not empty: choose a new RUN_DIR")
+    check_new_run_dir(run_dir)  # before the conversion, which can take a while
     model, tokenizer = hf_to_slmkit(src)
-    train_cfg = TrainConfig()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        sections = {"model": to_dict(model.config), "train": to_dict(train_cfg)}
-        (run_dir / "config.toml").write_text(dump_toml(sections), encoding="utf-8")
-        tokenizer.save(run_dir / "tokenizer")
-        # Everything Trainer._resume reads: a step-0 state, the start of the data and the schedule.
-        state = {
-            "step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None,
-            "data": {"epoch": 0, "cursor": 0, "seed": train_cfg.seed},
-            "schedule": LRSchedule(train_cfg).state_dict(),
-            "imported_from": str(Path(src).resolve()),
-        }
-        for name in ("last", "best"):
-            write_checkpoint(run_dir / name, model=model, state=state)
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return run_dir
+    return create_run(run_dir, model, tokenizer, TrainConfig(), imported_from=str(Path(src).resolve()))
 
