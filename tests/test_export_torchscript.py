@@ -31,15 +31,16 @@ def test_torchscript_matches(tmp_path, tok):
 def test_int8_quantized_eager_model_generates_on_the_default_path(tok):
     """quantize_int8 packs the linear weights: the default "fast" path must fall back to the
     module path (not fail reading .weight), and forcing decode_step says what to do instead."""
+    from slmkit.decode import reads_float_weights
     from slmkit.generate import SamplingConfig, generate_tokens
 
     model = quantize_int8(random_model(tok.vocab_size, **LLAMA, n_embd=64, n_layer=2))
-    assert not model.reads_float_weights()
+    assert not reads_float_weights(model)
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.0, stop_at_eot=False)
     prompts = [[5, 6, 7], [8]]
-    lengths = []  # tokens per row of every forward_cached call: the prefill, then one per step
-    real = model.forward_cached
-    model.forward_cached = lambda idx, cache, **kw: lengths.append(idx.size(1)) or real(idx, cache, **kw)
+    lengths = []  # tokens per row of every forward call with the cache: the prefill, then one per step
+    real = model.forward
+    model.forward = lambda idx, *a, cache, **kw: lengths.append(idx.size(1)) or real(idx, *a, cache=cache, **kw)
     out = generate_tokens(model, prompts, cfg)
     assert lengths == [3] + [1] * 9 and all(len(row) == 10 for row in out)
     with pytest.raises(ValueError, match="path='cached'"):
