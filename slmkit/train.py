@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from slmkit.config import from_dict, load_preset, load_toml, merge, parse_overrides, to_dict
@@ -99,8 +100,8 @@ def check_memory(c: ModelConfig, device: str) -> None:
 # --------------------------------------------------------------------------- the parts of a pretraining run
 
 
-def validation(model: GPT, tokens: Any, token_bytes: list[int], cfg: TrainConfig, device: str, dtype: torch.dtype,
-               dist: Dist) -> Evaluator:
+def validation(model: GPT, tokens: np.ndarray, token_bytes: list[int], cfg: TrainConfig, device: str,
+               dtype: torch.dtype, dist: Dist) -> Evaluator:
     """The pretraining evaluator: loss over every target token and bits per byte (text tokens over
     their bytes, ``slmkit.scoring``) on the first ``train.eval_batches`` batches of the val split,
     the ranks sharing the batches."""

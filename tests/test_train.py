@@ -400,7 +400,8 @@ def test_the_trainer_trains_the_parts_it_is_handed(tmp_path):
                       warmup_steps=0, lr=3e-2, schedule="constant", device="cpu", plot=False)
     trainer = Trainer(model, FixedBatches(), evaluator, cfg, tmp_path, device="cpu", dtype=torch.float32)
     in_optimizer = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
-    assert in_optimizer == sum(p.requires_grad for p in model.parameters()) == len(list(model.parameters())) - len(frozen)
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert in_optimizer == trainable == len(list(model.parameters())) - len(frozen)
     summary = trainer.run(quiet=True)
     assert summary["steps"] == 40 and summary["val_loss"] == 3.0 and summary["tokens"] == 40 * 16
     assert all(torch.equal(p, frozen[n]) for n, p in attn.named_parameters())
