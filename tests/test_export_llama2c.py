@@ -289,3 +289,39 @@ def test_bad_tokenizer_bin_one_line_each(tok, tmp_path):
         with pytest.raises(SlmError, match=pattern) as e:
             load_llama2c(good / "model.bin", good / "tokenizer.bin")
         assert "\n" not in str(e.value) and "tokenizer.bin" in str(e.value)
+
+
+def test_cli_export_import_then_fine_tune(run_dir, corpus_file, tmp_path, capsys):
+    """slm export --format llama2c, slm import-llama2c, data prepared with the imported tokenizer,
+    and slm train continuing from the imported weights; bad input is one error line."""
+    from slmkit.checkpoint import load_run
+    from slmkit.data import prepare
+    from slmkit.train import train
+
+    assert slm("export", run_dir, "--format", "llama2c", "--out", tmp_path / "l2c") == 0
+    assert slm("export", run_dir, "--format", "llama2c", "--quantize", "int8", "--out", tmp_path / "l2cq") == 0
+    assert "model.bin" in capsys.readouterr().out
+    folder = tmp_path / "l2c"
+    assert slm("import-llama2c", folder / "model.bin", folder / "tokenizer.bin", "--out", tmp_path / "run") == 0
+    assert "--tokenizer-from" in capsys.readouterr().out
+    original, tok, _ = load_run(run_dir)
+    imported, tok2, info = load_run(tmp_path / "run", which="last")
+    assert info["step"] == 0 and tok2.eot_id == 1 and tok2.decode(tok2.encode(PROMPT)) == PROMPT
+    order = json.loads((folder / "slmkit_export.json").read_text())["llama2c_to_slmkit_ids"]
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        want = original(torch.tensor([ids]))[0][..., order]
+        got = imported(torch.tensor([tok2.encode(PROMPT)]))[0]
+    assert torch.equal(want, got)
+    data = tmp_path / "data"
+    prepare([str(corpus_file)], data, tokenizer_from=tmp_path / "run", val_fraction=0.1)
+    summary = train(data, tmp_path / "run", overrides=["train.max_steps=2", "train.batch_size=4", "train.eval_batches=1",
+                                                       "train.warmup_steps=0", "train.plot=false"], quiet=True)
+    assert summary["steps"] == 2
+    capsys.readouterr()
+    (tmp_path / "bad.bin").write_bytes((folder / "model.bin").read_bytes()[:-4])
+    one_error_line(capsys, slm("import-llama2c", tmp_path / "bad.bin", folder / "tokenizer.bin", "--out",
+                               tmp_path / "new"), "truncated")
+    one_error_line(capsys, slm("import-llama2c", folder / "model.bin", folder / "tokenizer.bin", "--out",
+                               tmp_path / "run"), "")
+    assert not (tmp_path / "new").exists()

@@ -1,6 +1,6 @@
 """Export a trained model out of slmkit, and import Hugging Face checkpoints back in.
 
-``slm export RUN_DIR --format hf|onnx|torchscript --out DIR [--quantize int8]`` writes a folder:
+``slm export RUN_DIR --format hf|onnx|torchscript|llama2c --out DIR [--quantize int8]`` writes a folder:
 
     hf           config.json, generation_config.json, model.safetensors, tokenizer.json,
                  tokenizer_config.json, special_tokens_map.json: loads with transformers'
@@ -12,6 +12,8 @@
                  (input_ids, past_key, past_value -> logits, present_key, present_value) for fast
                  decoding with onnxruntime (``OnnxGenerator``), plus tokenizer.json.
     torchscript  model.pt, a traced module (``torch.jit.load``): input_ids -> logits.
+    llama2c      model.bin and tokenizer.bin for llama2.c's ``run.c`` (``--quantize int8``: version 2
+                 for ``runq.c``); Llama-flavoured models only (see ``llama2c``).
 
 Every folder also holds ``slmkit_export.json`` (format, shapes, eot id) so that ``OnnxGenerator``
 and a second export into the same folder know what is there.
@@ -19,6 +21,8 @@ and a second export into the same folder know what is there.
 ``--quantize int8`` applies dynamic int8 quantization to the linear layers (weights int8,
 activations quantized on the fly): onnxruntime's for onnx, PyTorch's for torchscript. It is a
 CPU inference format; ``hf`` exports stay float32.
+
+``slm import-llama2c MODEL.bin TOKENIZER.bin --out RUN_DIR`` reads llama2.c's files the same way.
 
 ``slm import-hf PATH --out RUN_DIR`` reads a GPT-2- or Llama-shaped HF folder (config.json,
 safetensors, a byte-level BPE tokenizer.json with ``<|endoftext|>``) into a RUN_DIR that
@@ -41,12 +45,13 @@ from typing import Any
 from slmkit.errors import SlmError
 from slmkit.export.common import META_FILE, file_sizes
 from slmkit.export.hf import export_hf, hf_architecture, hf_config, hf_state_dict, hf_to_slmkit, import_hf
+from slmkit.export.llama2c import export_llama2c, import_llama2c
 from slmkit.export.onnx import ExportGPT, export_onnx, quantize_onnx
 from slmkit.export.torchscript import export_torchscript, quantize_int8
 from slmkit.generate.onnx import OnnxGenerator  # lives beside generation; re-exported for old imports
 from slmkit.model import GPT
 
-FORMATS = ("hf", "onnx", "torchscript")
+FORMATS = ("hf", "onnx", "torchscript", "llama2c")
 
 
 def export_model(model: GPT, tokenizer: Any, fmt: str, out: str | Path, quantize: str | None = None) -> Path:
@@ -62,6 +67,8 @@ def export_model(model: GPT, tokenizer: Any, fmt: str, out: str | Path, quantize
         return export_hf(model, tokenizer, out)
     if fmt == "onnx":
         return export_onnx(model, tokenizer, out, quantize)
+    if fmt == "llama2c":
+        return export_llama2c(model, tokenizer, out, quantize)
     return export_torchscript(model, tokenizer, out, quantize)
 
 
@@ -78,9 +85,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, quantize: str 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="RUN_DIR written by slm train")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="hf (transformers), onnx (onnxruntime) or torchscript")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="hf (transformers), onnx (onnxruntime), torchscript or llama2c (run.c)")
     parser.add_argument("--out", required=True, help="folder to write (created; an earlier export there is replaced)")
-    parser.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers, for CPU inference (onnx, torchscript)")
+    parser.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers, for CPU inference (onnx, torchscript); llama2c: runq.c's int8 model.bin")
     parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to export")
 
 
@@ -109,7 +116,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "ExportGPT", "OnnxGenerator", "export_hf", "export_model", "export_onnx", "export_run", "export_torchscript",
-    "file_sizes", "hf_architecture", "hf_config", "hf_state_dict", "hf_to_slmkit", "import_hf", "quantize_int8",
+    "ExportGPT", "OnnxGenerator", "export_hf", "export_llama2c", "export_model", "export_onnx", "export_run", "export_torchscript",
+    "file_sizes", "hf_architecture", "hf_config", "hf_state_dict", "hf_to_slmkit", "import_hf", "import_llama2c", "quantize_int8",
     "quantize_onnx",
 ]

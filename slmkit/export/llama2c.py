@@ -452,3 +452,24 @@ def import_llama2c(model_path: str | Path, tokenizer_path: str | Path, run_dir: 
     run = create_run(run_dir, model, tokenizer, cfg, imported_from=str(Path(model_path).resolve()),
                      tokenizer_note=note)
     return run, note
+
+
+# --- slm import-llama2c -----------------------------------------------------------------------
+
+
+def add_import_arguments(parser: Any) -> None:
+    parser.add_argument("model", help="llama2.c's model.bin (version 0, as run.c reads, or version 2 int8)")
+    parser.add_argument("tokenizer", help="the tokenizer.bin that goes with it")
+    parser.add_argument("--out", required=True, help="new RUN_DIR to create")
+
+
+def run_import(args: Any) -> int:
+    run_dir, note = import_llama2c(args.model, args.tokenizer, args.out)
+    from slmkit.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir, which="last")
+    print(f"imported {args.model} into {run_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"vocab {tokenizer.vocab_size}; tokenizer: {note}")
+    print(f"continue with: slm prepare --input CORPUS --tokenizer-from {run_dir} --out DATA_DIR; "
+          f"slm train --data DATA_DIR --out {run_dir}")
+    return 0
