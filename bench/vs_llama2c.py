@@ -8,8 +8,9 @@ measures both here, on one model:
 
 * a random stories15m-shape model (dim 288, 6 layers, 6 heads, context 256, vocab 4096; untied
   head whose row for token 1 is zero, so that greedy decoding never picks token 1, on which run.c
-  stops) is written in llama2.c's checkpoint format (the query and key rows permuted from slmkit's
-  half-split rotary layout to llama2.c's interleaved one), with a stand-in ``tokenizer.bin``;
+  stops) is written in llama2.c's checkpoint format by slmkit's export (``slmkit.export.llama2c``,
+  version 0: the query and key rows permuted to llama2.c's interleaved rotary layout; the ids
+  are kept, not mapped onto llama2.c's vocabulary layout), with a stand-in ``tokenizer.bin``;
 * ``run.c`` is compiled as llama2.c's Makefile does, ``make runomp`` (``gcc -Ofast -fopenmp
   -march=native``, run with 2 OpenMP threads) and ``make run`` (``gcc -O3``, one thread), and run
   greedily from its start token for the whole context (``-t 0 -n 256``); it reports tokens/s from
@@ -50,6 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from benchlib import machine_info  # noqa: E402
 
 from slmkit.config import from_dict, load_preset  # noqa: E402
+from slmkit.export.llama2c import write_model_bin  # noqa: E402
 from slmkit.generate import Generation, SamplingConfig  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
 
@@ -64,42 +66,6 @@ def llama2c_model(vocab_size: int = 4096) -> GPT:
     with torch.no_grad():
         model.lm_head.weight[1] = 0.0
     return model
-
-
-def interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a query or key projection reordered from the half-split rotary layout (pairs i and
-    i + D/2) to llama2.c's interleaved one (pairs 2i and 2i + 1)."""
-    out, width = w.shape
-    return w.view(heads, 2, out // heads // 2, width).transpose(1, 2).reshape(out, width)
-
-
-def write_llama2c_checkpoint(model: GPT, path: Path) -> None:
-    """``model`` in llama2.c's checkpoint format: a header of 7 int32 (dim, hidden_dim, layers,
-    heads, kv heads, vocab size (negative: untied head), context), then float32 weights."""
-    c = model.config
-    if not (c.positions == "rope" and c.norm == "rmsnorm" and c.activation == "swiglu" and not c.bias):
-        raise ValueError("llama2.c runs Llama-style models: rope, rmsnorm, swiglu, no biases")
-    H, KV, D = c.n_head, c.kv_heads, c.head_dim
-    hidden = model.blocks[0].mlp.down.in_features
-    layers = [(b.attn.qkv.weight.detach().split([H * D, KV * D, KV * D]), b) for b in model.blocks]
-    parts = [model.tok_emb.weight, *(b.norm1.weight for _, b in layers)]
-    parts += [interleave_rope_rows(q, H) for (q, _, _), _ in layers]
-    parts += [interleave_rope_rows(k, KV) for (_, k, _), _ in layers]
-    parts += [v for (_, _, v), _ in layers]
-    parts += [b.attn.proj.weight for _, b in layers]
-    parts += [b.norm2.weight for _, b in layers]
-    parts += [b.mlp.up.weight[:hidden] for _, b in layers]  # w1, the gate
-    parts += [b.mlp.down.weight for _, b in layers]  # w2
-    parts += [b.mlp.up.weight[hidden:] for _, b in layers]  # w3
-    parts += [model.norm.weight, torch.zeros(c.block_size * D)]  # freq_cis_real and _imag: unused by run.c
-    tied = c.tie_embeddings
-    if not tied:
-        parts.append(model.lm_head.weight)
-    vocab = c.vocab_size if tied else -c.vocab_size
-    with open(path, "wb") as f:
-        f.write(struct.pack("7i", c.n_embd, hidden, c.n_layer, H, KV, vocab, c.block_size))
-        for p in parts:
-            f.write(p.detach().float().contiguous().numpy().tobytes())
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:
@@ -168,7 +134,7 @@ def main() -> None:
                                     "run.c, make run (1 thread)": []}
     with tempfile.TemporaryDirectory(prefix="slm-llama2c-") as tmp:
         tmp = Path(tmp)
-        write_llama2c_checkpoint(model, tmp / "model.bin")
+        write_model_bin(model, tmp / "model.bin")  # slmkit's llama2.c export; ids kept as they are
         write_tokenizer(tmp / "tokenizer.bin", model.config.vocab_size)
         exes = build(args.llama2c.expanduser(), tmp)
         _, ours = run_slmkit(model, steps)  # warm-up
