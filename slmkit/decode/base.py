@@ -75,12 +75,14 @@ class Decoder:
         if device is not None and torch.device(device).type not in cls.devices:
             return f"it runs on {'/'.join(sorted(cls.devices))}, not {torch.device(device).type}"
         if dtype is not None and dtype not in cls.dtypes:
-            return f"it runs {'/'.join(str(d).removeprefix('torch.') for d in cls.dtypes)} models, not {str(dtype).removeprefix('torch.')}"
+            names = "/".join(str(d).removeprefix("torch.") for d in cls.dtypes)
+            return f"it runs {names} models, not {str(dtype).removeprefix('torch.')}"
         for f in dataclasses.fields(model.config):
             value = getattr(model.config, f.name)
             allowed = cls.handles.get(f.name)
-            if allowed is None and value != f.default:
-                return f"it does not implement model.{f.name}={value!r} (only the default, {f.default!r})"
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if allowed is None and value != default:
+                return f"it does not implement model.{f.name}={value!r} (only the default, {default!r})"
             if allowed is not None and value not in allowed:
                 return f"it does not implement model.{f.name}={value!r}"
         if cls.plain_linears and not reads_float_weights(model):

@@ -1,8 +1,8 @@
 """Decoding on the CPU, where per-call overhead and not arithmetic sets the speed.
 
-``StepDecoder`` (the PyTorch step) makes about 200 PyTorch calls per token. At batch 1 on a CPU each costs 2-3 us
-of Python binding, dispatch and allocation: as long, all together, as the matrix-vector products
-that do the actual work. A NumPy call on an array of a few hundred numbers costs under 1 us.
+``StepDecoder`` (the PyTorch step) makes about 200 PyTorch calls per token. At batch 1 on a CPU
+each costs 2-3 us of Python binding, dispatch and allocation: as long, all together, as the
+matrix-vector products that do the actual work. A NumPy call on an array of a few hundred numbers costs under 1 us.
 ``CPUDecoder`` does the same math as the PyTorch step (tested to give the same logits): the matrix
 products stay in PyTorch (MKL, written into preallocated buffers), and everything between them
 (norms, rotary positions, KV-cache writes, attention over the cache, activations) runs in NumPy
