@@ -5,7 +5,6 @@ for onnxruntime, optionally with onnxruntime's dynamic int8 quantization. Read t
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import sys
 import tempfile
@@ -15,89 +14,71 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from slmkit.export.common import META_FILE, export_meta, output_dir, require, write_json
 from slmkit.model import GPT
 
 
+class PastCache:
+    """The KV cache of ``model_kv.onnx``, as ``slmkit.model.Cache``: the past keys and values come
+    in as tensors stacked over layers, ``(n_layer, B, n_kv_head, past_len, head_dim)``, every row
+    with the same positions (no padding), and each layer's new keys and values are appended to
+    them; ``keys`` and ``values`` collect the results, the graph's presents. Sizes are read from
+    the tensors, not from ``length``, so that the traced graph keeps them dynamic."""
+
+    def __init__(self, past_key: torch.Tensor, past_value: torch.Tensor) -> None:
+        self.past_key, self.past_value = past_key, past_value
+        self.length = 0  # the model adds the new tokens; the graph does not read it
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def _query_positions(self, T: int) -> torch.Tensor:
+        return torch.arange(T, device=self.past_key.device) + self.past_key.shape[3]  # (T,)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self._query_positions(T)[None]  # (1, T): the same for every row
+
+    def attn_mask(self, T: int) -> torch.Tensor:
+        keys = torch.arange(T + self.past_key.shape[3], device=self.past_key.device)
+        return (keys[None, :] <= self._query_positions(T)[:, None])[None, None]  # (1, 1, T, S): causal
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = torch.cat([self.past_key[layer], k], dim=2), torch.cat([self.past_value[layer], v], dim=2)
+        self.keys.append(k)
+        self.values.append(v)
+        return k, v
+
+
 class ExportGPT(nn.Module):
-    """Our GPT's forward written with plain ops that every exporter handles (no SDPA, no RMSNorm
-    op), reusing the model's weights. ``cached=False``: ``input_ids -> logits``.
-    ``cached=True``: ``(input_ids, past_key, past_value) -> (logits, present_key, present_value)``
-    where the caches are stacked over layers, ``(n_layer, B, n_kv_head, past_len, head_dim)``,
-    and the new tokens take positions ``past_len .. past_len + T - 1``. An empty past (length 0)
-    makes it the prefill; then one token per call. ``shared_head=False`` writes a tied head as a
-    plain ``h @ W^T`` (a transposed copy of the embedding that int8 quantization can compress)."""
+    """The module the ONNX exporter traces: the model's own forward (``GPT.hidden``; while
+    exporting, ``model.py`` writes attention and RMSNorm with plain ops that the exporter handles)
+    and the vocabulary head. ``cached=False``: ``input_ids -> logits``. ``cached=True``:
+    ``(input_ids, past_key, past_value) -> (logits, present_key, present_value)``, through a
+    ``PastCache``; the new tokens take positions ``past_len .. past_len + T - 1``. An empty past
+    (length 0) makes it the prefill; then one token per call. ``shared_head=False`` writes a tied
+    head as a plain ``h @ W^T`` (a transposed copy of the embedding that int8 quantization can
+    compress)."""
 
     def __init__(self, model: GPT, cached: bool, shared_head: bool = True) -> None:
         super().__init__()
         self.model, self.cached = model, cached
         self.shared_head = shared_head and model.config.tie_embeddings
-        c = model.config
-        self.n_head, self.n_kv, self.head_dim = c.n_head, c.kv_heads, c.head_dim
-
-    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(norm, nn.LayerNorm):
-            return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, past_key: torch.Tensor | None = None,
                 past_value: torch.Tensor | None = None):
         m = self.model
-        B, T = input_ids.shape
-        past = past_key.shape[3] if self.cached else 0
-        pos = torch.arange(T, device=input_ids.device) + past  # (T,)
-        x = m.tok_emb(input_ids)
-        if m.pos_emb is not None:
-            x = x + m.pos_emb(pos)
-        cos = sin = None
-        if m.rope_cos is not None:
-            cos, sin = m.rope_cos[pos], m.rope_sin[pos]  # (T, head_dim/2)
-        keys = torch.arange(T + past, device=input_ids.device)
-        allowed = keys[None, :] <= pos[:, None]  # (T, S): causal over past + new tokens
-        bias = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, float("-inf"))
-        hd, scale = self.head_dim, 1.0 / math.sqrt(self.head_dim)
-        presents_k, presents_v = [], []
-        for i, block in enumerate(m.blocks):
-            a = block.attn
-            h = self._norm(block.norm1, x)
-            q, k, v = a.qkv(h).split([self.n_head * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-            q = q.reshape(B, T, self.n_head, hd).transpose(1, 2)
-            k = k.reshape(B, T, self.n_kv, hd).transpose(1, 2)
-            v = v.reshape(B, T, self.n_kv, hd).transpose(1, 2)
-            if cos is not None:
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            if self.cached:
-                k = torch.cat([past_key[i], k], dim=2)
-                v = torch.cat([past_value[i], v], dim=2)
-                presents_k.append(k)
-                presents_v.append(v)
-            if self.n_kv != self.n_head:  # GQA: each kv head serves n_head/n_kv query heads
-                rep = self.n_head // self.n_kv
-                k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, hd)
-                v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_head, -1, hd)
-            att = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, dim=-1)
-            y = (att @ v).transpose(1, 2).reshape(B, T, self.n_head * hd)
-            x = x + a.proj(y)
-            x = x + block.mlp(self._norm(block.norm2, x))
-        h = self._norm(m.norm, x)
+        cache = PastCache(past_key, past_value) if self.cached else None
+        h = m.hidden(input_ids, cache)
         if self.shared_head:
             # (W @ h^T)^T reads the head's weight as stored, so a tied head shares the embedding's
             # initializer instead of the exporter adding a transposed copy of the whole table.
+            B, T = input_ids.shape
             logits = (m.lm_head.weight @ h.reshape(-1, h.shape[-1]).t()).t().reshape(B, T, -1)
         else:  # h @ W^T: the form int8 quantizers recognise (weight as MatMul's second input)
             logits = m.lm_head(h)
-        if not self.cached:
+        if cache is None:
             return logits
-        return logits, torch.stack(presents_k), torch.stack(presents_v)
+        return logits, torch.stack(cache.keys), torch.stack(cache.values)
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
