@@ -17,7 +17,7 @@ from slmkit.errors import SlmError
 
 # subcommand -> (module, function adding arguments, function running it, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "prepare": ("slmkit.data", "add_arguments", "run_cli", "tokenize a corpus into DATA_DIR"),
+    "prepare": ("slmkit.prepare", "add_arguments", "run_cli", "tokenize a corpus into DATA_DIR"),
     "train": ("slmkit.train", "add_arguments", "run_cli", "train or resume a model in RUN_DIR"),
     "generate": ("slmkit.generate.cli", "add_generate_arguments", "run_generate", "sample text from a trained model"),
     "chat": ("slmkit.generate.cli", "add_chat_arguments", "run_chat", "interactive prompt loop"),

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from slmkit.data import load_meta, open_split, read_documents
+from slmkit.data import load_meta, open_split
 from slmkit.errors import SlmError
+from slmkit.prepare import read_documents
 from slmkit.runtime import resolve_device
 from slmkit.scoring import evaluate_tokens  # the one evaluator; slm eval's name for it, kept for callers
 

@@ -24,7 +24,7 @@ SAMPLING = {"max_new_tokens": 80, "temperature": 0.8, "top_k": 50, "top_p": 0.95
 
 def _corpus(source: str, work: Path) -> tuple[str, list[str]]:
     """Return (name, input paths) for prepare: TinyStories if reachable, else the built-in corpus."""
-    from slmkit.data import builtin_corpus, read_documents
+    from slmkit.prepare import builtin_corpus, read_documents
 
     if source in ("auto", "tinystories"):
         try:
@@ -46,7 +46,7 @@ def quickstart(out: str | Path = "slm-quickstart", max_time: str = "5m", source:
     or after ``max_steps`` steps (the preset's 2000 when None), whichever comes first."""
     if max_steps is not None and max_steps <= 0:
         raise SlmError(f"--max-steps must be positive, got {max_steps}")
-    from slmkit.data import prepare
+    from slmkit.prepare import prepare
     from slmkit.generate import SamplingConfig, generate
     from slmkit.checkpoint import load_run
     from slmkit.train import train

@@ -26,9 +26,10 @@ import slmkit.generate  # noqa: F401
 from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.cli import main
 from slmkit.config import from_dict, load_preset, parse_duration, parse_overrides, preset_names
-from slmkit.data import load_meta, open_split, prepare
+from slmkit.data import load_meta, open_split
 from slmkit.errors import SlmError
 from slmkit.model import ModelConfig
+from slmkit.prepare import prepare
 from slmkit.tokenizer import load_tokenizer
 from slmkit.train import TrainConfig, resolve_config
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from slmkit import data
+from slmkit import prepare
 from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.cli import main
 from slmkit.errors import SlmError
@@ -51,7 +51,7 @@ def test_quickstart_falls_back_to_the_builtin_corpus_offline(tmp_path, monkeypat
     def offline(spec: str):
         raise SlmError(f"cannot download hf:{spec} (offline and not in the Hugging Face cache): pass a local file")
 
-    monkeypatch.setattr(data, "_hf_files", offline)
+    monkeypatch.setattr(prepare, "_hf_files", offline)
     name, inputs = _corpus("auto", tmp_path)
     assert name == "builtin" and inputs == [str(tmp_path / "builtin_corpus.txt")]
     assert "<|endoftext|>" in (tmp_path / "builtin_corpus.txt").read_text(encoding="utf-8")
