@@ -67,7 +67,7 @@ class Logits:
 
 def text_tokens(tokenizer, path: Path) -> np.ndarray:
     """``path``'s documents as slm eval --input tokenizes them."""
-    from slmkit.data import read_documents
+    from slmkit.prepare import read_documents
 
     docs = list(read_documents([str(path)]))
     ids: list[int] = []

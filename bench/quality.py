@@ -107,7 +107,7 @@ def parse_seconds(text: str) -> float:
 
 
 def read_stories(path: Path) -> list[str]:
-    from slmkit.data import read_documents
+    from slmkit.prepare import read_documents
 
     return list(read_documents([str(path)]))
 
@@ -120,7 +120,7 @@ def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int
     """Tokenize ``train_txt`` minus its last ``test_stories`` stories into ``data`` (val: ``valid_txt``)
     and write those stories to DATA/test.txt; kept when DATA was made from the same files already.
     Stories of the test split that also occur verbatim earlier in train.txt are dropped from training."""
-    from slmkit.data import prepare
+    from slmkit.prepare import prepare
 
     source = {"train": str(train_txt), "train_sha256": hashlib.sha256(train_txt.read_bytes()).hexdigest(),
               "valid": str(valid_txt), "test_stories": test_stories, "vocab_size": vocab_size}

@@ -41,7 +41,7 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
-    from slmkit.data import prepare
+    from slmkit.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "d"
     prepare([str(corpus_file)], out, vocab_size=300, val_fraction=0.1)

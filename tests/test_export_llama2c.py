@@ -295,7 +295,7 @@ def test_cli_export_import_then_fine_tune(run_dir, corpus_file, tmp_path, capsys
     """slm export --format llama2c, slm import-llama2c, data prepared with the imported tokenizer,
     and slm train continuing from the imported weights; bad input is one error line."""
     from slmkit.checkpoint import load_run
-    from slmkit.data import prepare
+    from slmkit.prepare import prepare
     from slmkit.train import train
 
     assert slm("export", run_dir, "--format", "llama2c", "--out", tmp_path / "l2c") == 0

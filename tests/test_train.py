@@ -79,7 +79,7 @@ def test_incompatible_run_dir_is_refused_and_kept(data_dir, run_dir, tmp_path):
 
 
 def test_data_with_other_vocab_is_refused(run_dir, corpus_file, tmp_path):
-    from slmkit.data import prepare
+    from slmkit.prepare import prepare
 
     other = tmp_path / "other"
     prepare([str(corpus_file)], other, vocab_size=280, val_fraction=0.1)
