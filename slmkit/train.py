@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmkit.config import from_dict, load_preset, load_toml, merge, parse_overrides, to_dict
+from slmkit.config import check_sections, from_dict, load_preset, load_toml, merge, parse_overrides, to_dict
 from slmkit.data import TokenBatches, check_context_fits, load_meta, open_split
 from slmkit.distributed import Dist, init_distributed, split_batch
 from slmkit.errors import SlmError
@@ -41,6 +41,10 @@ __all__ = ["LRSchedule", "TrainConfig", "Trainer", "build_pretraining", "make_op
 
 # --------------------------------------------------------------------------- config resolution
 
+# The sections a --config file may hold: training reads [model] and [train]; [sample] is slm
+# generate's (slmkit/generate/cli.py reads the same file), accepted here and left to it to check.
+FILE_SECTIONS = ("model", "train", "sample")
+
 
 def resolve_config(
     data_dir: Path, preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
@@ -51,7 +55,10 @@ def resolve_config(
     if preset:
         sections = merge(sections, load_preset(preset))
     if config_file:
-        sections = merge(sections, load_toml(config_file))
+        from_file = load_toml(config_file)
+        check_sections(from_file, FILE_SECTIONS, config_file)
+        from_file.pop("sample", None)  # slm generate's section: one run file serves both commands
+        sections = merge(sections, from_file)
     sections = merge(sections, parse_overrides(overrides or []))
     unknown = set(sections) - {"model", "train"}
     if unknown:
@@ -191,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="DATA_DIR written by slm prepare")
     parser.add_argument("--out", required=True, help="RUN_DIR for checkpoints, logs and plots")
     parser.add_argument("--preset", help="a shipped preset (tiny, quickstart, cpu-15min, stories260k, stories15m, ...)")
-    parser.add_argument("--config", help="a TOML file with [model] and [train] sections")
+    parser.add_argument("--config", help="a TOML file with [model] and [train] sections ([sample], slm generate's, is ignored)")
     parser.add_argument("--max-time", help="stop after this much training time, e.g. 15m or 1h")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

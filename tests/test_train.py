@@ -94,6 +94,30 @@ def test_not_a_run_dir_is_refused(data_dir, tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_one_run_file_serves_train_and_generate(data_dir, run_dir, tmp_path, capsys):
+    """slm train reads [model]/[train] of a file whose [sample] is slm generate's; a misspelt section is
+    still refused with a suggestion; and the config.toml a run writes is a --config that generate reads."""
+    from slmkit.cli import main
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model]\nn_layer = 1\n\n[train]\nlr = 0.002\n\n[sample]\nmax_new_tokens = 3\ntemperature = 0.5\n")
+    overrides = [o for o in TINY if not o.startswith(("model.n_layer=", "train.lr="))]
+    sections = train_mod.resolve_config(data_dir, config_file=str(cfg), overrides=overrides)
+    assert set(sections) == {"model", "train"}
+    assert sections["model"]["n_layer"] == 1 and sections["train"]["lr"] == 0.002
+    for typo, right in (("sampel", "sample"), ("modle", "model")):
+        (tmp_path / "typo.toml").write_text(f"[{typo}]\nseed = 1\n")
+        with pytest.raises(SlmError, match=rf"unknown config section \[{typo}\] in .*typo.toml: did you mean \[{right}\]\?"):
+            train_mod.resolve_config(data_dir, config_file=str(tmp_path / "typo.toml"), overrides=TINY)
+    (tmp_path / "typo.toml").write_text("sample = 3\n")
+    with pytest.raises(SlmError, match=r"\[sample\] in .*typo.toml must be a table"):
+        train_mod.resolve_config(data_dir, config_file=str(tmp_path / "typo.toml"), overrides=TINY)
+    capsys.readouterr()
+    for config in (cfg, run_dir / "config.toml"):
+        assert main(["generate", str(run_dir), "--config", str(config), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+        assert capsys.readouterr().out.startswith("Once")
+
+
 def test_a_run_killed_while_swapping_the_tokenizer_is_taken_up_again(data_dir, tmp_path):
     """What a kill during the tokenizer copy leaves (files.atomic_dir's temp and old folders, the
     lock) is the run's own: the next slm train accepts the folder and removes the leftovers."""
