@@ -173,6 +173,11 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
     return obj
 
 
+# The sections of a run's TOML file, one per stage that reads one ([finetune], [lora] and [serve]
+# join as those stages arrive). Every command accepts the whole file and reads its own sections.
+RUN_SECTIONS = ("model", "train", "sample")
+
+
 def check_sections(sections: dict[str, Any], known: Iterable[str], where: str) -> None:
     """Refuse a section no stage reads (a typo, most likely), suggesting the closest known one;
     ``where`` names the file. Each known section must be a table."""

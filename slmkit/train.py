@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmkit.config import check_sections, from_dict, load_preset, load_toml, merge, parse_overrides, to_dict
+from slmkit.config import RUN_SECTIONS, check_sections, from_dict, load_preset, load_toml, merge, parse_overrides, to_dict
 from slmkit.data import TokenBatches, check_context_fits, load_meta, open_split
 from slmkit.distributed import Dist, init_distributed, split_batch
 from slmkit.errors import SlmError
@@ -41,11 +41,6 @@ __all__ = ["LRSchedule", "TrainConfig", "Trainer", "build_pretraining", "make_op
 
 # --------------------------------------------------------------------------- config resolution
 
-# The sections a --config file may hold: training reads [model] and [train]; [sample] is slm
-# generate's (slmkit/generate/cli.py reads the same file), accepted here and left to it to check.
-FILE_SECTIONS = ("model", "train", "sample")
-
-
 def resolve_config(
     data_dir: Path, preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None,
     max_time: str | None = None,
@@ -56,7 +51,7 @@ def resolve_config(
         sections = merge(sections, load_preset(preset))
     if config_file:
         from_file = load_toml(config_file)
-        check_sections(from_file, FILE_SECTIONS, config_file)
+        check_sections(from_file, RUN_SECTIONS, config_file)
         from_file.pop("sample", None)  # slm generate's section: one run file serves both commands
         sections = merge(sections, from_file)
     sections = merge(sections, parse_overrides(overrides or []))

@@ -9,16 +9,12 @@ import warnings
 
 import torch
 
-from slmkit.config import add_section_arguments, check_sections, load_toml, section_from_args
+from slmkit.config import RUN_SECTIONS, add_section_arguments, check_sections, load_toml, section_from_args
 from slmkit.errors import SlmError
 from slmkit.generate.generation import Generation
 from slmkit.generate.sampling import SamplingConfig
 from slmkit.generate.text import TextStream, stream
 from slmkit.runtime import resolve_device
-
-
-# A run's config file may hold every stage's sections; these commands read [sample] only.
-CONFIG_SECTIONS = ("model", "train", "sample")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +34,7 @@ def _sampling_config(args: argparse.Namespace) -> SamplingConfig:
     table: dict = {}
     if args.config:
         sections = load_toml(args.config)
-        check_sections(sections, CONFIG_SECTIONS, args.config)
+        check_sections(sections, RUN_SECTIONS, args.config)
         table = sections.get("sample", {})
     return section_from_args(SamplingConfig, args, "sample", table)
 
