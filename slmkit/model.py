@@ -136,10 +136,12 @@ def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.T
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int | None = None) -> torch.Tensor:
     """Rotate (B, H, T, D) by position. Uses the half-split layout of GPT-NeoX and HF Llama, so
-    exported weights need no permutation."""
-    x1, x2 = x.chunk(2, dim=-1)
+    exported weights need no permutation. ``half`` is D / 2 when the caller knows it as a number:
+    an exported graph then splits by a constant instead of computing the size from x's shape in
+    every layer (the attention of stories260k in onnxruntime was ~10% slower that way)."""
+    x1, x2 = x.split(half or x.shape[-1] // 2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -172,7 +174,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope, half=self.head_dim // 2), apply_rope(k, *rope, half=self.head_dim // 2)
         if cache is not None:  # generation: attend over the cached tokens plus these T new ones
             k, v = cache.store(self.layer, k, v)
         y = self.attend(q, k, v, causal=cache is None, mask=mask)
@@ -213,10 +215,11 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
-def activate(h: torch.Tensor, swiglu: bool) -> torch.Tensor:
-    """The MLP's nonlinearity: SwiGLU on the (gate, up) halves of ``h``, or GELU (tanh form)."""
+def activate(h: torch.Tensor, swiglu: bool, hidden: int | None = None) -> torch.Tensor:
+    """The MLP's nonlinearity: SwiGLU on the (gate, up) halves of ``h``, or GELU (tanh form).
+    ``hidden``, the size of a half, as a number keeps exported graphs static (see ``apply_rope``)."""
     if swiglu:
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = h.split(hidden or h.shape[-1] // 2, dim=-1)
         return F.silu(gate) * up
     return F.gelu(h, approximate="tanh")
 
@@ -234,7 +237,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(activate(self.up(x), self.swiglu)))
+        return self.dropout(self.down(activate(self.up(x), self.swiglu, self.down.in_features)))
 
 
 class Block(nn.Module):
