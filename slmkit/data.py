@@ -5,6 +5,10 @@ A data directory (``DATA_DIR``) holds::
     train.bin, val.bin     every document's tokens followed by <|endoftext|>, flat uint16/uint32
     meta.json              vocab_size, dtype, tokenizer, eot_id, per-split counts, sources
     tokenizer.json | encoder.json + vocab.bpe, tokenizer_meta.json   (see tokenizer.py)
+
+An SFT DATA_DIR (``"kind": "chat"`` in meta.json, written by ``slmkit.chat``) adds per split
+``<split>_mask.bin`` (uint8, 1 = supervised target) and ``<split>_offsets.bin`` (int64 example
+boundaries); ``open_chat_split`` and ``ChatBatches`` read it.
 """
 
 from __future__ import annotations
@@ -172,6 +176,125 @@ class TokenBatches:
         self._plan_cache = None
 
 
+# --- chat / instruction examples (an SFT DATA_DIR, see slmkit/chat.py) ----------------------------
+
+
+class ChatSplit:
+    """One split of an SFT DATA_DIR, memory-mapped: ``tokens``, ``mask`` (1 = supervised target) and
+    ``offsets`` (example i is ``tokens[offsets[i]:offsets[i + 1]]``)."""
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
+        self.tokens, self.mask, self.offsets = tokens, mask, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[a:b], self.mask[a:b]
+
+
+def open_chat_split(data_dir: str | Path, split: str) -> ChatSplit:
+    """The ``split`` of an SFT DATA_DIR (``"kind": "chat"`` in meta.json), its sizes checked."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    if meta.get("kind") != "chat":
+        raise SlmError(f"{data_dir} holds plain text, not chat examples: prepare chat/instruction records")
+    dtype, n, m = np.dtype(meta["dtype"]), meta[split]["tokens"], meta[split].get("examples")
+    paths = {name: data_dir / f"{split}{name}.bin" for name in ("", "_mask", "_offsets")}
+    sizes = {"": n * dtype.itemsize, "_mask": n, "_offsets": (m + 1) * 8 if isinstance(m, int) else -1}
+    if not all(p.is_file() and p.stat().st_size == sizes[k] for k, p in paths.items()) or not m:
+        raise SlmError(f"the {split} split of {data_dir} is missing or incomplete: run slm prepare again")
+    offsets = np.fromfile(paths["_offsets"], dtype=np.int64)
+    if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 2):
+        raise SlmError(f"{paths['_offsets']} is corrupt: run slm prepare again")
+    tokens = np.memmap(paths[""], dtype=dtype, mode="r", shape=(n,))
+    return ChatSplit(tokens, np.memmap(paths["_mask"], dtype=np.uint8, mode="r", shape=(n,)), offsets)
+
+
+def _pad_examples(split: ChatSplit, order: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y for whole examples, right-padded to the longest: y is the next token where supervised, else -1."""
+    lengths = [int(split.offsets[i + 1] - split.offsets[i]) for i in order]
+    width = min(block_size, max(lengths) - 1)
+    x = np.full((len(order), width), pad_id, dtype=np.int64)
+    y = np.full((len(order), width), -1, dtype=np.int64)
+    for row, i in enumerate(order):
+        tokens, mask = split.example(int(i))
+        tokens, mask = tokens[: width + 1].astype(np.int64), mask[: width + 1].astype(bool)
+        n = len(tokens) - 1
+        x[row, :n] = tokens[:-1]
+        y[row, :n] = np.where(mask[1:], tokens[1:], -1)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class ChatBatches:
+    """Yields (x, y) batches of whole examples from a ``ChatSplit``, padded to the batch's longest.
+
+    y holds the next token where that token is supervised and -1 on prompts and padding (x is
+    padded with ``pad_id``, which is never a target). Epoch e visits the examples in a permutation
+    drawn from (seed, epoch); state = (epoch, cursor) as in ``TokenBatches``, a batch running past an
+    epoch's end continuing into the next. With DDP this rank takes every ``world_size``-th example of
+    the global batch, and all ranks pad to the global batch's longest, so their shapes agree.
+    Packing several examples into one row needs attention that does not cross them (a model change).
+    """
+
+    def __init__(self, split: ChatSplit, block_size: int, batch_size: int, seed: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if block_size < 1 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler settings: block={block_size} batch={batch_size} rank={rank}/{world_size}")
+        if len(split) == 0:
+            raise SlmError("the split has no examples: run slm prepare on more records")
+        self.split, self.block_size, self.batch_size, self.pad_id = split, block_size, batch_size, pad_id
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = self.cursor = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.split)))
+        return self._perm[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y) for this rank."""
+        need, picked = self.batch_size * self.world_size, []
+        while len(picked) < need:
+            perm = self._order(self.epoch)
+            take = min(need - len(picked), len(perm) - self.cursor)
+            picked += perm[self.cursor : self.cursor + take].tolist()
+            self.cursor += take
+            if self.cursor == len(perm):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        x, y = _pad_examples(self.split, np.asarray(picked), self.block_size, self.pad_id)
+        return x[self.rank :: self.world_size], y[self.rank :: self.world_size]
+
+    def state_dict(self) -> dict:
+        """``{"epoch", "cursor", "seed"}``: enough to resume the exact same batch sequence."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict()``, including its seed."""
+        epoch, cursor, seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
+        if not 0 <= cursor < len(self.split) or epoch < 0:
+            raise SlmError(
+                f"the saved data position (epoch {epoch}, example {cursor}) does not fit this split's "
+                f"{len(self.split)} examples: the data changed since the checkpoint"
+            )
+        self.epoch, self.cursor, self.seed = epoch, cursor, seed
+        self._perm = None
+
+
+def chat_eval_batches(split: ChatSplit, block_size: int, batch_size: int, pad_id: int,
+                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split's examples in order, padded batches of ``batch_size`` (the last may be smaller)."""
+    n_batches = math.ceil(len(split) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        yield _pad_examples(split, np.arange(b * batch_size, min(len(split), (b + 1) * batch_size)), block_size, pad_id)
+
+
 def eval_batches(
     tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -196,12 +319,16 @@ def eval_batches(
 
 
 __all__ = [
+    "ChatBatches",
+    "ChatSplit",
     "DATA_META",
     "SPLITS",
     "TokenBatches",
+    "chat_eval_batches",
     "check_context_fits",
     "eval_batches",
     "load_meta",
+    "open_chat_split",
     "open_split",
     "token_dtype",
 ]
