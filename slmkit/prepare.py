@@ -483,10 +483,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--tokenizer-from", metavar="DIR",
-                        help="reuse the tokenizer of this data or run directory (no new BPE is trained)")
+                        help="reuse the tokenizer of this data or run directory (no new BPE is trained); "
+                             "required for chat records, whose template tokens are added to it")
+    chat = parser.add_argument_group("chat / instruction records (.jsonl, see slmkit/chat.py)")
+    chat.add_argument("--train-on", default="all", choices=["all", "last"], help="assistant turns to learn")
+    chat.add_argument("--context", type=int, help="longest example in tokens (default: the base run's block_size)")
+    chat.add_argument("--show", type=int, default=0, metavar="N", help="print N examples, learned part marked")
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if not any(str(spec).startswith("hf:") for spec in args.input):
+        from slmkit import chat
+
+        files = _expand(args.input)
+        if chat.first_record_is_chat(files):
+            return chat.run_prepare_cli(args, files, _expand(args.val_input) if args.val_input else [])
     meta = prepare(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_inputs=args.val_input, val_fraction=args.val_fraction, seed=args.seed,
                    tokenizer_from=args.tokenizer_from)
