@@ -214,7 +214,7 @@ def add_chat_tokens(tok: Tokenizer, template: dict = DEFAULT_TEMPLATE) -> Tokeni
     Every base id keeps its meaning (new ids start at ``tok.vocab_size``), so a base model's
     weights still fit; its embedding grows at fine-tune time (``grow_embeddings``). GPT-2's
     tokenizer becomes the equivalent Hugging Face BPE (``to_hf_tokenizer_json``) so the added tokens
-    are saved with it. ``tok`` itself is not changed.
+    are saved with it, and so is ``template`` (``Tokenizer.chat_template``). ``tok`` itself is not changed.
     """
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -223,6 +223,7 @@ def add_chat_tokens(tok: Tokenizer, template: dict = DEFAULT_TEMPLATE) -> Tokeni
     if missing:
         hf.add_special_tokens(missing)
     out = Tokenizer("bpe", hf=hf)
+    out.chat_template = template
     base = tok.vocab_size
     for t in missing:
         if out._hf.token_to_id(t) < base:  # pragma: no cover - tokenizers always appends

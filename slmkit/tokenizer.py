@@ -72,6 +72,9 @@ class Tokenizer:
         self._enc = enc  # tiktoken.Encoding, for kind "gpt2"
         self._gpt2_dir = gpt2_dir  # where encoder.json/vocab.bpe came from, if they came from files
         self._id_bytes: list[bytes] | None = None
+        # The chat template (``slmkit.chat``'s JSON dict) when the tokenizer carries chat tokens:
+        # saved in tokenizer_meta.json, so the run, its data and its exports render one prompt.
+        self.chat_template: dict | None = None
         if kind == "bpe":
             # Plain encode must never produce the separator from text that merely contains it.
             hf.encode_special_tokens = True
@@ -166,6 +169,8 @@ class Tokenizer:
             (directory / "encoder.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
             (directory / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        if self.chat_template is not None:
+            meta["chat_template"] = self.chat_template
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
     def to_hf_tokenizer_json(self) -> str:
@@ -320,6 +325,10 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise SlmError(f"{meta_path} names an unknown tokenizer kind {kind!r}: run slm prepare again")
     if (tok.vocab_size, tok.eot_id) != (meta.get("vocab_size"), meta.get("eot_id")):
         raise SlmError(f"{meta_path} does not match the tokenizer files next to it: run slm prepare again")
+    template = meta.get("chat_template")
+    if template is not None and not isinstance(template, dict):
+        raise SlmError(f"{meta_path}: chat_template must be a JSON object: run slm prepare again")
+    tok.chat_template = template
     return tok
 
 

@@ -186,6 +186,10 @@ def test_added_tokens_keep_the_base_ids(tmp_path):
     extended.save(tmp_path)
     again = load_tokenizer(tmp_path)
     assert chat.special_ids(again) == chat.special_ids(extended)
+    assert again.chat_template == extended.chat_template == chat.DEFAULT_TEMPLATE  # the template travels along
+    assert base.chat_template is None
+    base.save(tmp_path / "plain")
+    assert load_tokenizer(tmp_path / "plain").chat_template is None
     assert chat.render_ids(TURNS[0], again) == chat.render_ids(TURNS[0], extended)
 
 
