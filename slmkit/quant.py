@@ -12,7 +12,8 @@ as one block: its float16 scale ``d``, then its values, exactly as ggml encodes 
 the bytes are GGUF's q8_0 / q4_0 blocks, bit for bit (tests/test_quant.py checks them against the
 ``gguf`` package's own quantizer), so a quantized run and its ``--outtype q8_0`` / ``q4_0`` GGUF hold
 the same weights. int8 also takes ``group = 0``: one block per row (one scale per output channel);
-int4 groups of 64 or 128 shrink the file a little more (fewer scales) at some accuracy.
+int4 groups of 64 or 128 shrink the file a little more (fewer scales) at some accuracy. A group
+never spans rows: a row shorter than the group is one block; a longer one must hold whole groups.
 
 What is quantized: the weights of every block's linear layers (attention QKV and output, MLP up
 and down); with ``embeddings`` also the token embedding (the head too when it is tied to it) and an
@@ -60,6 +61,12 @@ def block_bytes(bits: int, group: int) -> int:
     return 2 + group * bits // 8
 
 
+def group_for(cols: int, group: int) -> int:
+    """The group a matrix with rows of ``cols`` values is packed in: ``group``, or the whole row
+    when the row is shorter (or ``group`` is 0)."""
+    return group if 0 < group < cols else cols
+
+
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C's roundf (ggml's rounding in q8_0): halves away from zero, unlike torch.round; written as
     floor(a) + floor(2 * frac(a)) so that no addition rounds (0.49999997 + 0.5 is 1.0 in float32)."""
@@ -72,7 +79,7 @@ def quantize_blocks(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """A float matrix (rows, cols) as uint8 blocks (rows, cols / group * block_bytes); group 0 is a
     whole row. ``cols`` must be a multiple of the group."""
     rows, cols = w.shape
-    group = group or cols
+    group = group_for(cols, group)
     if cols % group:
         raise SlmError(f"rows of {cols} values are not whole groups of {group}")
     g = w.detach().float().reshape(rows, cols // group, group)
@@ -94,7 +101,7 @@ def quantize_blocks(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 def dequantize_blocks(packed: torch.Tensor, bits: int, group: int, cols: int) -> torch.Tensor:
     """The float32 matrix (rows, cols) that ``quantize_blocks`` packed."""
-    group = group or cols
+    group = group_for(cols, group)
     rows = packed.shape[0]
     blocks = packed.reshape(rows, cols // group, block_bytes(bits, group))
     d = blocks[..., :2].contiguous().view(torch.float16).float()  # (rows, blocks, 1)
@@ -125,7 +132,7 @@ def quantize_weights(model: Any, cfg: QuantConfig) -> tuple[dict[str, torch.Tens
     shapes = {}
     for name in quantized_names(model, cfg.embeddings):
         cols = sd[name].shape[1]
-        if cfg.group and cols % cfg.group:
+        if cols % group_for(cols, cfg.group):
             raise SlmError(f"cannot quantize {name} in groups of {cfg.group}: its rows hold {cols} values "
                            f"(use --group 0 for int8, or a model whose sizes are multiples of {cfg.group})")
         shapes[name] = list(sd[name].shape)
@@ -152,7 +159,7 @@ def dequantize_weights(weights: dict[str, torch.Tensor], meta: Any, where: str) 
         if not ok_shape or packed is None or packed.dtype != torch.uint8 or packed.dim() != 2:
             raise SlmError(f"{where}: {name} is not a packed {shape} matrix as quantization.json says")
         rows, cols = shape
-        group = cfg.group or cols
+        group = group_for(cols, cfg.group)
         if cols % group or tuple(packed.shape) != (rows, cols // group * block_bytes(cfg.bits, group)):
             raise SlmError(f"{where}: {name} holds {tuple(packed.shape)} bytes, not the blocks of a "
                            f"{rows}x{cols} matrix in int{cfg.bits} groups of {group}")
@@ -160,5 +167,5 @@ def dequantize_weights(weights: dict[str, torch.Tensor], meta: Any, where: str) 
     return out
 
 
-__all__ = ["QuantConfig", "block_bytes", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
+__all__ = ["QuantConfig", "block_bytes", "group_for", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
            "quantize_weights", "quantized_names"]
