@@ -73,7 +73,9 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="slm-quantize-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    trained_here = None
     if args.run is None:
+        trained_here = "stories260k"
         if args.smoke:
             train_txt, valid_txt = smoke_corpus(work / "corpus")
             args.vocab, args.rounds, args.new_tokens = 300, 1, 8
@@ -88,7 +90,7 @@ def main() -> None:
         args.run = work / "run"
         train(args.data, args.run, preset=preset, max_time=None if args.smoke else args.max_time,
               overrides=overrides + ["train.plot=false"], quiet=True)
-    name = "smoke" if args.smoke else args.run.name
+    name = "smoke" if args.smoke else args.run.name if trained_here is None else trained_here
     out = Path(args.out) if args.out else (work / "quantize.json" if args.smoke
                                            else ROOT / "bench" / "results" / f"quantize_{name}.json")
 
