@@ -238,7 +238,12 @@ def test_refuses_what_llama_cpp_cannot_compute(tok, tmp_path):
     export_gguf(odd, tok, tmp_path / "ok.gguf", "f16")  # any width is fine unpacked
     with pytest.raises(SlmError, match="is a folder"):
         export_gguf(odd, tok, tmp_path, "f16")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.gguf"]  # nothing half-written
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SlmError, match="exists and is not a GGUF file"):
+        export_gguf(odd, tok, tmp_path / "notes.txt", "f16")
+    export_gguf(odd, tok, tmp_path / "ok.gguf", "f32")  # an earlier GGUF is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "ok.gguf"]  # nothing half-written
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_cli_export_gguf_runs_in_llama_cpp(run_dir, tmp_path, capsys):

@@ -171,6 +171,10 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, outtype: str = "f32
     out = Path(out)
     if out.is_dir():
         raise SlmError(f"--out {out} is a folder: GGUF is one file, give a path such as {out / 'model.gguf'}")
+    if out.is_file():  # replace an earlier GGUF, never an unrelated file
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SlmError(f"--out {out} exists and is not a GGUF file: choose a new path")
 
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
