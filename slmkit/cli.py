@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "export": ("slmkit.export", "add_arguments", "run_cli", "export to hf, onnx, torchscript or llama2c"),
     "import-hf": ("slmkit.export", "add_import_arguments", "run_import", "import a GPT-2/Llama HF checkpoint"),
     "import-llama2c": ("slmkit.export.llama2c", "add_import_arguments", "run_import", "import llama2.c's files"),
+    "serve": ("slmkit.serve.cli", "add_arguments", "run_cli", "OpenAI-compatible HTTP server and playground"),
 }
 
 

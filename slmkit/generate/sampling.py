@@ -117,6 +117,25 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
 
 
+def apply_logit_bias(logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: add ``bias[i]`` to the logit of token ``ids[i]`` in every row
+    (-100 bans a token in practice, +100 all but forces it)."""
+    return logits.index_add(-1, ids, bias.to(logits.dtype).expand(logits.size(0), -1))
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties on the tokens generated so far (``counts``, (B, vocab) how often each
+    appeared): subtract ``presence`` once for every token that appeared and ``frequency`` times
+    its count, so positive values make repeats less likely."""
+    return logits - (counts > 0).to(logits.dtype) * presence - counts.to(logits.dtype) * frequency
+
+
+def apply_ban(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Make tokens ``ids`` impossible (``min_tokens``: no end token before that many tokens)."""
+    return logits.index_fill(-1, ids, -math.inf)
+
+
 def logits_pipeline(cfg: SamplingConfig, seen: torch.Tensor | None = None) -> list[Processor]:
     """The processors ``cfg`` switches on, in Hugging Face's order. Greedy decoding (temperature 0)
     keeps only the repetition penalty: the others never change the argmax."""
