@@ -88,6 +88,13 @@ def test_prompt_scoring_is_the_forward_pass_log_softmax():
     assert torch.allclose(torch.tensor(seq.prompt_token_logprobs[1:]), torch.tensor(want[1:]), atol=1e-5)
     assert [len(t) for t in seq.prompt_top_logprobs[1:]] == [2] * (len(prompt) - 1)
     assert seq.tokens == [] and seq.finish_reason == "length"
+    # a scored text may be one token longer than the context: its last token is only a target
+    long = list(range(model.config.block_size + 1))
+    whole = Seq(long, GREEDY, 0, logprobs=0, prompt_logprobs=True)
+    run(ContinuousBatch(model, prefill_chunk=7), {0: [whole]})
+    with torch.no_grad():
+        expected = model(torch.tensor([long[:-1]]))[0][0].log_softmax(-1)
+    assert torch.allclose(torch.tensor(whole.prompt_token_logprobs[1:]), expected[range(len(long) - 1), long[1:]], atol=1e-5)
 
 
 def test_kv_cache_admit_shift_and_compact_keep_each_rows_tokens():

@@ -13,7 +13,8 @@ Each row samples with its own ``SamplingConfig`` through the same processors as 
 (``logits_pipeline`` and ``choose``) and its own seeded ``torch.Generator``, plus OpenAI's
 ``logit_bias``, presence / frequency penalties and ``min_tokens``; so a row's tokens do not depend
 on what else is in the batch (greedy rows: the same as a batch of one, tested). A row must fit the
-context: prompt + ``max_new_tokens`` <= ``block_size`` (no window sliding here).
+context: prompt + ``max_new_tokens`` <= ``block_size`` (no window sliding here); a prompt only
+scored (``max_new_tokens=0``) may be ``block_size + 1`` tokens, its last one only a target.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class ContinuousBatch:
         """Queue ``seq``; ValueError if it does not fit the context or has no prompt."""
         if not seq.prompt:
             raise ValueError("empty prompt: start it with <|endoftext|>")
-        if len(seq.prompt) + seq.max_new_tokens > self.block_size:
+        if len(seq.prompt) + seq.max_new_tokens > self.block_size + (seq.max_new_tokens == 0):
             raise ValueError(f"{len(seq.prompt)} prompt + {seq.max_new_tokens} new tokens do not fit the context "
                              f"of {self.block_size} tokens")
         if seq.max_new_tokens < 0 or seq.logit_bias and not all(0 <= i < self.vocab for i in seq.logit_bias):
@@ -248,7 +249,14 @@ class ContinuousBatch:
                 self.finish(seq, "cancelled")
                 changed.append(seq)
                 continue
-            n = min(budget, len(seq.prompt) - done)
+            todo = self._to_run(seq)
+            if not todo:  # a one-token prompt to score: nothing predicts it
+                self._prefill = None
+                seq.prompt_token_logprobs, seq.prompt_top_logprobs = [None], [None]
+                seq.finish_reason = "length"
+                changed.append(seq)
+                continue
+            n = min(budget, todo - done)
             ids = torch.tensor([seq.prompt[done : done + n]], device=self.device)
             if seq.prompt_logprobs:
                 logits = self.model(ids, cache=cache)[0][0].float()  # (n, vocab): every position
@@ -258,7 +266,7 @@ class ContinuousBatch:
                 last = self.decoder.prefill(ids, cache).float()
             budget -= n
             done += n
-            if done < len(seq.prompt):
+            if done < todo:
                 self._prefill = (seq, cache, done)
                 continue
             self._prefill = None
@@ -267,6 +275,13 @@ class ContinuousBatch:
                 seq.finish_reason = "length"
                 continue
             self._join(seq, cache, last)
+
+    @staticmethod
+    def _to_run(seq: Seq) -> int:
+        """Prompt tokens to run through the model: all of them, but only to score a prompt the last
+        one is a target only (so a scored text may be one token longer than the context, as each
+        of ``slm eval``'s windows is)."""
+        return len(seq.prompt) - (seq.max_new_tokens == 0)
 
     def _score_prompt(self, seq: Seq, logits: torch.Tensor, done: int) -> None:
         """Log-probabilities of prompt tokens ``done + 1 ...`` from the logits of positions ``done ...``."""
