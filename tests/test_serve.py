@@ -8,6 +8,7 @@ queue of 1: chat, streaming, cancellation, overload, a kill).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -385,3 +386,64 @@ def test_bad_flags_and_runs_are_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "slmkit.cli", "serve", str(tmp_path), "--max-batch", "0"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--max-batch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# --- the playground, in a real headless browser -------------------------------------------------
+
+
+def chromium_path() -> str:
+    """Debian's chromium (``apt-get install chromium``; .ci/run installs it), or skip saying so."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test extra has it)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed: apt-get install -y chromium (.ci/run does)")
+    return path
+
+
+def test_playground_streams_and_stop_cancels_on_the_server(chatty, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    path = chromium_path()
+    url, _ = chatty
+    before = metrics(url)
+    text = "document.getElementById('output').textContent"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.goto(url)
+        page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.includes('parameters')")
+        # a long completion, streamed; Stop cancels it on the server
+        page.click("#mode-completion")
+        page.fill("#max_tokens", str(LONG))
+        page.fill("#temperature", "0")
+        page.check("#ignore_eos")
+        page.fill("#prompt", "Once upon a time")
+        page.click("#send")
+        page.wait_for_function(f"{text}.length > 'Once upon a time'.length + 5")
+        page.click("#stop")
+        wait_for(url, lambda m: m["slm_batch_size"] == 0
+                 and m["slm_requests_cancelled_total"] > before["slm_requests_cancelled_total"], "Stop cancelled")
+        after = metrics(url)
+        assert after["slm_generation_tokens_total"] - before["slm_generation_tokens_total"] < LONG
+        shown = page.evaluate(text)
+        time.sleep(0.2)
+        assert page.evaluate(text) == shown  # nothing more arrives
+        assert "tokens/s" in page.text_content("#stats") and "stopped" in page.text_content("#stats")
+        assert page.text_content("#rendered").startswith("4 tokens") or "tokens:" in page.text_content("#rendered")
+        # chat: the reply streams into the history, the rendered prompt shows the template
+        page.click("#mode-chat")
+        page.fill("#max_tokens", "6")
+        page.fill("#prompt", "Hello there")
+        page.click("#send")
+        page.wait_for_function("document.getElementById('stats').textContent.includes('(')")
+        assert page.locator("#history .msg.user").inner_text().endswith("Hello there")
+        assert page.locator("#history .msg.assistant").count() == 1
+        page.wait_for_function("document.getElementById('rendered').textContent.includes('<|assistant|>')")
+        # history survives a reload (localStorage)
+        page.reload()
+        page.wait_for_selector("#history .msg.assistant")
+        assert "Hello there" in page.text_content("#history")
+        page.screenshot(path=str(tmp_path / "playground.png"))
+        browser.close()
