@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from slmkit.errors import SlmError
 from slmkit.generate.continuous import ContinuousBatch, Seq
 from slmkit.generate.text import TextStream
 from slmkit.serve.metrics import Metrics
@@ -158,16 +159,18 @@ class Engine:
             if job.cancelled:
                 self.metrics.add(cancelled=1)
                 continue
-            for seq in job.seqs:
-                batch.add(seq)
-                self.metrics.add(prompt_tokens=len(seq.prompt))
             self._jobs.append(job)
+            try:
+                for seq in job.seqs:
+                    batch.add(seq)
+                    self.metrics.add(prompt_tokens=len(seq.prompt))
+            except (ValueError, SlmError) as e:  # the protocol checks first: this is a safety net
+                job.cancel()
+                self._fail(job, str(e))
         self.metrics.set(queue_depth=len(self._pending))
 
     def _publish(self, changed: list[Seq]) -> None:
-        if not changed:
-            return
-        owner = {id(seq): (job, i) for job in self._jobs for i, seq in enumerate(job.seqs)}
+        owner = {id(seq): (job, i) for job in self._jobs for i, seq in enumerate(job.seqs)} if changed else {}
         now = time.perf_counter()
         for seq in changed:
             if id(seq) not in owner:
@@ -196,10 +199,13 @@ class Engine:
             if job.cancelled:
                 self.metrics.add(cancelled=1)
 
+    def _fail(self, job: Job, message: str) -> None:
+        for i, closed in enumerate(job.closed):
+            if not closed:
+                job.closed[i] = True
+                job._emit(Event(i, "", job.sent[i], job.sent[i], "error", error=message))
+
     def _fail_all(self, message: str) -> None:
         for job in self._jobs:
-            for i, closed in enumerate(job.closed):
-                if not closed:
-                    job.closed[i] = True
-                    job._emit(Event(i, "", job.sent[i], job.sent[i], "error", error=message))
+            self._fail(job, message)
         self._jobs.clear()
