@@ -56,6 +56,17 @@ def test_a_seeded_row_samples_as_generate_does_whatever_else_runs():
     assert alone.tokens == crowd.tokens == expected
 
 
+def test_rows_with_equal_settings_sample_together_as_each_would_alone():
+    model = random_model()
+    cfgs = [SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=0, top_p=0.9, min_p=0.02, seed=s,
+                           stop_at_eot=False) for s in range(4)]
+    alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]
+    seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
+    run(ContinuousBatch(model), {0: seqs[:3], 1: seqs[3:]})
+    assert [s.tokens for s in seqs] == alone
+    assert len({tuple(t) for t in alone}) > 1
+
+
 def test_end_tokens_min_tokens_and_cancel():
     model = random_model()
     greedy = generate_tokens(model, [[1, 2]], SamplingConfig(max_new_tokens=10, temperature=0.0, stop_at_eot=False))[0]

@@ -89,9 +89,12 @@ class _Row:
             self.bias = (ids, torch.tensor(list(seq.logit_bias.values()), device=device))
         self.ends = torch.tensor(seq.end_ids, device=device, dtype=torch.long) if seq.end_ids else None
         self.pipeline = logits_pipeline(seq.cfg, self.seen)
-        # plain greedy: the batch's argmax is this row's token (no processor changes it)
-        self.plain_greedy = (seq.cfg.temperature == 0 and self.bias is None and self.counts is None
-                             and self.seen is None and not seq.min_tokens)
+        # No state of its own beyond the generator: rows with the same settings are processed together
+        # (greedy ones by the batch's argmax).
+        self.stateless = self.bias is None and self.counts is None and self.seen is None and not seq.min_tokens
+        self.plain_greedy = self.stateless and seq.cfg.temperature == 0
+        c = seq.cfg
+        self.group = (c.temperature, c.top_k, c.top_p, c.min_p) if self.stateless else None
 
     def pick(self, logits: torch.Tensor) -> int:
         """This row's next token from its next-token logits (1, vocab)."""
@@ -205,9 +208,10 @@ class ContinuousBatch:
         greedy = logits.argmax(-1).tolist() if any(r.plain_greedy for r in self.rows) else None
         want = [r.seq.logprobs is not None for r in self.rows]
         logprobs = logits.log_softmax(-1) if any(want) else None
+        picked = self._pick_groups(logits)
         for i, row in enumerate(self.rows):
             seq = row.seq
-            token = greedy[i] if row.plain_greedy else row.pick(logits[i : i + 1])
+            token = greedy[i] if row.plain_greedy else picked[i] if i in picked else row.pick(logits[i : i + 1])
             if token in seq.end_ids and len(seq.tokens) >= seq.min_tokens:
                 seq.finish_reason = "stop"
                 continue
@@ -226,6 +230,24 @@ class ContinuousBatch:
                 self.cache.compact()
             tokens = torch.tensor([row.seq.tokens[-1] for row in self.rows], device=self.device)
             self.logits = self.decoder.step(tokens, self.cache).float()
+
+    def _pick_groups(self, logits: torch.Tensor) -> dict[int, int]:
+        """Tokens of the sampled rows without state of their own, one pass of the processors per group
+        of equal settings, each row drawing from its own generator: ``{row index: token}``."""
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            if row.group is not None and not row.plain_greedy:
+                groups.setdefault(row.group, []).append(i)
+        picked: dict[int, int] = {}
+        for rows in groups.values():
+            if len(rows) == 1:
+                continue  # row.pick does the same
+            x = logits[rows]
+            for process in self.rows[rows[0]].pipeline:
+                x = process(x)
+            tokens = choose(x, self.rows[rows[0]].seq.cfg.temperature, [self.rows[i].generator for i in rows])
+            picked.update(zip(rows, tokens.tolist()))
+        return picked
 
     # --- prefilling -------------------------------------------------------------------------------
 
