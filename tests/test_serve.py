@@ -386,6 +386,11 @@ def test_bad_flags_and_runs_are_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "slmkit.cli", "serve", str(tmp_path), "--max-batch", "0"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--max-batch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    (tmp_path / "config.toml").write_text("[model]\n")  # looks like a run, has no checkpoint
+    out = subprocess.run([sys.executable, "-m", "slmkit.cli", "serve", str(tmp_path), "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: cannot load"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 # --- the playground, in a real headless browser -------------------------------------------------
