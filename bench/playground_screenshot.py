@@ -26,6 +26,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "playground.png"))
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--max-tokens", type=int, default=120)
+    parser.add_argument("--temperature", default="0.8")
     args = parser.parse_args()
     import httpx
     from playwright.sync_api import sync_playwright
@@ -49,7 +50,7 @@ def main() -> int:
             page.wait_for_function("document.getElementById('model').textContent.includes('parameters')")
             page.click("#mode-completion")
             page.fill("#max_tokens", str(args.max_tokens))
-            page.fill("#temperature", "0.8")
+            page.fill("#temperature", args.temperature)
             page.fill("#seed", "1")
             page.fill("#prompt", args.prompt)
             page.click("#send")

@@ -7,7 +7,8 @@ prompt for more than one chunk, and then joins the running batch's KV cache (``K
 lines its last token up with the batch's last slot; its positions still count from its own first
 token, and the mask hides the other rows' slots). Every ``step()`` picks one token for every
 running row and runs one decode step over all of them. A finished or cancelled row leaves at the
-next step and the cache closes up (``KVCache.compact``) when the slots on its left are unused.
+next step; when the cache's slots run out it closes up (``KVCache.compact``: the slots left of
+every row's start are dropped).
 
 Each row samples with its own ``SamplingConfig`` through the same processors as ``Generation``
 (``logits_pipeline`` and ``choose``) and its own seeded ``torch.Generator``, plus OpenAI's
@@ -200,8 +201,7 @@ class ContinuousBatch:
         self.rows = [self.rows[i] for i in live]
         index = torch.tensor(live, device=self.device)
         self.cache.reorder(index)
-        self.logits = self.logits[index]
-        self.cache.compact()
+        self.logits = self.logits[index]  # the cache closes up only when it is full (a copy of all of it)
 
     def _decode(self) -> None:
         logits = self.logits
