@@ -188,13 +188,25 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
             engine.cancel(job)
 
     async def events(job: Job) -> AsyncIterator[Event]:
+        """The job's events; those that queued up while the client was being written to are merged,
+        one per choice, so a busy server sends fewer, longer chunks instead of falling behind."""
         open_ = len(job.seqs)  # choices not finished yet (the worker's flags may run ahead of the events)
         while open_:
-            event = await job.events.get()
-            if event.error:
-                raise ApiError(500, event.error)
-            open_ -= event.finish_reason is not None
-            yield event
+            waiting = [await job.events.get()]
+            while not job.events.empty():
+                waiting.append(job.events.get_nowait())
+            merged: dict[int, Event] = {}
+            for event in waiting:
+                if event.error:
+                    raise ApiError(500, event.error)
+                if event.index in merged:
+                    m = merged[event.index]
+                    m.text, m.end, m.finish_reason = m.text + event.text, event.end, event.finish_reason
+                else:
+                    merged[event.index] = event
+            for event in merged.values():
+                open_ -= event.finish_reason is not None
+                yield event
 
     # --- chat -------------------------------------------------------------------------------------
 
