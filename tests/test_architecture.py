@@ -23,6 +23,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("decode", ("decode",)),
     ("generate", ("generate",)),
     ("evaluate/export", ("evaluate", "export")),
+    ("serve", ("serve",)),
     ("cli", ("cli", "quickstart")),
 ]
 RANK = {name: rank for rank, (_, names) in enumerate(STAGES) for name in names}
