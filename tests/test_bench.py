@@ -78,12 +78,16 @@ def test_cpu_kernels(tmp_path: Path) -> None:
     from slmkit import cpu_kernels
 
     why = cpu_kernels.available()
-    done = smoke("cpu_kernels.py", tmp_path, ok=(0,) if why is None else (1,))
-    if why is None:
-        d = written_json(tmp_path, "cpu_kernels.json")
-        assert d["shapes"][0]["slmkit_ms"]["forward"] > 0
-    else:  # nothing to compare on this CPU: one line saying why
-        assert done.stderr.strip().splitlines()[-1] == f"error: {why}"
+    for dtype in ("float32", "bfloat16"):  # bfloat16: PyTorch's bf16 ops against the kernels, as under autocast
+        out = tmp_path / dtype
+        out.mkdir()
+        done = smoke("cpu_kernels.py", out, "--dtype", dtype, ok=(0,) if why is None else (1,))
+        if why is None:
+            d = written_json(out, "cpu_kernels.json")
+            assert d["dtype"] == dtype and d["shapes"][0]["slmkit_ms"]["forward"] > 0
+            assert d["heads"][0]["slmkit_ms"] > 0 and d["heads"][0]["pytorch_ms"] > 0
+        else:  # nothing to compare on this CPU: one line saying why
+            assert done.stderr.strip().splitlines()[-1] == f"error: {why}"
 
 
 @pytest.mark.skipif(not (LLAMA2C / "run.c").exists() or shutil.which("gcc") is None,
