@@ -197,6 +197,22 @@ def cpu_kernels(name: str = "cpu_kernels.json") -> str:
         ratio = (a["forward"] + a["backward"]) / (b["forward"] + b["backward"])
         out.append(f"| {s['batch']} x {s['heads']} ({s['kv_heads']}) x {s['context']} x {s['head_size']} | "
                    f"{a['forward']:.1f} / {a['backward']:.1f} | {b['forward']:.1f} / {b['backward']:.1f} | {ratio:.2f}x |")
+    if d.get("heads"):  # the fused head + loss, forward and backward (files from before it have none)
+        out += ["", "| fused head: rows x width x vocab | PyTorch's loop ms | slmkit's kernel loop ms | speed-up |",
+                "|---|---|---|---|"]
+        out += [f"| {r['rows']} x {r['width']} x {r['vocab']} | {r['pytorch_ms']:.1f} | {r['slmkit_ms']:.1f} | "
+                f"{r['pytorch_ms'] / r['slmkit_ms']:.2f}x |" for r in d["heads"]]
+    return "\n".join(out)
+
+
+def bf16_loss_check(name: str = "bf16_loss_check_epyc.json") -> str:
+    """stories15m trained 25 steps in float32 and in bf16: the loss each reaches and the speed."""
+    d = load(name)
+    out = [source(name, d), "", "| train.dtype | loss at step 25 | val loss at step 25 | tokens/s (median of steps 2-25) |",
+           "|---|---|---|---|"]
+    for dtype, r in d["runs"].items():
+        out.append(f"| {dtype} | {r['loss_step_25']:.4f} | {r['val_loss_step_25']:.4f} | {r['tok_per_s_median_steps_2_25']:,.0f} |")
+    out += ["", f"bf16 over float32: {d['speedup_median_tok_per_s']:.2f}x the tokens per second."]
     return "\n".join(out)
 
 
@@ -247,7 +263,10 @@ TABLES: dict[str, Callable[[], str]] = {
     "train-speed-intel-loaded": lambda: train_speed("train_speed_cpu.json"),
     "train-speed-cuda": lambda: train_speed("train_speed_cuda.json"),
     "train-speed-cuda-b64": lambda: train_speed("train_speed_cuda_b64.json"),
+    "bf16-loss-check": bf16_loss_check,
     "cpu-kernels-intel": cpu_kernels,
+    "cpu-kernels-epyc": lambda: cpu_kernels("cpu_kernels_epyc.json"),
+    "cpu-kernels-epyc-bf16": lambda: cpu_kernels("cpu_kernels_epyc_bf16.json"),
     "decode-cpu": lambda: stored_table("decode_epyc.json"),
     "decode-intel": lambda: stored_table("decode.json"),
     "decode-intel-repeats": lambda: decode_repeats(["decode.json", "decode_repeat2.json", "decode_repeat3.json"]),
