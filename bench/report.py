@@ -256,6 +256,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "train-speed-cpu": lambda: train_speed("train_speed_cpu_epyc.json"),
     "train-speed-cpu-bf16": lambda: train_speed(["train_speed_cpu_epyc_bf16_stories260k.json",
                                                  "train_speed_cpu_epyc_bf16_stories15m.json"]),
+    "train-speed-cpu-epyc-goals": lambda: train_speed("train_speed_cpu_epyc_fp32_goals.json"),
     "train-speed-intel-s6": lambda: train_speed_runs([f"train_speed_cpu_s6_run{i}.json" for i in range(4, 10)]),
     "train-speed-intel-quiet": lambda: train_speed("train_speed_cpu_quiet.json"),
     "train-speed-intel-quiet2": lambda: train_speed("train_speed_cpu_quiet2.json"),
