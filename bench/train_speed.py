@@ -439,9 +439,9 @@ def main() -> None:
 
     print(f"\n{name}, {results['dtype']}, medians of {args.rounds} x {args.steps} steps "
           f"(load average {results['presets'][0]['load_before']:.1f}); MFU against the highest measured peak\n")
-    print("| preset | batch x context | variant | dtype | tokens/s | vs its reference | vs float32 | MFU | compile |")
-    print("|---|---|---|---|---|---|---|---|---|")
     for p in results["presets"]:
+        print("| preset | batch x context | variant | dtype | tokens/s | vs its reference | vs float32 | MFU | compile |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for v, r in p["variants"].items():
             ratio = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r["baseline"] else "-"
             twin = f"{r['speedup_vs_float32']:.2f}x" if "speedup_vs_float32" in r else "-"

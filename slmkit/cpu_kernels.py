@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from slmkit.runtime import cpu_flags
+
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp"]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -50,12 +52,7 @@ _loaded = False
 
 def _cpu_identity() -> str:
     """What -march=native depends on, so a cache shared between machines never runs the wrong code."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + platform.processor() + flags
+    return platform.machine() + platform.processor() + " ".join(sorted(cpu_flags()))
 
 
 def _build() -> ctypes.CDLL:
