@@ -209,7 +209,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     dividing H (grouped-query attention without repeating k and v). Returns (B, T, H * D): the
     heads side by side, ready for the output projection. Check ``attention_usable`` first.
     bfloat16 inputs are computed in float32 (copies) and the output rounded to bfloat16: at 2
-    threads this was 3-9x faster than PyTorch's bf16 SDPA, forward and backward."""
+    threads, forward and backward, 1.3-8.4x faster than PyTorch's bf16 SDPA at the shapes of
+    ``bench/cpu_kernels.py --dtype bfloat16`` (8.4x at stories260k's, 2.2x at stories15m's)."""
     dtype = q.dtype
     if dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
