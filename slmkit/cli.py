@@ -19,6 +19,7 @@ from slmkit.errors import SlmError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "prepare": ("slmkit.prepare", "add_arguments", "run_cli", "tokenize a corpus into DATA_DIR"),
     "train": ("slmkit.train", "add_arguments", "run_cli", "train or resume a model in RUN_DIR"),
+    "finetune": ("slmkit.finetune", "add_arguments", "run_cli", "fine-tune a run on chat/instruction data or domain text"),
     "generate": ("slmkit.generate.cli", "add_generate_arguments", "run_generate", "sample text from a trained model"),
     "chat": ("slmkit.generate.cli", "add_chat_arguments", "run_chat", "interactive prompt loop"),
     "eval": ("slmkit.evaluate", "add_arguments", "run_cli", "loss, perplexity, bits per byte, accuracy"),
