@@ -69,7 +69,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"trained    {info['step']} steps, {info['tokens']:,} tokens, {info['train_time_s']}s")
     if info["last_eval"]:
         e = info["last_eval"]
-        print(f"last eval  step {e['step']}: val loss {e['val_loss']:.4f}, val bpb {e['val_bpb']:.4f}")
+        shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in e.items() if k != "step")
+        print(f"last eval  step {e['step']}: {shown}")
     if info["best_val_loss"] is not None:
         print(f"best val   {info['best_val_loss']:.4f}")
     for section, table in config.items():
@@ -96,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slm`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if a in COMMANDS), None))
-    args = parser.parse_args(argv)
+    # section.key=value overrides may come after the options too (slm finetune BASE --out R train.lr=1e-4),
+    # where argparse no longer assigns them to the command's positional list.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not isinstance(getattr(args, "overrides", None), list) or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if args.command is None:
         parser.print_help()
         return 2
