@@ -209,6 +209,14 @@ def stage_data(args, work: Path) -> dict:
     return {"split": split, **sets}
 
 
+def read_stages(work: Path) -> dict[str, dict]:
+    """What each training stage recorded, its command with paths relative to the repository."""
+    stages = json.loads((work / "stages.json").read_text())
+    for record in stages.values():
+        record["command"] = record["command"].replace(str(ROOT) + "/", "")
+    return stages
+
+
 def save_stage(work: Path, name: str, record: dict) -> None:
     path = work / "stages.json"
     stages = json.loads(path.read_text()) if path.exists() else {}
@@ -312,7 +320,7 @@ def stage_score(args, work: Path, sets: dict) -> dict:
     from slmkit.evaluate import evaluate_run
 
     tasks = json.loads((work / "prompts.json").read_text())[: args.prompts]
-    stages = json.loads((work / "stages.json").read_text())
+    stages = read_stages(work)
     rows, examples = {}, []
     chance = [score_text(other["story"], t) for t, other in zip(tasks, tasks[1:] + tasks[:1])]
     asked = [i for i, t in enumerate(tasks) if t["dialogue"]]
@@ -398,12 +406,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--base-time", default="7m", help="pretraining budget of the base (default 7m)")
     parser.add_argument("--ft-time", default="3m", help="budget of each fine-tune (default 3m)")
-    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts scored (default 200)")
+    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts scored (default: all that fit)")
     parser.add_argument("--max-new-tokens", type=int, default=240)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="seconds: toy corpus, tiny model, temporary files")
     args = parser.parse_args()
-    args.base_overrides, args.ft_overrides = [], []
+    # The fine-tunes run for their time budget, not slm finetune's default 500 steps.
+    args.base_overrides, args.ft_overrides = [], ["train.max_steps=100000"]
     if args.smoke:
         args.work = Path(tempfile.mkdtemp(prefix="slm-bench-finetune-"))
         args.results = args.work / "finetune.json"
@@ -427,7 +436,7 @@ def main() -> None:
         result = {**machine_info(), "settings": {
             "preset": args.preset, "context": args.context, "base_time": args.base_time, "ft_time": args.ft_time,
             "max_new_tokens": args.max_new_tokens, "sampling": SAMPLE, "lora": "rank 8, alpha 16, qkv proj up down"},
-            "sets": sets, "stages": json.loads((args.work / "stages.json").read_text())}
+            "sets": sets, "stages": read_stages(args.work)}
         result.update(stage_score(args, args.work, sets))
         result["command"] = ("python bench/finetune.py --stage base && python bench/finetune.py --stage full && "
                              "python bench/finetune.py --stage lora && python bench/finetune.py --stage score"

@@ -237,6 +237,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "vs-llama2c-intel": lambda: stored_table("vs_llama2c.json"),
     "export-int8-trained": lambda: stored_table("export_int8_cpu-15min.json"),
     "export-int8-random": lambda: stored_table("export_int8_random_stories15m.json"),
+    "finetune": lambda: stored_table("finetune.json"),
 }
 
 
