@@ -241,11 +241,13 @@ def stage_finetune(args, work: Path, name: str) -> None:
     from slmkit.lora import LoRAConfig
 
     lora = LoRAConfig() if name == "lora" else None
+    lr = args.lora_lr if lora else args.full_lr
+    overrides = args.ft_overrides + ([f"train.lr={lr:g}"] if lr else [])
     t0 = time.time()
-    summary = finetune(work / "base", work / "sft", work / name, lora=lora, overrides=args.ft_overrides,
+    summary = finetune(work / "base", work / "sft", work / name, lora=lora, overrides=overrides,
                        max_time=args.ft_time, quiet=True)
     cmd = (f"slm finetune {work / 'base'} --data {work / 'sft'} --out {work / name} --max-time {args.ft_time}"
-           + (" --lora" if lora else "") + "".join(" " + o for o in args.ft_overrides))
+           + (" --lora" if lora else "") + "".join(" " + o for o in overrides))
     save_stage(work, name, {**summary, "wall_s": round(time.time() - t0, 1), "command": cmd})
 
 
@@ -406,6 +408,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--base-time", default="7m", help="pretraining budget of the base (default 7m)")
     parser.add_argument("--ft-time", default="3m", help="budget of each fine-tune (default 3m)")
+    parser.add_argument("--full-lr", type=float, default=None, help="learning rate of the full fine-tune "
+                        "(default: slm finetune's)")
+    parser.add_argument("--lora-lr", type=float, default=None, help="learning rate of the LoRA fine-tune "
+                        "(default: slm finetune's)")
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts scored (default: all that fit)")
     parser.add_argument("--max-new-tokens", type=int, default=240)
     parser.add_argument("--results", type=Path, default=RESULTS)
