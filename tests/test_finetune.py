@@ -248,9 +248,16 @@ def test_lora_run_loads_merged_and_needs_its_base(qa, tmp_path):
     x = torch.randint(0, tok.vocab_size, (2, 20))
     torch.testing.assert_close(merged(x)[0], live.eval()(x)[0], rtol=1e-5, atol=1e-5)
     # the base changed, then gone: one clear line each, exit 2
-    (base / "best" / "model.safetensors").write_bytes(b"other weights")
+    torch.manual_seed(1)  # a base with other weights, same shapes, in the same place
+    base_model, base_tok, _ = load_run(base)
+    other = create_run(tmp_path / "other", GPT(base_model.config), base_tok, TrainConfig())
+    for name in ("best", "last"):
+        shutil.rmtree(base / name)
+        shutil.copytree(other / name, base / name)
     with pytest.raises(SlmError, match="have changed since"):
         load_run(run)
+    with pytest.raises(SlmError, match="has changed since"):  # nor does the fine-tune resume on it
+        finetune(base, qa["sft"], run, lora=LoRAConfig(rank=4), overrides=["train.max_steps=8", *FAST], quiet=True)
     shutil.rmtree(base)
     with pytest.raises(SlmError, match="which is gone"):
         load_run(run)
