@@ -13,6 +13,7 @@ import os
 import sys
 
 from slmkit import __version__
+from slmkit.config import parse_args_and_overrides
 from slmkit.errors import SlmError
 
 # subcommand -> (module, function adding arguments, function running it, help)
@@ -97,13 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slm`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if a in COMMANDS), None))
-    # section.key=value overrides may come after the options too (slm finetune BASE --out R train.lr=1e-4),
-    # where argparse no longer assigns them to the command's positional list.
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not isinstance(getattr(args, "overrides", None), list) or any(e.startswith("-") or "=" not in e for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides += extra
+    args = parse_args_and_overrides(parser, argv)  # section.key=value may also follow the options
     if args.command is None:
         parser.print_help()
         return 2

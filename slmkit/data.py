@@ -305,10 +305,6 @@ class ChatBatches:
             self._units = (epoch, units)
         return self._units[1]
 
-    def units_per_epoch(self) -> int:
-        """Rows per epoch: the examples, or the packed rows of epoch 0 (others differ slightly)."""
-        return len(self._epoch_units(0)) if self.pack else len(self.split)
-
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """The next (x, y) for this rank, or (x, y, segments) when packing."""
         need, picked = self.batch_size * self.world_size, []

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,19 +35,19 @@ import torch
 
 from slmkit.chat import grow_embeddings
 from slmkit.checkpoint import load_run, read_checkpoint
-from slmkit.config import (add_section_arguments, from_dict, load_toml, merge, parse_duration, parse_overrides,
-                           section_from_args, to_dict)
+from slmkit.config import (add_section_arguments, from_dict, load_toml, merge, parse_args_and_overrides,
+                           parse_duration, parse_overrides, section_from_args, to_dict)
 from slmkit.data import ChatBatches, TokenBatches, check_context_fits, load_meta, open_chat_split, open_split
-from slmkit.distributed import Dist, split_batch
+from slmkit.distributed import Dist, init_distributed, split_batch
 from slmkit.errors import SlmError
 from slmkit.files import sha256_file
 from slmkit.lora import AdapterWeights, LoRAConfig, apply_lora, describe, save_adapter, train_new_tokens
 from slmkit.model import GPT
-from slmkit.rundir import setup_run_dir
+from slmkit.rundir import setup_run_dir_on_rank0
 from slmkit.runtime import pick_dtype, resolve_device
 from slmkit.scoring import evaluate_chat
 from slmkit.tokenizer import META_FILE, Tokenizer, load_tokenizer
-from slmkit.train import validation
+from slmkit.train import run_torchrun, validation
 from slmkit.trainer import Evaluator, TrainConfig, Trainer
 
 # [train] defaults of a fine-tune (train.* overrides still win): a lower learning rate than
@@ -243,21 +245,39 @@ def finetune(
         raise SlmError("train.parallel=fsdp is not supported for LoRA runs: use ddp")
     sections = {"model": to_dict(model.config), **sections}
     resolve_device(train_cfg.device, setting="train.device={}")
-    lock = contextlib.ExitStack()
-    with lock:
-        resume = setup_run_dir(data_dir, run_dir, sections, fresh, lock)
-        trainer = build_finetuning(model, data_dir, run_dir, sections, resume)
-        if not quiet:
-            what = f"resuming at step {trainer.state.step}" if resume else "starting"
-            kind = "chat examples" + (", packed" if sections["finetune"]["pack"] else ", padded") if chat else "text"
-            print(f"{what}: fine-tuning {checkpoint} on {data_dir} ({kind}), device {trainer.device}, "
-                  f"{str(trainer.dtype).replace('torch.', '')}", file=sys.stderr)
-            print(describe(trainer.model) if lora is not None else
-                  f"full fine-tune: {sum(p.numel() for p in trainer.model.parameters()):,} trainable parameters",
-                  file=sys.stderr)
-        summary = trainer.run(quiet=quiet)
-        if lora is not None and trainer.weights is not None:
-            write_adapter(trainer, run_dir, lora_from(sections), checkpoint)
+    dist = init_distributed(train_cfg.device)
+    lock = contextlib.ExitStack()  # rank 0 holds RUN_DIR's lock in it until the run ends
+    try:
+        with lock:
+            summary = _run(model, checkpoint, data_dir, run_dir, sections, lora, fresh,
+                           quiet or not dist.main, dist, lock)
+    finally:
+        if dist.world_size > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return summary
+
+
+def _run(model: GPT, checkpoint: Path, data_dir: Path, run_dir: Path,
+         sections: dict[str, dict[str, Any]], lora: LoRAConfig | None, fresh: bool, quiet: bool, dist: Dist,
+         lock: contextlib.ExitStack) -> dict[str, Any]:
+    """Set up RUN_DIR (rank 0), train, write RUN/adapter/ for a LoRA run; the summary."""
+    chat = load_meta(data_dir).get("kind") == "chat"
+    resume = setup_run_dir_on_rank0(data_dir, run_dir, sections, fresh, dist, lock)
+    trainer = build_finetuning(model, data_dir, run_dir, sections, resume, dist)
+    if not quiet:
+        what = f"resuming at step {trainer.state.step}" if resume else "starting"
+        kind = "chat examples" + (", packed" if sections["finetune"]["pack"] else ", padded") if chat else "text"
+        print(f"{what}: fine-tuning {checkpoint} on {data_dir} ({kind}), device {trainer.device}, "
+              f"{str(trainer.dtype).replace('torch.', '')}", file=sys.stderr)
+        print(describe(trainer.model) if lora is not None else
+              f"full fine-tune: {sum(p.numel() for p in trainer.model.parameters()):,} trainable parameters",
+              file=sys.stderr)
+    summary = trainer.run(quiet=quiet)
+    dist.barrier()
+    if lora is not None and trainer.weights is not None and dist.main:
+        write_adapter(trainer, run_dir, lora_from(sections), checkpoint)
     if not quiet:
         extra = f", val acc {summary['val_acc']:.2%}" if "val_acc" in summary else ""
         print(f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, val loss {summary['val_loss']:.4f}{extra}"
@@ -293,6 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of BASE_RUN to start from")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (launches torchrun; one per GPU)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="e.g. train.lr=1e-4 train.max_steps=300 finetune.pack=false lora.rank=16")
 
@@ -310,6 +332,35 @@ def run_cli(args: argparse.Namespace) -> int:
         table = load_toml(previous).get("lora", {}) if previous.is_file() and not args.fresh else {}
         lora = section_from_args(LoRAConfig, args, "lora", table)
     parse_duration(args.max_time)
+    if args.nproc < 1:
+        raise SlmError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # The same fine-tune as N processes: the [lora] settings travel as lora.* overrides.
+        lora_over = [f"lora.{k}={json.dumps(v)}" for k, v in to_dict(lora).items()] if lora else []
+        argv = [args.base_run, *args.overrides, *lora_over, "--data", args.data, "--out", args.out,
+                "--which", args.which] + ["--lora"] * args.lora + ["--fresh"] * args.fresh + ["--quiet"] * args.quiet
+        if args.max_time is not None:
+            argv += ["--max-time", args.max_time]
+        return run_torchrun("slmkit.finetune", argv, args.nproc)
     summary = finetune(args.base_run, args.data, args.out, lora=lora, overrides=args.overrides, max_time=args.max_time,
                        which=args.which, fresh=args.fresh, quiet=args.quiet)
     return {"SIGINT": 130, "SIGTERM": 143}.get(summary["stopped_by"], 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m slmkit.finetune``: the arguments of ``slm finetune``; what torchrun launches."""
+    parser = argparse.ArgumentParser(prog="python -m slmkit.finetune", description="fine-tune a run")
+    add_arguments(parser)
+    args = parse_args_and_overrides(parser, argv)
+    try:
+        return run_cli(args)
+    except SlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -248,9 +248,16 @@ def test_lora_run_loads_merged_and_needs_its_base(qa, tmp_path):
     x = torch.randint(0, tok.vocab_size, (2, 20))
     torch.testing.assert_close(merged(x)[0], live.eval()(x)[0], rtol=1e-5, atol=1e-5)
     # the base changed, then gone: one clear line each, exit 2
-    (base / "best" / "model.safetensors").write_bytes(b"other weights")
+    torch.manual_seed(1)  # a base with other weights, same shapes, in the same place
+    base_model, base_tok, _ = load_run(base)
+    other = create_run(tmp_path / "other", GPT(base_model.config), base_tok, TrainConfig())
+    for name in ("best", "last"):
+        shutil.rmtree(base / name)
+        shutil.copytree(other / name, base / name)
     with pytest.raises(SlmError, match="have changed since"):
         load_run(run)
+    with pytest.raises(SlmError, match="has changed since"):  # nor does the fine-tune resume on it
+        finetune(base, qa["sft"], run, lora=LoRAConfig(rank=4), overrides=["train.max_steps=8", *FAST], quiet=True)
     shutil.rmtree(base)
     with pytest.raises(SlmError, match="which is gone"):
         load_run(run)
@@ -286,3 +293,31 @@ def test_continued_pretraining_on_text(run_dir, data_dir, tmp_path):
                        quiet=True)
     assert summary["steps"] == 4 and "val_bpb" in summary
     assert read_checkpoint(out / "last")["state"]["base"]["vocab_size"] == load_run(run_dir)[1].vocab_size
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_curve(qa, tmp_path):
+    """DDP through ``slm finetune --nproc 2`` (torchrun, gloo): the same global batch gives the same
+    losses as one process, since the step's loss is normalised over the targets of every rank."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    over = ["train.max_steps=6", "train.batch_size=4", "train.grad_accum=2", "train.log_interval=1",
+            "train.eval_interval=3", "train.plot=false", "finetune.pack=false"]
+    finetune(qa["base"], qa["sft"], tmp_path / "one", lora=LoRAConfig(rank=4), overrides=over, quiet=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "slmkit.finetune", str(qa["base"]), "--data", str(qa["sft"]), "--out",
+           str(tmp_path / "two"), "--nproc", "2", "--lora", "--lora-rank", "4", "--quiet", *over]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def curve(run: Path, key: str) -> list[float]:
+        return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+    assert len(curve(tmp_path / "two", "loss")) == 6
+    assert curve(tmp_path / "two", "loss") == pytest.approx(curve(tmp_path / "one", "loss"), rel=1e-4)
+    assert curve(tmp_path / "two", "val_loss") == pytest.approx(curve(tmp_path / "one", "val_loss"), rel=1e-4)
+    assert (tmp_path / "two" / "adapter" / "adapter.safetensors").is_file()
