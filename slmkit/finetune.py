@@ -58,6 +58,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_interval": 50, "eval_batches": 20, "checkpoint_interval": 50, "log_interval": 10,
 }
 LORA_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0}
+TIMED_MAX_STEPS = 1_000_000  # with --max-time and no train.max_steps given: the budget ends the run
 
 
 @dataclass
@@ -132,6 +133,8 @@ def resolve_sections(run_dir: Path, lora_cfg: LoRAConfig | None, overrides: list
     sections = merge(sections, {k: v for k, v in given.items() if k != "lora"})
     if max_time is not None:
         sections["train"]["max_time"] = max_time
+        if "max_steps" not in given.get("train", {}):  # the time budget decides, not the default step count
+            sections["train"]["max_steps"] = TIMED_MAX_STEPS
     train_cfg = from_dict(TrainConfig, sections["train"], "train")
     ft = from_dict(FinetuneConfig, {**sections["finetune"], "lora": lora_cfg is not None}, "finetune")
     out = {"train": to_dict(train_cfg), "finetune": to_dict(ft)}
