@@ -278,6 +278,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "export-int8-trained": lambda: stored_table("export_int8_cpu-15min.json"),
     "export-int8-random": lambda: stored_table("export_int8_random_stories15m.json"),
     "quantize-260k": lambda: stored_table("quantize_stories260k.json"),
+    "finetune": lambda: stored_table("finetune.json"),
 }
 
 

@@ -15,6 +15,11 @@ It is written into a temporary sibling directory and renamed into place; the che
 is kept as ``<name>.old``. ``read_checkpoint`` falls back to ``<name>.old`` when ``<name>`` is
 missing (killed between the two renames) or fails its checksums (bit rot, a truncated copy), so one
 bad checkpoint costs at most one checkpoint interval of work.
+
+A LoRA fine-tune's checkpoints hold only what trained (``lora.AdapterWeights``); their state.json
+names the base checkpoint and its sha256 (``"base"``) and the ``"lora"`` settings.
+``model_from_checkpoint`` (and so ``load_run``, which every command uses) loads the base, checks it
+is the one trained on, applies the adapter and merges it, giving a plain GPT.
 """
 
 from __future__ import annotations
@@ -219,6 +224,36 @@ def build_model(model_config: dict[str, Any], weights: dict[str, torch.Tensor]) 
     return model
 
 
+def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
+    """The GPT of a checkpoint that ``read_checkpoint`` returned. A LoRA run's (its state has
+    ``"lora"``) is its base checkpoint, which must still hold the weights it was trained on (same
+    sha256), grown to the run's vocabulary, with the adapter (and new token rows) merged in."""
+    state = ckpt["state"]
+    if "lora" not in state:
+        return build_model(ckpt["model_config"], ckpt["weights"])
+    from slmkit.chat import grow_embeddings
+    from slmkit.lora import AdapterWeights, LoRAConfig, apply_lora, merge_lora
+
+    base = state.get("base")
+    if not isinstance(base, dict) or not {"checkpoint", "sha256", "vocab_size"} <= base.keys():
+        raise SlmError(f"{ckpt['path']} is a LoRA checkpoint without a valid base entry in state.json: fine-tune again")
+    where = Path(base["checkpoint"])
+    if not (where / "model.safetensors").is_file():
+        raise SlmError(f"{ckpt['path']} is a LoRA adapter on the base {where}, which is gone: "
+                       "put the base run back where it was, or fine-tune again")
+    if sha256_file(where / "model.safetensors") != base["sha256"]:
+        raise SlmError(f"{ckpt['path']} is a LoRA adapter on the base {where}, whose weights have changed since "
+                       f"(sha256 {base['sha256'][:12]} expected): restore that base, or fine-tune again")
+    model = model_from_checkpoint(read_checkpoint(where))  # the base may itself be a LoRA run
+    grow_embeddings(model, int(ckpt["model_config"].get("vocab_size", 0)))
+    apply_lora(model, from_dict(LoRAConfig, state["lora"], "lora"))
+    if to_dict(model.config) != ckpt["model_config"]:
+        raise SlmError(f"{ckpt['path']}: its model config does not match its base {where}: fine-tune again")
+    weights = AdapterWeights(model, first_new=int(base["vocab_size"])).unpack(ckpt["weights"], source=ckpt["path"])
+    model.load_state_dict(weights)
+    return merge_lora(model)
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> tuple[GPT, Any, dict[str, Any]]:
     """Load a trained model and its tokenizer from a RUN_DIR for inference.
 
@@ -247,7 +282,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> t
         raise SlmError("; ".join(errors))
     if errors:
         print(f"warning: {errors[0]}; using {ckpt['path']} instead", file=sys.stderr)
-    model = build_model(ckpt["model_config"], ckpt["weights"]).to(device).eval()
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    if not (run_dir / "tokenizer").is_dir():
+        raise SlmError(f"{run_dir} has no tokenizer/ folder: it is not a complete run directory")
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     info = dict(ckpt["state"], checkpoint=str(ckpt["path"]))
     info.pop("optimizer", None)

@@ -13,12 +13,14 @@ import os
 import sys
 
 from slmkit import __version__
+from slmkit.config import parse_args_and_overrides
 from slmkit.errors import SlmError
 
 # subcommand -> (module, function adding arguments, function running it, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "prepare": ("slmkit.prepare", "add_arguments", "run_cli", "tokenize a corpus into DATA_DIR"),
     "train": ("slmkit.train", "add_arguments", "run_cli", "train or resume a model in RUN_DIR"),
+    "finetune": ("slmkit.finetune", "add_arguments", "run_cli", "fine-tune a run on chat/instruction data or domain text"),
     "generate": ("slmkit.generate.cli", "add_generate_arguments", "run_generate", "sample text from a trained model"),
     "chat": ("slmkit.generate.cli", "add_chat_arguments", "run_chat", "interactive prompt loop"),
     "eval": ("slmkit.evaluate", "add_arguments", "run_cli", "loss, perplexity, bits per byte, accuracy"),
@@ -70,7 +72,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"trained    {info['step']} steps, {info['tokens']:,} tokens, {info['train_time_s']}s")
     if info["last_eval"]:
         e = info["last_eval"]
-        print(f"last eval  step {e['step']}: val loss {e['val_loss']:.4f}, val bpb {e['val_bpb']:.4f}")
+        shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in e.items() if k != "step")
+        print(f"last eval  step {e['step']}: {shown}")
     if info["best_val_loss"] is not None:
         print(f"best val   {info['best_val_loss']:.4f}")
     for section, table in config.items():
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slm`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if a in COMMANDS), None))
-    args = parser.parse_args(argv)
+    args = parse_args_and_overrides(parser, argv)  # section.key=value may also follow the options
     if args.command is None:
         parser.print_help()
         return 2

@@ -88,6 +88,18 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def parse_args_and_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``section.key=value`` items may also come after the options
+    (``slm finetune BASE --out RUN train.lr=1e-4``), where argparse no longer gives them to the
+    ``overrides`` positional list: they are added to it. Anything else unknown is an error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not isinstance(getattr(args, "overrides", None), list) or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    return args
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """Turn ``["model.n_layer=4", "train.lr=1e-3"]`` into nested dicts."""
     out: dict[str, Any] = {}
@@ -173,9 +185,9 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
     return obj
 
 
-# The sections of a run's TOML file, one per stage that reads one ([finetune], [lora] and [serve]
-# join as those stages arrive). Every command accepts the whole file and reads its own sections.
-RUN_SECTIONS = ("model", "train", "sample", "serve")
+# The sections of a run's TOML file, one per stage that reads one.
+# Every command accepts the whole file and reads its own sections.
+RUN_SECTIONS = ("model", "train", "sample", "finetune", "lora", "serve")  # what a RUN_DIR's config.toml may hold
 
 
 def check_sections(sections: dict[str, Any], known: Iterable[str], where: str) -> None:

@@ -216,58 +216,108 @@ def open_chat_split(data_dir: str | Path, split: str) -> ChatSplit:
 
 def _pad_examples(split: ChatSplit, order: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y for whole examples, right-padded to the longest: y is the next token where supervised, else -1."""
-    lengths = [int(split.offsets[i + 1] - split.offsets[i]) for i in order]
+    x, y, _ = _rows(split, [[int(i)] for i in order], block_size, pad_id)
+    return x, y
+
+
+def _rows(split: ChatSplit, rows: list[list[int]], block_size: int,
+          pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, segments for rows of examples laid end to end (one example a row when padding), each
+    row right-padded to the longest (at most ``block_size`` inputs). y is the next token where it
+    is supervised, else -1 (an example's first token never is, so no target crosses two examples);
+    segments numbers the examples of a row from 0, padding taking the next number."""
+    lengths = [sum(int(split.offsets[i + 1] - split.offsets[i]) for i in row) for row in rows]
     width = min(block_size, max(lengths) - 1)
-    x = np.full((len(order), width), pad_id, dtype=np.int64)
-    y = np.full((len(order), width), -1, dtype=np.int64)
-    for row, i in enumerate(order):
-        tokens, mask = split.example(int(i))
-        tokens, mask = tokens[: width + 1].astype(np.int64), mask[: width + 1].astype(bool)
+    x = np.full((len(rows), width), pad_id, dtype=np.int64)
+    y = np.full((len(rows), width), -1, dtype=np.int64)
+    seg = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        parts = [split.example(i) for i in row]
+        tokens = np.concatenate([t for t, _ in parts])[: width + 1].astype(np.int64)
+        mask = np.concatenate([m for _, m in parts])[: width + 1].astype(bool)
+        ids = np.repeat(np.arange(len(parts)), [len(t) for t, _ in parts])[: width + 1]
         n = len(tokens) - 1
-        x[row, :n] = tokens[:-1]
-        y[row, :n] = np.where(mask[1:], tokens[1:], -1)
-    return torch.from_numpy(x), torch.from_numpy(y)
+        x[r, :n] = tokens[:-1]
+        y[r, :n] = np.where(mask[1:], tokens[1:], -1)
+        seg[r, :n], seg[r, n:] = ids[:-1], len(parts)
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(seg)
+
+
+def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit packing: each item (in the given order) goes into the open bin it fills most
+    tightly, or a new bin; returns the bins as lists of item indices. Items longer than
+    ``capacity`` get a bin of their own."""
+    import bisect
+
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin number), sorted
+    for i, n in enumerate(lengths.tolist()):
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, b = free.pop(at)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, b))
+    return bins
 
 
 class ChatBatches:
-    """Yields (x, y) batches of whole examples from a ``ChatSplit``, padded to the batch's longest.
+    """Yields batches of whole examples from a ``ChatSplit``: (x, y) padded, one example a row, or
+    (x, y, segments) packed, several examples a row.
 
     y holds the next token where that token is supervised and -1 on prompts and padding (x is
     padded with ``pad_id``, which is never a target). Epoch e visits the examples in a permutation
-    drawn from (seed, epoch); state = (epoch, cursor) as in ``TokenBatches``, a batch running past an
-    epoch's end continuing into the next. With DDP this rank takes every ``world_size``-th example of
-    the global batch, and all ranks pad to the global batch's longest, so their shapes agree.
-    Packing several examples into one row needs attention that does not cross them (a model change).
+    drawn from (seed, epoch). Packed (``pack=True``), that order is packed best-fit into rows of
+    ``block_size + 1`` tokens (an example of n tokens fills n of them: its last token is only a
+    target), and the rows are visited in an order drawn from (seed, epoch) too; ``segments`` says
+    which example each token belongs to, so the model keeps attention and positions inside each
+    (``GPT.forward``). A unit (an example, or a packed row) is a row of the batch; state = (epoch,
+    cursor over units) as in ``TokenBatches``, a batch running past an epoch's end continuing into
+    the next. With DDP this rank takes every ``world_size``-th row of the global batch, and all
+    ranks pad to the global batch's longest, so their shapes agree.
     """
 
     def __init__(self, split: ChatSplit, block_size: int, batch_size: int, seed: int, pad_id: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, pack: bool = False) -> None:
         if block_size < 1 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler settings: block={block_size} batch={batch_size} rank={rank}/{world_size}")
         if len(split) == 0:
             raise SlmError("the split has no examples: run slm prepare on more records")
         self.split, self.block_size, self.batch_size, self.pad_id = split, block_size, batch_size, pad_id
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.pack = seed, rank, world_size, pack
         self.epoch = self.cursor = 0
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._units: tuple[int, list[list[int]]] | None = None
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.split)))
-        return self._perm[1]
+    def _epoch_units(self, epoch: int) -> list[list[int]]:
+        """The rows of ``epoch``, each a list of example indices (cached: reused every batch)."""
+        if self._units is None or self._units[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(len(self.split))
+            if self.pack:
+                lengths = np.diff(self.split.offsets)[perm]
+                bins = pack_best_fit(lengths, self.block_size + 1)
+                units = [[int(perm[j]) for j in bins[b]] for b in rng.permutation(len(bins))]
+            else:
+                units = [[int(i)] for i in perm]
+            self._units = (epoch, units)
+        return self._units[1]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y) for this rank."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The next (x, y) for this rank, or (x, y, segments) when packing."""
         need, picked = self.batch_size * self.world_size, []
         while len(picked) < need:
-            perm = self._order(self.epoch)
-            take = min(need - len(picked), len(perm) - self.cursor)
-            picked += perm[self.cursor : self.cursor + take].tolist()
+            units = self._epoch_units(self.epoch)
+            take = min(need - len(picked), len(units) - self.cursor)
+            picked += units[self.cursor : self.cursor + take]
             self.cursor += take
-            if self.cursor == len(perm):
+            if self.cursor == len(units):
                 self.epoch, self.cursor = self.epoch + 1, 0
-        x, y = _pad_examples(self.split, np.asarray(picked), self.block_size, self.pad_id)
-        return x[self.rank :: self.world_size], y[self.rank :: self.world_size]
+        x, y, seg = _rows(self.split, picked, self.block_size, self.pad_id)
+        mine = slice(self.rank, None, self.world_size)
+        return (x[mine], y[mine], seg[mine]) if self.pack else (x[mine], y[mine])
 
     def state_dict(self) -> dict:
         """``{"epoch", "cursor", "seed"}``: enough to resume the exact same batch sequence."""
@@ -276,13 +326,13 @@ class ChatBatches:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a ``state_dict()``, including its seed."""
         epoch, cursor, seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-        if not 0 <= cursor < len(self.split) or epoch < 0:
+        self.seed, self._units = seed, None
+        if epoch < 0 or not 0 <= cursor < len(self._epoch_units(epoch)):
             raise SlmError(
-                f"the saved data position (epoch {epoch}, example {cursor}) does not fit this split's "
-                f"{len(self.split)} examples: the data changed since the checkpoint"
+                f"the saved data position (epoch {epoch}, row {cursor}) does not fit this split's "
+                f"{len(self._epoch_units(epoch))} rows: the data or finetune.pack changed since the checkpoint"
             )
-        self.epoch, self.cursor, self.seed = epoch, cursor, seed
-        self._perm = None
+        self.epoch, self.cursor = epoch, cursor
 
 
 def chat_eval_batches(split: ChatSplit, block_size: int, batch_size: int, pad_id: int,
@@ -330,5 +380,6 @@ __all__ = [
     "load_meta",
     "open_chat_split",
     "open_split",
+    "pack_best_fit",
     "token_dtype",
 ]

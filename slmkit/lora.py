@@ -337,3 +337,74 @@ def check_base(adapter: Adapter, base: str | Path) -> None:
     if digest != adapter.base["sha256"]:
         raise SlmError(f"{adapter.path} was trained on the base {adapter.base['path']} (sha256 {adapter.base['sha256'][:12]}), "
                        f"but {base} holds other weights (sha256 {digest[:12]}): pass the base it was trained on")
+
+
+# ------------------------------------------------------------------------------- LoRA runs
+
+
+def _head_weight(model: GPT) -> nn.Parameter:
+    head = model.lm_head
+    return head.base.weight if isinstance(head, LoRALinear) else head.weight
+
+
+def _keep_old_rows(first: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:first] = 0
+        return grad
+
+    return hook
+
+
+def train_new_tokens(model: GPT, first: int) -> None:
+    """Let the embedding rows of the tokens numbered ``first`` and up (the chat tokens added to
+    the base vocabulary) train along with the adapters, in the untied head too; every older row
+    keeps a zero gradient, so it stays exactly the base's (with zero weight decay: the caller's
+    check). Needed with tied embeddings: a new row left at the mean of the old ones scores the
+    mean of their logits, so greedy decoding could never pick the end-of-turn token."""
+    for weight in {id(w): w for w in (model.tok_emb.weight, _head_weight(model))}.values():
+        weight.requires_grad_(True)
+        weight.register_hook(_keep_old_rows(first))
+
+
+class AdapterWeights:
+    """What the checkpoints of a LoRA run hold (``trainer.CheckpointWeights``): the adapters and,
+    when the run added tokens (``first_new`` = the base vocabulary size), the new embedding rows
+    (``tok_emb.new_rows``, and ``lm_head.new_rows`` for an untied head). The frozen base stays in
+    its own run; ``unpack`` takes it from the live model."""
+
+    def __init__(self, model: GPT, first_new: int | None = None) -> None:
+        self.model, self.first_new = model, first_new
+        self.rows: dict[str, str] = {}  # name in the checkpoint -> the full weight's state-dict name
+        if first_new is not None and first_new < model.config.vocab_size:
+            self.rows["tok_emb.new_rows"] = "tok_emb.weight"
+            if not model.config.tie_embeddings:
+                head = "lm_head.base.weight" if isinstance(model.lm_head, LoRALinear) else "lm_head.weight"
+                self.rows["lm_head.new_rows"] = head
+
+    def pack(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapters' tensors and the new rows, from the model's whole state dict."""
+        out = {f"{p}.lora_{x}": weights[f"{p}.lora_{x}"] for p, _ in lora_modules(self.model) for x in "AB"}
+        for name, full in self.rows.items():
+            out[name] = weights[full][self.first_new:]
+        return out
+
+    def unpack(self, tensors: dict[str, torch.Tensor], source: str | Path = "the checkpoint") -> dict[str, torch.Tensor]:
+        """The model's whole state dict: its own (base) weights with the adapters and new rows of
+        ``tensors`` in place; a missing, unexpected or misshapen tensor is one SlmError line."""
+        full = dict(self.model.state_dict())
+        expected = set(self.pack(full))
+        if set(tensors) != expected:
+            odd = sorted(set(tensors) ^ expected)
+            raise SlmError(f"{source} does not hold this LoRA run's tensors (e.g. {odd[0]}): "
+                           "the [lora] settings or the base changed since it was written")
+        for name in expected:
+            full_name = self.rows.get(name, name)
+            value = tensors[name]
+            if name in self.rows:
+                value = torch.cat([full[full_name][: self.first_new], value.to(full[full_name].dtype)])
+            if value.shape != full[full_name].shape:
+                raise SlmError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, which does not fit "
+                               "this model: the [lora] settings or the base changed since it was written")
+            full[full_name] = value
+        return full

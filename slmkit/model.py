@@ -11,6 +11,8 @@ a new model feature lands here first.
 KV cache (anything with the small ``Cache`` protocol below; ``slmkit.decode.KVCache`` is the
 preallocated one): the new tokens then take their positions and attention mask from the cache,
 and each attention layer stores its keys and values there and attends over all of them.
+Fine-tuning packs several examples into one row and hands in ``segments``, each token's example
+number: positions then restart at every example and attention stays inside it.
 """
 
 from __future__ import annotations
@@ -177,13 +179,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope, half=self.head_dim // 2), apply_rope(k, *rope, half=self.head_dim // 2)
         if cache is not None:  # generation: attend over the cached tokens plus these T new ones
             k, v = cache.store(self.layer, k, v)
-        y = self.attend(q, k, v, causal=cache is None, mask=mask)
+        y = self.attend(q, k, v, causal=cache is None and mask is None, mask=mask)
         return self.resid_dropout(self.proj(y))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                mask: torch.Tensor | None) -> torch.Tensor:
         """softmax(q k^T / sqrt(D)) v over (B, H, T, D) queries and (B, KV, S, D) keys and values,
-        causal over a whole sequence or under a cache's ``mask``; returns (B, T, C)."""
+        causal over a whole sequence or under ``mask`` (a cache's, or packed examples'); returns (B, T, C)."""
         B, _, T, _ = q.shape
         dropout = self.dropout if self.training else 0.0
         rep = self.n_head // self.n_kv
@@ -206,12 +208,12 @@ class Attention(nn.Module):
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         elif rep == 1:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         elif _SDPA_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(
-                q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask)
+                q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask, dropout_p=dropout)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
@@ -254,6 +256,22 @@ class Block(nn.Module):
                 cache: Cache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, cache, mask)
         return x + self.mlp(self.norm2(x))
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that restart at 0 wherever ``segments`` (B, T) changes value."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values  # minus the start of each token's segment
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean attention mask: a query sees the keys of its own segment up to itself."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
 class GPT(nn.Module):
@@ -307,7 +325,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,
-        last_only: bool = False, *, cache: Cache | None = None,
+        last_only: bool = False, *, cache: Cache | None = None, segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy
         (targets of -1 are ignored). Training passes ``return_logits=False``: the loss is then
@@ -315,8 +333,9 @@ class GPT(nn.Module):
         ``last_only`` (without targets) gives the last position's logits only, (B, 1, vocab): all
         that sampling needs, as in nanoGPT's inference forward. With a ``cache`` the T tokens come
         after the cached ones (the prompt in one call, then one token per call): the same numbers
-        as a pass over the whole sequence."""
-        x = self.hidden(idx, cache)
+        as a pass over the whole sequence. ``segments`` (B, T), training only: packed examples (see
+        ``hidden``)."""
+        x = self.hidden(idx, cache, segments)
         if targets is not None and not return_logits and torch.is_grad_enabled():
             h = x.reshape(-1, x.size(-1))
             chunk = ce_chunk_rows(h, self.config.vocab_size)
@@ -329,16 +348,26 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def hidden(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """The final norm's output (B, T, n_embd) for token ids (B, T): everything but the head."""
+    def hidden(self, idx: torch.Tensor, cache: Cache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, n_embd) for token ids (B, T): everything but the head.
+
+        ``segments`` (B, T): the number of the example each token belongs to, when several are
+        packed into a row (equal numbers are contiguous). Each example then counts its positions
+        from 0 and its tokens attend only to earlier tokens of the same example, so a packed row
+        gives every example the numbers it would get alone."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
-        if cache is None:
+        if cache is None and segments is None:
             pos, mask = torch.arange(T, device=idx.device), None
             rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.rope_cos is not None else None
-        else:  # each row counts from its first real token; the mask hides other rows' padding
-            pos, mask = cache.positions(T), cache.attn_mask(T)  # (B, T), (B, 1, T, S)
+        else:
+            if segments is not None:  # packed examples: positions restart, attention stays inside each
+                if cache is not None:
+                    raise ValueError("segments are for training on packed examples, not for a KV cache")
+                pos, mask = segment_positions(segments), segment_mask(segments)  # (B, T), (B, 1, T, T)
+            else:  # each row counts from its first real token; the mask hides other rows' padding
+                pos, mask = cache.positions(T), cache.attn_mask(T)  # (B, T), (B, 1, T, S)
             rope = None
             if self.rope_cos is not None:  # (B, 1, T, head_dim/2): one row of positions per batch row
                 rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))

@@ -8,6 +8,8 @@ nanoGPT reports them). Bits per byte is the nats of the targets that are text, o
 bytes those targets stand for: special tokens have no bytes, so their loss is left out of it, as
 lm-eval-harness and nanochat do. Counting the bytes of the scored targets themselves also makes a
 partial evaluation (the first N batches) exact, with no byte count to extrapolate.
+``evaluate_chat`` scores an SFT split the same way, on its supervised targets only (the responses
+and their end tokens): fine-tuning's validation and ``slm eval --data SFT_DIR``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slmkit.data import eval_batches
+from slmkit.data import ChatSplit, chat_eval_batches, eval_batches
 from slmkit.errors import SlmError
 from slmkit.runtime import autocast
 
@@ -137,4 +139,19 @@ def evaluate_tokens(
     tally = score_batches(model, batches(), token_bytes, device=device, dtype=dtype, dist=dist)
     if tally.tokens == 0:
         raise SlmError("nothing to evaluate: the text is shorter than two tokens")
+    return tally.metrics()
+
+
+def evaluate_chat(
+    model: torch.nn.Module, split: ChatSplit, token_bytes: Sequence[int] | torch.Tensor, *, pad_id: int,
+    batch_size: int = 8, device: str = "cpu", max_batches: int | None = None, dtype: torch.dtype = torch.float32,
+    dist: Dist | None = None,
+) -> dict[str, float]:
+    """Evaluate ``model`` on the examples of an SFT split (``data.open_chat_split``), in order,
+    padded batches: loss, perplexity, bpb and accuracy over the supervised targets only (prompts
+    and padding are not scored); ``max_batches`` keeps the first that many batches."""
+    batches = chat_eval_batches(split, model.config.block_size, batch_size, pad_id, max_batches)
+    tally = score_batches(model, batches, token_bytes, device=device, dtype=dtype, dist=dist)
+    if tally.tokens == 0:
+        raise SlmError("nothing to evaluate: the examples have no supervised tokens within the context")
     return tally.metrics()

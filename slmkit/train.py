@@ -52,7 +52,8 @@ def resolve_config(
     if config_file:
         from_file = load_toml(config_file)
         check_sections(from_file, RUN_SECTIONS, config_file)
-        from_file.pop("sample", None)  # slm generate's section: one run file serves both commands
+        for other in ("sample", "finetune", "lora"):  # slm generate's and slm finetune's: one run file serves all
+            from_file.pop(other, None)
         sections = merge(sections, from_file)
     sections = merge(sections, parse_overrides(overrides or []))
     unknown = set(sections) - {"model", "train"}
@@ -206,19 +207,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def launch_torchrun(args: argparse.Namespace) -> int:
     """Run this same training as ``torchrun --standalone --nproc_per_node N -m slmkit.train ...``."""
-    import subprocess
-
     argv = ["--data", args.data, "--out", args.out]
     for flag, value in (("--preset", args.preset), ("--config", args.config), ("--max-time", args.max_time)):
         if value is not None:
             argv += [flag, value]
     argv += ["--fresh"] * args.fresh + ["--quiet"] * args.quiet + list(args.overrides)
+    return run_torchrun("slmkit.train", argv, args.nproc)
+
+
+def run_torchrun(module: str, argv: list[str], nproc: int) -> int:
+    """Run ``python -m module *argv`` as ``nproc`` processes on this machine through torchrun;
+    returns its exit code. Used by ``slm train --nproc`` and ``slm finetune --nproc``."""
+    import subprocess
+
     env = dict(os.environ)
     if not torch.cuda.is_available():
         # CPU ranks share the cores; torchrun's default of one thread each is right only for many ranks.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "slmkit.train", *argv]
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *argv]
     try:
         return subprocess.run(cmd, env=env).returncode
     except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its ranks, which checkpoint first

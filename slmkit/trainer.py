@@ -102,9 +102,12 @@ class TrainConfig:
 
 class BatchSource(Protocol):
     """What the loop needs of its training data: this rank's next micro-batch, and a position
-    to save and restore (JSON-able) so that a resumed run sees exactly the batches it would have."""
+    to save and restore (JSON-able) so that a resumed run sees exactly the batches it would have.
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...  # (inputs, targets; -1 = not scored)
+    A batch is (inputs, targets) with targets of -1 not scored, or (inputs, targets, segments) for
+    rows of packed examples (``GPT.forward``'s ``segments``)."""
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -112,6 +115,32 @@ class BatchSource(Protocol):
 
 
 Evaluator = Callable[[], dict[str, float]]  # -> {"val_loss": ..., and any other metrics to log}
+
+
+class CheckpointWeights(Protocol):
+    """Which of the model's weights its checkpoints hold, when not all of them: an adapter run
+    (``slmkit.lora.AdapterWeights``) writes only what trains, the frozen base stays in its own run."""
+
+    def pack(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors to write, from the model's whole state dict."""
+        ...
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's whole state dict from the tensors read back (SlmError if they do not fit)."""
+        ...
+
+
+def step_divisors(counts: list[int], world_size: int, global_count: int) -> list[float]:
+    """What each micro-batch's mean loss is divided by, so that the optimizer step minimises the
+    sum of the losses of all its scored targets over their count in the whole step (every
+    micro-batch of every rank; DDP averages the ranks' gradients, hence ``world_size``).
+
+    Micro-batch i scores ``counts[i]`` targets with mean loss L_i, so its share is L_i * n_i / N =
+    L_i / (N / (n_i * world)). With equal counts the divisor is exactly ``grad_accum``, so
+    pretraining divides by the same number as a plain mean of means. A micro-batch with nothing to
+    score has a zero loss and gradient; its divisor is irrelevant (1).
+    """
+    return [global_count / (n * world_size) if n else 1.0 for n in counts]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
@@ -148,18 +177,20 @@ class Trainer:
     ``batches``: this rank's micro-batches (``BatchSource``; ``split_batch`` gives their size).
     ``evaluator``: scores the model, returns metrics with ``val_loss`` (best/ keeps the lowest);
     it may leave the model in eval mode. ``notes`` go into every checkpoint's state.json.
-    ``resume``: continue from RUN_DIR's ``last/``.
+    ``resume``: continue from RUN_DIR's ``last/``. ``weights``: what checkpoints hold of the model
+    (``CheckpointWeights``); by default every weight.
     """
 
     def __init__(
         self, model: GPT, batches: BatchSource, evaluator: Evaluator, cfg: TrainConfig, run_dir: Path, *,
         device: str, dtype: torch.dtype, dist: Dist | None = None, resume: bool = False,
-        notes: dict[str, Any] | None = None,
+        notes: dict[str, Any] | None = None, weights: CheckpointWeights | None = None,
     ) -> None:
         dist = dist or Dist()
         self.model, self.batches, self.evaluator, self.cfg = model, batches, evaluator, cfg
         self.run_dir, self.dist, self.device, self.dtype = Path(run_dir), dist, device, dtype
         self.notes = dict(notes or {})
+        self.weights = weights
         self.net = wrap_model(model, cfg.parallel, dist, device)  # FSDP swaps parameters: first
         self.optimizer = make_optimizer(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 autocast on any device
@@ -195,7 +226,10 @@ class Trainer:
         ckpt = read_checkpoint(self.run_dir / "last", with_optimizer=True)
         if ckpt["model_config"] != to_dict(self.model.config):
             raise SlmError(f"{self.run_dir} was trained with a different model config: use another --out or --fresh")
-        weights = build_model(ckpt["model_config"], ckpt["weights"]).state_dict()  # checks every weight
+        if self.weights is not None:
+            weights = self.weights.unpack(ckpt["weights"])
+        else:
+            weights = build_model(ckpt["model_config"], ckpt["weights"]).state_dict()  # checks every weight
         s = ckpt["state"]
         try:
             load_full_state(self.model, self.optimizer, weights, ckpt.get("optimizer"))
@@ -225,6 +259,8 @@ class Trainer:
         weights, optimizer_state = full_state(self.model, self.optimizer if name == "last" else None)
         if not self.dist.main:
             return
+        if self.weights is not None:
+            weights = self.weights.pack(weights)
         state = checkpoint_state(self.state, data=self.batches.state_dict(), schedule=self.schedule.state_dict(),
                                  scaler=self.scaler.state_dict(), **self.notes)
         write_checkpoint(self.run_dir / name, model=self.model, weights=weights, state=state,
@@ -249,23 +285,31 @@ class Trainer:
         return bool(self.cfg.max_seconds and self.state.elapsed >= self.cfg.max_seconds)
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss: the mean
+        over every scored target of the step (all micro-batches, all ranks)."""
         lr = self.schedule.lr(self.state.step, self.state.elapsed) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # The step's micro-batches first, to count the targets each scores (-1 is not scored).
+        batches = [self.batches.next_batch() for _ in range(self.accum)]
+        counts = [int((b[1] != -1).sum()) for b in batches]
+        world = self.dist.world_size
+        total = sum(counts)
+        if world > 1:
+            total = round(self.dist.all_mean([float(total)])[0] * world)  # float64: exact for any real count
+        divisors = step_divisors(counts, world, total)
         loss_sum, tokens = 0.0, 0
-        for i in range(self.accum):
-            x, y = self.batches.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for i, (batch, divisor) in enumerate(zip(batches, divisors)):
+            x, y, *segments = (t.to(self.device, non_blocking=True) for t in batch)
             tokens += x.numel()
             # With several processes, gradients are reduced only after the last micro-batch of the step.
             with grad_sync(self.net, i == self.accum - 1):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.forward(x, y, return_logits=False)
-                self.scaler.scale(loss / self.accum).backward()
-            loss_sum += loss.item()
-        loss = loss_sum / self.accum
-        if self.dist.world_size > 1:
+                    _, loss = self.forward(x, y, return_logits=False, segments=segments[0] if segments else None)
+                self.scaler.scale(loss / divisor).backward()
+            loss_sum += loss.item() * counts[i] * world  # this rank's share of the step's loss, times world
+        loss = loss_sum / max(total, 1)
+        if world > 1:
             # The global loss, so that a NaN on any rank withholds the update on every rank alike.
             loss = self.dist.all_mean([loss])[0]
         self.scaler.unscale_(self.optimizer)

@@ -147,3 +147,33 @@ def test_serve(tmp_path: Path) -> None:
     for s in d["summary"]:
         assert s["tok_per_s"] > 0 and 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["itl_p50_s"] <= s["itl_p99_s"]
     assert d["rounds"][0]["generate_batch1_tok_per_s"] > 0 and d["table"][0].startswith("| clients")
+
+
+def test_finetune(tmp_path: Path) -> None:
+    smoke("finetune.py", tmp_path)
+    d = written_json(tmp_path, "finetune.json")
+    rows = d["rows"]
+    assert set(rows) == {"base", "full", "lora", "chance (another held-out story)"} and d["prompts"] == 8
+    for name in ("base", "full", "lora"):
+        r = rows[name]
+        assert 0 <= r["words"] <= 1 and 0 < r["story_loss"] < 10 and 0 < r["heldout_eval_loss"] < 10
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] == rows["full"]["params"]
+    assert rows["full"]["params"] > rows["base"]["params"]  # the chat tokens' rows were added
+    assert d["sets"]["heldout_prompts"] >= 8 and len(d["table"]) > 5 and d["commit"]
+
+
+def test_finetune_instructions_name_words_the_story_uses() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import random
+
+    import finetune as bench
+
+    story = 'Tom ran to the big trees. "Look!" said Mia, and they found a shiny ball.'
+    task = bench.instruction_for(story, random.Random(0))
+    assert task is not None and all(f'"{w}"' in task["instruction"] for w in task["words"].values())
+    assert bench.score_text(story, task) == {"words": 1.0, "all_words": 1.0, "dialogue": 1.0}
+    assert bench.uses(bench.words_of("The dogs were running."), "verb", "run")
+    assert bench.uses(bench.words_of("Two mice."), "noun", "mouse")
+    assert not bench.uses(bench.words_of("A runner."), "verb", "run")
+    assert bench.score_text("Tom sat.", task)["words"] == 0.0
+    assert bench.instruction_for("Tom sat.", random.Random(0)) is None  # no noun, verb and adjective of the lists

@@ -100,3 +100,41 @@ def test_hf_refuses_nonstandard_mixes(tmp_path, tok, mix, pattern):
     with pytest.raises(SlmError, match=pattern):
         export_hf(model, tok, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("variant", ["gpt2-nobias-untied", "llama-bias-untied"])
+def test_hf_export_carries_the_chat_template(tmp_path, tok, variant):
+    """A chat run's export: transformers' apply_chat_template gives exactly our prompt ids, and its
+    greedy generate stops at <|end|> where slmkit's reply does, with the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    from slmkit.chat import add_chat_tokens, render_prompt
+    from slmkit.generate import ChatSession, SamplingConfig, generate_tokens, reply
+
+    chat_tok = add_chat_tokens(tok)
+    model = random_model(chat_tok.vocab_size, **HF_VARIANTS[variant], block_size=64)
+    session = ChatSession(chat_tok)
+    turns = [("system", "Be kind."), ("user", "Who had a red ball?")]
+    ids = render_prompt(turns, chat_tok, chat_tok.chat_template)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    free = generate_tokens(model, [ids], greedy, chat_tok.eot_id)[0]
+    with torch.no_grad():  # make <|end|> the greedy pick after a few tokens (the head is untied)
+        model.lm_head.weight[session.end_id] = 1.5 * model.lm_head.weight[free[3]]
+    ours = generate_tokens(model, [ids], greedy, chat_tok.eot_id, stop_ids=session.stop_ids)[0]
+    assert 0 < len(ours) < 12 and ours == free[: len(ours)]
+
+    out = export_hf(model, chat_tok, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": role, "content": content} for role, content in turns]
+    hf_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert hf_ids == ids
+    assert hf.generation_config.eos_token_id == [chat_tok.eot_id, session.end_id]
+    assert hf_tok.eos_token == "<|end|>" and hf_tok.eos_token_id == session.end_id
+    assert {"<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"} <= set(hf_tok.all_special_tokens)
+    with torch.no_grad():
+        gen = hf.generate(torch.tensor([hf_ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert gen == ours + [session.end_id]  # HF keeps the end token, slmkit's reply leaves it out
+    assert hf_tok.decode(gen, skip_special_tokens=True) == reply(model, chat_tok, turns, greedy)
+
+    _, back = hf_to_slmkit(out)  # the template comes back with an import
+    assert back.chat_template == chat_tok.chat_template

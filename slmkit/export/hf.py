@@ -44,11 +44,12 @@ def hf_architecture(config: ModelConfig) -> str:
     )
 
 
-def hf_config(config: ModelConfig, eot_id: int | None) -> dict[str, Any]:
-    """The ``config.json`` of the HF model that ``hf_state_dict`` fills."""
+def hf_config(config: ModelConfig, eot_id: int | None, eos_ids: list[int] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of the HF model that ``hf_state_dict`` fills. ``eos_ids``: the ids that
+    end generation when there are several (a chat model's ``[<|endoftext|>, <|end|>]``)."""
     c = config
     arch = hf_architecture(c)
-    tokens = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
+    tokens = {"bos_token_id": eot_id, "eos_token_id": eos_ids or eot_id, "pad_token_id": eot_id}
     common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "use_cache": True,
               "torch_dtype": "float32", "initializer_range": 0.02, **tokens}
     if arch == "gpt2":
@@ -166,36 +167,72 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
+def _chat_ends(tokenizer: Any) -> tuple[dict | None, list[int] | None]:
+    """A chat tokenizer's template and the ids that end a generation (``<|endoftext|>``, then the
+    template's end of turn); (None, None) for a tokenizer without a template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return None, None
+    from slmkit.chat import special_ids
+
+    return template, [tokenizer.eot_id, special_ids(tokenizer, template)[template["end"]]]
+
+
 def _hf_tokenizer_files(tokenizer: Any, block_size: int) -> dict[str, Any]:
-    specials = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+    """``tokenizer_config.json`` and ``special_tokens_map.json``. A chat tokenizer's also carry its
+    template as HF Jinja (``chat_template``, rendering what ``chat.render_prompt`` does), its end of
+    turn as ``eos_token`` (what a chat reply ends with) and the template's tokens as special tokens."""
+    template, _ = _chat_ends(tokenizer)
+    specials: dict[str, Any] = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+    if template is not None:
+        from slmkit.chat import chat_template_jinja, template_tokens
+
+        specials["eos_token"] = template["end"]
+        specials["additional_special_tokens"] = [t for t in template_tokens(template) if t != EOT]
+    added = {
+        str(i): {"content": tokenizer.decode_bytes([i]).decode("utf-8"), "lstrip": False, "normalized": False,
+                 "rstrip": False, "single_word": False, "special": True}
+        for i in tokenizer.special_ids
+    }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
+        "added_tokens_decoder": added,
         "model_max_length": block_size,
         "add_bos_token": False,
         "add_eos_token": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,  # byte-level BPE: decode must give back the text exactly
     }
+    if template is not None:
+        config["chat_template"] = chat_template_jinja(template)
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
 def export_hf(model: GPT, tokenizer: Any, out: str | Path) -> Path:
-    """Write ``out`` as a Hugging Face model folder (safetensors weights + fast tokenizer)."""
+    """Write ``out`` as a Hugging Face model folder (safetensors weights + fast tokenizer).
+
+    A run with a chat template (fine-tuned on chat records) exports it too: ``apply_chat_template``
+    gives the ids ``chat.render_prompt`` gives, and ``generate`` stops at ``<|end|>`` as
+    ``slm chat`` does (``generation_config.json``'s ``eos_token_id`` lists it after ``<|endoftext|>``).
+    """
     from safetensors.torch import save_file
 
     c = model.config
-    config = hf_config(c, tokenizer.eot_id)  # refuses unsupported mixes before anything is written
+    template, eos_ids = _chat_ends(tokenizer)
+    config = hf_config(c, tokenizer.eot_id, eos_ids)  # refuses unsupported mixes before anything is written
+    meta_extra = {"chat_template": template} if template is not None else {}
     with output_dir(Path(out)) as tmp:
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", {
-            "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id,
+            "bos_token_id": tokenizer.eot_id, "eos_token_id": eos_ids or tokenizer.eot_id, "pad_token_id": tokenizer.eot_id,
         })
         save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "tokenizer.json").write_text(tokenizer.to_hf_tokenizer_json(), encoding="utf-8")
         for name, data in _hf_tokenizer_files(tokenizer, c.block_size).items():
             write_json(tmp / name, data)
-        write_json(tmp / META_FILE, export_meta(model, tokenizer, "hf", architecture=config["architectures"][0]))
+        write_json(tmp / META_FILE, export_meta(model, tokenizer, "hf", architecture=config["architectures"][0],
+                                                **meta_extra))
     return Path(out)
 
 
@@ -340,6 +377,16 @@ def hf_to_slmkit(src: str | Path) -> tuple[GPT, Any]:
             "models with other tokenizers (e.g. SentencePiece) cannot be imported"
         )
     tokenizer = Tokenizer("bpe", hf=hf_tok)
+    meta_path = src / META_FILE  # an slmkit export: its chat template (the JSON dict) comes back too
+    if meta_path.is_file():
+        template = json.loads(meta_path.read_text(encoding="utf-8")).get("chat_template")
+        if template is not None:
+            from slmkit.chat import special_ids
+
+            if not isinstance(template, dict):
+                raise SlmError(f"{meta_path}: chat_template must be a JSON object: export the run again")
+            special_ids(tokenizer, template)  # its tokens must be there
+            tokenizer.chat_template = template
     if tokenizer.vocab_size > config.vocab_size:
         raise SlmError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} embeddings")
     return model, tokenizer

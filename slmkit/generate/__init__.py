@@ -10,8 +10,11 @@ Read in this order:
    ``generate_tokens`` on top.
 4. ``beam``: ``beam_search``, the most likely continuation instead of a sample.
 5. ``text``: ``TextStream`` turns tokens into printable pieces (incremental UTF-8, stop strings);
-   ``generate`` and ``stream`` are the text API.
-6. ``cli``: ``slm generate`` and ``slm chat``.
+   ``generate``, ``stream`` and ``stream_ids`` are the text API.
+6. ``conversation``: a chat model's reply to ``(role, content)`` turns with the run's chat template
+   (``ChatSession`` renders and fits the turns to the context, ``stream_reply``/``reply`` generate
+   up to the end-of-turn token).
+7. ``cli``: ``slm generate`` and ``slm chat``.
 """
 
 from slmkit.generate.beam import beam_search
@@ -21,11 +24,12 @@ from slmkit.generate.sampling import (
     Processor, SamplingConfig, apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k,
     apply_top_k_top_p, apply_top_p, choose, logits_pipeline, make_generator,
 )
-from slmkit.generate.text import TextStream, generate, stream
+from slmkit.generate.text import TextStream, generate, stream, stream_ids
+from slmkit.generate.conversation import ChatSession, Prompt, reply, stream_reply
 
 __all__ = [
-    "CachedRunner", "Generation", "Path", "Processor", "SamplingConfig", "TextStream", "UncachedRunner",
+    "CachedRunner", "ChatSession", "Generation", "Prompt", "Path", "Processor", "SamplingConfig", "TextStream", "UncachedRunner",
     "apply_min_p", "apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_k_top_p",
     "apply_top_p", "beam_search", "choose", "fit_context", "generate", "generate_tokens", "logits_pipeline",
-    "make_generator", "make_runner", "slide_window", "stream",
+    "make_generator", "make_runner", "reply", "slide_window", "stream", "stream_ids", "stream_reply",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -12,7 +12,8 @@ from slmkit.generate.sampling import SamplingConfig, _seen_mask, apply_repetitio
 
 @torch.inference_mode()
 def beam_search(model, prompt_ids: list[int], cfg: SamplingConfig, eot_id: int | None = None, *,
-                is_finished: Callable[[list[int]], bool] | None = None, path: Path = "fast") -> list[int]:
+                is_finished: Callable[[list[int]], bool] | None = None, path: Path = "fast",
+                stop_ids: Collection[int] = ()) -> list[int]:
     """The most likely continuation of one prompt, by beam search with ``cfg.beams`` beams.
 
     Hugging Face's beam search (``generate(num_beams=N, do_sample=False)`` with its default
@@ -22,7 +23,8 @@ def beam_search(model, prompt_ids: list[int], cfg: SamplingConfig, eot_id: int |
       each step's log-probabilities (all <= 0, so a seen token's is multiplied by the penalty),
       not on the logits before the softmax.
     * Each step takes the ``2 * beams`` best extensions of all beams. A candidate is finished at
-      ``<|endoftext|>`` (when ``cfg.stop_at_eot``; not included), when ``is_finished(tokens)``
+      ``<|endoftext|>`` (when ``cfg.stop_at_eot``; not included), at one of ``stop_ids`` (a chat
+      template's end of turn; not included), when ``is_finished(tokens)``
       is true (``generate`` passes the stop strings), or at ``max_new_tokens``; only the
       ``beams`` best candidates may finish (the rest are spares), and the best unfinished ones go
       on as the new beams.
@@ -35,6 +37,7 @@ def beam_search(model, prompt_ids: list[int], cfg: SamplingConfig, eot_id: int |
     """
     cfg.validate()
     n, lp = cfg.beams, cfg.length_penalty
+    ends = set(stop_ids) | ({eot_id} if cfg.stop_at_eot and eot_id is not None else set())
     device, _ = _device_dtype(model)
     context = fit_context(prompt_ids, model.config.block_size, eot_id)
     runner = make_runner(path, model, [context], cfg.max_new_tokens)
@@ -55,7 +58,7 @@ def beam_search(model, prompt_ids: list[int], cfg: SamplingConfig, eot_id: int |
             if score == -math.inf:
                 break
             row, token = divmod(index, vocab)
-            at_eot = cfg.stop_at_eot and token == eot_id
+            at_eot = token in ends
             sequence = beams[row] if at_eot else beams[row] + [token]
             if at_eot or step == cfg.max_new_tokens or (is_finished is not None and is_finished(sequence)):
                 if rank < n:  # lower ones are spares, there only so that n beams can go on

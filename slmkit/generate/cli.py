@@ -6,14 +6,16 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 
 from slmkit.config import RUN_SECTIONS, add_section_arguments, check_sections, load_toml, section_from_args
 from slmkit.errors import SlmError
+from slmkit.generate.conversation import NO_TEMPLATE, ChatSession, stream_reply
 from slmkit.generate.generation import Generation
 from slmkit.generate.sampling import SamplingConfig
-from slmkit.generate.text import TextStream, stream
+from slmkit.generate.text import TextStream, stream, stream_ids
 from slmkit.runtime import resolve_device
 
 
@@ -51,7 +53,11 @@ def _load(args: argparse.Namespace):
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default="", help="text to continue ('-' reads stdin; default: a new document)")
+    parser.add_argument("--prompt", default="", help="text to continue ('-' reads stdin; default: a new document); "
+                        "with --chat, the user's message")
+    parser.add_argument("--chat", action="store_true",
+                        help="the prompt is one user message, rendered with the run's chat template; print only the reply")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system prompt")
     parser.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch (default 1)")
     _add_common_arguments(parser)
 
@@ -61,31 +67,47 @@ def _report(tokens: int, seconds: float) -> None:
         print(f"[{tokens} tokens in {seconds:.1f}s, {tokens / max(seconds, 1e-9):.0f} tokens/s]", file=sys.stderr)
 
 
+def _system_turns(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("system", args.system)] if args.system else []
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """``slm generate``: print the prompt and its continuation as it is produced. With
     ``--num-samples N`` the samples are generated as one batch (N times the throughput) and each
-    is printed, in order, as soon as it is complete, with a ``---`` line between samples."""
+    is printed, in order, as soon as it is complete, with a ``---`` line between samples.
+    With ``--chat`` the prompt is one user message (after ``--system``) rendered with the run's
+    chat template, and only the reply is printed, up to the template's end token."""
     cfg = _sampling_config(args)
     if args.num_samples < 1:
         raise SlmError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.num_samples > 1 and cfg.beams > 1:
         raise SlmError("beam search gives one answer: use --num-samples 1 with --beams")
+    if args.system is not None and not args.chat:
+        raise SlmError("--system is a chat option: add --chat (the run needs a chat template)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = _load(args)
     out, t0 = sys.stdout, time.perf_counter()
+    stop_ids, hidden, prefix = (), (), prompt
+    if args.chat:
+        session = ChatSession(tokenizer, f"run {args.run_dir}")
+        turns = _system_turns(args) + [("user", prompt)]
+        ids = session.prompt(turns, model.config.block_size, cfg.max_new_tokens).ids
+        stop_ids, hidden, prefix = session.stop_ids, session.hidden, ""
+    else:
+        ids = tokenizer.encode(prompt)
     if args.num_samples == 1:
-        out.write(prompt)
+        out.write(prefix)
         out.flush()
         pieces = []
-        for piece in stream(model, tokenizer, prompt, cfg):
+        for piece in stream_ids(model, tokenizer, ids, cfg, stop_ids=stop_ids, hidden=hidden):
             out.write(piece)
             out.flush()
             pieces.append(piece)
         out.write("\n")
         _report(len(tokenizer.encode("".join(pieces))), time.perf_counter() - t0)
         return 0
-    gen = Generation(model, [tokenizer.encode(prompt)] * args.num_samples, cfg, tokenizer.eot_id)
-    texts = [TextStream(tokenizer, cfg.stop) for _ in range(args.num_samples)]
+    gen = Generation(model, [ids] * args.num_samples, cfg, tokenizer.eot_id, stop_ids=stop_ids)
+    texts = [TextStream(tokenizer, cfg.stop, hidden) for _ in range(args.num_samples)]
     pieces: list[list[str]] = [[] for _ in range(args.num_samples)]
     printed = 0
     while printed < args.num_samples:
@@ -96,7 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
         while printed < args.num_samples and gen.done[printed]:
             if printed:
                 out.write("---\n")
-            out.write(prompt + "".join(pieces[printed]) + texts[printed].finish() + "\n")
+            out.write(prefix + "".join(pieces[printed]) + texts[printed].finish() + "\n")
             out.flush()
             printed += 1
     _report(sum(len(t) for t in gen.tokens), time.perf_counter() - t0)
@@ -104,34 +126,63 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-history", action="store_true", help="continue each line on its own, not the whole transcript")
+    parser.add_argument("--system", default=None, metavar="TEXT",
+                        help="a system prompt (runs with a chat template, i.e. fine-tuned on chat records)")
+    parser.add_argument("--no-history", action="store_true", help="answer each line on its own, not the whole conversation")
     _add_common_arguments(parser)
 
 
 CHAT_HELP = ("Type text and the model continues it; the conversation so far is the context. "
              "Empty line: continue. /reset: start over. /quit or Ctrl-D: leave. Ctrl-C: stop a reply.")
+TEMPLATE_HELP = ("Type a message and the model replies (chat template {name}). /reset: a new conversation. "
+                 "/quit or Ctrl-D: leave. Ctrl-C: stop a reply.")
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line typed, None at the end of input; Ctrl-C at the prompt gives a fresh prompt."""
+    while True:
+        try:
+            return input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()
+            return None
+        except KeyboardInterrupt:  # at the prompt: a fresh line, like a shell
+            print()
+
+
+def _stream_out(pieces: Iterator[str]) -> str:
+    """Print the pieces as they come; Ctrl-C stops the reply (the part shown is kept)."""
+    shown = []
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            shown.append(piece)
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(shown)
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    """``slm chat``: an interactive loop for a base model. Each line you type is added to a
-    rolling transcript (the last ``block_size`` tokens are what the model sees) and the model's
-    continuation is streamed and added too; ``--no-history`` continues each line on its own."""
+    """``slm chat``: an interactive loop. A run with a chat template (fine-tuned on chat records)
+    gets a conversation: each line is a user turn, the reply is generated with the template up to
+    its end token, and the oldest turns are dropped (with a note) when the context fills up. A
+    base model continues a rolling transcript instead (the last ``block_size`` tokens are what
+    the model sees); ``--no-history`` answers or continues each line on its own."""
     cfg = _sampling_config(args)
     model, tokenizer = _load(args)
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return _chat_with_template(args, cfg, model, tokenizer)
+    if args.system is not None:
+        raise SlmError(f"--system: run {args.run_dir} {NO_TEMPLATE}")
     interactive = sys.stdin.isatty()
     if interactive:
         print(CHAT_HELP, file=sys.stderr)
     transcript, max_chars = "", 8 * model.config.block_size  # far more text than the context holds
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            if interactive:
-                print()
-            return 0
-        except KeyboardInterrupt:  # at the prompt: a fresh line, like a shell
-            print()
-            continue
+    while (line := _read_line(interactive)) is not None:
         command = line.strip()
         if command in ("/quit", "/exit"):
             return 0
@@ -141,16 +192,38 @@ def run_chat(args: argparse.Namespace) -> int:
         if args.no_history:
             transcript = ""
         transcript = (transcript + ("\n" if transcript and line else "") + line)[-max_chars:]
-        pieces = []
+        with warnings.catch_warnings():  # the transcript outgrowing the context is expected
+            warnings.simplefilter("ignore")
+            transcript += _stream_out(stream(model, tokenizer, transcript, cfg))
+    return 0
+
+
+def _chat_with_template(args: argparse.Namespace, cfg: SamplingConfig, model, tokenizer) -> int:
+    session = ChatSession(tokenizer, f"run {args.run_dir}")
+    block = model.config.block_size
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(TEMPLATE_HELP.format(name=session.template.get("name", "")), file=sys.stderr)
+    system, history = _system_turns(args), []
+    while (line := _read_line(interactive)) is not None:
+        command = line.strip()
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/reset":
+            history = []
+            continue
+        if not command:
+            continue
+        if args.no_history:
+            history = []
         try:
-            with warnings.catch_warnings():  # the transcript outgrowing the context is expected
-                warnings.simplefilter("ignore")
-                for piece in stream(model, tokenizer, transcript, cfg):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-                    pieces.append(piece)
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        transcript += "".join(pieces)
+            prompt = session.prompt(system + history + [("user", line)], block, cfg.max_new_tokens)
+        except SlmError as e:  # one message too long: say so and let the user go on
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if prompt.dropped:
+            print(f"[history trimmed: the {prompt.dropped} oldest turn(s) no longer fit the context of "
+                  f"{block} tokens]", file=sys.stderr)
+        history = prompt.turns[len(system):]
+        history.append(("assistant", _stream_out(stream_reply(model, session, prompt.ids, cfg))))
+    return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from slmkit.errors import SlmError
@@ -14,17 +16,19 @@ class Generation:
 
     This is the loop behind ``generate_tokens``, ``generate`` and ``stream``, and the piece a
     server drives: a row ends at ``<|endoftext|>`` (if ``cfg.stop_at_eot``; the token is not kept),
-    after ``cfg.max_new_tokens`` tokens, or when the caller calls ``finish(row)`` (a stop string).
+    at any of ``stop_ids`` (always; not kept: a chat template's end-of-turn token), after
+    ``cfg.max_new_tokens`` tokens, or when the caller calls ``finish(row)`` (a stop string).
     Finished rows leave the batch, so they cost nothing afterwards. It samples (or decodes greedily
     at temperature 0); ``cfg.beams`` is for ``beam_search``.
     """
 
     def __init__(self, model, prompt_ids: list[list[int]], cfg: SamplingConfig, eot_id: int | None = None,
-                 *, path: Path = "fast") -> None:
+                 *, path: Path = "fast", stop_ids: Collection[int] = ()) -> None:
         cfg.validate()
         if not prompt_ids:
             raise SlmError("no prompts given")
         self.cfg, self.eot_id = cfg, eot_id
+        self._ends = set(stop_ids) | ({eot_id} if cfg.stop_at_eot and eot_id is not None else set())
         contexts = [fit_context(ids, model.config.block_size, eot_id) for ids in prompt_ids]
         self.tokens: list[list[int]] = [[] for _ in contexts]  # the new tokens of each row
         self.done = [False] * len(contexts)
@@ -59,7 +63,7 @@ class Generation:
             self._seen.scatter_(1, picked[:, None], True)
         tokens, out = picked.tolist(), {}
         for row, token in zip(self._rows, tokens):
-            if self.cfg.stop_at_eot and token == self.eot_id:
+            if token in self._ends:
                 self.done[row] = True
                 continue
             self.tokens[row].append(token)
@@ -89,9 +93,10 @@ class Generation:
 
 
 def generate_tokens(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eot_id: int | None = None,
-                    *, path: Path = "fast") -> list[list[int]]:
+                    *, path: Path = "fast", stop_ids: Collection[int] = ()) -> list[list[int]]:
     """The new tokens for each prompt (a batch of token-id lists of any lengths). Ends each row at
-    ``eot_id`` (not included, when ``cfg.stop_at_eot``) or after ``cfg.max_new_tokens``; stop
+    ``eot_id`` (not included, when ``cfg.stop_at_eot``), at any of ``stop_ids`` (not included) or
+    after ``cfg.max_new_tokens``; stop
     strings need text, so ``generate`` and ``stream`` apply them. ``path``: "fast" (default),
     "step", "cached" or "uncached" (the slow reference); all give the same greedy tokens, except
     that in a batch the cached paths slide every row's window together (the context rule)."""
@@ -99,8 +104,8 @@ def generate_tokens(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eot
     if not prompt_ids:
         return []
     if cfg.beams > 1:
-        return [beam_search(model, ids, cfg, eot_id, path=path) for ids in prompt_ids]
-    gen = Generation(model, prompt_ids, cfg, eot_id, path=path)
+        return [beam_search(model, ids, cfg, eot_id, path=path, stop_ids=stop_ids) for ids in prompt_ids]
+    gen = Generation(model, prompt_ids, cfg, eot_id, path=path, stop_ids=stop_ids)
     while not gen.finished:
         gen.step()
     return gen.tokens
