@@ -230,6 +230,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "train-speed-cuda-b64": lambda: train_speed("train_speed_cuda_b64.json"),
     "cpu-kernels-intel": cpu_kernels,
     "decode-cpu": lambda: stored_table("decode_epyc.json"),
+    "decode-cpu-cpp": lambda: stored_table("decode_epyc_cpp.json"),
+    "vs-llama2c-cpp": lambda: stored_table("vs_llama2c_epyc_cpp.json"),
     "decode-intel": lambda: stored_table("decode.json"),
     "decode-intel-repeats": lambda: decode_repeats(["decode.json", "decode_repeat2.json", "decode_repeat3.json"]),
     "decode-cuda": lambda: stored_table("decode_cuda.json"),

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from slmkit import cpu_kernels
 from slmkit.decode import (
-    BACKENDS, CPUDecoder, GraphDecoder, KVCache, ModuleDecoder, StepDecoder, make_decoder, pick, rope_matrix,
+    BACKENDS, CPUDecoder, GraphDecoder, KVCache, ModuleDecoder, NativeDecoder, StepDecoder, make_decoder, pick,
+    rope_matrix,
 )
 from slmkit.model import GPT, ModelConfig, apply_rope, rope_tables
 
@@ -26,6 +28,8 @@ VARIANTS = [
 ] + [dict(positions="learned", norm="layernorm", activation="gelu", bias=True, tie_embeddings=False),  # GPT-2
      dict(n_kv_head=1, tie_embeddings=False)]  # Llama with one kv head
 IDS = ["-".join(str(v) for v in kw.values()) for kw in VARIANTS]
+# The registry's pick for a float32 CPU model: the C++ decoder where slmkit's library builds.
+FAST_CPU = NativeDecoder if cpu_kernels.built() is None else CPUDecoder
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -101,8 +105,8 @@ def test_forward_with_a_cache_is_the_whole_sequence_pass(kw):
 
 def test_the_registry_picks_the_fastest_backend_that_runs_the_model():
     model = random_model(0)
-    assert list(BACKENDS) == ["cuda-graph", "numpy", "step", "cached"]  # fastest first
-    assert pick(model) is CPUDecoder and isinstance(make_decoder(model), CPUDecoder)
+    assert list(BACKENDS) == ["cuda-graph", "cpp", "numpy", "step", "cached"]  # fastest first
+    assert pick(model) is FAST_CPU and isinstance(make_decoder(model), FAST_CPU)
     assert pick(copy.deepcopy(model).to(torch.bfloat16)) is StepDecoder
     q8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
     assert pick(q8) is ModuleDecoder
@@ -137,11 +141,11 @@ def test_a_new_model_feature_runs_on_the_reference_until_a_backend_opts_in(monke
         assert backend.supports(new, device, torch.float32) == (name == "cached"), name
         if name != "cached":
             assert "model.qk_norm=True" in backend.why_not(new)
-    assert pick(plain) is CPUDecoder and pick(new) is ModuleDecoder
+    assert pick(plain) is FAST_CPU and pick(new) is ModuleDecoder
     with pytest.raises(ValueError, match="qk_norm"):
         StepDecoder(new)
     monkeypatch.setattr(StepDecoder, "handles", {**StepDecoder.handles, "qk_norm": {False, True}})
-    assert pick(new) is StepDecoder  # opted in (the numpy decoder, listed before it, has not)
+    assert pick(new) is StepDecoder  # opted in (the C++ and numpy decoders, listed before it, have not)
 
 
 # --- the step's pieces and rounding -----------------------------------------------------------------
