@@ -9,6 +9,9 @@ kernels do slowly at small-model shapes:
 * the softmax and loss of each chunk of logits in the fused head (``ChunkedCrossEntropy``), which
   inductor compiles into two loops that each compute exp.
 
+The same library holds the C++ decode step (``csrc/decode.cpp``, used by ``decode/native.py``,
+which picks its own AVX-512 / AVX2 / scalar code at run time and so runs on every CPU).
+
 They are compiled once per machine with the C++ compiler torch.compile already needs, cached under
 ``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as custom ops
 (``slmkit::causal_attention`` with its backward, ``slmkit::head_loss``), so autograd and

@@ -78,14 +78,17 @@ def test_thread_count_changes_no_bit():
 
 
 @pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
-def test_greedy_generation_past_the_context_is_the_uncached_loop(kw):
-    """A ragged batch of three prompts, 40 tokens each: the window slides (runners' rule) and the
-    tokens are those of re-running the model over each row's window."""
+def test_greedy_generation_past_the_context_is_the_reference(kw):
+    """40 tokens past a 24-token context (the window slides, runners' rule): one prompt gives the
+    tokens of re-running the model over its window; a ragged batch of three (whose rows slide
+    together when the longest fills the context) those of the module path with the cache."""
     model = noisy(4, **kw)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 11, 1)]
     cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 11 + 40 > 24: the window slides
-    assert generate_tokens(model, prompts, cfg, path="cpp") == generate_tokens(model, prompts, cfg, path="uncached")
+    one = generate_tokens(model, prompts[1:2], cfg, path="cpp")
+    assert one == generate_tokens(model, prompts[1:2], cfg, path="uncached") and len(set(one[0])) > 5
+    assert generate_tokens(model, prompts, cfg, path="cpp") == generate_tokens(model, prompts, cfg, path="cached")
 
 
 def test_bad_ids_and_instruction_sets_are_refused():
