@@ -13,10 +13,14 @@ Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights:
 not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
 llama2.c). Tokens per second include the prefill. Rows: "uncached" re-runs the window every
 token; "kv-cache" is ``model.forward`` with the cache one token at a time (``decode.ModuleDecoder``);
-"step" is ``decode.StepDecoder``, the PyTorch step (the fast path in bf16 on the CPU); "fast" is
-the default, the registry's pick: ``decode.CPUDecoder`` for float32 on the CPU (the same math with
-the small operations in NumPy), and on a GPU ``decode.GraphDecoder`` (the step replayed from a
-CUDA graph).
+"step" is ``decode.StepDecoder``, the PyTorch step (the fast path in bf16 on the CPU); "numpy" is
+``decode.CPUDecoder`` (the same math with the small operations in NumPy); "fast" is the default,
+the registry's pick: ``decode.NativeDecoder`` for float32 on the CPU (the whole step in one C++
+call; the NumPy decoder where slmkit's C++ library cannot be built), and on a GPU
+``decode.GraphDecoder`` (the step replayed from a CUDA graph). "x numpy" is the median per-round
+ratio to the NumPy decoder's batch-1 row. "weights MB/token" is what a step reads of the weight
+matrices (the products and the head) divided by the rows of the batch, and "GB/s" that times the
+tokens per second: the distance to the machine's memory bandwidth.
 The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export --format onnx``
 (its KV-cache graph, greedy, batch 1); it is skipped without onnx/onnxruntime
 (``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
@@ -128,9 +132,12 @@ def compiled_step(model: GPT) -> float:
 
 def write_report(results: list[dict], args: argparse.Namespace) -> None:
     """Print the table and write the JSON (after every model, so that a run cut short keeps what it measured)."""
-    table = ["| model | row | batch | tokens/s (median) | x uncached | runs |", "|---|---|---|---|---|---|"]
+    table = ["| model | row | batch | tokens/s (median) | x uncached | x numpy | weights MB/token | GB/s | runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        numpy = f"{r['x_numpy']:.2f}" if r.get("x_numpy") is not None else "-"
         table.append(f"| {r['model']} | {r['row']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['x_uncached']:.1f} | "
+                     f"{numpy} | {r['weight_bytes_per_token'] / 1e6:.2f} | {r['weight_gb_per_s']:.1f} | "
                      + " ".join(f"{x:.0f}" for x in r["runs"]) + " |")
     print("\n".join(table))
     report = {
@@ -147,6 +154,12 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes of the weight matrices one decode step reads: every linear layer and the head."""
+    linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
 
 def main() -> None:
@@ -188,6 +201,8 @@ def main() -> None:
         fast = decode.pick(model).__name__  # what "fast" runs here
         variants = [("uncached", 1, "uncached", greedy, model, t), ("kv-cache", 1, "cached", greedy, model, t),
                     ("step (StepDecoder)", 1, "step", greedy, model, t),
+                    *([("numpy (CPUDecoder)", 1, "numpy", greedy, model, t)] if decode.CPUDecoder.supports(
+                        model, *decode.placement(model)) else []),
                     (f"fast (default: {fast})", 1, "fast", greedy, model, t),
                     ("fast + sampling (T=0.8, top-k 200, top-p 0.95)", 1, "fast", sampled, model, t)]
         compile_s = None
@@ -217,6 +232,8 @@ def main() -> None:
             print(f"{name} round {r + 1}/{args.rounds}: "
                   + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), file=sys.stderr)
         base = runs["uncached"]
+        numpy_runs = runs.get("numpy (CPUDecoder)")
+        wbytes = weight_bytes(model)
         for label, batch, path, cfg, _, threads in variants:
             results.append({
                 "model": name, "vocab_size": MODELS[name], "params": sum(p.numel() for p in model.parameters()),
@@ -224,6 +241,10 @@ def main() -> None:
                 "tokens_per_s": round(statistics.median(runs[label]), 1),
                 "runs": [round(x, 1) for x in runs[label]],
                 "x_uncached": round(statistics.median(a / b for a, b in zip(runs[label], base)), 1),
+                "x_numpy": (round(statistics.median(a / b for a, b in zip(runs[label], numpy_runs)), 2)
+                            if numpy_runs else None),
+                "weight_bytes_per_token": wbytes / batch,
+                "weight_gb_per_s": round(statistics.median(runs[label]) * wbytes / batch / 1e9, 2),
                 **({"compile_s": round(compile_s, 1)} if "compile" in label else {}),
             })
         write_report(results, args)

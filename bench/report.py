@@ -270,6 +270,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "cpu-kernels-epyc-bf16": lambda: cpu_kernels("cpu_kernels_epyc_bf16.json"),
     "decode-cpu": lambda: stored_table("decode_epyc.json"),
     "serve-cpu": lambda: stored_table("serve.json"),
+    "decode-cpu-cpp": lambda: stored_table("decode_epyc_cpp.json"),
+    "vs-llama2c-cpp": lambda: stored_table("vs_llama2c_epyc_cpp.json"),
     "decode-intel": lambda: stored_table("decode.json"),
     "decode-intel-repeats": lambda: decode_repeats(["decode.json", "decode_repeat2.json", "decode_repeat3.json"]),
     "decode-cuda": lambda: stored_table("decode_cuda.json"),

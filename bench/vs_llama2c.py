@@ -16,7 +16,9 @@ measures both here, on one model:
   greedily from its start token for the whole context (``-t 0 -n 256``); it reports tokens/s from
   its second step on;
 * slmkit generates greedily from the same start token, 255 tokens (the same 256 positions), on
-  its default fast path with 2 threads, timed from the first new token as run.c is.
+  its default fast path with 2 threads (``decode.NativeDecoder``, the C++ step, where slmkit's
+  library builds), timed from the first new token as run.c is; the NumPy decoder
+  (``decode.CPUDecoder``, the fast path before the C++ one) is shown beside it.
 
 The runs alternate, round after round, and the table gives medians. The headline ratio is the
 like-for-like build: slmkit against ``make runomp`` with the same 2 threads (``headline`` in the
@@ -50,6 +52,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import machine_info  # noqa: E402
 
+from slmkit import decode  # noqa: E402
 from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.export.llama2c import write_model_bin  # noqa: E402
 from slmkit.generate import Generation, SamplingConfig  # noqa: E402
@@ -102,10 +105,11 @@ def run_c(exe: Path, model: Path, tokenizer: Path, threads: int, steps: int) -> 
     return float(rate.group(1)), [int(i) for i in re.findall(r"\[(\d+)\]", done.stdout)]
 
 
-def run_slmkit(model: GPT, steps: int) -> tuple[float, list[int]]:
-    """Tokens/s of slmkit's default greedy path from token 1 over ``steps`` positions, and the ids.
+def run_slmkit(model: GPT, steps: int, path: str = "fast") -> tuple[float, list[int]]:
+    """Tokens/s of slmkit's greedy ``path`` from token 1 over ``steps`` positions, and the ids.
     Like run.c, the clock starts after the first step (its first forward and pick)."""
-    gen = Generation(model, [[1]], SamplingConfig(max_new_tokens=steps - 1, temperature=0.0, stop_at_eot=False))
+    gen = Generation(model, [[1]], SamplingConfig(max_new_tokens=steps - 1, temperature=0.0, stop_at_eot=False),
+                     path=path)
     gen.step()
     t0, n = time.perf_counter(), 0
     while not gen.finished:
@@ -130,8 +134,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = llama2c_model()
     steps = 32 if args.smoke else model.config.block_size
-    rows: dict[str, list[float]] = {"slmkit (fast path, 2 threads)": [], "run.c, make runomp (2 threads)": [],
-                                    "run.c, make run (1 thread)": []}
+    numpy_row = f"slmkit (numpy path, {args.threads} threads)"
+    rows: dict[str, list[float]] = {"slmkit (fast path, 2 threads)": [], numpy_row: [],
+                                    "run.c, make runomp (2 threads)": [], "run.c, make run (1 thread)": []}
     with tempfile.TemporaryDirectory(prefix="slm-llama2c-") as tmp:
         tmp = Path(tmp)
         write_model_bin(model, tmp / "model.bin")  # slmkit's llama2.c export; ids kept as they are
@@ -141,6 +146,7 @@ def main() -> None:
         _, theirs = run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)
         for r in range(args.rounds):
             rows["slmkit (fast path, 2 threads)"].append(run_slmkit(model, steps)[0])
+            rows[numpy_row].append(run_slmkit(model, steps, "numpy")[0])
             rows["run.c, make runomp (2 threads)"].append(
                 run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)[0])
             rows["run.c, make run (1 thread)"].append(
@@ -149,17 +155,23 @@ def main() -> None:
                   file=sys.stderr)
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     base = rows["run.c, make runomp (2 threads)"]
-    table = ["| program | tokens/s (median) | vs run.c runomp | runs |", "|---|---|---|---|"]
+    linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+    wbytes = sum(4 * m.weight.numel() for m in linears)  # fp32 weight matrices read per token
+    table = ["| program | tokens/s (median) | vs run.c runomp | weights GB/s | runs |", "|---|---|---|---|---|"]
     for name, runs in rows.items():
         ratio = statistics.median(a / b for a, b in zip(runs, base))
         table.append(f"| {name} | {statistics.median(runs):.0f} | {ratio:.2f}x | "
-                     + " ".join(f"{x:.0f}" for x in runs) + " |")
+                     f"{statistics.median(runs) * wbytes / 1e9:.1f} | " + " ".join(f"{x:.0f}" for x in runs) + " |")
+    table.append("")
+    table.append(f"Weights read per token: {wbytes / 1e6:.1f} MB (fp32 matrices of the layers and the head); "
+                 f"slmkit's fast path here: {decode.pick(model).__name__}.")
     print("\n".join(table))
     print(f"greedy tokens: the first {agree} of {min(len(ours), len(theirs))} compared agree", file=sys.stderr)
     slm, omp = rows["slmkit (fast path, 2 threads)"], rows["run.c, make runomp (2 threads)"]
     report = {
         **machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "numpy": np.__version__, "threads": args.threads, "positions": steps,
+        "fast_decoder": decode.pick(model).__name__, "weight_bytes_per_token": wbytes,
         "headline": {"what": "slmkit's fast path vs run.c make runomp, both 2 threads (median of per-round ratios)",
                      "ratio": statistics.median(a / b for a, b in zip(slm, omp)),
                      "slmkit_tok_per_s": statistics.median(slm), "runomp_tok_per_s": statistics.median(omp)},

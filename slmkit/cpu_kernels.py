@@ -9,6 +9,9 @@ kernels do slowly at small-model shapes:
 * the softmax and loss of each chunk of logits in the fused head (``ChunkedCrossEntropy``), which
   inductor compiles into two loops that each compute exp.
 
+The same library holds the C++ decode step (``csrc/decode.cpp``, used by ``decode/native.py``,
+which picks its own AVX-512 / AVX2 / scalar code at run time and so runs on every CPU).
+
 They are compiled once per machine with the C++ compiler torch.compile already needs, cached under
 ``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as custom ops
 (``slmkit::causal_attention`` with its backward, ``slmkit::head_loss``), so autograd and
@@ -43,7 +46,7 @@ import torch
 from slmkit.runtime import cpu_flags
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp"]
+_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp"]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -88,6 +91,12 @@ def _build() -> ctypes.CDLL:
                                                                   ctypes.c_float, ctypes.c_int]
     for f in (handle.slm_attention_forward, handle.slm_attention_backward, handle.slm_cross_entropy):
         f.restype = None
+    # decode.cpp, the C++ decode step (slmkit/decode/native.py)
+    handle.slm_decode_step.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
+    handle.slm_decode_step.restype = ctypes.c_int
+    handle.slm_decode_isa.argtypes = []
+    handle.slm_decode_isa.restype = ctypes.c_int
     return handle
 
 
@@ -107,6 +116,12 @@ def built() -> str | None:
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _why_not = f"could not build slmkit's CPU kernels: {e}"
     return _why_not
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (building it on first call), or None where ``built()`` says why not.
+    The C++ decoder (``decode/native.py``) calls into it directly."""
+    return _lib if built() is None else None
 
 
 @functools.cache

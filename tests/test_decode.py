@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from slmkit import cpu_kernels
 from slmkit.decode import (
-    BACKENDS, CPUDecoder, GraphDecoder, KVCache, ModuleDecoder, StepDecoder, make_decoder, pick, rope_matrix,
+    BACKENDS, CPUDecoder, GraphDecoder, KVCache, ModuleDecoder, NativeDecoder, StepDecoder, make_decoder, pick,
+    rope_matrix,
 )
 from slmkit.model import GPT, ModelConfig, apply_rope, rope_tables
 
@@ -26,6 +28,8 @@ VARIANTS = [
 ] + [dict(positions="learned", norm="layernorm", activation="gelu", bias=True, tie_embeddings=False),  # GPT-2
      dict(n_kv_head=1, tie_embeddings=False)]  # Llama with one kv head
 IDS = ["-".join(str(v) for v in kw.values()) for kw in VARIANTS]
+# The registry's pick for a float32 CPU model: the C++ decoder where slmkit's library builds.
+FAST_CPU = NativeDecoder if cpu_kernels.built() is None else CPUDecoder
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -54,6 +58,8 @@ def test_every_backend_gives_the_logits_of_model_forward(kw, name):
     logits of the whole-sequence forward at every position, and the same keys and values in the
     same cache slots. On the CPU the CUDA-graph decoder runs its fixed-shape step without a graph."""
     model = noisy_model(1, **kw)
+    if name == "cpp" and cpu_kernels.built() is not None:
+        pytest.skip(f"slmkit's C++ library is not built here: {cpu_kernels.built()}")
     x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
     full, _ = model(x)
     with torch.inference_mode():
@@ -101,8 +107,8 @@ def test_forward_with_a_cache_is_the_whole_sequence_pass(kw):
 
 def test_the_registry_picks_the_fastest_backend_that_runs_the_model():
     model = random_model(0)
-    assert list(BACKENDS) == ["cuda-graph", "numpy", "step", "cached"]  # fastest first
-    assert pick(model) is CPUDecoder and isinstance(make_decoder(model), CPUDecoder)
+    assert list(BACKENDS) == ["cuda-graph", "cpp", "numpy", "step", "cached"]  # fastest first
+    assert pick(model) is FAST_CPU and isinstance(make_decoder(model), FAST_CPU)
     assert pick(copy.deepcopy(model).to(torch.bfloat16)) is StepDecoder
     q8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
     assert pick(q8) is ModuleDecoder
@@ -133,15 +139,16 @@ def test_a_new_model_feature_runs_on_the_reference_until_a_backend_opts_in(monke
     plain, new = (GPT(ConfigWithQKNorm(**shape, qk_norm=on)).eval() for on in (False, True))
     for name, backend in BACKENDS.items():
         device = torch.device("cuda" if name == "cuda-graph" else "cpu")
-        assert backend.supports(plain, device, torch.float32), name
+        runs_here = name != "cpp" or cpu_kernels.built() is None  # the C++ one needs its library
+        assert backend.supports(plain, device, torch.float32) == runs_here, name
         assert backend.supports(new, device, torch.float32) == (name == "cached"), name
         if name != "cached":
             assert "model.qk_norm=True" in backend.why_not(new)
-    assert pick(plain) is CPUDecoder and pick(new) is ModuleDecoder
+    assert pick(plain) is FAST_CPU and pick(new) is ModuleDecoder
     with pytest.raises(ValueError, match="qk_norm"):
         StepDecoder(new)
     monkeypatch.setattr(StepDecoder, "handles", {**StepDecoder.handles, "qk_norm": {False, True}})
-    assert pick(new) is StepDecoder  # opted in (the numpy decoder, listed before it, has not)
+    assert pick(new) is StepDecoder  # opted in (the C++ and numpy decoders, listed before it, have not)
 
 
 # --- the step's pieces and rounding -----------------------------------------------------------------

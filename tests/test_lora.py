@@ -128,7 +128,8 @@ def test_merged_equals_unmerged_and_decodes_fast(variant):
     assert merged_model is model and not list(lora_modules(model))
     linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
     assert all(type(m) is nn.Linear for m in linears)
-    assert decode.reads_float_weights(model) and decode.pick(model) is decode.CPUDecoder
+    fast_cpu = decode.NativeDecoder if decode.NativeDecoder.supports(model) else decode.CPUDecoder
+    assert decode.reads_float_weights(model) and decode.pick(model) is fast_cpu
     assert all(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         merged = model(x)[0]
@@ -141,7 +142,7 @@ def test_merged_equals_unmerged_and_decodes_fast(variant):
     bound = 5e-6 * max(1.0, unmerged.abs().max().item())
     with torch.inference_mode():
         decoder, cache = decode.make_decoder(model), decode.KVCache.empty(model.config, x.shape[0])
-        assert type(decoder) is decode.CPUDecoder
+        assert type(decoder) is fast_cpu
         assert (decoder.prefill(x[:, :8], cache) - unmerged[:, 7]).abs().max() < bound
         for t in range(8, 16):
             assert (decoder.step(x[:, t], cache) - unmerged[:, t]).abs().max() < bound, t

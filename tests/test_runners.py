@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import slmkit.generate as G
-from slmkit.decode import ANY, BACKENDS, CPUDecoder, GraphDecoder, StepDecoder, placement
+from slmkit.decode import ANY, BACKENDS, CPUDecoder, GraphDecoder, NativeDecoder, StepDecoder, placement
 from slmkit.generate import SamplingConfig, beam_search, generate_tokens
 
 from conftest import cpu_capture
@@ -41,7 +41,8 @@ def test_cache_matches_uncached_for_every_variant(kw):
     assert len(set(reference[0])) > 3  # the text is not one repeated token
     assert generate_tokens(model, prompt, cfg, path="cached") == reference
     assert generate_tokens(model, prompt, cfg, path="step") == reference
-    assert generate_tokens(model, prompt, cfg, path="fast") == reference  # CPUDecoder here
+    assert generate_tokens(model, prompt, cfg, path="fast") == reference  # NativeDecoder here (C++)
+    assert generate_tokens(model, prompt, cfg, path="numpy") == reference  # CPUDecoder
     # A backend by name: the graph decoder's fixed-shape step runs on the CPU without graphs.
     assert generate_tokens(model, prompt, cfg, path="cuda-graph") == reference
     # The logits of every decoder against model.forward: test_decode.py.
@@ -51,7 +52,9 @@ def test_fast_path_is_the_cpu_decoder_for_float32_and_decode_step_otherwise(monk
     """"fast" steps through CPUDecoder for a float32 CPU model. CPUDecoder is float32-only, so on
     a bf16 model "fast" steps through the PyTorch step (StepDecoder, not the module path): checked by counting
     its calls, and by its logits along the float32 model's greedy tokens, which must be as close
-    to the float32 ones as the bf16 module path's ("cached", another computation) are."""
+    to the float32 ones as the bf16 module path's ("cached", another computation) are. (The C++
+    decoder, listed before the NumPy one, is set aside here; tests/test_decode_native.py has it.)"""
+    monkeypatch.setattr(NativeDecoder, "devices", ())
     calls = []
     real_step = CPUDecoder.step
     monkeypatch.setattr(CPUDecoder, "step", lambda self, idx, cache: calls.append(cache.length) or real_step(self, idx, cache))
@@ -97,6 +100,7 @@ def graph_step_on_cpu(monkeypatch):
     monkeypatch.setattr(GraphDecoder, "_capture", cpu_capture)
     monkeypatch.setitem(BACKENDS, "cuda-graph", OnTheCPU)
     monkeypatch.setattr(CPUDecoder, "devices", ())  # else "fast" is the NumPy decoder here
+    monkeypatch.setattr(NativeDecoder, "devices", ())  # or the C++ one
     yield made
 
 

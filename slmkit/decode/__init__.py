@@ -7,6 +7,8 @@ its default). ``BACKENDS`` lists them fastest first and ``make_decoder`` takes t
 ``supports(model, device, dtype)`` holds:
 
 * ``cuda-graph`` (``GraphDecoder``): the step recorded once as a CUDA graph and replayed; CUDA.
+* ``cpp`` (``NativeDecoder``): the whole step in one C++ call (AVX-512/AVX2 products, a thread
+  pool); float32 on the CPU, where slmkit's C++ library builds.
 * ``numpy`` (``CPUDecoder``): the step with its small operations in NumPy; float32 on the CPU.
 * ``step`` (``StepDecoder``): the step in PyTorch, written straight through over the weights.
 * ``cached`` (``ModuleDecoder``): ``model.forward`` with the cache, the reference; runs anything.
@@ -22,11 +24,12 @@ from slmkit.decode.base import ANY, SIZES, Decoder, placement, reads_float_weigh
 from slmkit.decode.cache import KVCache
 from slmkit.decode.cpu import CPUDecoder
 from slmkit.decode.cuda_graph import GraphDecoder
+from slmkit.decode.native import NativeDecoder
 from slmkit.decode.reference import ModuleDecoder
 from slmkit.decode.step import DecodeWeights, StepDecoder, decode_weights, rope_matrix
 from slmkit.model import GPT
 
-BACKENDS: dict[str, type[Decoder]] = {cls.name: cls for cls in (GraphDecoder, CPUDecoder, StepDecoder, ModuleDecoder)}
+BACKENDS: dict[str, type[Decoder]] = {cls.name: cls for cls in (GraphDecoder, NativeDecoder, CPUDecoder, StepDecoder, ModuleDecoder)}
 
 
 def pick(model: GPT) -> type[Decoder]:
@@ -47,5 +50,5 @@ def make_decoder(model: GPT, backend: str | None = None) -> Decoder:
 
 __all__ = [
     "ANY", "BACKENDS", "SIZES", "CPUDecoder", "DecodeWeights", "Decoder", "GraphDecoder", "KVCache", "ModuleDecoder",
-    "StepDecoder", "decode_weights", "make_decoder", "pick", "placement", "reads_float_weights", "rope_matrix",
+    "NativeDecoder", "StepDecoder", "decode_weights", "make_decoder", "pick", "placement", "reads_float_weights", "rope_matrix",
 ]

@@ -1,0 +1,116 @@
+"""The C++ decoder (decode/native.py, csrc/decode.cpp) beyond the shared parity test in
+test_decode.py: every instruction set this CPU runs (AVX2 forced on an AVX-512 machine, the scalar
+fallback) against model.forward on a ragged batch with widths that leave vector tails; the thread
+count changes no bit; greedy generation past the context equals the uncached loop; bad ids,
+unknown instruction sets and a missing library (one note, the NumPy path) are handled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmkit import cpu_kernels
+from slmkit.decode import CPUDecoder, KVCache, NativeDecoder, pick
+from slmkit.decode import native
+from slmkit.generate import SamplingConfig, generate_tokens
+
+from generation_models import GREEDY, one_thread, random_model  # noqa: F401 (one_thread: a fixture)
+
+pytestmark = pytest.mark.skipif(cpu_kernels.built() is not None, reason=f"no C++ library: {cpu_kernels.built()}")
+
+ORDER = ["scalar", "avx2", "avx512"]
+RUNNABLE = ORDER[: ORDER.index(native.best_isa()) + 1] if cpu_kernels.built() is None else []
+# Width 36 (not a multiple of 8 or 16: the products' masked tails), head size 6, two kv heads.
+ODD = [dict(n_embd=36, n_head=6, n_kv_head=2), dict(n_embd=36, n_head=6, positions="learned", norm="layernorm",
+                                                     activation="gelu", bias=True, tie_embeddings=False)]
+
+
+def noisy(seed: int, **kw):
+    model = random_model(seed, **kw)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(6.0 * (1.0 + 0.3 * noise) if name.endswith("weight") else 0.5 * noise)
+    return model
+
+
+def ragged_steps(decoder: NativeDecoder, model, x: torch.Tensor, starts: list[int], steps: int
+                 ) -> tuple[list[torch.Tensor], KVCache]:
+    """Prefill a left-padded batch (row b starts at slot starts[b]) and step ``steps`` tokens."""
+    cache = KVCache.empty(model.config, x.shape[0], start=torch.tensor(starts))
+    n = x.shape[1] - steps
+    out = [decoder.prefill(x[:, :n], cache)]
+    for t in range(n, x.shape[1]):
+        out.append(decoder.step(x[:, t], cache))
+    return out, cache
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
+def test_every_instruction_set_gives_the_logits_of_model_forward(kw, isa):
+    """Three rows, left-padded by 0, 5 and 2 slots, 8 steps each: every row's logits are those of
+    the model run on that row alone, whatever the instruction set of the products."""
+    model = noisy(2, **kw)
+    g = torch.Generator().manual_seed(5)
+    lengths, starts = [16, 11, 14], [0, 5, 2]
+    rows = [torch.randint(0, 61, (n,), generator=g) for n in lengths]
+    x = torch.stack([torch.cat([torch.zeros(s, dtype=torch.long), r]) for s, r in zip(starts, rows)])
+    with torch.inference_mode():
+        got, _ = ragged_steps(NativeDecoder(model, isa=isa), model, x, starts, 8)
+        for b, row in enumerate(rows):
+            full = model(row[None])[0][0]
+            expected = full[-9:]  # the prefill's last position, then the 8 steps
+            torch.testing.assert_close(torch.stack([g[b] for g in got]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_thread_count_changes_no_bit():
+    """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
+    model = noisy(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
+    x = torch.randint(0, 200, (5, 20), generator=torch.Generator().manual_seed(6))
+    starts = [0, 3, 1, 7, 0]
+    with torch.inference_mode():
+        runs = [ragged_steps(NativeDecoder(model, threads=t), model, x, starts, 10) for t in (1, 2, 3)]
+    for logits, cache in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(logits, runs[0][0]))
+        assert torch.equal(cache.k, runs[0][1].k) and torch.equal(cache.v, runs[0][1].v)
+
+
+@pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
+def test_greedy_generation_past_the_context_is_the_reference(kw):
+    """40 tokens past a 24-token context (the window slides, runners' rule): one prompt gives the
+    tokens of re-running the model over its window; a ragged batch of three (whose rows slide
+    together when the longest fills the context) those of the module path with the cache."""
+    model = noisy(4, **kw)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 11, 1)]
+    cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 11 + 40 > 24: the window slides
+    one = generate_tokens(model, prompts[1:2], cfg, path="cpp")
+    assert one == generate_tokens(model, prompts[1:2], cfg, path="uncached") and len(set(one[0])) > 5
+    assert generate_tokens(model, prompts, cfg, path="cpp") == generate_tokens(model, prompts, cfg, path="cached")
+
+
+def test_bad_ids_and_instruction_sets_are_refused():
+    model = random_model(5)
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        cache = KVCache.empty(model.config, 1)
+        decoder.prefill(torch.tensor([[1, 2]]), cache)
+        for bad in (-1, 61):
+            with pytest.raises(IndexError, match="token ids"):
+                decoder.step(torch.tensor([bad]), cache)
+        assert cache.length == 2  # nothing written
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        NativeDecoder(model, isa="sse9")
+
+
+def test_without_the_library_the_numpy_decoder_runs_after_one_note(monkeypatch, capsys):
+    monkeypatch.setattr(cpu_kernels, "built", lambda: "could not build slmkit's CPU kernels: no C++ compiler")
+    monkeypatch.setattr(native, "_noted", False)
+    model = random_model(6)
+    assert "no C++ compiler" in NativeDecoder.why_not(model)
+    assert pick(model) is CPUDecoder
+    pick(model)
+    err = capsys.readouterr().err
+    assert err.count("note: slmkit's C++ decoder is off") == 1 and "no C++ compiler" in err
