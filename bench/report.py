@@ -289,6 +289,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "decode-cpu": lambda: stored_table("decode_epyc.json"),
     "issue15-before-after": lambda: issue15(targeted=False),
     "issue15-before-after-260k": lambda: issue15(targeted=True),
+    "serve-cpu": lambda: stored_table("serve.json"),
     "decode-intel": lambda: stored_table("decode.json"),
     "decode-intel-repeats": lambda: decode_repeats(["decode.json", "decode_repeat2.json", "decode_repeat3.json"]),
     "decode-cuda": lambda: stored_table("decode_cuda.json"),
@@ -296,6 +297,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "vs-llama2c-intel": lambda: stored_table("vs_llama2c.json"),
     "export-int8-trained": lambda: stored_table("export_int8_cpu-15min.json"),
     "export-int8-random": lambda: stored_table("export_int8_random_stories15m.json"),
+    "quantize-260k": lambda: stored_table("quantize_stories260k.json"),
 }
 
 

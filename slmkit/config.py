@@ -175,7 +175,7 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
 
 # The sections of a run's TOML file, one per stage that reads one ([finetune], [lora] and [serve]
 # join as those stages arrive). Every command accepts the whole file and reads its own sections.
-RUN_SECTIONS = ("model", "train", "sample")
+RUN_SECTIONS = ("model", "train", "sample", "serve")
 
 
 def check_sections(sections: dict[str, Any], known: Iterable[str], where: str) -> None:

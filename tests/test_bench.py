@@ -120,3 +120,22 @@ def test_test_split_is_disjoint_from_training(tmp_path: Path) -> None:
     meta = load_meta(tmp_path / "data")
     assert meta["train"]["documents"] == split["train_stories"] == len(stories) - 3 - 2
     assert quality.prepare_data(tmp_path / "data", train, valid, 5, 320) == split  # kept, not made again
+
+
+def test_quantize(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    smoke("quantize.py", tmp_path)
+    d = written_json(tmp_path, "quantize.json")
+    rows = d["rows"]
+    assert rows["fp32"]["size_vs_fp32"] == 1 and rows["int4, groups of 32 (q4_0)"]["size_vs_fp32"] < 0.35
+    assert abs(rows["int8, groups of 32 (q8_0)"]["val_bpb_vs_fp32"]) < 0.005 and "int4, groups of 128" in d["refused"]
+    assert all(r["tok_per_s"] > 0 for r in rows.values()) and d["machine"]
+
+
+def test_serve(tmp_path: Path) -> None:
+    smoke("serve.py", tmp_path)
+    d = written_json(tmp_path, "serve.json")
+    assert [s["clients"] for s in d["summary"]] == [1, 4] and d["machine"] and d["commit"]
+    for s in d["summary"]:
+        assert s["tok_per_s"] > 0 and 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["itl_p50_s"] <= s["itl_p99_s"]
+    assert d["rounds"][0]["generate_batch1_tok_per_s"] > 0 and d["table"][0].startswith("| clients")

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from slmkit import files
-from slmkit.files import atomic_dir, is_swap_leftover, sha256_file, swap_leftovers
+from slmkit.files import atomic_dir, atomic_file, is_swap_leftover, sha256_file, swap_leftovers
 
 
 def test_sha256_file_matches_hashlib_across_blocks(tmp_path):
@@ -133,3 +133,18 @@ def test_leftover_names_are_the_swap_s_own(tmp_path, monkeypatch):
     assert not any(is_swap_leftover(name, other) for name in left for other in ("tokenize", "out"))
     assert not is_swap_leftover(".tokenizer.json", "tokenizer")
     assert [p.name for p in swap_leftovers(tmp_path)] == left
+
+
+def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    with atomic_file(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.gguf.tmp-")
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # untouched while the new one is written
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
