@@ -188,6 +188,63 @@ def train_speed_runs(names: list[str]) -> str:
     return "\n".join(out)
 
 
+ARCH_STEP_LABEL = {"step (GPT.decode_step)": "step (StepDecoder)"}  # the same row before issue 15's rename
+
+
+def speed_rows(name: str) -> dict[tuple[str, str], float]:
+    """(model, row) -> tokens/s of a train_speed or decode results file."""
+    d = load(name)
+    if "presets" in d:
+        return {(p["preset"], v): r["tok_per_s"] for p in d["presets"] for v, r in p["variants"].items()}
+    return {(r["model"], ARCH_STEP_LABEL.get(r["row"], r["row"])): r["tokens_per_s"] for r in d["results"]}
+
+
+def before_after(pairs: dict[str, list[tuple[str, str]]], note: str) -> str:
+    """Issue 15's speed check: the same bench command at the commit before the reshaping and after
+    it, run in turn in one session. ``pairs``: per bench, the (before, after) results files of each
+    round. Per row: the medians of the runs, after / before as the median of the per-round ratios,
+    and those ratios (the spread is the noise to judge a difference by)."""
+    files = [f for runs in pairs.values() for pair in runs for f in pair]
+    first = load(files[0])
+    commits = {side: sorted({load(pair[i])["commit"] for runs in pairs.values() for pair in runs})
+               for i, side in enumerate(("before", "after"))}
+    out = [f"Source: `bench/results/{files[0]}` ... `{files[-1]}` ({first['machine']}; {first['when_utc']}), "
+           f"before = {', '.join(commits['before'])}, after = {', '.join(commits['after'])}: {note}", "",
+           "| bench | model | row | tokens/s before | tokens/s after | after / before | per-round ratios |",
+           "|---|---|---|---|---|---|---|"]
+    for bench, runs in pairs.items():
+        b = [speed_rows(before) for before, _ in runs]
+        a = [speed_rows(after) for _, after in runs]
+        for key in b[0]:
+            if not all(key in r for r in a + b):
+                continue
+            ratios = [ra[key] / rb[key] for ra, rb in zip(a, b)]
+            out.append(f"| {bench} | {key[0]} | {key[1]} | {statistics.median(r[key] for r in b):,.0f} | "
+                       f"{statistics.median(r[key] for r in a):,.0f} | {statistics.median(ratios):.2f}x | "
+                       f"{', '.join(f'{x:.2f}' for x in ratios)} |")
+    return "\n".join(out)
+
+
+def issue15(targeted: bool) -> str:
+    if not targeted:
+        pairs = {bench.replace("_", " "): [(f"arch_before_{bench}_{n}.json", f"arch_after_{bench}_{n}.json")
+                                          for n in (1, 2, 3)] for bench in ("train_speed", "decode")}
+        return before_after(pairs, "`python bench/train_speed.py --rounds 1 --steps 2` and `python bench/decode.py "
+                            "--rounds 1` (`--out bench/results/arch_<before|after>_<bench>_<n>.json`), before and after "
+                            "in turn, 3 rounds (before first in rounds 1 and 3), each run holding the machine alone")
+    order = {"decode260k": "BAABBA", "train260k": "BAAB"}
+    pairs = {}
+    for stem, labels in order.items():
+        names = {(label, n): f"arch_{'before' if label == 'B' else 'after'}_{stem}_{n}.json"
+                 for n, label in enumerate(labels, 1)}
+        bs = [names[k] for k in names if k[0] == "B"]
+        as_ = [names[k] for k in names if k[0] == "A"]
+        pairs["decode" if stem.startswith("decode") else "train speed"] = list(zip(bs, as_))
+    return before_after(pairs, "`python bench/decode.py --models stories260k --rounds 3 --no-onnx` (6 runs, "
+                        "before/after in the order BAABBA) and `python bench/train_speed.py --presets stories260k "
+                        "--rounds 3 --steps 3` (4 runs, BAAB), all in one hold of the machine")
+
+
 def cpu_kernels(name: str = "cpu_kernels.json") -> str:
     d = load(name)
     out = [source(name, d), "", "| B x H (KV) x T x D | SDPA fwd / bwd ms | slmkit fwd / bwd ms | forward + backward |",
@@ -269,6 +326,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "cpu-kernels-epyc": lambda: cpu_kernels("cpu_kernels_epyc.json"),
     "cpu-kernels-epyc-bf16": lambda: cpu_kernels("cpu_kernels_epyc_bf16.json"),
     "decode-cpu": lambda: stored_table("decode_epyc.json"),
+    "issue15-before-after": lambda: issue15(targeted=False),
+    "issue15-before-after-260k": lambda: issue15(targeted=True),
     "serve-cpu": lambda: stored_table("serve.json"),
     "decode-cpu-cpp": lambda: stored_table("decode_epyc_cpp.json"),
     "vs-llama2c-cpp": lambda: stored_table("vs_llama2c_epyc_cpp.json"),

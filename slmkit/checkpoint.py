@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from slmkit.config import from_dict, to_dict
 from slmkit.errors import SlmError
-from slmkit.files import atomic_dir, sha256_file
+from slmkit.files import atomic_dir, sha256_file, swap_leftovers
 from slmkit.model import GPT, ModelConfig
 from slmkit.quant import dequantize_weights
 
@@ -130,11 +130,10 @@ def _slow_down() -> None:
 
 def remove_stale_temps(parent: Path) -> None:
     """Delete the folders of swaps that were killed (call only while holding the run lock):
-    ``files.atomic_dir``'s ``.<name>.tmp-*`` (a checkpoint or the tokenizer half written) and
-    ``.<name>.old-*`` (a tokenizer replaced, killed before the old one was deleted)."""
-    for pattern in (".*.tmp-*", ".*.old-*"):
-        for tmp in Path(parent).glob(pattern):
-            shutil.rmtree(tmp, ignore_errors=True)
+    ``files.atomic_dir``'s ``.<name>.tmp-*`` (a checkpoint or the tokenizer half written, or the
+    old tokenizer after the swap) and ``.<name>.old-*`` (where the system renames twice)."""
+    for tmp in swap_leftovers(parent):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def verify_checkpoint(directory: Path) -> set[str]:

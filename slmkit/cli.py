@@ -6,15 +6,13 @@ User errors (SlmError) print one line, ``error: ...``, and exit with code 2; Ctr
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
-import os
 import sys
 
 from slmkit import __version__
 from slmkit.config import parse_args_and_overrides
-from slmkit.errors import SlmError
+from slmkit.errors import run_command
 
 # subcommand -> (module, function adding arguments, function running it, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -105,28 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module, _add, run, _help = COMMANDS[args.command]
-    try:
-        return getattr(importlib.import_module(module), run)(args)
-    except SlmError as e:
-        message = str(e).replace("\r", "\\r").replace("\n", "\\n")  # a name with a newline must not break the line
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # `slm generate ... | head` closes stdout early: not an error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except OSError as e:
-        # The machine, not the input: still one line, since what to do about it is clear.
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: disk full while writing {e.filename or 'a file'}: free space and run again", file=sys.stderr)
-        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            print(f"error: {e.strerror} ({e.filename}): check the path and its permissions", file=sys.stderr)
-        else:
-            raise
-        return 2
+    return run_command(lambda: getattr(importlib.import_module(module), run)(args))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ This module sits below every stage (data, train, checkpoint, export) and imports
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -37,10 +40,47 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+SWAP_KINDS = ("tmp", "old")  # atomic_dir's folders beside a target: the new one being written, the old one
+
+
 def _sibling(target: Path, kind: str) -> Path:
     # Hidden and unique, so a reader globbing the parent never mistakes it for a real folder and two
-    # writers never share one; ``.<name>.tmp-*`` is also what checkpoint.remove_stale_temps deletes.
+    # writers never share one. is_swap_leftover and swap_leftovers below know these names.
     return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
+def is_swap_leftover(name: str, target_name: str) -> bool:
+    """Whether ``name`` is one of ``atomic_dir``'s folders for a target called ``target_name``
+    (``.<target>.tmp-*`` or ``.<target>.old-*``): what a writer killed mid-swap leaves beside it."""
+    return name.startswith(tuple(f".{target_name}.{kind}-" for kind in SWAP_KINDS))
+
+
+def swap_leftovers(parent: Path) -> list[Path]:
+    """``atomic_dir``'s folders in ``parent``, whatever their target (delete them only while no
+    writer can be swapping there)."""
+    return sorted(p for kind in SWAP_KINDS for p in Path(parent).glob(f".*.{kind}-*"))
+
+
+_RENAME_EXCHANGE = 2  # renameat2's flag, <linux/fs.h>
+_AT_FDCWD = -100
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE), so no reader ever
+    finds neither; False where the system or the filesystem cannot, and the caller renames twice."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # pragma: no cover - a libc without renameat2 (glibc < 2.28)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 @contextlib.contextmanager
@@ -53,8 +93,9 @@ def atomic_dir(target: Path, *, backup: Path | None = None, durable: bool = Fals
     ``backup``: where the folder being replaced is kept (a checkpoint's ``<name>.old``). With no
     ``target`` (killed between the two renames last time) the existing backup is the only good copy,
     so it is kept until the new folder has landed; a kill between the renames leaves the backup for
-    the reader to fall back on. Without ``backup`` the old folder is deleted once the new one is in
-    place, and put back if that rename fails.
+    the reader to fall back on. Without ``backup`` the two folders are swapped in one step where the
+    system can (Linux), so ``target`` never goes missing, and the old one is deleted; elsewhere the
+    old folder is renamed aside, the new one renamed in (put back if that fails) and the old deleted.
 
     ``durable``: fsync the files, the folder and its parent, so the swap survives a power cut.
     """
@@ -76,6 +117,8 @@ def atomic_dir(target: Path, *, backup: Path | None = None, durable: bool = Fals
                     shutil.rmtree(backup)
                 os.replace(target, backup)
             os.replace(tmp, target)
+        elif target.exists() and _exchange(tmp, target):
+            pass  # tmp now holds the old folder: deleted below
         else:
             old = None
             if target.exists():
@@ -92,7 +135,7 @@ def atomic_dir(target: Path, *, backup: Path | None = None, durable: bool = Fals
         if durable:
             fsync_dir(target.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder, the old one after an exchange, or gone
 
 
 @contextlib.contextmanager

@@ -493,11 +493,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     if not any(str(spec).startswith("hf:") for spec in args.input):
-        from slmkit import chat
+        from slmkit import prepare_chat
 
         files = _expand(args.input)
-        if chat.first_record_is_chat(files):
-            return chat.run_prepare_cli(args, files, _expand(args.val_input) if args.val_input else [])
+        if prepare_chat.first_record_is_chat(files):
+            return prepare_chat.run_prepare_cli(args, files, _expand(args.val_input) if args.val_input else [])
     meta = prepare(args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_inputs=args.val_input, val_fraction=args.val_fraction, seed=args.seed,
                    tokenizer_from=args.tokenizer_from)

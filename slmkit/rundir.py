@@ -28,7 +28,7 @@ from slmkit.checkpoint import checkpoint_candidates, remove_stale_temps, write_c
 from slmkit.config import dump_toml, load_toml, to_dict
 from slmkit.data import TokenBatches
 from slmkit.errors import SlmError
-from slmkit.files import atomic_dir
+from slmkit.files import atomic_dir, is_swap_leftover
 from slmkit.schedules import LRSchedule
 
 if TYPE_CHECKING:
@@ -94,12 +94,13 @@ def plot_metrics(run_dir: Path) -> None:
 
 LOCK = ".lock"
 CONFIG_TMP = ".config.toml.tmp"
+TOKENIZER_DIR = "tokenizer"
 
 
 def _own_file(name: str) -> bool:
     """What a run killed before config.toml leaves: the lock, the config's temp file and the
-    tokenizer swap's folders (``files.atomic_dir``'s ``.tokenizer.tmp-*`` and ``.tokenizer.old-*``)."""
-    return name in (LOCK, CONFIG_TMP) or name.startswith((".tokenizer.tmp-", ".tokenizer.old-"))
+    tokenizer swap's folders (``files.atomic_dir``'s, named by ``files.is_swap_leftover``)."""
+    return name in (LOCK, CONFIG_TMP) or is_swap_leftover(name, TOKENIZER_DIR)
 
 
 def check_run_dir(run_dir: Path, fresh: bool) -> None:
@@ -148,7 +149,7 @@ def prepare_run_dir(data_dir: Path, run_dir: Path, sections: dict[str, dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     has_last = bool(checkpoint_candidates(run_dir / "last"))
     config_path = run_dir / "config.toml"
-    tok_dir = run_dir / "tokenizer"
+    tok_dir = run_dir / TOKENIZER_DIR
     if has_last and not fresh:
         old = load_toml(config_path) if config_path.exists() else {}
         if old.get("model") != sections["model"]:
@@ -227,7 +228,7 @@ def create_run(run_dir: str | Path, model: GPT, tokenizer: Tokenizer, train_cfg:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         write_config(run_dir, {"model": to_dict(model.config), "train": to_dict(train_cfg)})
-        with atomic_dir(run_dir / "tokenizer") as tmp:
+        with atomic_dir(run_dir / TOKENIZER_DIR) as tmp:
             tokenizer.save(tmp)
         state = checkpoint_state(RunState(), data=TokenBatches.start_state(train_cfg.seed),
                                  schedule=LRSchedule(train_cfg).state_dict(), scaler={}, **notes)

@@ -24,7 +24,7 @@ import torch
 from slmkit.config import RUN_SECTIONS, check_sections, from_dict, load_preset, load_toml, merge, parse_overrides, to_dict
 from slmkit.data import TokenBatches, check_context_fits, load_meta, open_split
 from slmkit.distributed import Dist, init_distributed, split_batch
-from slmkit.errors import SlmError
+from slmkit.errors import SlmError, run_command
 from slmkit.model import GPT, ModelConfig
 from slmkit.rundir import setup_run_dir_on_rank0
 from slmkit.runtime import choose_dtype, describe_dtype, pick_dtype, resolve_device
@@ -248,14 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slmkit.train", description="train or resume a model in RUN_DIR")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_cli(args)
-    except SlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: run_cli(args))
 
 
 if __name__ == "__main__":

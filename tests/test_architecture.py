@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "slmkit"
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("shared", ("errors", "files", "config", "runtime", "cpu_kernels")),
     ("model", ("model", "loss", "lora", "quant")),
-    ("prepare/data", ("tokenizer", "prepare", "data", "chat")),
+    ("prepare/data", ("tokenizer", "prepare", "data", "chat", "prepare_chat")),
     ("checkpoint", ("checkpoint",)),
     ("train", ("schedules", "distributed", "rundir", "scoring", "trainer", "train", "finetune")),
     ("decode", ("decode",)),

@@ -2,10 +2,12 @@
 
 import hashlib
 import os
+import shutil
 
 import pytest
 
-from slmkit.files import atomic_dir, atomic_file, sha256_file
+from slmkit import files
+from slmkit.files import atomic_dir, atomic_file, is_swap_leftover, sha256_file, swap_leftovers
 
 
 def test_sha256_file_matches_hashlib_across_blocks(tmp_path):
@@ -40,6 +42,8 @@ def test_a_failed_write_keeps_the_old_folder(tmp_path):
 
 
 def test_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    # where the system cannot swap two folders in one step, the old one is renamed aside first
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
@@ -78,6 +82,57 @@ def test_backup_is_kept_when_the_target_is_missing(tmp_path):
         (tmp / "step").write_text("2")
     assert (target / "step").read_text() == "2"
     assert (backup / "step").read_text() == "1"
+
+
+def exchange_works(tmp_path) -> bool:
+    a, b = tmp_path / "xa", tmp_path / "xb"
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("")
+    works = files._exchange(a, b) and (b / "f").exists()
+    shutil.rmtree(a)
+    shutil.rmtree(b)
+    return works
+
+
+def test_the_target_is_never_missing_while_it_is_replaced(tmp_path, monkeypatch):
+    """Where the system swaps two folders in one step (Linux), a reader looking between any two of
+    the swap's renames finds the old folder or the new one, never neither."""
+    if not exchange_works(tmp_path):
+        pytest.skip("this system cannot exchange two folders in one step")
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "f").write_text("old")
+    seen = []
+
+    def look():
+        seen.append((target / "f").read_text() if (target / "f").exists() else None)
+
+    real_replace, real_exchange = os.replace, files._exchange
+    monkeypatch.setattr(os, "replace", lambda a, b: (look(), real_replace(a, b), look()))
+    monkeypatch.setattr(files, "_exchange", lambda a, b: (look(), real_exchange(a, b), look())[1])
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("new")
+    assert seen == ["old", "new"]  # one step: old before it, new after it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_leftover_names_are_the_swap_s_own(tmp_path, monkeypatch):
+    """What a writer killed before deleting the old folder leaves (with the one-step swap and with
+    two renames) is what is_swap_leftover and swap_leftovers name, and nothing else is."""
+    monkeypatch.setattr(files.shutil, "rmtree", lambda path, **kw: None)  # killed before any delete
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / ".tokenizer.json").write_text("")  # a look-alike that is not the swap's
+    with atomic_dir(tmp_path / "tokenizer"):
+        pass
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    with atomic_dir(tmp_path / "tokenizer"):
+        pass
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("tokenizer", ".tokenizer.json"))
+    assert len(left) == 2 and all(is_swap_leftover(name, "tokenizer") for name in left), left
+    assert not any(is_swap_leftover(name, other) for name in left for other in ("tokenize", "out"))
+    assert not is_swap_leftover(".tokenizer.json", "tokenizer")
+    assert [p.name for p in swap_leftovers(tmp_path)] == left
 
 
 def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
