@@ -123,14 +123,22 @@ def mfu_vs_max(p: dict, v: dict) -> float:
     return v["mfu"] if "mfu_vs_median_peak" in v else v["mfu"] * p["peak_flops_median"] / p["peak_flops_max"]
 
 
-def train_speed(name: str) -> str:
-    d = load(name)
-    gpu = "cuda" in name
+def train_speed(name: str | list[str]) -> str:
+    """One run's table; a list of files (one run split by preset) gives one table of all their presets.
+    Runs with bf16 rows get a dtype column, each bf16 row's speed over its fp32 twin and the bf16 peak."""
+    names = [name] if isinstance(name, str) else name
+    files = [load(n) for n in names]
+    d = {**files[0], "presets": [p for f in files for p in f["presets"]]}
+    gpu = "cuda" in names[0]
     datasheet = next((v for k, v in DATASHEET_PEAK.items() if k in d.get("device", "")), None) if gpu else None
-    head = "| preset | batch x context | variant | compiled | tokens/s | vs its reference | MFU (highest measured peak) |"
+    bf16 = any("peak_flops_bf16_max" in p for p in d["presets"])
+    head = "| preset | batch x context | variant |" + (" dtype |" if bf16 else "") + " compiled | tokens/s | vs its reference |"
+    head += " vs float32 |" if bf16 else ""
+    head += " MFU (highest measured peak) |"
     head += " MFU (datasheet) |" if datasheet else ""
     head += " compile s |"
-    out = [source(name, d), "", head, "|" + "---|" * (head.count("|") - 1)]
+    src = [source(n, f) for n, f in zip(names, files)]
+    out = ["<br>".join(src) if len(src) > 1 else src[0], "", head, "|" + "---|" * (head.count("|") - 1)]
     for p in d["presets"]:
         for v, r in p["variants"].items():
             compiled = r.get("compiled", v in ("slmkit", "slmkit-blocks"))
@@ -139,14 +147,23 @@ def train_speed(name: str) -> str:
             flops = r.get("flops_per_token", p["flops_per_token"])
             steady = r.get("step_s_median", statistics.median(r["step_times_s"]))
             compile_s = r.get("compile_s", max(r["first_two_steps_s"] - 2 * steady, 0.0))
-            line = (f"| {p['preset']} | {p.get('batch', d.get('batch'))} x {p.get('block', d.get('block'))} | {v} | {'yes' if compiled else 'no'} | "
-                    f"{r['tok_per_s']:,.0f} | {ratio} | {pct(mfu_vs_max(p, r))} |")
+            line = f"| {p['preset']} | {p.get('batch', d.get('batch'))} x {p.get('block', d.get('block'))} | {v} |"
+            if bf16:
+                line += f" {r.get('dtype', d['dtype'])} |"
+            line += f" {'yes' if compiled else 'no'} | {r['tok_per_s']:,.0f} | {ratio} |"
+            if bf16:
+                line += f" {r['speedup_vs_float32']:.2f}x ({r['float32_twin']}) |" if "speedup_vs_float32" in r else " - |"
+            line += f" {pct(mfu_vs_max(p, r))} |"
             if datasheet:
                 line += f" {pct(flops * r['tok_per_s'] / datasheet)} |"
             out.append(line + f" {compile_s:.0f} |")
     peaks = ", ".join(f"{p['preset']} {p['peak_flops_max'] / 1e9:,.0f}" for p in d["presets"])
     out += ["", f"Highest measured matmul peak ({d['dtype']}), GFLOP/s: {peaks}"
             + (f"; datasheet peak {datasheet / 1e12:.0f} TFLOP/s." if datasheet else ".")]
+    if bf16:
+        peaks = ", ".join(f"{p['preset']} {p['peak_flops_bf16_max'] / 1e9:,.0f}" for p in d["presets"])
+        ratio = statistics.median(p["peak_flops_bf16_max"] / p["peak_flops_max"] for p in d["presets"])
+        out[-1] += f" Highest measured bfloat16 peak, GFLOP/s: {peaks} ({ratio:.1f}x the float32 peak)."
     return "\n".join(out)
 
 
@@ -180,6 +197,22 @@ def cpu_kernels(name: str = "cpu_kernels.json") -> str:
         ratio = (a["forward"] + a["backward"]) / (b["forward"] + b["backward"])
         out.append(f"| {s['batch']} x {s['heads']} ({s['kv_heads']}) x {s['context']} x {s['head_size']} | "
                    f"{a['forward']:.1f} / {a['backward']:.1f} | {b['forward']:.1f} / {b['backward']:.1f} | {ratio:.2f}x |")
+    if d.get("heads"):  # the fused head + loss, forward and backward (files from before it have none)
+        out += ["", "| fused head: rows x width x vocab | PyTorch's loop ms | slmkit's kernel loop ms | speed-up |",
+                "|---|---|---|---|"]
+        out += [f"| {r['rows']} x {r['width']} x {r['vocab']} | {r['pytorch_ms']:.1f} | {r['slmkit_ms']:.1f} | "
+                f"{r['pytorch_ms'] / r['slmkit_ms']:.2f}x |" for r in d["heads"]]
+    return "\n".join(out)
+
+
+def bf16_loss_check(name: str = "bf16_loss_check_epyc.json") -> str:
+    """stories15m trained 25 steps in float32 and in bf16: the loss each reaches and the speed."""
+    d = load(name)
+    out = [source(name, d), "", "| train.dtype | loss at step 25 | val loss at step 25 | tokens/s (median of steps 2-25) |",
+           "|---|---|---|---|"]
+    for dtype, r in d["runs"].items():
+        out.append(f"| {dtype} | {r['loss_step_25']:.4f} | {r['val_loss_step_25']:.4f} | {r['tok_per_s_median_steps_2_25']:,.0f} |")
+    out += ["", f"bf16 over float32: {d['speedup_median_tok_per_s']:.2f}x the tokens per second."]
     return "\n".join(out)
 
 
@@ -221,6 +254,9 @@ TABLES: dict[str, Callable[[], str]] = {
         "recipe_search.jsonl", "python bench/quality.py --max-time 5m --try 'NAME: overrides' "
         "--results bench/results/recipe_search.jsonl"),
     "train-speed-cpu": lambda: train_speed("train_speed_cpu_epyc.json"),
+    "train-speed-cpu-bf16": lambda: train_speed(["train_speed_cpu_epyc_bf16_stories260k.json",
+                                                 "train_speed_cpu_epyc_bf16_stories15m.json"]),
+    "train-speed-cpu-epyc-goals": lambda: train_speed("train_speed_cpu_epyc_fp32_goals.json"),
     "train-speed-intel-s6": lambda: train_speed_runs([f"train_speed_cpu_s6_run{i}.json" for i in range(4, 10)]),
     "train-speed-intel-quiet": lambda: train_speed("train_speed_cpu_quiet.json"),
     "train-speed-intel-quiet2": lambda: train_speed("train_speed_cpu_quiet2.json"),
@@ -228,8 +264,12 @@ TABLES: dict[str, Callable[[], str]] = {
     "train-speed-intel-loaded": lambda: train_speed("train_speed_cpu.json"),
     "train-speed-cuda": lambda: train_speed("train_speed_cuda.json"),
     "train-speed-cuda-b64": lambda: train_speed("train_speed_cuda_b64.json"),
+    "bf16-loss-check": bf16_loss_check,
     "cpu-kernels-intel": cpu_kernels,
+    "cpu-kernels-epyc": lambda: cpu_kernels("cpu_kernels_epyc.json"),
+    "cpu-kernels-epyc-bf16": lambda: cpu_kernels("cpu_kernels_epyc_bf16.json"),
     "decode-cpu": lambda: stored_table("decode_epyc.json"),
+    "serve-cpu": lambda: stored_table("serve.json"),
     "decode-intel": lambda: stored_table("decode.json"),
     "decode-intel-repeats": lambda: decode_repeats(["decode.json", "decode_repeat2.json", "decode_repeat3.json"]),
     "decode-cuda": lambda: stored_table("decode_cuda.json"),
@@ -237,6 +277,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "vs-llama2c-intel": lambda: stored_table("vs_llama2c.json"),
     "export-int8-trained": lambda: stored_table("export_int8_cpu-15min.json"),
     "export-int8-random": lambda: stored_table("export_int8_random_stories15m.json"),
+    "quantize-260k": lambda: stored_table("quantize_stories260k.json"),
 }
 
 

@@ -1,6 +1,7 @@
 """Training throughput: slmkit's training step against plain references, in the same process.
 
-    python bench/train_speed.py                                  # CPU, 2 threads, fp32
+    python bench/train_speed.py                                  # CPU, 2 threads, fp32 (+ bf16 rows on a bf16 CPU)
+    python bench/train_speed.py --presets stories15m --variants reference slmkit slmkit-bf16   # fp32 vs bf16
     python bench/train_speed.py --device cuda --preset-shape    # GPU, bf16: 15m, 42m, 110m at their own shapes
     python bench/train_speed.py --smoke                          # seconds: tiny model, eager only, a tmp file
 
@@ -18,7 +19,11 @@ each against its own reference written the peers' way below in this file:
 * ``slmkit-eager`` / ``slmkit``: slmkit's model and optimizer as ``Trainer.train_step`` uses them,
   the preset's architecture, uncompiled / with ``train.compile=true`` (slmkit's fastest path);
 * ``slmkit-gpt2-eager`` / ``slmkit-gpt2``: the same with nanoGPT's architecture, against ``nanogpt``;
-* ``slmkit-blocks`` (only when asked for): compile just the repeated block, which compiles faster.
+* ``slmkit-blocks`` (only when asked for): compile just the repeated block, which compiles faster;
+* ``<variant>-bf16`` (``slmkit-bf16``, ``reference-bf16``, ...): that variant under bf16 autocast (float32
+  weights and optimizer, as ``train.dtype=bfloat16``). On a CPU with native bf16 (``runtime.cpu_bf16``)
+  the default list adds ``reference-bf16`` and ``slmkit-bf16``, so fp32, bf16 and the reference run
+  in the same alternation; each bf16 row also gives its speed over its float32 twin.
 
 Both peers default to ``compile=True`` on a GPU, so there the references are compiled too
 (``--compile-references``, on by default with ``--device cuda``); on a CPU nanoGPT's README says
@@ -29,7 +34,8 @@ The machine may be shared, so the variants run in alternation (a few steps of ea
 round), every round also times a large square matmul, and the table shows medians; ratios between
 variants of the same round survive a noisy machine better than absolute numbers. MFU is
 ``flops_per_token x tokens/s`` (6 x params plus the attention term). On a CPU it is taken against the
-highest matmul peak measured in the run (the median peak would flatter it); on a GPU against the
+highest matmul peak measured in the run in the row's dtype (the median peak would flatter it; bf16
+rows against the bf16 peak, measured every round beside the fp32 one); on a GPU against the
 datasheet peak (as nanoGPT quotes MFU, for the GPUs in ``DATASHEET_PEAK``) and the highest measured
 peak. The result goes to bench/results/train_speed_<device>.json with the command and the machine.
 """
@@ -57,7 +63,7 @@ from benchlib import machine_info  # noqa: E402
 
 from slmkit.config import load_preset  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
-from slmkit.runtime import autocast, measure_matmul_peak  # noqa: E402
+from slmkit.runtime import autocast, cpu_bf16, measure_matmul_peak  # noqa: E402
 from slmkit.trainer import TrainConfig, make_optimizer  # noqa: E402
 
 # --------------------------------------------------------------------------- the eager reference
@@ -225,6 +231,17 @@ VARIANTS: dict[str, tuple[str, str, bool | None]] = {
     "slmkit-gpt2": ("gpt2", "slmkit", True),
 }
 BASELINE = {"llama": "reference", "gpt2": "nanogpt"}
+BF16 = "-bf16"  # a variant name ending in it: that variant under bf16 autocast
+
+
+def parse_variant(name: str) -> tuple[str, bool]:
+    """``"slmkit-bf16"`` -> ``("slmkit", True)``: the variant of VARIANTS and whether it runs in bf16."""
+    return (name[: -len(BF16)], True) if name.endswith(BF16) else (name, False)
+
+
+def variant_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype of a variant: bf16 for ``*-bf16``, else the run's (fp32 on a CPU, bf16 on a GPU)."""
+    return torch.bfloat16 if parse_variant(name)[1] else dtype
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), the peak nanoGPT quotes MFU against.
 DATASHEET_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -239,7 +256,8 @@ def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x:
     """A function running one training step of ``variant``, and the seconds its first two steps took
     (compilation included)."""
     torch.manual_seed(0)
-    arch, impl, compiled = VARIANTS[variant]
+    arch, impl, compiled = VARIANTS[parse_variant(variant)[0]]
+    dtype = variant_dtype(variant, dtype)
     if arch == "gpt2":
         mc = gpt2_arch(mc)
     if impl in ("reference", "nanogpt"):
@@ -276,8 +294,8 @@ def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x:
 
 
 def is_compiled(variant: str, compile_references: bool) -> bool:
-    compiled = VARIANTS[variant][2]
-    return compile_references if compiled is None else compiled or VARIANTS[variant][1] == "slmkit-blocks"
+    _, impl, compiled = VARIANTS[parse_variant(variant)[0]]
+    return compile_references if compiled is None else compiled or impl == "slmkit-blocks"
 
 
 def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict:
@@ -294,10 +312,15 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
         steps[v], warmup[v] = make_step(v, mc, device, dtype, x, y, args.compile_references)
         print(f"  {preset} {v}: first two steps {warmup[v]:.1f}s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {v: [] for v in args.variants}
-    peaks = []
+    # Every round times the matmul peak in each dtype the variants use (fp32 and bf16 on a CPU).
+    dtypes = sorted({variant_dtype(v, dtype) for v in args.variants} | {dtype}, key=str)
+    peaks: dict[torch.dtype, list[float]] = {d: [] for d in dtypes}
     load_before = os.getloadavg()[0]
     for r in range(args.rounds):
-        peaks.append(measure_matmul_peak(device, dtype, n=args.peak_n))
+        for d in dtypes:
+            # bf16 where the CPU emulates it: measure_matmul_peak's own smaller size keeps this quick
+            emulated = device == "cpu" and d == torch.bfloat16 and cpu_bf16() is None
+            peaks[d].append(measure_matmul_peak(device, d, n=None if emulated else args.peak_n))
         for v in args.variants if r % 2 == 0 else args.variants[::-1]:  # no variant always goes first
             for _ in range(args.steps):
                 sync(device)
@@ -306,28 +329,34 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
                 sync(device)
                 times[v].append(time.perf_counter() - t0)
     tokens_per_step = batch * block
-    peak_max, peak_median = max(peaks), statistics.median(peaks)
+    peak_max, peak_median = max(peaks[dtype]), statistics.median(peaks[dtype])
     shape = {k: getattr(mc, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "block_size")}
     out = {"preset": preset, "batch": batch, "block": block, "model": shape,
            "params": GPT(mc).num_params(), "flops_per_token": GPT(mc).flops_per_token(),
-           "peak_flops_median": peak_median, "peak_flops_max": peak_max, "peak_flops_all": peaks,
+           "peak_flops_median": peak_median, "peak_flops_max": peak_max, "peak_flops_all": peaks[dtype],
            "load_before": load_before, "load_after": os.getloadavg()[0], "variants": {}}
+    if torch.bfloat16 in peaks and dtype != torch.bfloat16:  # the bf16 peak beside the fp32 one
+        out.update(peak_flops_bf16_median=statistics.median(peaks[torch.bfloat16]),
+                   peak_flops_bf16_max=max(peaks[torch.bfloat16]), peak_flops_bf16_all=peaks[torch.bfloat16])
     datasheet = next((v for k, v in DATASHEET_PEAK.items() if k in args.device_name), None) if device == "cuda" else None
     if datasheet:
         out["peak_flops_datasheet"] = datasheet
     for v in args.variants:
-        arch = VARIANTS[v][0]
+        twin, _ = parse_variant(v)
+        arch = VARIANTS[twin][0]
         arch_mc = gpt2_arch(mc) if arch == "gpt2" else mc
         flops = GPT(arch_mc).flops_per_token()
         med = statistics.median(times[v])
         base = BASELINE[arch]
+        vdt = variant_dtype(v, dtype)
         row = {
             "architecture": "nanoGPT (learned, LayerNorm, GELU)" if arch == "gpt2" else "Llama (RoPE, RMSNorm, SwiGLU)",
+            "dtype": str(vdt).replace("torch.", ""),
             "params": GPT(arch_mc).num_params(), "flops_per_token": flops, "compiled": is_compiled(v, args.compile_references),
             "tok_per_s": tokens_per_step / med, "tok_per_s_best": tokens_per_step / min(times[v]),
-            # against the highest peak of the run; the median peak is kept for older comparisons
-            "mfu": flops * tokens_per_step / med / peak_max,
-            "mfu_vs_median_peak": flops * tokens_per_step / med / peak_median,
+            # against the highest peak of the run in the row's dtype; the median peak is kept for older comparisons
+            "mfu": flops * tokens_per_step / med / max(peaks[vdt]),
+            "mfu_vs_median_peak": flops * tokens_per_step / med / statistics.median(peaks[vdt]),
             "baseline": base if base in times else None,
             "first_two_steps_s": warmup[v], "compile_s": max(warmup[v] - 2 * med, 0.0),
             "step_s_median": med, "step_times_s": [round(t, 4) for t in times[v]],
@@ -337,6 +366,9 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
         if base in times:
             row["speedup_vs_baseline"] = statistics.median(times[base]) / med
             row["speedup_vs_reference"] = row["speedup_vs_baseline"]  # the key older files use
+        if twin != v and twin in times:  # a bf16 row against the same variant in the run's dtype
+            row["float32_twin"] = twin
+            row["speedup_vs_float32"] = statistics.median(times[twin]) / med
         out["variants"][v] = row
     return out
 
@@ -346,9 +378,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=None, help="default: stories260k stories15m (CPU), "
                         "stories15m stories42m stories110m (CUDA)")
-    parser.add_argument("--variants", nargs="+", default=["reference", "slmkit-eager", "slmkit", "nanogpt", "slmkit-gpt2"],
-                        choices=list(VARIANTS), help="each is compared with its architecture's reference "
-                        "(reference or nanogpt) when that runs too")
+    parser.add_argument("--variants", nargs="+", default=None, choices=[*VARIANTS, *(v + BF16 for v in VARIANTS)],
+                        help="each is compared with its architecture's reference (reference or nanogpt) when that "
+                        "runs too; NAME-bf16 is NAME under bf16 autocast (default: reference slmkit-eager slmkit "
+                        "nanogpt slmkit-gpt2, plus reference-bf16 slmkit-bf16 on a CPU with native bf16)")
     parser.add_argument("--compile-references", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the references (default: on with --device cuda, as the peers "
                         "default to compile=True there; off on a CPU, as nanoGPT's README says)")
@@ -367,7 +400,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.presets, args.batch, args.block, args.vocab, args.rounds, args.steps = ["tiny"], 2, 32, 256, 1, 1
-        args.variants = ["reference", "slmkit-eager", "nanogpt", "slmkit-gpt2-eager"]
+        args.variants = ["reference", "slmkit-eager", "nanogpt", "slmkit-gpt2-eager", "slmkit-eager-bf16"]
         args.peak_n = 256
         if args.out is None:
             import tempfile
@@ -375,6 +408,10 @@ def main() -> None:
             args.out = str(Path(tempfile.mkdtemp(prefix="slm-train-speed-smoke-")) / "train_speed.json")
 
     device = args.device
+    if args.variants is None:
+        args.variants = ["reference", "slmkit-eager", "slmkit", "nanogpt", "slmkit-gpt2"]
+        if device == "cpu" and cpu_bf16():
+            args.variants += ["reference-bf16", "slmkit-bf16"]
     if args.compile_references is None:
         args.compile_references = device == "cuda"
     if device == "cuda":
@@ -392,7 +429,8 @@ def main() -> None:
         name = f"CPU, {args.threads} threads"
     results = {
         **machine_info(), "device": name, "threads": args.threads if device == "cpu" else None,
-        "dtype": str(dtype).replace("torch.", ""), "compile_references": args.compile_references,
+        "dtype": str(dtype).replace("torch.", ""), "cpu_bf16": cpu_bf16() if device == "cpu" else None,
+        "compile_references": args.compile_references,
         "mfu_peak": "highest measured" if device == "cpu" else "datasheet (mfu_vs_datasheet) and highest measured (mfu)",
         "rounds": args.rounds, "steps_per_round": args.steps, "presets": [],
     }
@@ -401,13 +439,17 @@ def main() -> None:
 
     print(f"\n{name}, {results['dtype']}, medians of {args.rounds} x {args.steps} steps "
           f"(load average {results['presets'][0]['load_before']:.1f}); MFU against the highest measured peak\n")
-    print("| preset | batch x context | variant | tokens/s | vs its reference | MFU | highest peak | compile |")
-    print("|---|---|---|---|---|---|---|---|")
     for p in results["presets"]:
+        print("| preset | batch x context | variant | dtype | tokens/s | vs its reference | vs float32 | MFU | compile |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for v, r in p["variants"].items():
             ratio = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r["baseline"] else "-"
-            print(f"| {p['preset']} | {p['batch']} x {p['block']} | {v} | {r['tok_per_s']:,.0f} | {ratio} | "
-                  f"{r['mfu']:.0%} | {p['peak_flops_max'] / 1e9:,.0f} GFLOP/s | {r['compile_s']:.0f}s |")
+            twin = f"{r['speedup_vs_float32']:.2f}x" if "speedup_vs_float32" in r else "-"
+            print(f"| {p['preset']} | {p['batch']} x {p['block']} | {v} | {r['dtype']} | {r['tok_per_s']:,.0f} | {ratio} | "
+                  f"{twin} | {r['mfu']:.0%} | {r['compile_s']:.0f}s |")
+        bf16 = f", bfloat16 {p['peak_flops_bf16_max'] / 1e9:,.0f}" if "peak_flops_bf16_max" in p else ""
+        print(f"\n{p['preset']}: highest measured matmul peak, GFLOP/s: {results['dtype']} "
+              f"{p['peak_flops_max'] / 1e9:,.0f}{bf16}\n")
     path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"train_speed_{device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

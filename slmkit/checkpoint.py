@@ -7,6 +7,8 @@ A checkpoint is a directory:
     rng.safetensors        RNG states, so dropout continues exactly after a resume
     state.json             step, data position, schedule state, optimizer hyper-parameters, ...
     model.json             the ModelConfig, so a checkpoint folder is self-describing
+    quantization.json      only in a quantized run (``slm quantize``): how model.safetensors's
+                           packed int8/int4 blocks unpack (``slmkit.quant``); reading gives float32
     manifest.json          sha256 of every file above, checked on load
 
 It is written into a temporary sibling directory and renamed into place; the checkpoint it replaces
@@ -38,6 +40,7 @@ from slmkit.config import from_dict, to_dict
 from slmkit.errors import SlmError
 from slmkit.files import atomic_dir, sha256_file
 from slmkit.model import GPT, ModelConfig
+from slmkit.quant import dequantize_weights
 
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "model.json", "state.json")
@@ -82,11 +85,13 @@ def write_checkpoint(
     optimizer_state: dict[str, Any] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> None:
     """Write a complete checkpoint to ``directory`` atomically (temp dir, fsync, rename).
 
     ``optimizer_state`` is ``optimizer.state_dict()`` (parameters numbered by index). ``weights``
-    replaces ``model.state_dict()`` when the model's own are sharded (FSDP): the gathered whole ones.
+    replaces ``model.state_dict()`` when the model's own are sharded (FSDP): the gathered whole ones,
+    or the packed ones of a quantized run, which ``quantization`` (quantization.json) describes.
     """
     directory = Path(directory)
     # The checkpoint being replaced becomes <name>.old, the fallback if the new one is ever bad.
@@ -96,6 +101,8 @@ def write_checkpoint(
             save_file(model_state(model, weights), tmp / "model.safetensors")
             _slow_down()
             _write_json(tmp / "model.json", to_dict(model.config))
+            if quantization is not None:
+                _write_json(tmp / "quantization.json", quantization)
             state = dict(state)
             if optimizer_state is not None:
                 tensors, meta = optimizer_tensors(optimizer_state)
@@ -191,6 +198,9 @@ def _read_verified(path: Path, files: set[str], with_optimizer: bool) -> dict[st
         if not isinstance(model_cfg, dict) or not isinstance(state, dict):
             raise ValueError("model.json and state.json must hold JSON objects")
         weights = load_file(path / "model.safetensors")
+        if "quantization.json" in files:  # packed int8/int4 blocks: unpacked to the float32 they stand for
+            meta = json.loads((path / "quantization.json").read_text(encoding="utf-8"))
+            weights = dequantize_weights(weights, meta, str(path))
         out: dict[str, Any] = {"path": path, "model_config": model_cfg, "weights": weights, "state": state}
         out["rng"] = load_file(path / "rng.safetensors") if "rng.safetensors" in files else {}
         if with_optimizer and "optimizer.safetensors" in files:

@@ -93,3 +93,18 @@ def atomic_dir(target: Path, *, backup: Path | None = None, durable: bool = Fals
             fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write one file to; when the block ends cleanly
+    it replaces ``target`` (a reader sees the old file or the new one), else it is deleted."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -2,8 +2,8 @@
 
 ``GPT.forward(idx, targets, return_logits=False)`` calls it instead of making the full (tokens,
 vocab) logits. It is a fast path of ``F.cross_entropy(h @ weight.T, targets)``, kept out of
-``model.py`` so the model stays the readable reference; on a CPU in float32 its loop runs in C++
-(``cpu_kernels.head_loss``).
+``model.py`` so the model stays the readable reference; on a CPU, in float32 or under bf16
+autocast, its loop runs in C++ (``cpu_kernels.head_loss``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        if cpu_kernels.head_loss_usable(h, weight):  # float32 on a CPU: the same loop, in C++ and eager
-            loss, grad_h, grad_w = cpu_kernels.head_loss(h, weight, targets, chunk)
-            ctx.save_for_backward(grad_h, grad_w)
+        if cpu_kernels.head_loss_usable(h, weight):  # on a CPU: the same loop, in C++ and eager
+            # Under bf16 autocast the kernel gets bf16 copies: bf16 multiplies, a float32 loss.
+            on = torch.is_autocast_enabled("cpu")
+            cdt = torch.get_autocast_dtype("cpu") if on else h.dtype
+            loss, grad_h, grad_w = cpu_kernels.head_loss(h.to(cdt), weight.to(cdt), targets, chunk)
+            ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
             return loss
         # Under autocast, run the matmuls in the autocast dtype and the softmax in fp32, as F.linear
         # followed by logits.float() would.

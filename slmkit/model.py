@@ -154,7 +154,7 @@ _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 class Attention(nn.Module):
     """Causal self-attention with fused QKV, optional GQA: slmkit's CPU kernel where it pays
-    (cpu_kernels.py: float32 on a CPU, head sizes up to 16 and 32, 48, 64), else PyTorch's SDPA."""
+    (cpu_kernels.py: float32 or bf16 on a CPU, head sizes up to 16 and 32, 48, 64), else PyTorch's SDPA."""
 
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -201,7 +201,7 @@ class Attention(nn.Module):
                 bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
                 scores = scores + bias.masked_fill(~mask, float("-inf"))
             y = torch.softmax(scores, dim=-1) @ v
-        elif causal and dropout == 0.0 and cpu_kernels.attention_usable(q, k, v):  # CPU float32
+        elif causal and dropout == 0.0 and cpu_kernels.attention_usable(q, k, v):  # CPU float32/bf16
             return cpu_kernels.causal_attention(q, k, v)  # (B, T, C) already
         elif causal:  # the whole sequence at once
             if rep > 1:

@@ -209,14 +209,18 @@ def setup_run_dir_on_rank0(data_dir: Path, run_dir: Path, sections: dict[str, di
     return bool(answer[0])
 
 
-def create_run(run_dir: str | Path, model: GPT, tokenizer: Tokenizer, train_cfg: TrainConfig, **notes: Any) -> Path:
+def create_run(run_dir: str | Path, model: GPT, tokenizer: Tokenizer, train_cfg: TrainConfig, *,
+               weights: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
+               **notes: Any) -> Path:
     """Write ``model`` as a new RUN_DIR at step 0 (config.toml, tokenizer/, last/ and best/) that
     ``slm train --data DATA --out RUN_DIR`` resumes, on data prepared with the same tokenizer.
 
     The checkpoints hold the weights and the state a pretraining run has before its first step
     (``checkpoint_state`` of a fresh ``RunState``, data position and schedule); no optimizer
     state, so training starts with fresh AdamW moments. ``notes`` go into state.json (e.g.
-    ``imported_from``). RUN_DIR must be new or empty; on any failure it is removed again.
+    ``imported_from``). ``weights`` and ``quantization`` store packed weights instead of the
+    model's own (``slm quantize``, see ``write_checkpoint``). RUN_DIR must be new or empty; on any
+    failure it is removed again.
     """
     run_dir = Path(run_dir)
     check_new_run_dir(run_dir)
@@ -228,7 +232,7 @@ def create_run(run_dir: str | Path, model: GPT, tokenizer: Tokenizer, train_cfg:
         state = checkpoint_state(RunState(), data=TokenBatches.start_state(train_cfg.seed),
                                  schedule=LRSchedule(train_cfg).state_dict(), scaler={}, **notes)
         for name in ("last", "best"):
-            write_checkpoint(run_dir / name, model=model, state=state)
+            write_checkpoint(run_dir / name, model=model, state=state, weights=weights, quantization=quantization)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise

@@ -27,7 +27,7 @@ from slmkit.distributed import Dist, init_distributed, split_batch
 from slmkit.errors import SlmError
 from slmkit.model import GPT, ModelConfig
 from slmkit.rundir import setup_run_dir_on_rank0
-from slmkit.runtime import pick_dtype, resolve_device
+from slmkit.runtime import choose_dtype, describe_dtype, pick_dtype, resolve_device
 from slmkit.schedules import LRSchedule
 from slmkit.scoring import evaluate_tokens
 from slmkit.tokenizer import load_tokenizer
@@ -52,7 +52,7 @@ def resolve_config(
     if config_file:
         from_file = load_toml(config_file)
         check_sections(from_file, RUN_SECTIONS, config_file)
-        for other in ("sample", "finetune", "lora"):  # slm generate's and slm finetune's: one run file serves all
+        for other in ("sample", "serve", "finetune", "lora"):  # the other commands' sections: one run file serves all
             from_file.pop(other, None)
         sections = merge(sections, from_file)
     sections = merge(sections, parse_overrides(overrides or []))
@@ -166,8 +166,10 @@ def train(
                 n = trainer.model.num_params()
                 what = f"resuming at step {trainer.state.step}" if resume else "starting"
                 procs = f", {dist.world_size} processes" if dist.world_size > 1 else ""
-                print(f"{what}: {n / 1e6:.2f}M parameters, device {trainer.device}, "
-                      f"{str(trainer.dtype).replace('torch.', '')}{procs}", file=sys.stderr)
+                # e.g. "..., device cpu, bfloat16 autocast, float32 weights (train.dtype=auto: this CPU has AVX512-BF16)"
+                why = choose_dtype(sections["train"]["dtype"], trainer.device)[1]
+                print(f"{what}: {n / 1e6:.2f}M parameters, device {trainer.device}{procs}, "
+                      f"{describe_dtype(trainer.dtype)} ({why})", file=sys.stderr)
             summary = trainer.run(quiet=quiet)
             dist.barrier()
     finally:

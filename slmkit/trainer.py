@@ -213,7 +213,7 @@ class Trainer:
                 # gives the eager losses; untested on GPUs, where torchtitan compiles block by block.
                 net, self.compiled = torch.compile(net), True
         self.forward = net  # the training forward; evaluation uses the plain model (no second compile)
-        if device == "cpu" and dtype == torch.float32 and dist.main and cpu_kernels.available():
+        if device == "cpu" and dtype in (torch.float32, torch.bfloat16) and dist.main and cpu_kernels.available():
             print(f"note: slmkit's CPU kernels are off ({cpu_kernels.available()}); attention and the loss "
                   "use PyTorch's ops", file=sys.stderr)
         self.stop_signal: str | None = None

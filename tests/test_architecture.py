@@ -16,13 +16,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "slmkit"
 # Stage of every module, in pipeline order. A module may import its own stage and earlier ones.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("shared", ("errors", "files", "config", "runtime", "cpu_kernels")),
-    ("model", ("model", "loss", "lora")),
+    ("model", ("model", "loss", "lora", "quant")),
     ("prepare/data", ("tokenizer", "prepare", "data", "chat")),
     ("checkpoint", ("checkpoint",)),
     ("train", ("schedules", "distributed", "rundir", "scoring", "trainer", "train", "finetune")),
     ("decode", ("decode",)),
     ("generate", ("generate",)),
     ("evaluate/export", ("evaluate", "export")),
+    ("serve", ("serve",)),
     ("cli", ("cli", "quickstart")),
 ]
 RANK = {name: rank for rank, (_, names) in enumerate(STAGES) for name in names}

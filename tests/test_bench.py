@@ -44,13 +44,17 @@ def test_train_speed(tmp_path: Path) -> None:
     d = written_json(tmp_path, "train_speed.json")
     assert d["machine"] and d["cpu"] and d["commit"]
     v = d["presets"][0]["variants"]
-    assert set(v) == {"reference", "slmkit-eager", "nanogpt", "slmkit-gpt2-eager"}
+    assert set(v) == {"reference", "slmkit-eager", "nanogpt", "slmkit-gpt2-eager", "slmkit-eager-bf16"}
     assert v["slmkit-eager"]["baseline"] == "reference" and v["slmkit-gpt2-eager"]["baseline"] == "nanogpt"
     assert v["nanogpt"]["params"] == v["slmkit-gpt2-eager"]["params"] != v["reference"]["params"]
+    bf16 = v["slmkit-eager-bf16"]  # the bf16 row: against the fp32 reference and its fp32 twin
+    assert (bf16["dtype"], bf16["baseline"], bf16["float32_twin"]) == ("bfloat16", "reference", "slmkit-eager")
+    assert bf16["speedup_vs_float32"] == pytest.approx(v["slmkit-eager"]["step_s_median"] / bf16["step_s_median"])
     p = d["presets"][0]
-    assert p["peak_flops_max"] == max(p["peak_flops_all"])
-    for r in v.values():  # MFU is against the highest measured peak
-        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tok_per_s"] / p["peak_flops_max"], rel=1e-9)
+    assert p["peak_flops_max"] == max(p["peak_flops_all"]) and p["peak_flops_bf16_max"] == max(p["peak_flops_bf16_all"])
+    for r in v.values():  # MFU is against the highest measured peak of the row's dtype
+        peak = p["peak_flops_bf16_max"] if r["dtype"] == "bfloat16" else p["peak_flops_max"]
+        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tok_per_s"] / peak, rel=1e-9)
 
 
 def test_decode(tmp_path: Path) -> None:
@@ -74,12 +78,16 @@ def test_cpu_kernels(tmp_path: Path) -> None:
     from slmkit import cpu_kernels
 
     why = cpu_kernels.available()
-    done = smoke("cpu_kernels.py", tmp_path, ok=(0,) if why is None else (1,))
-    if why is None:
-        d = written_json(tmp_path, "cpu_kernels.json")
-        assert d["shapes"][0]["slmkit_ms"]["forward"] > 0
-    else:  # nothing to compare on this CPU: one line saying why
-        assert done.stderr.strip().splitlines()[-1] == f"error: {why}"
+    for dtype in ("float32", "bfloat16"):  # bfloat16: PyTorch's bf16 ops against the kernels, as under autocast
+        out = tmp_path / dtype
+        out.mkdir()
+        done = smoke("cpu_kernels.py", out, "--dtype", dtype, ok=(0,) if why is None else (1,))
+        if why is None:
+            d = written_json(out, "cpu_kernels.json")
+            assert d["dtype"] == dtype and d["shapes"][0]["slmkit_ms"]["forward"] > 0
+            assert d["heads"][0]["slmkit_ms"] > 0 and d["heads"][0]["pytorch_ms"] > 0
+        else:  # nothing to compare on this CPU: one line saying why
+            assert done.stderr.strip().splitlines()[-1] == f"error: {why}"
 
 
 @pytest.mark.skipif(not (LLAMA2C / "run.c").exists() or shutil.which("gcc") is None,
@@ -120,3 +128,22 @@ def test_test_split_is_disjoint_from_training(tmp_path: Path) -> None:
     meta = load_meta(tmp_path / "data")
     assert meta["train"]["documents"] == split["train_stories"] == len(stories) - 3 - 2
     assert quality.prepare_data(tmp_path / "data", train, valid, 5, 320) == split  # kept, not made again
+
+
+def test_quantize(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    smoke("quantize.py", tmp_path)
+    d = written_json(tmp_path, "quantize.json")
+    rows = d["rows"]
+    assert rows["fp32"]["size_vs_fp32"] == 1 and rows["int4, groups of 32 (q4_0)"]["size_vs_fp32"] < 0.35
+    assert abs(rows["int8, groups of 32 (q8_0)"]["val_bpb_vs_fp32"]) < 0.005 and "int4, groups of 128" in d["refused"]
+    assert all(r["tok_per_s"] > 0 for r in rows.values()) and d["machine"]
+
+
+def test_serve(tmp_path: Path) -> None:
+    smoke("serve.py", tmp_path)
+    d = written_json(tmp_path, "serve.json")
+    assert [s["clients"] for s in d["summary"]] == [1, 4] and d["machine"] and d["commit"]
+    for s in d["summary"]:
+        assert s["tok_per_s"] > 0 and 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["itl_p50_s"] <= s["itl_p99_s"]
+    assert d["rounds"][0]["generate_batch1_tok_per_s"] > 0 and d["table"][0].startswith("| clients")

@@ -195,6 +195,50 @@ def test_traced_export_falls_back_to_sdpa(kernels_on: None) -> None:
         assert torch.allclose(traced(x), module(x), atol=1e-5)
 
 
+@needs_library
+def test_bf16_attention_is_the_float32_kernel_rounded() -> None:
+    """bfloat16 q, k, v (bf16 autocast): the float32 kernel on float32 copies, the output and the
+    gradients rounded to bf16, bit for bit."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 40, (4 + 2 * 2) * 8).bfloat16()
+    a, b = qkv.clone().requires_grad_(), qkv.float().requires_grad_()
+    ya, yb = cpu_kernels.causal_attention(*split_heads(a, 4, 2, 8)), cpu_kernels.causal_attention(*split_heads(b, 4, 2, 8))
+    assert ya.dtype == torch.bfloat16 and torch.equal(ya, yb.bfloat16())
+    grad = torch.randn(ya.shape).bfloat16()
+    ya.backward(grad)
+    yb.backward(grad.float())
+    assert a.grad.dtype == torch.bfloat16 and torch.equal(a.grad, b.grad.bfloat16())
+
+
+@pytest.mark.parametrize("head_dim", [8, 48])
+def test_bf16_autocast_training_uses_the_kernels_and_is_as_close_as_pytorch(
+        monkeypatch: pytest.MonkeyPatch, kernels_on: None, head_dim: int) -> None:
+    """Under bf16 autocast the model takes both kernels, and its loss and gradients are as close to
+    the float32 ones as PyTorch's own bf16 path (SDPA and the chunked head in PyTorch) is."""
+    x, y = torch.randint(0, 64, (3, 32)), torch.randint(0, 64, (3, 32))
+    calls = []
+    real_attn, real_head = cpu_kernels.causal_attention, cpu_kernels.head_loss
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: calls.append("attn") or real_attn(*a))
+    monkeypatch.setattr(cpu_kernels, "head_loss", lambda *a: calls.append("head") or real_head(*a))
+    pays, usable = cpu_kernels.attention_pays, cpu_kernels.head_loss_usable
+    results = {}
+    for name, dtype, fast in (("fp32", None, True), ("kernels", torch.bfloat16, True), ("pytorch", torch.bfloat16, False)):
+        monkeypatch.setattr(cpu_kernels, "attention_pays", pays if fast else lambda d: False)
+        monkeypatch.setattr(cpu_kernels, "head_loss_usable", usable if fast else lambda h, w: False)
+        calls.clear()
+        model = tiny(head_dim)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            _, loss = model(x, y, return_logits=False)
+        loss.backward()
+        assert calls == (["attn", "attn", "head"] if fast else []), name
+        results[name] = (loss.item(), [p.grad for p in model.parameters()])
+    (l32, g32), (lk, gk), (lp, gp) = results["fp32"], results["kernels"], results["pytorch"]
+    assert abs(lk - l32) <= 2 * abs(lp - l32) + 1e-3 and abs(lk - lp) < 1e-2
+    for a, b, c in zip(gk, gp, g32):
+        scale = c.abs().max()
+        assert (a - c).abs().max() <= 2 * (b - c).abs().max() + 0.01 * scale
+
+
 # --------------------------------------------------------------------------- cross-entropy
 
 
@@ -244,6 +288,31 @@ def test_fused_head_equals_the_pytorch_path(monkeypatch: pytest.MonkeyPatch, ker
     assert len(calls) == 5  # 300 rows in chunks of 64, all through the kernel the first time
     assert abs(l1 - l2) < 1e-5
     assert torch.allclose(gh1, gh2, atol=1e-6) and torch.allclose(gw1, gw2, atol=1e-6)
+
+
+def test_fused_head_under_bf16_autocast_equals_the_pytorch_path(monkeypatch: pytest.MonkeyPatch,
+                                                              kernels_on: None) -> None:
+    """Under bf16 autocast the kernel loop does the PyTorch path's arithmetic (bf16 multiplies, the
+    softmax and loss in float32): the same loss and bf16-rounded gradients, float32 gradients out."""
+    torch.manual_seed(0)
+    h, w = torch.randn(300, 32), torch.randn(100, 32) * 0.3
+    targets = torch.randint(0, 100, (300,))
+    targets[::5] = -1
+    results = []
+    for usable in (cpu_kernels.head_loss_usable, lambda h, w: False):
+        monkeypatch.setattr(cpu_kernels, "head_loss_usable", usable)
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert usable(hh, ww) == (not results)  # the kernel the first time only
+            loss = ChunkedCrossEntropy.apply(hh, ww, targets, 64)
+        loss.backward()
+        assert loss.dtype == hh.grad.dtype == ww.grad.dtype == torch.float32
+        results.append((loss.item(), hh.grad, ww.grad))
+    (l1, gh1, gw1), (l2, gh2, gw2) = results
+    assert abs(l1 - l2) < 1e-5
+    # Rounded to bf16 (8 bits) from float32 results that differ in their last bits, a gradient
+    # may land one bf16 step apart: 2^-8 of its size.
+    assert torch.allclose(gh1, gh2, rtol=2**-7, atol=1e-6) and torch.allclose(gw1, gw2, rtol=2**-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("env,prelude,reason", [

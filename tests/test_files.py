@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from slmkit.files import atomic_dir, sha256_file
+from slmkit.files import atomic_dir, atomic_file, sha256_file
 
 
 def test_sha256_file_matches_hashlib_across_blocks(tmp_path):
@@ -78,3 +78,18 @@ def test_backup_is_kept_when_the_target_is_missing(tmp_path):
         (tmp / "step").write_text("2")
     assert (target / "step").read_text() == "2"
     assert (backup / "step").read_text() == "1"
+
+
+def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    with atomic_file(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.gguf.tmp-")
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # untouched while the new one is written
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

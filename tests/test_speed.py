@@ -80,7 +80,7 @@ def test_compiled_training_follows_the_eager_curve(data_dir, tmp_path):
     so 30 steps cost little more than 4."""
     from torch._dynamo.utils import counters
 
-    over = ["model.block_size=16", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.dropout=0",
+    over = ["model.block_size=16", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.dropout=0", "train.dtype=float32",
             "train.batch_size=8", "train.max_steps=30", "train.lr=1e-2", "train.warmup_steps=3",
             "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.plot=false"]
     eager = train(data_dir, tmp_path / "eager", overrides=over, quiet=True)

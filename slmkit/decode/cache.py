@@ -77,3 +77,49 @@ class KVCache:
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows ``rows`` (in that order, repeats allowed): beam search follows its beams."""
         self.k, self.v, self.start = self.k[:, rows], self.v[:, rows], self.start[rows]
+
+    # --- continuous batching: rows join and leave between decode steps ---------------------------
+
+    def shift(self, n: int) -> None:
+        """Move every row's slots ``n`` to the right (n > 0) or left (n < 0): the same tokens at the
+        same positions, ``length`` and ``start`` moved by ``n``. Left, at most ``min(start)``."""
+        if n == 0:
+            return
+        if n > 0 and self.length + n > self.max_len:
+            raise ValueError(f"KV cache full: shifting {self.length} slots by {n} > {self.max_len} slots")
+        if n < 0 and (self.start.numel() == 0 or -n > int(self.start.min())):
+            raise ValueError(f"cannot shift left by {-n}: a row starts at slot {int(self.start.min())}")
+        lo = max(0, -n)
+        for buf in (self.k, self.v):
+            buf[:, :, :, lo + n : self.length + n] = buf[:, :, :, lo : self.length].clone()
+            if n > 0:
+                buf[:, :, :, :n] = 0
+        self.length += n
+        self.start = self.start + n
+        self.padded = bool(self.start.any())
+
+    def compact(self) -> None:
+        """Drop the slots no row uses any more (left of every row's start): after the rows that
+        started first have left, the rest move left and the cache has room again."""
+        if self.start.numel():
+            self.shift(-int(self.start.min()))
+
+    def admit(self, other: KVCache, copies: int = 1) -> None:
+        """Append ``other``'s rows (a cache of new prompts, prefilled on its own), ``copies`` times
+        over, so that their last token lines up with this cache's last slot: rows join a running
+        batch between decode steps. When ``other`` holds more tokens than this cache, this cache's
+        rows move right first. A row's keys, values and positions are the same as in ``other``."""
+        if other.length > self.length:
+            self.shift(other.length - self.length)
+        offset = self.length - other.length
+        rows = other.k.size(1)
+        shape = (self.k.size(0), rows, self.k.size(2), self.max_len, self.k.size(4))
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k[:, :, :, offset : self.length] = other.k[:, :, :, : other.length]
+        v[:, :, :, offset : self.length] = other.v[:, :, :, : other.length]
+        start = other.start.to(self.start.device) + offset
+        if copies > 1:
+            k, v, start = k.repeat(1, copies, 1, 1, 1), v.repeat(1, copies, 1, 1, 1), start.repeat(copies)
+        self.k, self.v = torch.cat((self.k, k), 1), torch.cat((self.v, v), 1)
+        self.start = torch.cat((self.start, start))
+        self.padded = bool(self.start.any())

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 from slmkit.errors import SlmError
 from slmkit.files import atomic_dir
 from slmkit.generate.onnx import EXTRA_HINT, META_FILE  # defined by the reader, below this stage
@@ -75,3 +77,20 @@ def export_meta(model: GPT, tokenizer: Any, fmt: str, **extra: Any) -> dict[str,
 def file_sizes(directory: str | Path) -> dict[str, int]:
     """Bytes on disk of each file in an export folder."""
     return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+def interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a query or key projection (or its bias, 1-D) from slmkit's half-split rotary layout
+    (pairs i and i + D/2, as HF Llama) to the interleaved one (pairs 2i and 2i + 1) that llama2.c's
+    run.c and llama.cpp's ``llama`` architecture rotate (llama.cpp's convert_hf_to_gguf permutes HF
+    Llama's rows the same way)."""
+    if w.dim() == 1:
+        return interleave_rope_rows(w[:, None], heads)[:, 0]
+    out, width = w.shape
+    return w.reshape(heads, 2, out // heads // 2, width).transpose(1, 2).reshape(out, width)
+
+
+def split_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of ``interleave_rope_rows``."""
+    out, width = w.shape
+    return w.reshape(heads, out // heads // 2, 2, width).transpose(1, 2).reshape(out, width)

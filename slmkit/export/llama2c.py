@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from slmkit.errors import SlmError
-from slmkit.export.common import EOT, export_meta, output_dir, write_json
+from slmkit.export.common import EOT, export_meta, interleave_rope_rows, output_dir, split_rope_rows, write_json
 from slmkit.model import GPT, ModelConfig
 
 MAGIC = 0x616B3432  # "ak42": version 1 and 2 files
@@ -94,19 +94,6 @@ def llama2c_order(tokenizer: Any) -> list[int]:
     fixed = {1: tokenizer.eot_id, **{3 + b: i for b, i in byte_id.items()}}
     rest = iter(i for i in range(tokenizer.vocab_size) if i not in set(fixed.values()))
     return [fixed[n] if n in fixed else next(rest) for n in range(tokenizer.vocab_size)]
-
-
-def interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a query or key projection from slmkit's half-split rotary layout (pairs i and
-    i + D/2) to llama2.c's interleaved one (pairs 2i and 2i + 1)."""
-    out, width = w.shape
-    return w.reshape(heads, 2, out // heads // 2, width).transpose(1, 2).reshape(out, width)
-
-
-def split_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of ``interleave_rope_rows``."""
-    out, width = w.shape
-    return w.reshape(heads, out // heads // 2, 2, width).transpose(1, 2).reshape(out, width)
 
 
 def llama2c_tensors(model: GPT, order: list[int] | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:

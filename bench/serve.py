@@ -1,0 +1,228 @@
+"""Serving under load: ``slm serve`` with 1, 4, 16 and 64 concurrent streaming clients on localhost.
+
+    python bench/serve.py            # the table in docs/serving.md (stories15m shape, ~5 minutes on 2 cores)
+    python bench/serve.py --smoke    # seconds: stories260k shape, 1 and 4 clients, a temporary file
+
+The server runs a stories15m-shape model (vocab 4096, a BPE trained on the TinyStories sample) with
+random weights: the speed of a step does not depend on the weights' values, and ``ignore_eos``
+makes every request run to ``max_tokens``. Each client sends its requests one after another
+(streaming completions of a TinyStories opening, temperature 0.8, top-p 0.95, its own seed) and
+records when the first token and every later one arrived. Per load: aggregate tokens/s (all tokens
+/ wall time), time to first token (TTFT) and inter-token latency (ITL) p50 / p99. Baselines measured
+in the same round: the same kind of requests sent one at a time ("sequential"), and batch-1
+``slm generate`` in this process (``generate_tokens``, no HTTP) while the server is idle. Every round
+runs every load, alternating; the table shows medians over rounds, ratios per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine_info  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"
+
+
+def stories(n: int) -> list[str]:
+    """The first ``n`` TinyStories documents of the shared sample (or made-up ones without it)."""
+    if STORIES.exists():
+        docs = [d.strip() for d in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
+        if len(docs) >= 10:
+            return docs[:n]
+    return [f"Once upon a time there was a little {w} who liked to play in the park with friends." for w in
+            ("girl", "boy", "dog", "cat", "bird", "fish", "bear", "frog", "duck", "fox")] * (n // 10 + 1)
+
+
+def make_run(out: Path, preset: str, vocab: int) -> Path:
+    """A run of ``preset``'s shape with random weights and a BPE of ``vocab`` tokens."""
+    from slmkit.config import from_dict, load_preset
+    from slmkit.model import GPT, ModelConfig
+    from slmkit.rundir import create_run
+    from slmkit.tokenizer import train_bpe
+    from slmkit.trainer import TrainConfig
+
+    tok = train_bpe(stories(3000), vocab)
+    section = dict(load_preset(preset)["model"], vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(from_dict(ModelConfig, section, "model")).eval()
+    return create_run(out, model, tok, TrainConfig())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8,
+            "top_p": 0.95, "seed": seed}
+    sent = time.perf_counter()
+    arrivals = []
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                chunk = json.loads(line[5:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    arrivals.append(time.perf_counter())
+    return {"ttft": arrivals[0] - sent, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])],
+            "chunks": len(arrivals)}
+
+
+async def load(url: str, clients: int, per_client: int, prompts: list[str], max_tokens: int) -> dict:
+    """``clients`` concurrent clients, each sending ``per_client`` requests one after another."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def run(c: int) -> list[dict]:
+            return [await one_request(client, url, prompts[(c * per_client + i) % len(prompts)], max_tokens,
+                                      seed=c * per_client + i) for i in range(per_client)]
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(run(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    results = [r for rs in done for r in rs]
+    tokens = clients * per_client * max_tokens
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "itl_p50_s": pct(itl, 0.5),
+            "itl_p99_s": pct(itl, 0.99)}
+
+
+def generate_speed(run: Path, prompt: str, max_tokens: int, threads: int) -> float:
+    """Batch-1 ``slm generate`` (``generate_tokens``, the fast path) tokens/s, in this process."""
+    from slmkit.checkpoint import load_run
+    from slmkit.generate import SamplingConfig, generate_tokens
+
+    torch.set_num_threads(threads)
+    model, tok, _ = load_run(run)
+    cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.8, top_k=0, top_p=0.95, stop_at_eot=False, seed=0)
+    ids = tok.encode(prompt)
+    generate_tokens(model, [ids], cfg)  # warm up
+    t0 = time.perf_counter()
+    generate_tokens(model, [ids], cfg)
+    return max_tokens / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="stories15m")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="about this many prompt tokens per request")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="seconds: stories260k shape, 1 and 4 clients, 8 tokens, "
+                        "1 round, written to a temporary file (not bench/results)")
+    parser.add_argument("--out", default=None, help="JSON result path (default bench/results/serve.json)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.vocab, args.clients, args.max_tokens, args.rounds = "stories260k", 512, [1, 4], 8, 1
+        args.requests_per_client, args.prompt_tokens = 1, 8
+        args.out = args.out or str(Path(tempfile.mkdtemp(prefix="slm-serve-smoke-")) / "serve.json")
+    args.out = args.out or str(ROOT / "bench" / "results" / "serve.json")
+    work = Path(tempfile.mkdtemp(prefix="slm-bench-serve-"))
+    run = make_run(work / "run", args.preset, args.vocab)
+    from slmkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(run / "tokenizer")
+    prompts = [tok.decode(tok.encode(s)[: args.prompt_tokens]) for s in stories(200)]
+    max_batch = max(args.clients)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(work / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", str(run), "--port", str(port),
+                               "--threads", str(args.threads), "--max-batch", str(max_batch),
+                               "--max-queue", str(4 * max_batch)], stdout=log, stderr=log, cwd=ROOT)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start: {(work / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        asyncio.run(load(url, 1, 1, prompts, args.max_tokens))  # warm up
+        rounds = []
+        seq_requests = max(4, min(8, max(args.clients)))
+        for r in range(args.rounds):
+            row = {"generate_batch1_tok_per_s": generate_speed(run, prompts[0], args.max_tokens, args.threads)}
+            row["sequential"] = asyncio.run(load(url, 1, seq_requests, prompts, args.max_tokens))
+            row["loads"] = [asyncio.run(load(url, c, args.requests_per_client, prompts, args.max_tokens))
+                            for c in args.clients]
+            rounds.append(row)
+            print(f"round {r + 1}: generate {row['generate_batch1_tok_per_s']:.0f} tok/s, sequential "
+                  f"{row['sequential']['tok_per_s']:.0f} tok/s, " + ", ".join(
+                      f"{x['clients']} clients {x['tok_per_s']:.0f} tok/s" for x in row["loads"]), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    table = ["| clients | aggregate tokens/s | vs sequential | vs 1 client | vs batch-1 slm generate | TTFT p50 | "
+             "TTFT p99 | ITL p50 | ITL p99 |", "|---|---|---|---|---|---|---|---|---|"]
+    summary = []
+    for i, c in enumerate(args.clients):
+        per = [row["loads"][i] for row in rounds]
+        s = {"clients": c, "tok_per_s": med([x["tok_per_s"] for x in per]),
+             "vs_sequential": med([row["loads"][i]["tok_per_s"] / row["sequential"]["tok_per_s"] for row in rounds]),
+             "vs_one_client": med([row["loads"][i]["tok_per_s"] / row["loads"][0]["tok_per_s"] for row in rounds]),
+             "vs_generate": med([row["loads"][i]["tok_per_s"] / row["generate_batch1_tok_per_s"] for row in rounds]),
+             **{k: med([x[k] for x in per]) for k in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")}}
+        summary.append(s)
+        table.append(f"| {c} | {s['tok_per_s']:,.0f} | {s['vs_sequential']:.2f}x | {s['vs_one_client']:.2f}x | "
+                     f"{s['vs_generate']:.2f}x | {s['ttft_p50_s'] * 1000:.0f} ms | {s['ttft_p99_s'] * 1000:.0f} ms | "
+                     f"{s['itl_p50_s'] * 1000:.1f} ms | {s['itl_p99_s'] * 1000:.1f} ms |")
+    seq = med([row["sequential"]["tok_per_s"] for row in rounds])
+    gen = med([row["generate_batch1_tok_per_s"] for row in rounds])
+    table += ["", f"Baselines (medians): the same requests one at a time over HTTP {seq:,.0f} tokens/s; batch-1 "
+                  f"`slm generate` in-process {gen:,.0f} tokens/s. {args.preset} shape (random weights, vocab "
+                  f"{args.vocab}), prompts of about {args.prompt_tokens} tokens, {args.max_tokens} new tokens per "
+                  f"request, {args.requests_per_client} requests per client, server --threads {args.threads} "
+                  f"--max-batch {max_batch}, {args.rounds} rounds; clients and server share the machine."]
+    result = {**machine_info(), "bench_command": "python bench/serve.py" + (" --smoke" if args.smoke else ""),
+              "preset": args.preset, "vocab": args.vocab, "max_tokens": args.max_tokens,
+              "requests_per_client": args.requests_per_client, "threads": args.threads, "rounds": rounds,
+              "summary": summary, "table": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(table))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Continuous batching: sequences join a running batch between decode steps and leave it when done.
+
+``Generation`` continues a fixed batch of prompts; a server gets new prompts all the time. Here
+each ``Seq`` (one prompt and how to sample it) is prefilled on its own, in chunks of at most
+``prefill_chunk`` tokens per ``step()`` so the rows already running are never held up by a long
+prompt for more than one chunk, and then joins the running batch's KV cache (``KVCache.admit``
+lines its last token up with the batch's last slot; its positions still count from its own first
+token, and the mask hides the other rows' slots). Every ``step()`` picks one token for every
+running row and runs one decode step over all of them. A finished or cancelled row leaves at the
+next step; when the cache's slots run out it closes up (``KVCache.compact``: the slots left of
+every row's start are dropped).
+
+Each row samples with its own ``SamplingConfig`` through the same processors as ``Generation``
+(``logits_pipeline`` and ``choose``) and its own seeded ``torch.Generator``, plus OpenAI's
+``logit_bias``, presence / frequency penalties and ``min_tokens``; so a row's tokens do not depend
+on what else is in the batch (greedy rows: the same as a batch of one, tested). A row must fit the
+context: prompt + ``max_new_tokens`` <= ``block_size`` (no window sliding here); a prompt only
+scored (``max_new_tokens=0``) may be ``block_size + 1`` tokens, its last one only a target.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from slmkit.decode import KVCache, make_decoder
+from slmkit.generate.runners import DECODERS, Path
+from slmkit.generate.sampling import (
+    SamplingConfig, _seen_mask, apply_ban, apply_logit_bias, apply_presence_frequency, choose, logits_pipeline,
+    make_generator,
+)
+
+
+@dataclass(eq=False)
+class Seq:
+    """One prompt to continue and how; ``ContinuousBatch`` fills in the results as it goes.
+
+    ``max_new_tokens`` may be 0 (only the prompt is scored: ``prompt_logprobs``). A row ends at
+    ``end_ids`` (not kept; ``<|endoftext|>`` when ``cfg.stop_at_eot``, a chat template's end token),
+    never before ``min_tokens`` tokens, or after ``max_new_tokens``. ``logprobs``: None, or how many
+    of the most likely tokens to report with each chosen token's log-probability (0: only it)."""
+
+    prompt: list[int]
+    cfg: SamplingConfig
+    max_new_tokens: int
+    end_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    # results
+    tokens: list[int] = field(default_factory=list, init=False)
+    token_logprobs: list[float] = field(default_factory=list, init=False)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list, init=False)
+    prompt_token_logprobs: list[float | None] = field(default_factory=list, init=False)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list, init=False)
+    finish_reason: str | None = field(default=None, init=False)  # "stop", "length" or "cancelled"
+    cancelled: bool = field(default=False, init=False)  # set from any thread: leaves at the next step
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _report(logprobs: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability and the ``k`` most likely (id, log-probability)."""
+    top = []
+    if k:
+        values, ids = logprobs.topk(k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return float(logprobs[token]), top
+
+
+class _Row:
+    """A running row's sampling state: its generator, the seen mask and the generated counts."""
+
+    def __init__(self, seq: Seq, vocab: int, device: torch.device) -> None:
+        self.seq = seq
+        self.generator = make_generator(seq.cfg.seed, device)
+        self.seen = _seen_mask([seq.prompt], vocab, device) if seq.cfg.repetition_penalty != 1.0 else None
+        penalised = seq.presence_penalty or seq.frequency_penalty
+        self.counts = torch.zeros(1, vocab, device=device) if penalised else None
+        self.bias = None
+        if seq.logit_bias:
+            ids = torch.tensor(list(seq.logit_bias), device=device)
+            self.bias = (ids, torch.tensor(list(seq.logit_bias.values()), device=device))
+        self.ends = torch.tensor(seq.end_ids, device=device, dtype=torch.long) if seq.end_ids else None
+        self.pipeline = logits_pipeline(seq.cfg, self.seen)
+        # No state of its own beyond the generator: rows with the same settings are processed together
+        # (greedy ones by the batch's argmax).
+        self.stateless = self.bias is None and self.counts is None and self.seen is None and not seq.min_tokens
+        self.plain_greedy = self.stateless and seq.cfg.temperature == 0
+        c = seq.cfg
+        self.group = (c.temperature, c.top_k, c.top_p, c.min_p) if self.stateless else None
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """This row's next token from its next-token logits (1, vocab)."""
+        seq = self.seq
+        if self.bias is not None:
+            logits = apply_logit_bias(logits, *self.bias)
+        if self.counts is not None:
+            logits = apply_presence_frequency(logits, self.counts, seq.presence_penalty, seq.frequency_penalty)
+        if self.ends is not None and len(seq.tokens) < seq.min_tokens:
+            logits = apply_ban(logits, self.ends)
+        for process in self.pipeline:
+            logits = process(logits)
+        return int(choose(logits, seq.cfg.temperature, self.generator))
+
+    def saw(self, token: int) -> None:
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
+
+
+class ContinuousBatch:
+    """Sequences continued together, joining and leaving between steps (see the module docstring).
+
+    ``add(seq)`` queues a sequence; each ``step()`` decodes one token for every running row and
+    prefills up to ``prefill_chunk`` prompt tokens of the waiting ones (at most ``max_batch`` rows
+    run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``."""
+
+    def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast") -> None:
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be at least 1")
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.block_size = model.config.block_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.vocab = model.config.vocab_size
+        self.decoder = make_decoder(model, DECODERS.get(path, path))
+        self.waiting: deque[Seq] = deque()
+        self.rows: list[_Row] = []  # the running rows, in cache order
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None  # (rows, vocab) next-token logits of the running rows
+        self._prefill: tuple[Seq, KVCache, int] | None = None  # the sequence being prefilled, its cache, tokens done
+        self._gone: list[Seq] = []  # sequences changed during this step
+
+    def add(self, seq: Seq) -> None:
+        """Queue ``seq``; ValueError if it does not fit the context or has no prompt."""
+        if not seq.prompt:
+            raise ValueError("empty prompt: start it with <|endoftext|>")
+        if len(seq.prompt) + seq.max_new_tokens > self.block_size + (seq.max_new_tokens == 0):
+            raise ValueError(f"{len(seq.prompt)} prompt + {seq.max_new_tokens} new tokens do not fit the context "
+                             f"of {self.block_size} tokens")
+        if seq.max_new_tokens < 0 or seq.logit_bias and not all(0 <= i < self.vocab for i in seq.logit_bias):
+            raise ValueError("max_new_tokens must be >= 0 and logit_bias ids in the vocabulary")
+        seq.cfg.validate()
+        self.waiting.append(seq)
+
+    @property
+    def running(self) -> int:
+        """Rows in the decode batch."""
+        return len(self.rows)
+
+    @property
+    def load(self) -> int:
+        """Sequences held: running, being prefilled and waiting."""
+        return len(self.rows) + len(self.waiting) + (self._prefill is not None)
+
+    @property
+    def idle(self) -> bool:
+        return self.load == 0
+
+    def finish(self, seq: Seq, reason: str = "stop") -> None:
+        """End ``seq`` now (a stop string); it leaves the batch at the next step."""
+        if not seq.done:
+            seq.finish_reason = reason
+
+    @torch.inference_mode()
+    def step(self) -> list[Seq]:
+        """One decode step for the running rows, then up to ``prefill_chunk`` prompt tokens."""
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self.finish(seq, "cancelled")
+            self._gone.append(seq)
+        self._leave()
+        if self.rows:
+            self._decode()
+        self._prefill_some()
+        changed, self._gone = self._gone, []
+        return changed
+
+    # --- decoding ---------------------------------------------------------------------------------
+
+    def _leave(self) -> None:
+        for row in self.rows:
+            if row.seq.cancelled and not row.seq.done:
+                self.finish(row.seq, "cancelled")
+                self._gone.append(row.seq)
+        live = [i for i, row in enumerate(self.rows) if not row.seq.done]
+        if len(live) == len(self.rows):
+            return
+        if not live:
+            self.rows, self.cache, self.logits = [], None, None
+            return
+        self.rows = [self.rows[i] for i in live]
+        index = torch.tensor(live, device=self.device)
+        self.cache.reorder(index)
+        self.logits = self.logits[index]  # the cache closes up only when it is full (a copy of all of it)
+
+    def _decode(self) -> None:
+        logits = self.logits
+        greedy = logits.argmax(-1).tolist() if any(r.plain_greedy for r in self.rows) else None
+        want = [r.seq.logprobs is not None for r in self.rows]
+        logprobs = logits.log_softmax(-1) if any(want) else None
+        picked = self._pick_groups(logits)
+        for i, row in enumerate(self.rows):
+            seq = row.seq
+            token = greedy[i] if row.plain_greedy else picked[i] if i in picked else row.pick(logits[i : i + 1])
+            if token in seq.end_ids and len(seq.tokens) >= seq.min_tokens:
+                seq.finish_reason = "stop"
+                continue
+            seq.tokens.append(token)
+            if want[i]:
+                lp, top = _report(logprobs[i], token, seq.logprobs)
+                seq.token_logprobs.append(lp)
+                seq.top_logprobs.append(top)
+            row.saw(token)
+            if len(seq.tokens) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+        self._gone += [row.seq for row in self.rows]
+        self._leave()  # the rows that ended go; the others feed their new token
+        if self.rows:
+            if self.cache.length == self.cache.max_len:
+                self.cache.compact()
+            tokens = torch.tensor([row.seq.tokens[-1] for row in self.rows], device=self.device)
+            self.logits = self.decoder.step(tokens, self.cache).float()
+
+    def _pick_groups(self, logits: torch.Tensor) -> dict[int, int]:
+        """Tokens of the sampled rows without state of their own, one pass of the processors per group
+        of equal settings, each row drawing from its own generator: ``{row index: token}``."""
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            if row.group is not None and not row.plain_greedy:
+                groups.setdefault(row.group, []).append(i)
+        picked: dict[int, int] = {}
+        for rows in groups.values():
+            if len(rows) == 1:
+                continue  # row.pick does the same
+            x = logits[rows]
+            for process in self.rows[rows[0]].pipeline:
+                x = process(x)
+            tokens = choose(x, self.rows[rows[0]].seq.cfg.temperature, [self.rows[i].generator for i in rows])
+            picked.update(zip(rows, tokens.tolist()))
+        return picked
+
+    # --- prefilling -------------------------------------------------------------------------------
+
+    def _prefill_some(self) -> None:
+        budget, changed = self.prefill_chunk, self._gone
+        while budget > 0:
+            if self._prefill is None:
+                while self.waiting and self.waiting[0].cancelled:
+                    seq = self.waiting.popleft()
+                    self.finish(seq, "cancelled")
+                    changed.append(seq)
+                if not self.waiting or len(self.rows) >= self.max_batch:
+                    break
+                seq = self.waiting.popleft()
+                cache = KVCache.empty(self.model.config, 1, max_len=self.block_size, device=self.device,
+                                      dtype=self.dtype)
+                self._prefill = (seq, cache, 0)
+            seq, cache, done = self._prefill
+            if seq.cancelled:
+                self._prefill = None
+                self.finish(seq, "cancelled")
+                changed.append(seq)
+                continue
+            todo = self._to_run(seq)
+            if not todo:  # a one-token prompt to score: nothing predicts it
+                self._prefill = None
+                seq.prompt_token_logprobs, seq.prompt_top_logprobs = [None], [None]
+                seq.finish_reason = "length"
+                changed.append(seq)
+                continue
+            n = min(budget, todo - done)
+            ids = torch.tensor([seq.prompt[done : done + n]], device=self.device)
+            if seq.prompt_logprobs:
+                logits = self.model(ids, cache=cache)[0][0].float()  # (n, vocab): every position
+                self._score_prompt(seq, logits, done)
+                last = logits[-1:]
+            else:
+                last = self.decoder.prefill(ids, cache).float()
+            budget -= n
+            done += n
+            if done < todo:
+                self._prefill = (seq, cache, done)
+                continue
+            self._prefill = None
+            changed.append(seq)
+            if seq.max_new_tokens == 0:
+                seq.finish_reason = "length"
+                continue
+            self._join(seq, cache, last)
+
+    @staticmethod
+    def _to_run(seq: Seq) -> int:
+        """Prompt tokens to run through the model: all of them, but only to score a prompt the last
+        one is a target only (so a scored text may be one token longer than the context, as each
+        of ``slm eval``'s windows is)."""
+        return len(seq.prompt) - (seq.max_new_tokens == 0)
+
+    def _score_prompt(self, seq: Seq, logits: torch.Tensor, done: int) -> None:
+        """Log-probabilities of prompt tokens ``done + 1 ...`` from the logits of positions ``done ...``."""
+        if done == 0:
+            seq.prompt_token_logprobs.append(None)
+            seq.prompt_top_logprobs.append(None)
+        logprobs = logits.log_softmax(-1)
+        k = seq.logprobs or 0
+        for i in range(logits.size(0)):
+            if done + i + 1 < len(seq.prompt):
+                lp, top = _report(logprobs[i], seq.prompt[done + i + 1], k)
+                seq.prompt_token_logprobs.append(lp)
+                seq.prompt_top_logprobs.append(top)
+
+    def _join(self, seq: Seq, cache: KVCache, logits: torch.Tensor) -> None:
+        row = _Row(seq, self.vocab, self.device)
+        if self.cache is None:
+            self.cache, self.logits = cache, logits
+        else:
+            self.cache.admit(cache)
+            self.logits = torch.cat((self.logits, logits))
+        self.rows.append(row)

@@ -1,0 +1,171 @@
+"""Weight-only quantization: int8 and int4 blocks in GGUF's q8_0 / q4_0 layout, packed on disk.
+
+Each row of a matrix is cut into groups of ``group`` consecutive values, and each group is stored
+as one block: its float16 scale ``d``, then its values, exactly as ggml encodes them:
+
+    int8 (q8_0)  d = max|x| / 127, q = round(x / d) (halves away from zero), x ~ d * q; one byte each.
+    int4 (q4_0)  m = the value of largest magnitude, d = m / -8, q = trunc(x / d + 8.5) clamped to
+                 0..15, x ~ d * (q - 8); two per byte, the group's first half in the low nibbles
+                 and its second half in the high nibbles.
+
+(``x / d`` is ``x * (1 / d)`` in float32 with the unrounded scale, as ggml does.) With groups of 32
+the bytes are GGUF's q8_0 / q4_0 blocks, bit for bit (tests/test_quant.py checks them against the
+``gguf`` package's own quantizer), so a quantized run and its ``--outtype q8_0`` / ``q4_0`` GGUF hold
+the same weights. int8 also takes ``group = 0``: one block per row (one scale per output channel);
+int4 groups of 64 or 128 shrink the file a little more (fewer scales) at some accuracy. A group
+never spans rows: a row shorter than the group is one block; a longer one must hold whole groups.
+
+What is quantized: the weights of every block's linear layers (attention QKV and output, MLP up
+and down); with ``embeddings`` also the token embedding (the head too when it is tied to it) and an
+untied head, which hold half the weights of a model as small as ``stories260k``. Norms, biases and
+learned positions stay float32. ``quantize_weights`` packs a model's weights; ``dequantize_weights``
+turns the packed ones back into float32 tensors (checkpoint.py does this when it reads a quantized
+checkpoint: the model then runs, on every backend, with exactly the quantized values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from slmkit.errors import SlmError
+
+BITS = (8, 4)
+GROUPS = {8: (0, 32, 64, 128), 4: (32, 64, 128)}
+
+
+@dataclass
+class QuantConfig:
+    """How ``slm quantize`` packs a run's weights (the ``[quantize]`` settings)."""
+
+    bits: int = field(default=8, metadata={"help": "8 (int8, q8_0 blocks) or 4 (int4, q4_0 blocks) (default %(default)s)"})
+    group: int = field(default=32, metadata={
+        "help": "values per block, one float16 scale each: 32 (GGUF's layout), 64 or 128; int8 also 0 "
+                "(one scale per output channel) (default %(default)s)"})
+    embeddings: bool = field(default=False, metadata={
+        "help": "also quantize the token embedding and the head (half the weights of a small model)"})
+
+    def validate(self) -> None:
+        """One line naming the setting when it is not one of the supported ones."""
+        if self.bits not in BITS:
+            raise SlmError(f"quantize.bits={self.bits} is not supported: choose 8 (int8) or 4 (int4)")
+        if self.group not in GROUPS[self.bits]:
+            raise SlmError(f"quantize.group={self.group} is not supported for int{self.bits}: choose one of "
+                           f"{', '.join(map(str, GROUPS[self.bits]))}" + (" (0 = per output channel)" if self.bits == 8 else ""))
+
+
+def block_bytes(bits: int, group: int) -> int:
+    """Bytes of one block: the float16 scale and ``group`` values of ``bits`` bits."""
+    return 2 + group * bits // 8
+
+
+def group_for(cols: int, group: int) -> int:
+    """The group a matrix with rows of ``cols`` values is packed in: ``group``, or the whole row
+    when the row is shorter (or ``group`` is 0)."""
+    return group if 0 < group < cols else cols
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ggml's rounding in q8_0): halves away from zero, unlike torch.round; written as
+    floor(a) + floor(2 * frac(a)) so that no addition rounds (0.49999997 + 0.5 is 1.0 in float32)."""
+    a = x.abs()
+    whole = torch.floor(a)
+    return torch.sign(x) * (whole + torch.floor(2 * (a - whole)))
+
+
+def quantize_blocks(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """A float matrix (rows, cols) as uint8 blocks (rows, cols / group * block_bytes); group 0 is a
+    whole row. ``cols`` must be a multiple of the group."""
+    rows, cols = w.shape
+    group = group_for(cols, group)
+    if cols % group:
+        raise SlmError(f"rows of {cols} values are not whole groups of {group}")
+    g = w.detach().float().reshape(rows, cols // group, group)
+    if bits == 8:
+        d = g.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d == 0, 0.0, 1.0 / d)
+        q = _round_half_away(g * inv).to(torch.int8).view(torch.uint8)
+    elif bits == 4:
+        m = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+        d = m / -8
+        inv = torch.where(d == 0, 0.0, 1.0 / d)
+        q = torch.trunc(g * inv + 8.5).clamp(0, 15).to(torch.uint8)
+        q = q[..., : group // 2] | (q[..., group // 2:] << 4)
+    else:
+        raise SlmError(f"{bits}-bit blocks are not supported: choose 8 or 4")
+    scale = d.to(torch.float16).view(torch.uint8)  # (rows, blocks, 2): the scale's bytes, little-endian
+    return torch.cat((scale, q), -1).reshape(rows, -1).contiguous()
+
+
+def dequantize_blocks(packed: torch.Tensor, bits: int, group: int, cols: int) -> torch.Tensor:
+    """The float32 matrix (rows, cols) that ``quantize_blocks`` packed."""
+    group = group_for(cols, group)
+    rows = packed.shape[0]
+    blocks = packed.reshape(rows, cols // group, block_bytes(bits, group))
+    d = blocks[..., :2].contiguous().view(torch.float16).float()  # (rows, blocks, 1)
+    if bits == 8:
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+    else:
+        nib = blocks[..., 2:]
+        q = torch.cat((nib & 0x0F, nib >> 4), -1).float() - 8
+    return (q * d).reshape(rows, cols)
+
+
+def quantized_names(model: Any, embeddings: bool) -> list[str]:
+    """The weights ``quantize_weights`` packs (state_dict names), see the module docstring."""
+    names = [f"blocks.{i}.{m}.weight" for i in range(model.config.n_layer)
+             for m in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")]
+    if embeddings:
+        names.append("tok_emb.weight")
+        if not model.config.tie_embeddings:
+            names.append("lm_head.weight")
+    return names
+
+
+def quantize_weights(model: Any, cfg: QuantConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``model``'s weights with the chosen ones packed (uint8 blocks) and the ``quantization.json``
+    that says how: bits, group and each packed tensor's float shape."""
+    cfg.validate()
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    shapes = {}
+    for name in quantized_names(model, cfg.embeddings):
+        cols = sd[name].shape[1]
+        if cols % group_for(cols, cfg.group):
+            raise SlmError(f"cannot quantize {name} in groups of {cfg.group}: its rows hold {cols} values "
+                           f"(use --group 0 for int8, or a model whose sizes are multiples of {cfg.group})")
+        shapes[name] = list(sd[name].shape)
+        sd[name] = quantize_blocks(sd[name], cfg.bits, cfg.group)
+    return sd, {**asdict(cfg), "format": "slmkit-blocks-v1", "tensors": shapes}
+
+
+def dequantize_weights(weights: dict[str, torch.Tensor], meta: Any, where: str) -> dict[str, torch.Tensor]:
+    """Float32 weights from a quantized checkpoint's (``where`` names it in errors): every packed
+    tensor is checked against its recorded shape before it is unpacked."""
+    if not isinstance(meta, dict) or meta.get("format") != "slmkit-blocks-v1" or not isinstance(meta.get("tensors"), dict):
+        raise SlmError(f"{where}: quantization.json is not slmkit's (format slmkit-blocks-v1): quantize the run again")
+    try:
+        cfg = QuantConfig(bits=meta["bits"], group=meta["group"], embeddings=bool(meta.get("embeddings")))
+    except (KeyError, TypeError):
+        raise SlmError(f"{where}: quantization.json lacks bits or group: quantize the run again") from None
+    if not isinstance(cfg.bits, int) or not isinstance(cfg.group, int):
+        raise SlmError(f"{where}: quantization.json's bits and group must be integers")
+    cfg.validate()
+    out = dict(weights)
+    for name, shape in meta["tensors"].items():
+        packed = weights.get(name)
+        ok_shape = isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
+        if not ok_shape or packed is None or packed.dtype != torch.uint8 or packed.dim() != 2:
+            raise SlmError(f"{where}: {name} is not a packed {shape} matrix as quantization.json says")
+        rows, cols = shape
+        group = group_for(cols, cfg.group)
+        if cols % group or tuple(packed.shape) != (rows, cols // group * block_bytes(cfg.bits, group)):
+            raise SlmError(f"{where}: {name} holds {tuple(packed.shape)} bytes, not the blocks of a "
+                           f"{rows}x{cols} matrix in int{cfg.bits} groups of {group}")
+        out[name] = dequantize_blocks(packed, cfg.bits, cfg.group, cols)
+    return out
+
+
+__all__ = ["QuantConfig", "block_bytes", "group_for", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
+           "quantize_weights", "quantized_names"]

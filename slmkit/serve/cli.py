@@ -1,0 +1,75 @@
+"""``slm serve RUN``: load the run, start the engine's worker and serve HTTP with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+from slmkit.config import RUN_SECTIONS, add_section_arguments, check_sections, load_toml, section_from_args
+from slmkit.errors import SlmError
+from slmkit.serve.config import ServeConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN", help="RUN_DIR to serve (written by slm train / finetune / import)")
+    parser.add_argument("--config", metavar="FILE.toml", help="read the [serve] section; flags win")
+    add_section_arguments(parser, ServeConfig)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """``[serve]`` from ``--config`` (if given) with the flags on top, validated."""
+    table = {}
+    if args.config:
+        sections = load_toml(args.config)
+        check_sections(sections, RUN_SECTIONS, args.config)
+        table = sections.get("serve", {})
+    return section_from_args(ServeConfig, args, "serve", table)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C; 2 with one line if the run cannot be loaded."""
+    cfg = serve_config(args)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise SlmError(f"{run_dir} is not a RUN_DIR (no config.toml): pass the folder slm train wrote")
+    try:
+        import uvicorn
+
+        from slmkit.serve.app import create_app
+    except ImportError as e:
+        raise SlmError(f"slm serve needs its extra ({e.name} is missing): pip install 'slmkit[serve]'") from None
+    from slmkit.checkpoint import load_run
+    from slmkit.runtime import resolve_device
+    from slmkit.serve.engine import Engine
+
+    device = resolve_device(cfg.device)
+
+    def load():
+        model, tokenizer, _ = load_run(run_dir, device=device, which=cfg.which)
+        return model.eval(), tokenizer
+
+    engine = Engine(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
+                    threads=cfg.threads)
+    name = cfg.model_name or run_dir.resolve().name
+    app = create_app(engine, cfg, name)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+
+    def announce() -> None:
+        engine.loaded.wait()
+        if engine.load_error:
+            server.should_exit = True
+            return
+        key = ", API key required" if cfg.api_key else ""
+        print(f"serving {run_dir} as {name!r} on http://{cfg.host}:{cfg.port} (playground at /{key})",
+              file=sys.stderr, flush=True)
+
+    engine.start()
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()
+    engine.stop()
+    if engine.load_error:
+        raise SlmError(f"cannot load {run_dir}: {engine.load_error}")
+    return 0

@@ -1,0 +1,211 @@
+"""The engine: one worker thread owns the model and drives a ``ContinuousBatch``.
+
+HTTP handlers (on the asyncio loop) ``submit`` a ``Job`` (one request: one or more ``Seq``) and read
+its events from an asyncio queue; the worker admits waiting jobs between decode steps while the
+batch has room, turns each new token into text (``TextStream``: whole UTF-8 characters, stop
+strings held back and cut), and hands the pieces to the job's loop thread-safely. ``Job.cancel``
+(a client gone) marks its sequences; the batch drops them before its next step, so the slot is
+free within one decode step. Jobs wait in a bounded queue: ``QueueFull`` when it is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slmkit.errors import SlmError
+from slmkit.generate.continuous import ContinuousBatch, Seq
+from slmkit.generate.text import TextStream
+from slmkit.serve.metrics import Metrics
+
+log = logging.getLogger("slmkit.serve")
+
+
+class QueueFull(Exception):
+    """The engine's queue holds ``max_queue`` jobs already."""
+
+
+@dataclass
+class Event:
+    """New output of one sequence of a job: text, the token range ``tokens[start:end]`` it came
+    from (``seq.tokens`` / ``seq.token_logprobs``), and the finish reason once it has ended."""
+
+    index: int
+    text: str
+    start: int
+    end: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Job:
+    """One request's sequences and the asyncio queue its events arrive on."""
+
+    def __init__(self, seqs: list[Seq], tokenizer, stop: list[str], loop: asyncio.AbstractEventLoop) -> None:
+        self.seqs, self.loop = seqs, loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.streams = [TextStream(tokenizer, stop) for _ in seqs]
+        self.sent = [0] * len(seqs)  # tokens already turned into events
+        self.closed = [False] * len(seqs)
+        self.created = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return all(self.closed)
+
+    def cancel(self) -> None:
+        """Stop every sequence of the job (safe from any thread)."""
+        self.cancelled = True
+        for seq in self.seqs:
+            seq.cancelled = True
+
+    def _emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    """Loads the run (``load()`` returns ``(model, tokenizer)``) and serves jobs from one thread."""
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_batch: int, max_queue: int, prefill_chunk: int,
+                 metrics: Metrics | None = None, threads: int | None = None) -> None:
+        self._load, self.max_batch, self.max_queue, self.prefill_chunk = load, max_batch, max_queue, prefill_chunk
+        self.metrics = metrics or Metrics()
+        self.threads = threads
+        self.model = self.tokenizer = None
+        self.ready = False
+        self.load_error: str | None = None
+        self.loaded = threading.Event()  # set when loading ended, well or not
+        self._pending: deque[Job] = deque()
+        self._jobs: list[Job] = []  # admitted, not finished
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="slm-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; QueueFull when ``max_queue`` jobs are waiting already."""
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull
+            self._pending.append(job)
+            self.metrics.set(queue_depth=len(self._pending))
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job`` (its client is gone): its sequences leave the batch at the next step."""
+        if job.finished:
+            return
+        job.cancel()
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # --- the worker -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            self.model, self.tokenizer = self._load()
+            batch = ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
+            self.ready = True
+        except Exception as e:  # noqa: BLE001 - reported by the CLI as one line
+            self.load_error = str(e) or type(e).__name__
+            return
+        finally:
+            self.loaded.set()
+        while True:
+            with self._cond:
+                while not self._stopping and batch.idle and not self._pending:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._admit(batch)
+            try:
+                changed = batch.step()
+            except Exception:  # noqa: BLE001 - a bug must not take the server down: fail the jobs in flight
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                self._fail_all("internal error while generating")
+                batch = ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
+                continue
+            self._publish(changed)
+            self.metrics.set(running=batch.running, running_requests=len(self._jobs))
+
+    def _admit(self, batch: ContinuousBatch) -> None:
+        while self._pending and batch.load < self.max_batch:
+            job = self._pending.popleft()
+            if job.cancelled:
+                self.metrics.add(cancelled=1)
+                continue
+            self._jobs.append(job)
+            try:
+                for seq in job.seqs:
+                    batch.add(seq)
+                    self.metrics.add(prompt_tokens=len(seq.prompt))
+            except (ValueError, SlmError) as e:  # the protocol checks first: this is a safety net
+                job.cancel()
+                self._fail(job, str(e))
+        self.metrics.set(queue_depth=len(self._pending))
+
+    def _publish(self, changed: list[Seq]) -> None:
+        owner = {id(seq): (job, i) for job in self._jobs for i, seq in enumerate(job.seqs)} if changed else {}
+        now = time.perf_counter()
+        for seq in changed:
+            if id(seq) not in owner:
+                continue
+            job, i = owner[id(seq)]
+            if job.closed[i]:
+                continue
+            start, end = job.sent[i], len(seq.tokens)
+            stream = job.streams[i]
+            text = "".join(stream.push(t) for t in seq.tokens[start:end])
+            if stream.stopped and not seq.done:
+                seq.finish_reason = "stop"  # a stop string: the batch drops the row before its next step
+            if end > start:
+                self.metrics.add(generation_tokens=end - start)
+                if job.first_token_at is None:
+                    job.first_token_at = now
+                    self.metrics.first_token(now - job.created)
+            job.sent[i] = end
+            if seq.done:
+                text += stream.finish()
+                job.closed[i] = True
+            job._emit(Event(i, text, start, end, seq.finish_reason if seq.done else None))
+        done = [job for job in self._jobs if job.finished]
+        for job in done:
+            self._jobs.remove(job)
+            if job.cancelled:
+                self.metrics.add(cancelled=1)
+
+    def _fail(self, job: Job, message: str) -> None:
+        for i, closed in enumerate(job.closed):
+            if not closed:
+                job.closed[i] = True
+                job._emit(Event(i, "", job.sent[i], job.sent[i], "error", error=message))
+
+    def _fail_all(self, message: str) -> None:
+        for job in self._jobs:
+            self._fail(job, message)
+        self._jobs.clear()

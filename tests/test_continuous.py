@@ -1,0 +1,145 @@
+"""Continuous batching (generate/continuous.py) and the KV cache operations under it: rows that join
+a running batch and leave it give the tokens of a batch of one, sampled rows follow their own seed,
+and OpenAI's extra processors do what they say."""
+
+from __future__ import annotations
+
+import torch
+from generation_models import one_thread, random_model  # noqa: F401 - one_thread is an autouse fixture
+
+from slmkit.decode import KVCache
+from slmkit.generate import SamplingConfig, generate_tokens
+from slmkit.generate.continuous import ContinuousBatch, Seq
+from slmkit.generate.sampling import apply_ban, apply_logit_bias, apply_presence_frequency
+
+GREEDY = SamplingConfig(temperature=0.0, stop_at_eot=False)
+
+
+def run(batch: ContinuousBatch, joins: dict[int, list[Seq]]) -> None:
+    """Step ``batch``, adding ``joins[i]`` before step i, until everything is done."""
+    step = 0
+    while step <= max(joins) or not batch.idle:
+        for seq in joins.get(step, []):
+            batch.add(seq)
+        batch.step()
+        step += 1
+
+
+def test_rows_joining_and_leaving_give_the_tokens_of_a_batch_of_one(monkeypatch):
+    shifts = []
+    real_shift = KVCache.shift
+    monkeypatch.setattr(KVCache, "shift", lambda self, n: (shifts.append(n), real_shift(self, n)))
+    model = random_model(block_size=32)
+    prompts = [[1, 2, 3], [5] * 9, [7, 8], list(range(10, 30)), [4], [9, 9, 9, 9, 9, 9]]
+    news = [20, 12, 25, 10, 30, 17]  # long rows make the shared slots run out: the cache compacts
+    solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
+            for p, n in zip(prompts, news)]
+    seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+    batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4)  # chunked prefill, rows wait for a slot
+    run(batch, {0: seqs[:1], 3: seqs[1:3], 5: seqs[3:5], 20: seqs[5:]})
+    assert [s.tokens for s in seqs] == solo
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert batch.cache is None  # everyone left
+    assert any(n > 0 for n in shifts) and any(n < 0 for n in shifts)  # rows moved right to admit, left to compact
+
+
+def test_a_seeded_row_samples_as_generate_does_whatever_else_runs():
+    model = random_model()
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.3,
+                         seed=7, stop_at_eot=False)
+    expected = generate_tokens(model, [[1, 2]], cfg)[0]
+    alone = Seq([1, 2], cfg, 12)
+    run(ContinuousBatch(model), {0: [alone]})
+    crowd = Seq([1, 2], cfg, 12)
+    other = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=1, stop_at_eot=False)
+    run(ContinuousBatch(model), {0: [Seq([3, 4, 5], other, 12)], 2: [crowd, Seq([9], other, 6)]})
+    assert alone.tokens == crowd.tokens == expected
+
+
+def test_rows_with_equal_settings_sample_together_as_each_would_alone():
+    model = random_model()
+    cfgs = [SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=0, top_p=0.9, min_p=0.02, seed=s,
+                           stop_at_eot=False) for s in range(4)]
+    alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]
+    seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
+    run(ContinuousBatch(model), {0: seqs[:3], 1: seqs[3:]})
+    assert [s.tokens for s in seqs] == alone
+    assert len({tuple(t) for t in alone}) > 1
+
+
+def test_end_tokens_min_tokens_and_cancel():
+    model = random_model()
+    greedy = generate_tokens(model, [[1, 2]], SamplingConfig(max_new_tokens=10, temperature=0.0, stop_at_eot=False))[0]
+    end = greedy[3]
+    ended = Seq([1, 2], GREEDY, 10, end_ids=(end,))
+    late = Seq([1, 2], GREEDY, 10, end_ids=(greedy[0],), min_tokens=2)  # its end token is banned at first
+    gone = Seq([1, 2], GREEDY, 10)
+    batch = ContinuousBatch(model)
+    for seq in (ended, late, gone):
+        batch.add(seq)
+    batch.step()
+    batch.step()
+    gone.cancelled = True
+    run(batch, {0: []})
+    first = greedy.index(end)
+    assert ended.tokens == greedy[:first] and ended.finish_reason == "stop"
+    assert late.tokens[0] != greedy[0] and len(late.tokens) >= 2
+    assert gone.finish_reason == "cancelled" and len(gone.tokens) < 10
+
+
+def test_prompt_scoring_is_the_forward_pass_log_softmax():
+    model = random_model()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    seq = Seq(prompt, GREEDY, 0, logprobs=2, prompt_logprobs=True)
+    run(ContinuousBatch(model, prefill_chunk=3), {0: [seq]})
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt]))[0][0].log_softmax(-1)
+    want = [None] + [float(expected[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    assert seq.prompt_token_logprobs[0] is None
+    assert torch.allclose(torch.tensor(seq.prompt_token_logprobs[1:]), torch.tensor(want[1:]), atol=1e-5)
+    assert [len(t) for t in seq.prompt_top_logprobs[1:]] == [2] * (len(prompt) - 1)
+    assert seq.tokens == [] and seq.finish_reason == "length"
+    # a scored text may be one token longer than the context: its last token is only a target
+    long = list(range(model.config.block_size + 1))
+    whole = Seq(long, GREEDY, 0, logprobs=0, prompt_logprobs=True)
+    run(ContinuousBatch(model, prefill_chunk=7), {0: [whole]})
+    with torch.no_grad():
+        expected = model(torch.tensor([long[:-1]]))[0][0].log_softmax(-1)
+    assert torch.allclose(torch.tensor(whole.prompt_token_logprobs[1:]), expected[range(len(long) - 1), long[1:]], atol=1e-5)
+
+
+def test_kv_cache_admit_shift_and_compact_keep_each_rows_tokens():
+    model = random_model()
+    cfg = model.config
+
+    def prefilled(ids: list[int]) -> tuple[KVCache, torch.Tensor]:
+        cache = KVCache.empty(cfg, 1)
+        with torch.no_grad():
+            return cache, model(torch.tensor([ids]), last_only=True, cache=cache)[0][:, -1]
+
+    a, _ = prefilled([1, 2, 3])
+    b, _ = prefilled([4, 5, 6, 7, 8])  # longer: a's row moves right
+    a.admit(b, copies=2)
+    assert a.length == 5 and a.start.tolist() == [2, 0, 0] and a.padded
+    with torch.no_grad():
+        logits = model(torch.tensor([[9], [9], [9]]), last_only=True, cache=a)[0][:, -1]
+        one = model(torch.tensor([[1, 2, 3, 9]]))[0][:, -1]
+        two = model(torch.tensor([[4, 5, 6, 7, 8, 9]]))[0][:, -1]
+    assert torch.allclose(logits[0], one[0], atol=1e-4) and torch.allclose(logits[1], two[0], atol=1e-4)
+    a.reorder(torch.tensor([0]))
+    a.compact()
+    assert a.length == 4 and a.start.tolist() == [0] and not a.padded
+    with torch.no_grad():
+        again = model(torch.tensor([[7]]), last_only=True, cache=a)[0][:, -1]
+        ref = model(torch.tensor([[1, 2, 3, 9, 7]]))[0][:, -1]
+    assert torch.allclose(again, ref, atol=1e-4)
+
+
+def test_openai_processors():
+    logits = torch.zeros(2, 5)
+    biased = apply_logit_bias(logits, torch.tensor([1, 3]), torch.tensor([2.0, -100.0]))
+    assert biased[:, 1].tolist() == [2.0, 2.0] and biased[:, 3].tolist() == [-100.0, -100.0] and biased[0, 0] == 0
+    counts = torch.tensor([[0.0, 2.0, 1.0, 0.0, 0.0]] * 2)
+    penalised = apply_presence_frequency(logits, counts, 0.5, 0.25)
+    assert penalised[0].tolist() == [0.0, -1.0, -0.75, 0.0, 0.0]
+    assert apply_ban(logits, torch.tensor([4]))[:, 4].tolist() == [float("-inf")] * 2

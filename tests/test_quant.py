@@ -1,0 +1,135 @@
+"""slmkit.quant and ``slm quantize``: int8/int4 blocks bit for bit as the gguf package (llama.cpp's
+own Python quantizer) encodes q8_0/q4_0, the other group sizes within half a step, quantized runs
+that every reader loads, and bad quantization files refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slmkit.checkpoint import load_run
+from slmkit.errors import SlmError
+from slmkit.files import sha256_file
+from slmkit.quant import QuantConfig, block_bytes, dequantize_blocks, quantize_blocks, quantize_weights
+
+from export_models import LLAMA, one_error_line, random_model, slm
+
+gguf = pytest.importorskip("gguf")
+
+
+def awkward_matrix() -> torch.Tensor:
+    """Random rows of very different scales, plus the cases rounding rules differ on: a zero block,
+    exact halves, a block whose largest magnitude appears with both signs, tiny values."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.rand(48, 1) * 4
+    w[0, :32] = 0
+    w[1, :32] = torch.tensor([0.5, -0.5, 1.5, -2.5] * 8) * (127 / 2.5)  # q8_0 steps of exactly 1 (halves)
+    w[2, :32] = torch.linspace(-1, 1, 32)  # -1 and 1: the first largest magnitude decides q4_0's sign
+    w[3] *= 1e-30
+    return w
+
+
+@pytest.mark.parametrize("bits,qtype", [(8, "Q8_0"), (4, "Q4_0")])
+def test_group_32_blocks_are_ggufs_bytes(bits, qtype):
+    w = awkward_matrix()
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    ours = quantize_blocks(w, bits, 32)
+    theirs = gguf.quants.quantize(w.numpy(), t)
+    assert ours.dtype == torch.uint8 and np.array_equal(ours.numpy(), theirs)
+    assert np.array_equal(dequantize_blocks(ours, bits, 32, 256).numpy(), gguf.quants.dequantize(theirs, t))
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 128), (4, 64), (4, 128)])
+def test_other_groups_round_to_the_nearest_step(bits, group):
+    w = awkward_matrix()
+    packed = quantize_blocks(w, bits, group)
+    g = group or 256
+    assert packed.shape == (48, 256 // g * block_bytes(bits, g))
+    back = dequantize_blocks(packed, bits, group, 256).reshape(48, -1, g)
+    blocks = w.reshape(48, -1, g)
+    qmax = 127 if bits == 8 else 8
+    step = blocks.abs().amax(-1, keepdim=True) / qmax
+    err = (blocks - back).abs()
+    # half a step, plus the float16 scale's rounding: relative 2^-11, or absolute 2^-25 (half the
+    # smallest float16) times qmax where the scale is too small for float16 (the 1e-30 row). int4's
+    # levels are -8..7 steps with -8 at the largest magnitude, so values of the other sign near it
+    # clamp at 7 steps: up to a whole step off (q4_0's known asymmetry).
+    half = (blocks * blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) >= 0) | (bits == 8) | (err < step * 0.5)
+    bound = torch.where(half, 0.5, 1.0)
+    assert bool((err <= step * (bound + qmax * 2**-11) + qmax * 2**-25).all())
+    assert float(err.max()) > 0
+
+
+def test_a_quantized_run_is_smaller_loads_everywhere_and_exports_the_same_gguf_blocks(run_dir, corpus_file, tmp_path, capsys):
+    from slmkit.export.gguf import export_gguf
+
+    original, tok, _ = load_run(run_dir)
+    for bits, name in ((8, "Q8_0"), (4, "Q4_0")):
+        out = tmp_path / f"q{bits}"
+        assert slm("quantize", run_dir, "--out", out, "--bits", bits, "--embeddings") == 0
+        assert f"int{bits} (groups of 32, embeddings too)" in capsys.readouterr().out
+        model, tok2, info = load_run(out)
+        assert info["quantized_from"] == str(run_dir.resolve()) and tok2.vocab_size == tok.vocab_size
+        size = (out / "best" / "model.safetensors").stat().st_size
+        assert size < (0.36 if bits == 8 else 0.25) * (run_dir / "best" / "model.safetensors").stat().st_size
+        w = original.blocks[1].mlp.down.weight.detach()
+        want = dequantize_blocks(quantize_blocks(w, bits, 32), bits, 32, w.shape[1])
+        assert torch.equal(model.blocks[1].mlp.down.weight.detach(), want)
+        # The same blocks in GGUF: exporting the quantized run as q8_0/q4_0 re-encodes its values exactly.
+        path = export_gguf(model, tok2, tmp_path / f"q{bits}.gguf", name.lower())
+        stored = {t.name: np.asarray(t.data).reshape(-1) for t in gguf.GGUFReader(str(path)).tensors}
+        packed = quantize_blocks(w, bits, 32).numpy().reshape(-1)
+        assert np.array_equal(stored["blk.1.ffn_down.weight"], packed)
+    # slm eval and slm generate run it like any run (the weights are float32 once read)
+    assert slm("eval", tmp_path / "q8", "--input", corpus_file, "--json") == 0
+    q8_bpb = json.loads(capsys.readouterr().out)["bpb"]
+    assert slm("eval", run_dir, "--input", corpus_file, "--json") == 0
+    assert abs(q8_bpb / json.loads(capsys.readouterr().out)["bpb"] - 1) < 0.01
+    assert slm("generate", tmp_path / "q8", "--prompt", "Once", "--max-new-tokens", 5, "--seed", 1) == 0
+    # Refusals: one line each
+    one_error_line(capsys, slm("quantize", run_dir, "--out", tmp_path / "g", "--bits", 4, "--group", 0), "quantize.group=0")
+    one_error_line(capsys, slm("quantize", run_dir, "--out", tmp_path / "g", "--group", 64), "in groups of 64")
+    one_error_line(capsys, slm("quantize", tmp_path / "q8", "--out", tmp_path / "g"), "already quantized")
+    assert not (tmp_path / "g").exists()
+
+
+def rewrite(ckpt, name: str, text: str) -> None:
+    """Replace a checkpoint file and its manifest entry (so only our own checks can catch it)."""
+    (ckpt / name).write_text(text)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][name] = sha256_file(ckpt / name)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_bad_quantization_json_is_one_line(run_dir, tmp_path):
+    assert slm("quantize", run_dir, "--out", tmp_path / "q", "--bits", 8) == 0
+    ckpt_dirs = [tmp_path / "q" / n for n in ("best", "last")]
+    meta = json.loads((ckpt_dirs[0] / "quantization.json").read_text())
+    name = "blocks.0.attn.qkv.weight"
+    cases = [
+        (dict(meta, format="other"), "not slmkit's"),
+        (dict(meta, bits=3), "quantize.bits=3"),
+        (dict(meta, tensors={**meta["tensors"], name: [96, 64]}), "not the blocks of a 96x64 matrix"),
+        (dict(meta, tensors={**meta["tensors"], name: [96, 1 << 40]}), "not the blocks"),
+        (dict(meta, tensors={**meta["tensors"], "nope.weight": [4, 32]}), "nope.weight is not a packed"),
+        (dict(meta, tensors={**meta["tensors"], name: "x"}), "is not a packed"),
+    ]
+    for bad, pattern in cases:
+        for ckpt in ckpt_dirs:
+            rewrite(ckpt, "quantization.json", json.dumps(bad))
+        with pytest.raises(SlmError, match=pattern) as e:
+            load_run(tmp_path / "q")
+        assert "\n" not in str(e.value)
+
+
+def test_quantize_weights_packs_only_the_matrices():
+    model = random_model(300, **LLAMA, tie_embeddings=False)
+    sd, meta = quantize_weights(model, QuantConfig(bits=4, group=32))
+    assert sorted(meta["tensors"]) == sorted(f"blocks.{i}.{m}.weight" for i in range(2)
+                                             for m in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down"))
+    assert sd["tok_emb.weight"].dtype == sd["lm_head.weight"].dtype == sd["norm.weight"].dtype == torch.float32
+    _, meta = quantize_weights(model, QuantConfig(bits=8, group=0, embeddings=True))
+    assert {"tok_emb.weight", "lm_head.weight"} <= set(meta["tensors"]) and meta["group"] == 0

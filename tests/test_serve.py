@@ -1,0 +1,454 @@
+"""slm serve through the real ``openai`` client, against servers this file starts on 127.0.0.1.
+
+Two servers: the tiny trained run (context 32, no chat template: completions, scoring, errors,
+concurrency) and a random model with the chat tokens (context 1024, an API key, a batch of 2 and a
+queue of 1: chat, streaming, cancellation, overload, a kill).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from slmkit.checkpoint import load_run
+from slmkit.serve.metrics import parse
+
+KEY = "sk-test"
+LONG = 1000  # tokens of a request that runs for a while (a second or more) on the chat server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(run: Path, log: Path, *flags: str):
+    """``slm serve RUN`` in a subprocess; yields (base url, process) once /health says ok."""
+    port = free_port()
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", str(run), "--port", str(port),
+                                 "--threads", "1", *flags], stdout=err, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def plain(run_dir, tmp_path_factory):
+    with server(run_dir, tmp_path_factory.mktemp("log") / "plain.log") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chat_run(run_dir, tmp_path_factory):
+    """A run whose tokenizer carries the chat template: a random model, context 1024, big enough that
+    a long request runs for a while."""
+    from slmkit.chat import add_chat_tokens
+    from slmkit.model import GPT, ModelConfig
+    from slmkit.rundir import create_run
+    from slmkit.trainer import TrainConfig
+
+    _, tok, _ = load_run(run_dir)
+    tok = add_chat_tokens(tok)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=4, n_head=4, n_embd=256)).eval()
+    return create_run(tmp_path_factory.mktemp("chat") / "run", model, tok, TrainConfig())
+
+
+@pytest.fixture(scope="module")
+def chatty(chat_run, tmp_path_factory):
+    with server(chat_run, tmp_path_factory.mktemp("log") / "chat.log", "--api-key", KEY, "--max-batch", "2",
+                "--max-queue", "1") as (url, proc):
+        yield url, proc
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def metrics(url: str) -> dict[str, float]:
+    return parse(httpx.get(f"{url}/metrics").text)
+
+
+# --- completions ----------------------------------------------------------------------------------
+
+
+def test_completion_is_the_librarys_greedy_text_in_every_prompt_form(plain, run_dir):
+    from slmkit.generate import SamplingConfig, generate
+
+    model, tok, _ = load_run(run_dir)
+    expected = generate(model, tok, ["Once upon a time", "Tom"], SamplingConfig(temperature=0.0, max_new_tokens=10))
+    c = client(plain)
+    one = c.completions.create(model="m", prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert one.choices[0].text == expected[0] and one.object == "text_completion"
+    assert one.usage.prompt_tokens == len(tok.encode("Once upon a time"))
+    assert one.usage.completion_tokens == len(tok.encode(expected[0])) or one.choices[0].finish_reason == "stop"
+    both = c.completions.create(model="m", prompt=["Once upon a time", "Tom"], max_tokens=10, temperature=0)
+    assert [ch.text for ch in both.choices] == expected
+    ids = c.completions.create(model="m", prompt=tok.encode("Tom"), max_tokens=10, temperature=0)
+    lists = c.completions.create(model="m", prompt=[tok.encode("Tom")], max_tokens=10, temperature=0)
+    assert ids.choices[0].text == lists.choices[0].text == expected[1]
+
+
+def test_streaming_gives_the_same_text_with_usage_and_done(plain):
+    c = client(plain)
+    whole = c.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0)
+    chunks = list(c.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    with httpx.stream("POST", f"{plain}/v1/completions", json={"prompt": "Tom", "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_n_and_seed_reproduce_samples(plain):
+    c = client(plain)
+    ask = dict(model="m", prompt="Once upon a time", max_tokens=12, temperature=1.0, n=3, seed=11)
+    first, again = c.completions.create(**ask), c.completions.create(**ask)
+    texts = [ch.text for ch in first.choices]
+    assert [ch.index for ch in first.choices] == [0, 1, 2]
+    assert texts == [ch.text for ch in again.choices]
+    assert len(set(texts)) > 1  # each choice its own stream
+    other = c.completions.create(**{**ask, "seed": 12})
+    assert [ch.text for ch in other.choices] != texts
+
+
+def test_stop_strings_end_the_text_before_them(plain):
+    c = client(plain)
+    full = c.completions.create(model="m", prompt="Once upon a time", max_tokens=20, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = c.completions.create(model="m", prompt="Once upon a time", max_tokens=20, temperature=0, stop=[stop, "zzz"],
+                               extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_echo_logprobs_score_a_text_as_slm_eval_does(plain, run_dir, tmp_path):
+    from slmkit.evaluate import evaluate_run
+
+    _, tok, _ = load_run(run_dir)
+    story = "Once upon a time, Tom had a cat. Tom liked the cat very much. One day Lily came to play."
+    # one window of slm eval (context 32): 33 tokens, the text and <|endoftext|>
+    text = next(story[:i] for i in range(len(story)) if len(tok.encode(story[:i])) == 32 and story[i - 1] != " ")
+    (tmp_path / "doc.txt").write_text(text)
+    loss = evaluate_run(run_dir, input_path=str(tmp_path / "doc.txt"))["loss"]
+    ids = tok.encode(text) + [tok.eot_id]
+    scored = client(plain).completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lps = scored.choices[0].logprobs.token_logprobs
+    assert lps[0] is None and len(lps) == len(ids) and scored.usage.completion_tokens == 0
+    assert -sum(lps[1:]) / (len(ids) - 1) == pytest.approx(loss, abs=1e-5)
+    assert scored.choices[0].text == tok.decode(ids)
+    assert all(len(top) == 1 for top in scored.choices[0].logprobs.top_logprobs[1:])
+
+
+def test_sampling_extras_are_applied(plain, run_dir):
+    _, tok, _ = load_run(run_dir)
+    c = client(plain)
+    base = dict(model="m", prompt="Once upon a time", max_tokens=6, temperature=0)
+    greedy = c.completions.create(**base).choices[0]
+    first = tok.encode(greedy.text)[0]
+    banned = c.completions.create(**base, logit_bias={str(first): -100}).choices[0]
+    assert tok.encode(banned.text)[:1] != [first]
+    forced = c.completions.create(**base, logit_bias={"7": 100}).choices[0]
+    assert tok.encode(forced.text) == [7] * 6
+    assert len(c.completions.create(**base, extra_body={"min_tokens": 6}).choices[0].text) > 0
+    for extra in ({"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "temperature": 0.7},
+                  {"presence_penalty": 1.0, "frequency_penalty": 0.5}):
+        assert c.completions.create(**{**base, "seed": 1}, extra_body=extra).choices[0].finish_reason
+
+
+def test_logprobs_of_generated_tokens(plain):
+    out = client(plain).completions.create(model="m", prompt="Tom", max_tokens=5, temperature=0, logprobs=3,
+                                           extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5 and all(len(t) <= 3 for t in lp.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert all(abs(v - max(t.values())) < 1e-6 for v, t in zip(lp.token_logprobs, lp.top_logprobs))
+
+
+def test_concurrent_greedy_requests_equal_their_solo_output_and_finish_sooner(plain):
+    c = client(plain)
+    prompts = ["Once upon a time", "Tom", "Lily had a", "One day", "The cat", "Ben was", "They played", "Mia"]
+    ask = dict(model="m", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    for p in prompts[:2]:  # warm up
+        c.completions.create(prompt=p, **ask)
+    t0 = time.perf_counter()
+    solo = [c.completions.create(prompt=p, **ask).choices[0].text for p in prompts]
+    sequential = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: c.completions.create(prompt=p, **ask).choices[0].text, prompts))
+    concurrent = time.perf_counter() - t0
+    assert together == solo
+    assert concurrent < sequential, (concurrent, sequential)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_errors_have_openais_shape_and_status(plain):
+    c = client(plain)
+    r = httpx.post(f"{plain}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="m", prompt="Tom", temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError, match="context of 32 tokens"):
+        c.completions.create(model="m", prompt="Tom " * 40)
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
+        c.completions.create(model="m", prompt="Tom", max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="at most 4"):
+        c.completions.create(model="m", prompt="Tom", stop=["a", "b", "c", "d", "e"])
+    with pytest.raises(openai.BadRequestError, match="no chat template.*fine-tune"):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    big = httpx.post(f"{plain}/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert big.status_code == 413 and "limit" in big.json()["error"]["message"]
+    assert httpx.get(f"{plain}/v1/nothing").status_code == 404
+
+
+def test_models_health_tokenize_and_metrics(plain, run_dir):
+    _, tok, _ = load_run(run_dir)
+    card = client(plain).models.list().data[0]
+    assert card.context_length == 32 and card.parameters > 0
+    assert httpx.get(f"{plain}/health").json() == {"status": "ok"}
+    ids = httpx.post(f"{plain}/tokenize", json={"prompt": "Tom had a cat"}).json()["tokens"]
+    assert ids == tok.encode("Tom had a cat")
+    assert httpx.post(f"{plain}/detokenize", json={"tokens": ids}).json()["prompt"] == "Tom had a cat"
+    m = metrics(plain)
+    assert m['slm_requests_total{endpoint="completions",status="200"}'] >= 1
+    assert m["slm_generation_tokens_total"] > 0 and m["slm_time_to_first_token_seconds_count"] > 0
+
+
+def test_health_is_503_while_loading():
+    from starlette.testclient import TestClient
+
+    from slmkit.serve.app import create_app
+    from slmkit.serve.config import ServeConfig
+    from slmkit.serve.engine import Engine
+
+    go = threading.Event()
+    engine = Engine(lambda: (go.wait(), (_ for _ in ()).throw(RuntimeError("no model")))[1],
+                    max_batch=1, max_queue=1, prefill_chunk=8)
+    engine.start()
+    with TestClient(create_app(engine, ServeConfig(), "m")) as http:
+        assert http.get("/health").status_code == 503
+        assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 503
+        go.set()
+        engine.loaded.wait(5)
+        assert http.get("/health").json() == {"status": "failed"}
+
+
+# --- the chat server --------------------------------------------------------------------------------
+
+
+def test_chat_sync_and_stream(chatty):
+    url, _ = chatty
+    c = client(url, KEY)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    out = c.chat.completions.create(model="m", messages=messages, max_completion_tokens=8, temperature=0,
+                                    logprobs=True, top_logprobs=2)
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert len(choice.logprobs.content) == out.usage.completion_tokens
+    chunks = list(c.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == choice.message.content
+    assert [ch for ch in chunks if ch.choices][-1].choices[0].finish_reason == choice.finish_reason
+    assert chunks[-1].usage.total_tokens == out.usage.total_tokens
+    rendered = httpx.post(f"{url}/tokenize", json={"messages": messages},
+                          headers={"authorization": f"Bearer {KEY}"}).json()
+    assert rendered["count"] == out.usage.prompt_tokens
+
+
+def test_wrong_key_is_401(chatty):
+    url, _ = chatty
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "wrong").models.list()
+    assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open
+
+
+def long_stream(url: str, started: threading.Event, stop: threading.Event, killed: bool = False) -> None:
+    """Read a long stream until ``stop`` is set (or, ``killed``, until the server dies)."""
+    try:
+        _long_stream(url, started, stop)
+    except httpx.HTTPError:
+        if not killed:
+            raise
+
+
+def _long_stream(url: str, started: threading.Event, stop: threading.Event) -> None:
+    body = {"prompt": "Once", "max_tokens": LONG, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"},
+                      timeout=30) as r:
+        for _ in r.iter_lines():
+            started.set()
+            if stop.is_set():
+                return
+
+
+def wait_for(url: str, check, what: str, timeout: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if check(m):
+            return m
+        assert time.monotonic() < deadline, f"{what}: {m}"
+        time.sleep(0.02)
+
+
+def test_a_full_queue_answers_429_and_gone_clients_free_their_slots(chatty):
+    url, _ = chatty
+    stop = threading.Event()
+    threads = []
+    for i in range(3):  # two run (--max-batch 2), one waits (--max-queue 1)
+        started = threading.Event()
+        t = threading.Thread(target=long_stream, args=(url, started, stop))
+        t.start()
+        threads.append(t)
+        if i < 2:
+            assert started.wait(10)
+    wait_for(url, lambda m: m["slm_batch_size"] == 2 and m["slm_queue_depth"] == 1, "two running, one queued")
+    with pytest.raises(openai.RateLimitError) as e:
+        client(url, KEY).completions.create(model="m", prompt="Tom", max_tokens=5)
+    assert e.value.response.headers["retry-after"] == "1"
+    before = metrics(url)
+    stop.set()  # the clients hang up mid-stream
+    for t in threads:
+        t.join(10)
+    after = wait_for(url, lambda m: m["slm_batch_size"] == 0 and m["slm_requests_running"] == 0, "slots freed")
+    assert after["slm_requests_cancelled_total"] >= before["slm_requests_cancelled_total"] + 3
+    assert after["slm_generation_tokens_total"] - before["slm_generation_tokens_total"] < 3 * LONG
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled(chatty):
+    url, _ = chatty
+    before = metrics(url)
+    body = {"prompt": "Once", "max_tokens": LONG, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=0.3)
+    after = wait_for(url, lambda m: m["slm_requests_cancelled_total"] > before["slm_requests_cancelled_total"]
+                     and m["slm_batch_size"] == 0, "the request cancelled")
+    assert after["slm_generation_tokens_total"] - before["slm_generation_tokens_total"] < LONG
+
+
+def digest(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def test_killing_the_server_loses_nothing_on_disk(chat_run, tmp_path):
+    before = digest(chat_run)
+    with server(chat_run, tmp_path / "kill.log") as (url, proc):
+        started, stop = threading.Event(), threading.Event()
+        t = threading.Thread(target=long_stream, args=(url, started, stop, True), daemon=True)
+        t.start()
+        started.wait(10)
+        proc.kill()
+        proc.wait(10)
+    assert digest(chat_run) == before
+
+
+def test_bad_flags_and_runs_are_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "slmkit.cli", "serve", str(tmp_path), "--port", "1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error:") and "RUN_DIR" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "slmkit.cli", "serve", str(tmp_path), "--max-batch", "0"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--max-batch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    (tmp_path / "config.toml").write_text("[model]\n")  # looks like a run, has no checkpoint
+    out = subprocess.run([sys.executable, "-m", "slmkit.cli", "serve", str(tmp_path), "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: cannot load"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+# --- the playground, in a real headless browser -------------------------------------------------
+
+
+def chromium_path() -> str:
+    """Debian's chromium (``apt-get install chromium``; .ci/run installs it), or skip saying so."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test extra has it)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed: apt-get install -y chromium (.ci/run does)")
+    return path
+
+
+def test_playground_streams_and_stop_cancels_on_the_server(chatty, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    path = chromium_path()
+    url, _ = chatty
+    before = metrics(url)
+    text = "document.getElementById('output').textContent"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.goto(url)
+        page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.includes('parameters')")
+        # a long completion, streamed; Stop cancels it on the server
+        page.click("#mode-completion")
+        page.fill("#max_tokens", str(LONG))
+        page.fill("#temperature", "0")
+        page.check("#ignore_eos")
+        page.fill("#prompt", "Once upon a time")
+        page.click("#send")
+        page.wait_for_function(f"{text}.length > 'Once upon a time'.length + 5")
+        page.click("#stop")
+        wait_for(url, lambda m: m["slm_batch_size"] == 0
+                 and m["slm_requests_cancelled_total"] > before["slm_requests_cancelled_total"], "Stop cancelled")
+        after = metrics(url)
+        assert after["slm_generation_tokens_total"] - before["slm_generation_tokens_total"] < LONG
+        shown = page.evaluate(text)
+        time.sleep(0.2)
+        assert page.evaluate(text) == shown  # nothing more arrives
+        assert "tokens/s" in page.text_content("#stats") and "stopped" in page.text_content("#stats")
+        assert page.text_content("#rendered").startswith("4 tokens") or "tokens:" in page.text_content("#rendered")
+        # chat: the reply streams into the history, the rendered prompt shows the template
+        page.click("#mode-chat")
+        page.fill("#max_tokens", "6")
+        page.fill("#prompt", "Hello there")
+        page.click("#send")
+        page.wait_for_function("document.getElementById('stats').textContent.includes('(')")
+        assert page.locator("#history .msg.user").inner_text().endswith("Hello there")
+        assert page.locator("#history .msg.assistant").count() == 1
+        page.wait_for_function("document.getElementById('rendered').textContent.includes('<|assistant|>')")
+        # history survives a reload (localStorage)
+        page.reload()
+        page.wait_for_selector("#history .msg.assistant")
+        assert "Hello there" in page.text_content("#history")
+        page.screenshot(path=str(tmp_path / "playground.png"))
+        browser.close()
