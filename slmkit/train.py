@@ -52,7 +52,7 @@ def resolve_config(
     if config_file:
         from_file = load_toml(config_file)
         check_sections(from_file, RUN_SECTIONS, config_file)
-        for other in ("sample", "finetune", "lora"):  # slm generate's and slm finetune's: one run file serves all
+        for other in ("sample", "serve", "finetune", "lora"):  # the other commands' sections: one run file serves all
             from_file.pop(other, None)
         sections = merge(sections, from_file)
     sections = merge(sections, parse_overrides(overrides or []))

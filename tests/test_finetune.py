@@ -28,7 +28,7 @@ from slmkit.trainer import TrainConfig, Trainer, step_divisors
 THINGS = ["apple", "sky", "grass", "snow", "coal", "sun", "sea", "rose", "lemon", "plum", "milk", "leaf"]
 COLORS = ["red", "blue", "green", "white", "black", "yellow", "blue", "red", "yellow", "purple", "white", "green"]
 TABLE = [(f"What color is the {t}?", f"The {t} is {c}.") for t, c in zip(THINGS, COLORS)]
-FAST = ["train.plot=false", "train.eval_interval=50", "train.batch_size=8"]
+FAST = ["train.plot=false", "train.eval_interval=50", "train.batch_size=8", "train.dtype=float32"]
 
 
 @pytest.fixture(scope="module")
