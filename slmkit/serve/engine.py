@@ -151,6 +151,7 @@ class Engine:
                 batch = ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
                 continue
             self._publish(changed)
+            self.metrics.add(steps=1)
             self.metrics.set(running=batch.running, running_requests=len(self._jobs))
 
     def _admit(self, batch: ContinuousBatch) -> None:

@@ -19,6 +19,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.cancelled = 0
+        self.steps = 0  # passes of the model: a prefill chunk or a decode step of the whole batch
         self.queue_depth = 0  # requests waiting for a place in the batch
         self.running = 0  # sequences in the decode batch
         self.running_requests = 0  # requests admitted and not finished
@@ -59,6 +60,8 @@ class Metrics:
                 ("slm_prompt_tokens_total", "counter", self.prompt_tokens, "Prompt tokens prefilled."),
                 ("slm_generation_tokens_total", "counter", self.generation_tokens, "Tokens generated."),
                 ("slm_requests_cancelled_total", "counter", self.cancelled, "Requests cancelled (client gone)."),
+                ("slm_engine_steps_total", "counter", self.steps,
+                 "Passes of the model: a prefill chunk or a decode step of the whole batch."),
                 ("slm_queue_depth", "gauge", self.queue_depth, "Requests waiting for a place in the batch."),
                 ("slm_batch_size", "gauge", self.running, "Sequences in the running decode batch."),
                 ("slm_requests_running", "gauge", self.running_requests, "Requests being prefilled or decoded."),
