@@ -154,7 +154,8 @@ def score_text(text: str, task: dict[str, Any]) -> dict[str, float]:
 
 def build_sets(stories_train: list[str], stories_test: list[str], work: Path, context: int, seed: int) -> dict:
     """The instruction records (train, held-out) and the two SFT DATA_DIRs; kept when already made."""
-    from slmkit.chat import prepare_chat, render_ids
+    from slmkit.chat import render_ids
+    from slmkit.prepare_chat import prepare_chat
     from slmkit.tokenizer import load_tokenizer
 
     done = work / "sets.json"

@@ -318,20 +318,6 @@ def grow_embeddings(model, new_vocab_size: int) -> None:
     model.config.vocab_size = new_vocab_size
 
 
-# --- moved ------------------------------------------------------------------------------------
-
-_MOVED = ("context_of", "first_record_is_chat", "prepare_chat", "print_summary", "run_prepare_cli")
-
-
-def __getattr__(name: str) -> Any:
-    """The SFT DATA_DIR writer moved to ``slmkit.prepare_chat``; ``chat.<name>`` still finds it."""
-    if name in _MOVED:
-        from slmkit import prepare_chat
-
-        return getattr(prepare_chat, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "DEFAULT_TEMPLATE",
     "FORMS",

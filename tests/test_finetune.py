@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from slmkit.chat import prepare_chat, render_prompt, special_ids
+from slmkit.chat import render_prompt, special_ids
+from slmkit.prepare_chat import prepare_chat
 from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.cli import main
 from slmkit.data import ChatBatches, ChatSplit, open_chat_split, pack_best_fit
