@@ -23,6 +23,22 @@ def tok():
     return train_bpe(make_corpus(), 300)
 
 
+def fit(model: GPT, ids: list[int], steps: int) -> GPT:
+    """``steps`` AdamW steps (lr 3e-3) on random 64-token windows of ``ids``, 16 a batch; the model
+    comes back in eval mode. Seed torch before building the model: the windows draw from it too."""
+    data = torch.tensor(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        at = torch.randint(len(data) - 65, (16,)).tolist()
+        x = torch.stack([data[i:i + 64] for i in at])
+        y = torch.stack([data[i + 1:i + 65] for i in at])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def random_model(vocab: int, **kw) -> GPT:
     """A small model with every weight random (biases and norm gains too), so a wrong mapping of
     any tensor shows up in the logits, and with logits spread enough that greedy picks are clear."""

@@ -39,6 +39,18 @@ def random_model(seed: int = 0, scale: float = 6.0, **kw) -> GPT:
     return model
 
 
+def noisy_model(seed: int, **kw) -> GPT:
+    """A random model with non-zero biases and uneven norm weights: every path must apply them."""
+    model = random_model(seed, **kw)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(6.0 * (1.0 + 0.3 * noise) if name.endswith("weight") else 0.5 * noise)
+    return model
+
+
 class ByteTokenizer:
     """Stand-in tokenizer: one token per byte, so every multi-byte character spans tokens."""
 

@@ -20,7 +20,7 @@ from slmkit.decode import (
 from slmkit.model import GPT, ModelConfig, apply_rope, rope_tables
 
 from conftest import check_bf16_decode_step, cpu_capture
-from generation_models import one_thread, random_model  # noqa: F401 (one_thread: a fixture)
+from generation_models import noisy_model, one_thread, random_model  # noqa: F401 (one_thread: a fixture)
 
 VARIANTS = [
     dict(positions=pos, n_kv_head=kv, norm=norm, activation=act, bias=norm == "layernorm")
@@ -34,18 +34,6 @@ FAST_CPU = NativeDecoder if cpu_kernels.built() is None else CPUDecoder
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-def noisy_model(seed: int, **kw) -> GPT:
-    """A random model with non-zero biases and uneven norm weights: every path must apply them."""
-    model = random_model(seed, **kw)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(4)
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(6.0 * (1.0 + 0.3 * noise) if name.endswith("weight") else 0.5 * noise)
-    return model
 
 
 # --- the parity test: every backend against model.forward ------------------------------------------

@@ -14,7 +14,7 @@ from slmkit.decode import CPUDecoder, KVCache, NativeDecoder, pick
 from slmkit.decode import native
 from slmkit.generate import SamplingConfig, generate_tokens
 
-from generation_models import GREEDY, one_thread, random_model  # noqa: F401 (one_thread: a fixture)
+from generation_models import GREEDY, noisy_model, one_thread, random_model  # noqa: F401 (one_thread: a fixture)
 
 pytestmark = pytest.mark.skipif(cpu_kernels.built() is not None, reason=f"no C++ library: {cpu_kernels.built()}")
 
@@ -23,17 +23,6 @@ RUNNABLE = ORDER[: ORDER.index(native.best_isa()) + 1] if cpu_kernels.built() is
 # Width 36 (not a multiple of 8 or 16: the products' masked tails), head size 6, two kv heads.
 ODD = [dict(n_embd=36, n_head=6, n_kv_head=2), dict(n_embd=36, n_head=6, positions="learned", norm="layernorm",
                                                      activation="gelu", bias=True, tie_embeddings=False)]
-
-
-def noisy(seed: int, **kw):
-    model = random_model(seed, **kw)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(4)
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(6.0 * (1.0 + 0.3 * noise) if name.endswith("weight") else 0.5 * noise)
-    return model
 
 
 def ragged_steps(decoder: NativeDecoder, model, x: torch.Tensor, starts: list[int], steps: int
@@ -52,7 +41,7 @@ def ragged_steps(decoder: NativeDecoder, model, x: torch.Tensor, starts: list[in
 def test_every_instruction_set_gives_the_logits_of_model_forward(kw, isa):
     """Three rows, left-padded by 0, 5 and 2 slots, 8 steps each: every row's logits are those of
     the model run on that row alone, whatever the instruction set of the products."""
-    model = noisy(2, **kw)
+    model = noisy_model(2, **kw)
     g = torch.Generator().manual_seed(5)
     lengths, starts = [16, 11, 14], [0, 5, 2]
     rows = [torch.randint(0, 61, (n,), generator=g) for n in lengths]
@@ -67,7 +56,7 @@ def test_every_instruction_set_gives_the_logits_of_model_forward(kw, isa):
 
 def test_thread_count_changes_no_bit():
     """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
-    model = noisy(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
+    model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
     x = torch.randint(0, 200, (5, 20), generator=torch.Generator().manual_seed(6))
     starts = [0, 3, 1, 7, 0]
     with torch.inference_mode():
@@ -82,7 +71,7 @@ def test_greedy_generation_past_the_context_is_the_reference(kw):
     """40 tokens past a 24-token context (the window slides, runners' rule): one prompt gives the
     tokens of re-running the model over its window; a ragged batch of three (whose rows slide
     together when the longest fills the context) those of the module path with the cache."""
-    model = noisy(4, **kw)
+    model = noisy_model(4, **kw)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 11, 1)]
     cfg = SamplingConfig(max_new_tokens=40, **GREEDY)  # 11 + 40 > 24: the window slides

@@ -20,7 +20,7 @@ from slmkit.generate import SamplingConfig, generate_tokens
 from slmkit.model import GPT, ModelConfig
 
 from conftest import make_corpus
-from export_models import GPT2, LLAMA, one_error_line, random_model, slm
+from export_models import GPT2, LLAMA, fit, one_error_line, random_model, slm
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the gguf extra: pip install -e '.[gguf]'")
 gguf = pytest.importorskip("gguf")
@@ -46,17 +46,7 @@ def trained(tok, **kw) -> GPT:
     cfg = dict(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=64, **kw)
     model = GPT(ModelConfig(**cfg))
     ids = [i for doc in make_corpus() for i in [tok.eot_id, *tok.encode(doc)]]
-    data = torch.tensor(ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(80):
-        at = torch.randint(len(data) - 65, (16,)).tolist()
-        x = torch.stack([data[i:i + 64] for i in at])
-        y = torch.stack([data[i + 1:i + 65] for i in at])
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return fit(model, ids, 80)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from slmkit.model import GPT, ModelConfig
 from slmkit.tokenizer import train_bpe
 
 from conftest import make_corpus
-from export_models import GPT2, LLAMA, one_error_line, random_model, slm
+from export_models import GPT2, LLAMA, fit, one_error_line, random_model, slm
 
 LLAMA2C = Path(os.environ.get("SLMKIT_LLAMA2C", Path(__file__).resolve().parents[2] / "shared/peers/llama2c"))
 VARIANTS = {"gqa-untied": dict(n_kv_head=2, tie_embeddings=False), "mha-tied": dict(tie_embeddings=True)}
@@ -56,17 +56,7 @@ def trained(tok, docs: list[str] | None = None, **kw) -> GPT:
     model = GPT(ModelConfig(**{**cfg, **kw}))
     ids = [i for doc in docs or make_corpus() for i in [tok.eot_id, *tok.encode(doc)]]
     ids *= max(1, 4000 // len(ids))
-    data = torch.tensor(ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        at = torch.randint(len(data) - 65, (16,)).tolist()
-        x = torch.stack([data[i:i + 64] for i in at])
-        y = torch.stack([data[i + 1:i + 65] for i in at])
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return fit(model, ids, 150)
 
 
 @pytest.fixture(scope="module")
