@@ -227,11 +227,21 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     """The GPT of a checkpoint that ``read_checkpoint`` returned. A LoRA run's (its state has
     ``"lora"``) is its base checkpoint, which must still hold the weights it was trained on (same
     sha256), grown to the run's vocabulary, with the adapter (and new token rows) merged in."""
+    if "lora" not in ckpt["state"]:
+        return build_model(ckpt["model_config"], ckpt["weights"])
+    from slmkit.lora import merge_lora
+
+    return merge_lora(lora_model_from_checkpoint(ckpt))
+
+
+def lora_model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
+    """A LoRA run's checkpoint as its base (checked by sha256, grown to the run's vocabulary, the
+    new token rows as trained) with the adapters applied and NOT merged: what PEFT's export needs."""
     state = ckpt["state"]
     if "lora" not in state:
-        return build_model(ckpt["model_config"], ckpt["weights"])
+        raise SlmError(f"{ckpt['path']} is not a LoRA run's checkpoint: it has no adapter to export")
     from slmkit.chat import grow_embeddings
-    from slmkit.lora import AdapterWeights, LoRAConfig, apply_lora, merge_lora
+    from slmkit.lora import AdapterWeights, LoRAConfig, apply_lora
 
     base = state.get("base")
     if not isinstance(base, dict) or not {"checkpoint", "sha256", "vocab_size"} <= base.keys():
@@ -250,7 +260,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
         raise SlmError(f"{ckpt['path']}: its model config does not match its base {where}: fine-tune again")
     weights = AdapterWeights(model, first_new=int(base["vocab_size"])).unpack(ckpt["weights"], source=ckpt["path"])
     model.load_state_dict(weights)
-    return merge_lora(model)
+    return model
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> tuple[GPT, Any, dict[str, Any]]:
@@ -261,6 +271,19 @@ def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> t
     """
     from slmkit.tokenizer import load_tokenizer
 
+    ckpt = read_run_checkpoint(run_dir, which)
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    run_dir = Path(run_dir)
+    if not (run_dir / "tokenizer").is_dir():
+        raise SlmError(f"{run_dir} has no tokenizer/ folder: it is not a complete run directory")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    info = dict(ckpt["state"], checkpoint=str(ckpt["path"]))
+    info.pop("optimizer", None)
+    return model, tokenizer, info
+
+
+def read_run_checkpoint(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
+    """``read_checkpoint`` of RUN_DIR's ``which`` ("best", falling back to "last", or "last")."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SlmError(f"run directory {run_dir} does not exist: pass the --out folder of slm train")
@@ -281,10 +304,4 @@ def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> t
         raise SlmError("; ".join(errors))
     if errors:
         print(f"warning: {errors[0]}; using {ckpt['path']} instead", file=sys.stderr)
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    if not (run_dir / "tokenizer").is_dir():
-        raise SlmError(f"{run_dir} has no tokenizer/ folder: it is not a complete run directory")
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    info = dict(ckpt["state"], checkpoint=str(ckpt["path"]))
-    info.pop("optimizer", None)
-    return model, tokenizer, info
+    return ckpt

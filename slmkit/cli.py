@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval": ("slmkit.evaluate", "add_arguments", "run_cli", "loss, perplexity, bits per byte, accuracy"),
     "info": ("slmkit.cli", "add_info_arguments", "run_info", "config, parameters and training summary of RUN_DIR"),
     "quickstart": ("slmkit.quickstart", "add_arguments", "run_cli", "the demo: prepare, train a few minutes, sample"),
-    "export": ("slmkit.export", "add_arguments", "run_cli", "export to hf, onnx, torchscript, llama2c or gguf"),
+    "export": ("slmkit.export", "add_arguments", "run_cli", "export to hf, onnx, torchscript, llama2c, gguf or peft (a LoRA run's adapter)"),
     "import-hf": ("slmkit.export", "add_import_arguments", "run_import", "import a GPT-2/Llama HF checkpoint"),
     "import-llama2c": ("slmkit.export.llama2c", "add_import_arguments", "run_import", "import llama2.c's files"),
     "quantize": ("slmkit.export.quantize", "add_arguments", "run_cli", "int8/int4 weights (GGUF q8_0/q4_0 blocks) in a new RUN_DIR"),

@@ -204,6 +204,15 @@ def merge_lora(model: GPT) -> GPT:
     return model.requires_grad_(True)
 
 
+def strip_lora(model: GPT) -> GPT:
+    """Put every adapted linear's frozen base back, dropping the adapters unmerged (in place;
+    returns the model): the base the adapters were trained on, for exports that ship them apart."""
+    for path, lora in list(lora_modules(model)):
+        parent, name = _parent(model, path)
+        setattr(parent, name, lora.base)
+    return model
+
+
 def adapter_state(model: GPT) -> dict[str, torch.Tensor]:
     """The adapters alone: ``{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)}``, detached copies."""
     out = {}

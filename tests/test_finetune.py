@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from slmkit.chat import render_prompt, special_ids
-from slmkit.prepare_chat import prepare_chat
 from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.cli import main
 from slmkit.data import ChatBatches, ChatSplit, open_chat_split, pack_best_fit
@@ -22,6 +21,7 @@ from slmkit.errors import SlmError
 from slmkit.finetune import finetune
 from slmkit.lora import LoRAConfig
 from slmkit.model import GPT, ModelConfig
+from slmkit.prepare_chat import prepare_chat
 from slmkit.rundir import create_run
 from slmkit.tokenizer import train_bpe
 from slmkit.trainer import TrainConfig, Trainer, step_divisors
@@ -226,6 +226,28 @@ def test_a_killed_finetune_resumes_bit_for_bit(qa, tmp_path, monkeypatch, lora):
     if lora is not None:  # the checkpoint holds the adapters and the new token rows, nothing else
         assert set(a) == {k for k in a if k.endswith((".lora_A", ".lora_B"))} | {"tok_emb.new_rows"}
         assert (tmp_path / "whole" / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_peft_export_of_a_chat_lora_run_is_the_run(qa, tmp_path):
+    """slm export LORA_RUN --format peft: PEFT's model on the exported base is the run, chat-token
+    rows included (the run trains them; a base without them would score <|end|> differently)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    run, out = tmp_path / "lora", tmp_path / "peft"
+    lora = LoRAConfig(rank=4, alpha=8, targets=["qkv", "proj", "up", "down"])
+    finetune(qa["base"], qa["sft"], run, lora=lora, overrides=["train.max_steps=20", "train.lr=1e-2", *FAST], quiet=True)
+    assert main(["export", str(run), "--format", "peft", "--out", str(out)]) == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    merged, tok, _ = load_run(run)
+    ids = torch.tensor([render_prompt([("user", "What is two and two?")], tok, tok.chat_template)])
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    with torch.no_grad():
+        ours = merged(ids)[0]
+        bare = base(ids).logits
+        theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()(ids).logits
+    assert (ours - bare).abs().max() > 1e-2  # the adapters matter, so the comparison below can fail
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    assert main(["export", str(qa["base"]), "--format", "peft", "--out", str(tmp_path / "no")]) == 2  # not a LoRA run
 
 
 def test_lora_run_loads_merged_and_needs_its_base(qa, tmp_path):

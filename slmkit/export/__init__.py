@@ -31,7 +31,10 @@ CPU inference format; ``hf`` exports stay float32.
 safetensors, a byte-level BPE tokenizer.json with ``<|endoftext|>``) into a RUN_DIR that
 ``slm generate``, ``slm eval`` and ``slm train`` (which continues from it) accept.
 
-One module per format and direction: ``hf`` (both ways), ``onnx``, ``torchscript``, ``llama2c``, ``gguf``; ``common``
+``--format peft`` on a LoRA run writes ``DIR/adapter`` (PEFT's adapter files) and ``DIR/base`` (the HF
+export of its base): ``peft.PeftModel`` on the one with the other is the run.
+
+One module per format and direction: ``hf`` (both ways), ``onnx``, ``torchscript``, ``llama2c``, ``gguf``, ``peft``; ``common``
 holds the output folder and its metadata. This package holds the stage: ``export_model``,
 ``export_run`` and the two CLI commands.
 
@@ -55,7 +58,7 @@ from slmkit.export.torchscript import export_torchscript, quantize_int8
 from slmkit.generate.onnx import OnnxGenerator  # lives beside generation; re-exported for old imports
 from slmkit.model import GPT
 
-FORMATS = ("hf", "onnx", "torchscript", "llama2c", "gguf")
+FORMATS = ("hf", "onnx", "torchscript", "llama2c", "gguf", "peft")
 
 
 def export_model(model: GPT, tokenizer: Any, fmt: str, out: str | Path, quantize: str | None = None,
@@ -66,6 +69,8 @@ def export_model(model: GPT, tokenizer: Any, fmt: str, out: str | Path, quantize
     if quantize not in (None, "int8"):
         raise SlmError(f"--quantize {quantize!r} is not supported: the only choice is int8")
     _check_type_options(fmt, quantize, outtype)
+    if fmt == "peft":
+        raise SlmError("--format peft exports a LoRA run's adapter and its base: export the run (slm export RUN)")
     model = model.float().cpu().eval()
     if fmt == "gguf":
         return export_gguf(model, tokenizer, out, outtype or "f32")
@@ -88,6 +93,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, quantize: str 
     if fmt == "hf" and quantize:
         raise SlmError("--quantize int8 applies to --format onnx and torchscript; hf exports stay float32")
     _check_type_options(fmt, quantize, outtype)
+    if fmt == "peft":
+        if quantize:
+            raise SlmError("--quantize does not apply to --format peft: the adapter and its base stay float32")
+        from slmkit.export.peft import export_peft_run
+
+        return export_peft_run(run_dir, out, which)
     model, tokenizer, _ = load_run(run_dir, device="cpu", which=which)
     return export_model(model, tokenizer, fmt, out, quantize, outtype)
 

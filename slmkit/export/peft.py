@@ -116,3 +116,31 @@ def export_peft(model: GPT, out: str | Path, cfg: LoRAConfig | None = None, base
         raise ValueError(f"cfg (rank {cfg.rank}, scale {cfg.scale}) does not describe the model's adapters "
                          f"(rank {first.rank}, scale {first.scale})")
     return write_peft(out, adapter_state(model), cfg, model.config, base_model)
+
+
+def export_peft_run(run_dir: str | Path, out: str | Path, which: str = "best") -> Path:
+    """``slm export LORA_RUN --format peft``: ``out/base`` is the HF export of the base the adapters
+    were trained on and ``out/adapter`` the PEFT adapter, so that ``PeftModel.from_pretrained(
+    AutoModelForCausalLM.from_pretrained(out/"base"), out/"adapter")`` is the run. When the run added
+    chat tokens, the base holds their embedding rows as the run trained them (a LoRA run trains those
+    rows too: left at the mean, the end-of-turn token could never win) and the run's tokenizer, with
+    its chat template."""
+    from slmkit.checkpoint import lora_model_from_checkpoint, read_run_checkpoint
+    from slmkit.config import from_dict
+    from slmkit.export.common import export_meta
+    from slmkit.export.hf import export_hf
+    from slmkit.lora import strip_lora
+    from slmkit.tokenizer import load_tokenizer
+
+    ckpt = read_run_checkpoint(run_dir, which)
+    model = lora_model_from_checkpoint(ckpt).float().cpu().eval()
+    cfg = from_dict(LoRAConfig, ckpt["state"]["lora"], "lora")
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
+    out = Path(out)
+    with output_dir(out) as tmp:
+        export_peft(model, tmp / "adapter", cfg, base_model=str((out / "base").resolve()))
+        base = strip_lora(model)
+        export_hf(base, tokenizer, tmp / "base")
+        write_json(tmp / META_FILE, export_meta(base, tokenizer, "peft", base="base", adapter="adapter",
+                                                lora=to_dict(cfg), run=str(run_dir)))
+    return out
