@@ -27,7 +27,7 @@ from slmkit.checkpoint import load_run
 from slmkit.serve.metrics import parse
 
 KEY = "sk-test"
-LONG = 1000  # tokens of a request that runs for a while (a second or more) on the chat server
+LONG = 2000  # tokens of a request that runs for a while (a second or more) on the chat server
 
 
 def free_port() -> int:
@@ -69,8 +69,9 @@ def plain(run_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_run(run_dir, tmp_path_factory):
-    """A run whose tokenizer carries the chat template: a random model, context 1024, big enough that
-    a long request runs for a while."""
+    """A run whose tokenizer carries the chat template: a random model, context 2048, big enough that
+    a long request runs for a while (with the C++ decoder a 4 x 256 model ran 1,000 tokens in a
+    fraction of a second, and a request could end before the playground's Stop reached it)."""
     from slmkit.chat import add_chat_tokens
     from slmkit.model import GPT, ModelConfig
     from slmkit.rundir import create_run
@@ -79,7 +80,7 @@ def chat_run(run_dir, tmp_path_factory):
     _, tok, _ = load_run(run_dir)
     tok = add_chat_tokens(tok)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=4, n_head=4, n_embd=256)).eval()
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=2048, n_layer=8, n_head=6, n_embd=384)).eval()
     return create_run(tmp_path_factory.mktemp("chat") / "run", model, tok, TrainConfig())
 
 
