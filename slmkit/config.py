@@ -187,7 +187,7 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
 
 # The sections of a run's TOML file, one per stage that reads one.
 # Every command accepts the whole file and reads its own sections.
-RUN_SECTIONS = ("model", "train", "sample", "finetune", "lora", "serve")  # what a RUN_DIR's config.toml may hold
+RUN_SECTIONS = ("model", "train", "sample", "finetune", "lora", "serve", "distill")  # what a RUN_DIR's config.toml may hold
 
 
 def check_sections(sections: dict[str, Any], known: Iterable[str], where: str) -> None:

@@ -43,6 +43,7 @@ from slmkit.errors import SlmError
 from slmkit.files import sha256_file
 from slmkit.lora import AdapterWeights, LoRAConfig, apply_lora, describe, save_adapter, train_new_tokens
 from slmkit.model import GPT
+from slmkit.prune import DistillConfig, Distillation
 from slmkit.rundir import setup_run_dir_on_rank0
 from slmkit.runtime import pick_dtype, resolve_device
 from slmkit.scoring import evaluate_chat
@@ -194,13 +195,21 @@ def build_finetuning(model: GPT, data_dir: Path, run_dir: Path, sections: dict[s
     else:
         batches = TokenBatches(open_split(data_dir, "train"), block, micro_batch, cfg.seed, dist.rank, dist.world_size)
         evaluator = validation(model, open_split(data_dir, "val"), token_bytes, cfg, device, dtype, dist)
+    objective = None
+    if "distill" in sections:
+        if "lora" in sections:
+            raise SlmError("--distill trains every weight: drop --lora")
+        distill = from_dict(DistillConfig, sections["distill"], "distill")
+        objective = Distillation.from_run(distill, model.config.vocab_size, token_bytes, device)
     notes = {"data_dir": str(data_dir),
              "base": {"run": ft.base_run, "checkpoint": ft.base_checkpoint, "sha256": ft.base_sha256,
                       "vocab_size": ft.base_vocab_size}}
     if "lora" in sections:
         notes["lora"] = sections["lora"]
+    if "distill" in sections:
+        notes["distill"] = sections["distill"]
     return Trainer(model, batches, evaluator, cfg, run_dir, device=device, dtype=dtype, dist=dist, resume=resume,
-                   notes=notes, weights=weights)
+                   notes=notes, weights=weights, objective=objective)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -209,10 +218,11 @@ def build_finetuning(model: GPT, data_dir: Path, run_dir: Path, sections: dict[s
 def finetune(
     base_run: str | Path, data_dir: str | Path, run_dir: str | Path, *, lora: LoRAConfig | None = None,
     overrides: list[str] | None = None, max_time: str | None = None, which: str = "best", fresh: bool = False,
-    quiet: bool = False,
+    quiet: bool = False, distill: DistillConfig | None = None,
 ) -> dict[str, Any]:
     """Fine-tune (or resume fine-tuning) BASE_RUN on DATA_DIR into RUN_DIR; ``lora``: train LoRA
-    adapters with these settings instead of every weight. Returns the training summary."""
+    adapters with these settings instead of every weight; ``distill``: learn a teacher run's
+    logits (``slmkit.prune.Distillation``). Returns the training summary."""
     base_run, data_dir, run_dir = Path(base_run), Path(data_dir), Path(run_dir)
     if which not in ("best", "last"):
         raise SlmError(f"--which must be best or last, got {which!r}")
@@ -222,6 +232,10 @@ def finetune(
     chat = meta.get("kind") == "chat"
     check_extends(base_tok, load_tokenizer(data_dir), data_dir, base_run, same=not chat)
     sections = resolve_sections(run_dir, lora, overrides or [], max_time, fresh)
+    if distill is not None:
+        if lora is not None:
+            raise SlmError("--distill trains every weight: drop --lora")
+        sections["distill"] = to_dict(distill)
     model, _, info = load_run(base_run, which=which)  # a LoRA base comes merged (its own base checked)
     checkpoint = Path(info["checkpoint"]).resolve()
     sha = sha256_file(checkpoint / "model.safetensors")
@@ -312,6 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="RUN_DIR of the fine-tuned model (running again resumes it)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the frozen base")
     add_section_arguments(parser, LoRAConfig)
+    add_section_arguments(parser, DistillConfig)
     parser.add_argument("--max-time", help="stop after this much training time, e.g. 10m")
     parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of BASE_RUN to start from")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN_DIR")
@@ -334,6 +349,13 @@ def run_cli(args: argparse.Namespace) -> int:
         previous = Path(args.out) / "config.toml"
         table = load_toml(previous).get("lora", {}) if previous.is_file() and not args.fresh else {}
         lora = section_from_args(LoRAConfig, args, "lora", table)
+    distill = None
+    given = [flag for dest, flag in (("temperature", "--distill-temperature"), ("weight", "--distill-weight"))
+             if hasattr(args, dest)]
+    if hasattr(args, "teacher"):
+        distill = section_from_args(DistillConfig, args, "distill")
+    elif given:
+        raise SlmError(f"{given[0]} needs --distill TEACHER_RUN")
     parse_duration(args.max_time)
     if args.nproc < 1:
         raise SlmError(f"--nproc must be at least 1, got {args.nproc}")
@@ -344,9 +366,12 @@ def run_cli(args: argparse.Namespace) -> int:
                 "--which", args.which] + ["--lora"] * args.lora + ["--fresh"] * args.fresh + ["--quiet"] * args.quiet
         if args.max_time is not None:
             argv += ["--max-time", args.max_time]
+        if distill is not None:
+            argv += ["--distill", distill.teacher, "--distill-temperature", str(distill.temperature),
+                     "--distill-weight", str(distill.weight)]
         return run_torchrun("slmkit.finetune", argv, args.nproc)
     summary = finetune(args.base_run, args.data, args.out, lora=lora, overrides=args.overrides, max_time=args.max_time,
-                       which=args.which, fresh=args.fresh, quiet=args.quiet)
+                       which=args.which, fresh=args.fresh, quiet=args.quiet, distill=distill)
     return {"SIGINT": 130, "SIGTERM": 143}.get(summary["stopped_by"], 0)
 
 

@@ -39,6 +39,7 @@ class ModelConfig:
     n_head: int = 6
     n_kv_head: int | None = None  # grouped-query attention when < n_head; None means n_head
     n_embd: int = 288
+    head_size: int | None = None  # None: n_embd // n_head; set by pruning, which removes heads or width
     mlp_hidden: int | None = None  # None: 4*n_embd for GELU, the Llama rule (2/3 of that) for SwiGLU
     dropout: float = 0.0
     bias: bool = False  # biases in linear layers and LayerNorm
@@ -54,7 +55,9 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise SlmError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
+        if self.head_size is not None and self.head_size <= 0:
+            raise SlmError(f"model.head_size must be positive, got {self.head_size}")
+        if self.head_size is None and self.n_embd % self.n_head:
             raise SlmError(
                 f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}: "
                 "choose a width that is a multiple of the head count"
@@ -70,7 +73,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
@@ -162,7 +165,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 

@@ -116,6 +116,12 @@ class BatchSource(Protocol):
 
 Evaluator = Callable[[], dict[str, float]]  # -> {"val_loss": ..., and any other metrics to log}
 
+# What a training step minimises, when not the model's own cross-entropy: called as
+# objective(forward, x, y, segments) inside autocast, it returns the mean loss over the scored
+# targets (y != -1) of the micro-batch, so the step's normalisation (``step_divisors``) holds.
+# Distillation (``slmkit.prune.Distillation``) is one.
+Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
 
 class CheckpointWeights(Protocol):
     """Which of the model's weights its checkpoints hold, when not all of them: an adapter run
@@ -178,19 +184,21 @@ class Trainer:
     ``evaluator``: scores the model, returns metrics with ``val_loss`` (best/ keeps the lowest);
     it may leave the model in eval mode. ``notes`` go into every checkpoint's state.json.
     ``resume``: continue from RUN_DIR's ``last/``. ``weights``: what checkpoints hold of the model
-    (``CheckpointWeights``); by default every weight.
+    (``CheckpointWeights``); by default every weight. ``objective``: the loss a step minimises
+    (``Objective``); by default the model's cross-entropy.
     """
 
     def __init__(
         self, model: GPT, batches: BatchSource, evaluator: Evaluator, cfg: TrainConfig, run_dir: Path, *,
         device: str, dtype: torch.dtype, dist: Dist | None = None, resume: bool = False,
         notes: dict[str, Any] | None = None, weights: CheckpointWeights | None = None,
+        objective: Objective | None = None,
     ) -> None:
         dist = dist or Dist()
         self.model, self.batches, self.evaluator, self.cfg = model, batches, evaluator, cfg
         self.run_dir, self.dist, self.device, self.dtype = Path(run_dir), dist, device, dtype
         self.notes = dict(notes or {})
-        self.weights = weights
+        self.weights, self.objective = weights, objective
         self.net = wrap_model(model, cfg.parallel, dist, device)  # FSDP swaps parameters: first
         self.optimizer = make_optimizer(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 autocast on any device
@@ -305,7 +313,11 @@ class Trainer:
             # With several processes, gradients are reduced only after the last micro-batch of the step.
             with grad_sync(self.net, i == self.accum - 1):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.forward(x, y, return_logits=False, segments=segments[0] if segments else None)
+                    seg = segments[0] if segments else None
+                    if self.objective is None:
+                        _, loss = self.forward(x, y, return_logits=False, segments=seg)
+                    else:
+                        loss = self.objective(self.forward, x, y, seg)
                 self.scaler.scale(loss / divisor).backward()
             loss_sum += loss.item() * counts[i] * world  # this rank's share of the step's loss, times world
         loss = loss_sum / max(total, 1)

@@ -19,7 +19,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("model", "loss", "lora", "quant")),
     ("prepare/data", ("tokenizer", "prepare", "data", "chat", "prepare_chat")),
     ("checkpoint", ("checkpoint",)),
-    ("train", ("schedules", "distributed", "rundir", "scoring", "trainer", "train", "finetune")),
+    ("train", ("schedules", "distributed", "rundir", "scoring", "trainer", "train", "finetune", "prune")),
     ("decode", ("decode",)),
     ("generate", ("generate",)),
     ("evaluate/export", ("evaluate", "export")),

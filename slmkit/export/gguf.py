@@ -50,6 +50,9 @@ def gguf_architecture(config: ModelConfig) -> str:
     """``"llama"`` or ``"gpt2"``: the llama.cpp architecture that computes exactly this model;
     a one-line SlmError naming the settings when none does."""
     c = config
+    if c.head_dim * c.n_head != c.n_embd:
+        raise SlmError(f"cannot export to GGUF: model.head_size={c.head_size} makes the heads other than "
+                       "n_embd/n_head wide (a pruned model): use --format hf, onnx or torchscript")
     if c.positions == "rope" and c.norm == "rmsnorm" and c.activation == "swiglu":
         return "llama"
     if c.positions == "learned" and c.norm == "layernorm" and c.activation == "gelu":

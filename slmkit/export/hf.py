@@ -34,6 +34,9 @@ def hf_architecture(config: ModelConfig) -> str:
                 f"GPT-2 (learned positions + LayerNorm + GELU) has no grouped-query attention, but "
                 f"model.n_kv_head={c.n_kv_head} < n_head={c.n_head}: export needs n_kv_head = n_head for this mix"
             )
+        if c.head_dim * c.n_head != c.n_embd:
+            raise SlmError(f"GPT-2 needs heads n_embd/n_head wide, but model.head_size={c.head_size} (a pruned model): "
+                           "export it as onnx or torchscript")
         return "gpt2"
     if c.positions == "rope" and c.norm == "rmsnorm" and c.activation == "swiglu":
         return "llama"

@@ -64,6 +64,8 @@ def check_exportable(config: ModelConfig) -> None:
         (not config.bias, "model.bias=true: run.c's layers have no biases"),
         (config.rope_theta == RUN_C_THETA,
          f"model.rope_theta={config.rope_theta:g}: run.c's rotary base is fixed at {RUN_C_THETA:g}"),
+        (config.head_dim * config.n_head == config.n_embd,
+         f"model.head_size={config.head_size}: run.c's heads are dim/n_heads wide (a pruned model)"),
         (config.norm_eps == RUN_C_EPS, f"model.norm_eps={config.norm_eps:g}: run.c's RMSNorm epsilon is fixed at 1e-5"),
     ]
     for ok, why in rules:
