@@ -340,6 +340,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "export-int8-random": lambda: stored_table("export_int8_random_stories15m.json"),
     "quantize-260k": lambda: stored_table("quantize_stories260k.json"),
     "finetune": lambda: stored_table("finetune.json"),
+    "prune": lambda: "\n\n".join([stored_table("prune.json"), *load("prune.json")["verdict"]]),
 }
 
 
