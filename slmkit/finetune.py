@@ -8,6 +8,8 @@ It builds the parts the training loop (``slmkit.trainer``) is handed, as pretrai
 * the batches: an SFT DATA_DIR's examples (``data.ChatBatches``, packed best-fit into the context
   by default, ``finetune.pack=false`` for one example a row), or plain text prepared with the base
   run's tokenizer (``data.TokenBatches``: continued pretraining on domain text);
+* the objective: the model's cross-entropy, or with ``--distill TEACHER_RUN`` the KL divergence
+  from the teacher's logits (``prune.Distillation``, the recovery after ``slm prune``);
 * the evaluator: on the val split, loss and accuracy over the supervised tokens
   (``scoring.evaluate_chat``, what ``slm eval --data SFT_DIR`` reports), or the pretraining one.
 
@@ -196,9 +198,7 @@ def build_finetuning(model: GPT, data_dir: Path, run_dir: Path, sections: dict[s
         batches = TokenBatches(open_split(data_dir, "train"), block, micro_batch, cfg.seed, dist.rank, dist.world_size)
         evaluator = validation(model, open_split(data_dir, "val"), token_bytes, cfg, device, dtype, dist)
     objective = None
-    if "distill" in sections:
-        if "lora" in sections:
-            raise SlmError("--distill trains every weight: drop --lora")
+    if "distill" in sections:  # learn a teacher's logits (slm prune's recovery), see slmkit.prune
         distill = from_dict(DistillConfig, sections["distill"], "distill")
         objective = Distillation.from_run(distill, model.config.vocab_size, token_bytes, device)
     notes = {"data_dir": str(data_dir),
