@@ -91,6 +91,31 @@ def test_bf16_weights_give_the_logits_of_the_rounded_model_in_half_the_bytes(kw)
         generate_tokens(rounded, [[3, 4, 5]], SamplingConfig(max_new_tokens=8, **GREEDY), path="cached")
 
 
+def test_packed_weights_are_kept_per_model_until_they_change():
+    """Decoders of one model share its packed matrices (a generation does not pack them again);
+    after an in-place change of a weight a new decoder packs the new values; a dropped model
+    takes its packs with it."""
+    import gc
+    import weakref
+
+    model = random_model(9)
+    a, b = NativeDecoder(model), NativeDecoder(model)
+    assert a.tensors is b.tensors and NativeDecoder(model, weights="bf16").tensors is not a.tensors
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    c = NativeDecoder(model)
+    assert c.tensors is not a.tensors
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        cache = KVCache.empty(model.config, 1)
+        c.prefill(x[:, :3], cache)
+        torch.testing.assert_close(c.step(x[:, 3], cache), model(x)[0][:, -1], rtol=1e-4, atol=1e-4)
+    gone = weakref.ref(model)
+    del model, a, b, c
+    gc.collect()
+    assert gone() is None
+
+
 def test_thread_count_changes_no_bit():
     """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
     model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)

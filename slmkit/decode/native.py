@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import weakref
 
 import torch
 
@@ -89,6 +90,46 @@ def rounded(model: GPT, weights: str) -> GPT:
     return out
 
 
+# model -> {weights: (what its tensors were, the model the decoder runs, the step's tensors)}
+_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(model: GPT) -> tuple:
+    """Where each parameter and buffer lives and its in-place version: changes when the weights do."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def prepared(model: GPT, weights: str) -> tuple[GPT, list[torch.Tensor | None]]:
+    """The model a decoder in format ``weights`` runs (``rounded``) and the tensors its step reads,
+    in C++'s order (slm_decode_step's ``w``): float32 vectors and embeddings, packed matrices.
+    Kept per model while its weights stay the same, so a generation does not pack them again."""
+    key = _signature(model)
+    hit = _prepared.get(model, {}).get(weights)
+    if hit is not None and hit[0] == key:
+        return hit[1] or model, hit[2]
+    lib = _declare(cpu_kernels.library())
+    runs = rounded(model, weights)
+    swiglu = runs.config.activation == "swiglu"
+
+    def norm(m: torch.nn.Module) -> list[torch.Tensor | None]:
+        return [m.weight, getattr(m, "bias", None)]
+
+    def linear(m: torch.nn.Linear, parts: int = 1) -> list[torch.Tensor | None]:
+        return [pack(lib, m.weight, weights, parts), m.bias]
+
+    tensors = [runs.tok_emb.weight, None if runs.pos_emb is None else runs.pos_emb.weight,
+               runs.rope_cos, runs.rope_sin, *norm(runs.norm), *linear(runs.lm_head)]
+    for b in runs.blocks:
+        tensors += [*norm(b.norm1), *linear(b.attn.qkv), *linear(b.attn.proj), *norm(b.norm2),
+                    *linear(b.mlp.up, 2 if swiglu else 1), *linear(b.mlp.down)]
+    # Contiguous float32 views of the parameters (copies only where a tensor is not dense) and
+    # the packed matrices, kept alive by the decoders: the C++ side holds their addresses.
+    tensors = [None if t is None else t if t.dtype == torch.uint8 else t.detach().float().contiguous() for t in tensors]
+    # (not the model itself as a value: that would keep the key, the model, alive for ever)
+    _prepared.setdefault(model, {})[weights] = (key, None if runs is model else runs, tensors)
+    return runs, tensors
+
+
 def best_isa() -> str:
     """The instruction set the products use on this CPU by default: avx512, avx2 or scalar."""
     lib = cpu_kernels.library()
@@ -101,8 +142,8 @@ class NativeDecoder(Decoder):
     count (default: ``torch.get_num_threads()`` at each step). ``weights`` is the format the
     weight matrices are stored in for the products: "fp32", or "bf16" (half the bytes to read per
     token; the arithmetic stays float32, so the logits are those of ``rounded(model, "bf16")``,
-    which the decoder keeps for its prefill). The matrices are packed once, here (a copy beside
-    the model's). Inference only (eval mode)."""
+    which the decoder keeps for its prefill). The matrices are packed (a copy beside the model's)
+    once per model and format while its weights stay the same (``prepared``). Inference only."""
 
     name = "cpp"
     devices = {"cpu"}
@@ -120,34 +161,18 @@ class NativeDecoder(Decoder):
         self.check(model)
         if weights not in FORMATS:
             raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
-        model = rounded(model, weights)  # the prefill (model.forward) runs on the same weights as the steps
+        model, self.tensors = prepared(model, weights)  # the prefill runs on the same weights as the steps
         super().__init__(model)
         isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
         if isa not in ISAS:
             raise ValueError(f"unknown instruction set {isa!r}: choose one of {', '.join(ISAS)}")
-        self.lib, self.isa_name, self.isa, self.threads = _declare(cpu_kernels.library()), isa, ISAS[isa], threads
+        self.lib, self.isa_name, self.isa, self.threads = cpu_kernels.library(), isa, ISAS[isa], threads
         self.weights = weights
         c = model.config
         hidden = model.blocks[0].mlp.down.in_features
-        swiglu = c.activation == "swiglu"
         self.cfg = torch.tensor([c.vocab_size, c.n_layer, c.n_head, c.kv_heads, c.head_dim, c.n_embd, hidden,
-                                 c.norm == "layernorm", c.positions == "rope", swiglu, FORMATS[weights]],
-                                dtype=torch.int64)
-        def norm(m: torch.nn.Module) -> list[torch.Tensor | None]:
-            return [m.weight, getattr(m, "bias", None)]
-
-        def linear(m: torch.nn.Linear, parts: int = 1) -> list[torch.Tensor | None]:
-            return [pack(self.lib, m.weight, weights, parts), m.bias]
-
-        tensors = [model.tok_emb.weight, None if model.pos_emb is None else model.pos_emb.weight,
-                   model.rope_cos, model.rope_sin, *norm(model.norm), *linear(model.lm_head)]
-        for b in model.blocks:
-            tensors += [*norm(b.norm1), *linear(b.attn.qkv), *linear(b.attn.proj), *norm(b.norm2),
-                        *linear(b.mlp.up, 2 if swiglu else 1), *linear(b.mlp.down)]
-        # Contiguous float32 views of the parameters (copies only where a tensor is not dense) and
-        # the packed matrices, kept alive here: the C++ side holds their addresses.
-        self.tensors = [None if t is None else t if t.dtype == torch.uint8 else t.detach().float().contiguous()
-                        for t in tensors]
+                                 c.norm == "layernorm", c.positions == "rope", c.activation == "swiglu",
+                                 FORMATS[weights]], dtype=torch.int64)
         self.pointers = (ctypes.c_void_p * len(self.tensors))(*(0 if t is None else t.data_ptr() for t in self.tensors))
         self.eps = c.norm_eps
 
