@@ -20,7 +20,10 @@ call; the NumPy decoder where slmkit's C++ library cannot be built), and on a GP
 ``decode.GraphDecoder`` (the step replayed from a CUDA graph). "x numpy" is the median per-round
 ratio to the NumPy decoder's batch-1 row. "weights MB/token" is what a step reads of the weight
 matrices (the products and the head) divided by the rows of the batch, and "GB/s" that times the
-tokens per second: the distance to the machine's memory bandwidth.
+tokens per second: the distance to the machine's memory bandwidth; "GFLOP/s" counts the products'
+multiply-adds (2 per weight per row; attention left out): the distance to the matmul peak. On the
+CPU in float32, "cpp-bf16" rows run ``decode.NativeBF16Decoder`` (the C++ step with bf16 weight
+matrices: half the bytes) at batch 1 and every ``--batches`` size.
 The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export --format onnx``
 (its KV-cache graph, greedy, batch 1); it is skipped without onnx/onnxruntime
 (``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
@@ -132,12 +135,13 @@ def compiled_step(model: GPT) -> float:
 
 def write_report(results: list[dict], args: argparse.Namespace) -> None:
     """Print the table and write the JSON (after every model, so that a run cut short keeps what it measured)."""
-    table = ["| model | row | batch | tokens/s (median) | x uncached | x numpy | weights MB/token | GB/s | runs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| model | row | batch | tokens/s (median) | x uncached | x numpy | weights MB/token | GB/s | GFLOP/s | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         numpy = f"{r['x_numpy']:.2f}" if r.get("x_numpy") is not None else "-"
         table.append(f"| {r['model']} | {r['row']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['x_uncached']:.1f} | "
                      f"{numpy} | {r['weight_bytes_per_token'] / 1e6:.2f} | {r['weight_gb_per_s']:.1f} | "
+                     f"{r.get('gflop_per_s', 0):.1f} | "
                      + " ".join(f"{x:.0f}" for x in r["runs"]) + " |")
     print("\n".join(table))
     report = {
@@ -156,10 +160,18 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
-def weight_bytes(model: GPT) -> int:
-    """Bytes of the weight matrices one decode step reads: every linear layer and the head."""
+def weight_bytes(model: GPT, path: str = "fast") -> int:
+    """Bytes of the weight matrices one decode step reads: every linear layer and the head (as
+    stored by the path: half for the bf16 matrices of "cpp-bf16")."""
     linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
-    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    size = 2 if path == "cpp-bf16" else None
+    return sum(m.weight.numel() * (size or m.weight.element_size()) for m in linears)
+
+
+def matrix_flops(model: GPT) -> int:
+    """Floating-point operations of the products of one token: a multiply and an add per weight."""
+    linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+    return 2 * sum(m.weight.numel() for m in linears)
 
 
 def main() -> None:
@@ -170,7 +182,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batches", type=int, nargs="*", default=[8, 32])
+    parser.add_argument("--batches", type=int, nargs="*", default=[8, 16, 32])
     parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (30-60 s to compile)")
     parser.add_argument("--one-thread-rows", action="store_true", help="add the fast rows with 1 thread")
@@ -216,8 +228,13 @@ def main() -> None:
                else None)
         if gen is not None:
             variants.append(("onnxruntime (KV cache)", 1, "onnxruntime", greedy, gen, t))
+        bf16 = decode.NativeBF16Decoder.supports(model, *decode.placement(model))
+        if bf16:
+            variants.append(("cpp-bf16 (NativeBF16Decoder)", 1, "cpp-bf16", greedy, model, t))
         for b in args.batches:
             variants += [(f"step, batch {b}", b, "step", greedy, model, t), (f"fast, batch {b}", b, "fast", greedy, model, t)]
+            if bf16:
+                variants.append((f"cpp-bf16, batch {b}", b, "cpp-bf16", greedy, model, t))
         if args.one_thread_rows and t != 1:
             variants += [(f"fast, batch {b}, 1 thread", b, "fast", greedy, model, 1) for b in [1, *args.batches]]
         for _, batch, path, cfg, m, threads in variants:  # warm-up: allocator, kernels, caches
@@ -233,8 +250,9 @@ def main() -> None:
                   + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), file=sys.stderr)
         base = runs["uncached"]
         numpy_runs = runs.get("numpy (CPUDecoder)")
-        wbytes = weight_bytes(model)
+        flops = matrix_flops(model)
         for label, batch, path, cfg, _, threads in variants:
+            wbytes = weight_bytes(model, path)
             results.append({
                 "model": name, "vocab_size": MODELS[name], "params": sum(p.numel() for p in model.parameters()),
                 "row": label, "batch": batch, "path": path, "threads": threads, "greedy": cfg.temperature == 0,
@@ -245,6 +263,7 @@ def main() -> None:
                             if numpy_runs else None),
                 "weight_bytes_per_token": wbytes / batch,
                 "weight_gb_per_s": round(statistics.median(runs[label]) * wbytes / batch / 1e9, 2),
+                "gflop_per_s": round(statistics.median(runs[label]) * flops / 1e9, 2),
                 **({"compile_s": round(compile_s, 1)} if "compile" in label else {}),
             })
         write_report(results, args)

@@ -289,6 +289,9 @@ def stored_table(name: str, note: str = "") -> str:
                     f"threads: **{ratio:.2f}x** ({statistics.median(slm):.0f} against {statistics.median(omp):.0f} "
                     f"tokens/s, median of per-round ratios). Against the single-threaded `make run` (`-O3`) build: "
                     f"{vs_o3:.2f}x."]
+        if "bf16" in d:
+            out.append(f"With its weight matrices in bf16 (`cpp-bf16`), slmkit's C++ step against the same run.c "
+                       f"build: **{d['bf16']['ratio']:.2f}x** ({d['bf16']['tok_per_s']:.0f} tokens/s).")
     if "greedy_tokens_agree" in d:
         out.append(f"Greedy tokens: the first {d['greedy_tokens_agree']} of {d['tokens_compared']} agree.")
     return "\n".join(out)
@@ -331,6 +334,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "serve-cpu": lambda: stored_table("serve.json"),
     "decode-cpu-cpp": lambda: stored_table("decode_epyc_cpp.json"),
     "vs-llama2c-cpp": lambda: stored_table("vs_llama2c_epyc_cpp.json"),
+    "vs-llama2c-cpp-32000": lambda: stored_table("vs_llama2c_epyc_cpp_32000.json"),
     "decode-intel": lambda: stored_table("decode.json"),
     "decode-intel-repeats": lambda: decode_repeats(["decode.json", "decode_repeat2.json", "decode_repeat3.json"]),
     "decode-cuda": lambda: stored_table("decode_cuda.json"),

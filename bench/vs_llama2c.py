@@ -1,12 +1,14 @@
 """slmkit's decoding against llama2.c's C program (``run.c``), on the same machine and the same model.
 
     python bench/vs_llama2c.py --llama2c PATH/TO/llama2.c      # a clone of github.com/karpathy/llama2.c
+    python bench/vs_llama2c.py --llama2c PATH --vocab 32000    # the published stories15M shape
 
 Issue #3 quotes llama2.c's ``run.c`` (fp32) at about 110 tokens/s for the stories15M shape on an
 M1 laptop, and asks slmkit to beat that C program on the same machine, from Python. This script
 measures both here, on one model:
 
-* a random stories15m-shape model (dim 288, 6 layers, 6 heads, context 256, vocab 4096; untied
+* a random stories15m-shape model (dim 288, 6 layers, 6 heads, context 256, vocab 4096, or
+  ``--vocab 32000`` as the published stories15M checkpoint and its tokenizer.bin have; untied
   head whose row for token 1 is zero, so that greedy decoding never picks token 1, on which run.c
   stops) is written in llama2.c's checkpoint format by slmkit's export (``slmkit.export.llama2c``,
   version 0: the query and key rows permuted to llama2.c's interleaved rotary layout; the ids
@@ -18,7 +20,9 @@ measures both here, on one model:
 * slmkit generates greedily from the same start token, 255 tokens (the same 256 positions), on
   its default fast path with 2 threads (``decode.NativeDecoder``, the C++ step, where slmkit's
   library builds), timed from the first new token as run.c is; the NumPy decoder
-  (``decode.CPUDecoder``, the fast path before the C++ one) is shown beside it.
+  (``decode.CPUDecoder``, the fast path before the C++ one) is shown beside it, and the C++ step
+  with its weight matrices in bf16 (``decode.NativeBF16Decoder``: half the bytes per token; its
+  greedy tokens are those of the model with bf16-rounded weights, so they part from run.c's).
 
 The runs alternate, round after round, and the table gives medians. The headline ratio is the
 like-for-like build: slmkit against ``make runomp`` with the same 2 threads (``headline`` in the
@@ -123,6 +127,7 @@ def main() -> None:
     parser.add_argument("--llama2c", type=Path, required=True, help="a clone of github.com/karpathy/llama2.c")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size (32000: the published stories15M)")
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/vs_llama2c.json)")
     parser.add_argument("--smoke", action="store_true", help="32 positions, 1 round, a temporary file: seconds")
     args = parser.parse_args()
@@ -132,10 +137,11 @@ def main() -> None:
             args.out = str(Path(tempfile.mkdtemp(prefix="slm-llama2c-smoke-")) / "vs_llama2c.json")
     args.out = args.out or str(ROOT / "bench" / "results" / "vs_llama2c.json")
     torch.set_num_threads(args.threads)
-    model = llama2c_model()
+    model = llama2c_model(args.vocab)
     steps = 32 if args.smoke else model.config.block_size
     numpy_row = f"slmkit (numpy path, {args.threads} threads)"
-    rows: dict[str, list[float]] = {"slmkit (fast path, 2 threads)": [], numpy_row: [],
+    bf16_row = f"slmkit (C++ step, bf16 weights, {args.threads} threads)" if decode.NativeBF16Decoder.supports(model) else None
+    rows: dict[str, list[float]] = {"slmkit (fast path, 2 threads)": [], **({bf16_row: []} if bf16_row else {}), numpy_row: [],
                                     "run.c, make runomp (2 threads)": [], "run.c, make run (1 thread)": []}
     with tempfile.TemporaryDirectory(prefix="slm-llama2c-") as tmp:
         tmp = Path(tmp)
@@ -146,6 +152,8 @@ def main() -> None:
         _, theirs = run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)
         for r in range(args.rounds):
             rows["slmkit (fast path, 2 threads)"].append(run_slmkit(model, steps)[0])
+            if bf16_row:
+                rows[bf16_row].append(run_slmkit(model, steps, "cpp-bf16")[0])
             rows[numpy_row].append(run_slmkit(model, steps, "numpy")[0])
             rows["run.c, make runomp (2 threads)"].append(
                 run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)[0])
@@ -157,24 +165,31 @@ def main() -> None:
     base = rows["run.c, make runomp (2 threads)"]
     linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
     wbytes = sum(4 * m.weight.numel() for m in linears)  # fp32 weight matrices read per token
-    table = ["| program | tokens/s (median) | vs run.c runomp | weights GB/s | runs |", "|---|---|---|---|---|"]
+    flops = wbytes // 2  # a multiply and an add per fp32 weight (4 bytes)
+    table = ["| program | tokens/s (median) | vs run.c runomp | weights MB/token | weights GB/s | GFLOP/s | runs |",
+             "|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         ratio = statistics.median(a / b for a, b in zip(runs, base))
-        table.append(f"| {name} | {statistics.median(runs):.0f} | {ratio:.2f}x | "
-                     f"{statistics.median(runs) * wbytes / 1e9:.1f} | " + " ".join(f"{x:.0f}" for x in runs) + " |")
+        nbytes = wbytes // 2 if name == bf16_row else wbytes
+        table.append(f"| {name} | {statistics.median(runs):.0f} | {ratio:.2f}x | {nbytes / 1e6:.1f} | "
+                     f"{statistics.median(runs) * nbytes / 1e9:.1f} | {statistics.median(runs) * flops / 1e9:.1f} | "
+                     + " ".join(f"{x:.0f}" for x in runs) + " |")
     table.append("")
-    table.append(f"Weights read per token: {wbytes / 1e6:.1f} MB (fp32 matrices of the layers and the head); "
-                 f"slmkit's fast path here: {decode.pick(model).__name__}.")
+    table.append(f"Vocabulary {model.config.vocab_size}. Weights read per token: {wbytes / 1e6:.1f} MB (fp32 matrices "
+                 f"of the layers and the head; half in bf16); slmkit's fast path here: {decode.pick(model).__name__}.")
     print("\n".join(table))
     print(f"greedy tokens: the first {agree} of {min(len(ours), len(theirs))} compared agree", file=sys.stderr)
     slm, omp = rows["slmkit (fast path, 2 threads)"], rows["run.c, make runomp (2 threads)"]
     report = {
         **machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "numpy": np.__version__, "threads": args.threads, "positions": steps,
+        "numpy": np.__version__, "threads": args.threads, "positions": steps, "vocab_size": model.config.vocab_size,
         "fast_decoder": decode.pick(model).__name__, "weight_bytes_per_token": wbytes,
         "headline": {"what": "slmkit's fast path vs run.c make runomp, both 2 threads (median of per-round ratios)",
                      "ratio": statistics.median(a / b for a, b in zip(slm, omp)),
                      "slmkit_tok_per_s": statistics.median(slm), "runomp_tok_per_s": statistics.median(omp)},
+        **({"bf16": {"what": "slmkit's C++ step with bf16 weight matrices vs run.c make runomp (median of per-round ratios)",
+                     "ratio": statistics.median(a / b for a, b in zip(rows[bf16_row], omp)),
+                     "tok_per_s": statistics.median(rows[bf16_row])}} if bf16_row else {}),
         "builds": {k: " ".join(v) for k, v in BUILDS.items()},
         "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in rows.items()},
         "greedy_tokens_agree": agree, "tokens_compared": min(len(ours), len(theirs)), "table": table,

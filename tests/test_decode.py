@@ -44,9 +44,11 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_every_backend_gives_the_logits_of_model_forward(kw, name):
     """Prefill, four steps, and a left-padded batch (rows of 8 and 12 tokens) stepped twice: the
     logits of the whole-sequence forward at every position, and the same keys and values in the
-    same cache slots. On the CPU the CUDA-graph decoder runs its fixed-shape step without a graph."""
-    model = noisy_model(1, **kw)
-    if name == "cpp" and cpu_kernels.built() is not None:
+    same cache slots. On the CPU the CUDA-graph decoder runs its fixed-shape step without a graph.
+    A backend that stores the weights rounded (cpp-bf16) is held to the forward of the model it
+    reproduces (``Decoder.reproduces``: the weights rounded so; test_decode_native checks that step)."""
+    model = BACKENDS[name].reproduces(noisy_model(1, **kw))
+    if issubclass(BACKENDS[name], NativeDecoder) and cpu_kernels.built() is not None:
         pytest.skip(f"slmkit's C++ library is not built here: {cpu_kernels.built()}")
     x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
     full, _ = model(x)
@@ -95,7 +97,8 @@ def test_forward_with_a_cache_is_the_whole_sequence_pass(kw):
 
 def test_the_registry_picks_the_fastest_backend_that_runs_the_model():
     model = random_model(0)
-    assert list(BACKENDS) == ["cuda-graph", "cpp", "numpy", "step", "cached"]  # fastest first
+    # fastest first, then those asked for by name only (after the reference, which runs anything)
+    assert list(BACKENDS) == ["cuda-graph", "cpp", "numpy", "step", "cached", "cpp-bf16"]
     assert pick(model) is FAST_CPU and isinstance(make_decoder(model), FAST_CPU)
     assert pick(copy.deepcopy(model).to(torch.bfloat16)) is StepDecoder
     q8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)

@@ -1,8 +1,10 @@
 """The C++ decoder (decode/native.py, csrc/decode.cpp) beyond the shared parity test in
 test_decode.py: every instruction set this CPU runs (AVX2 forced on an AVX-512 machine, the scalar
 fallback) against model.forward on a ragged batch with widths that leave vector tails; the thread
-count changes no bit; greedy generation past the context equals the uncached loop; bad ids,
-unknown instruction sets and a missing library (one note, the NumPy path) are handled."""
+count, the instruction set and the batch a row is stepped in change no bit; bf16 weight matrices
+give the logits of the model rounded to bf16 in half the bytes; greedy generation past the context
+equals the uncached loop; bad ids, unknown instruction sets or weight formats and a missing library
+(one note, the NumPy path) are handled."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from slmkit import cpu_kernels
-from slmkit.decode import CPUDecoder, KVCache, NativeDecoder, pick
+from slmkit.decode import CPUDecoder, KVCache, NativeBF16Decoder, NativeDecoder, pick
 from slmkit.decode import native
 from slmkit.generate import SamplingConfig, generate_tokens
 
@@ -54,13 +56,73 @@ def test_every_instruction_set_gives_the_logits_of_model_forward(kw, isa):
             torch.testing.assert_close(torch.stack([g[b] for g in got]), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_rows_batch_and_instruction_set_change_no_bit():
+    """Every output is one chain of multiply-adds over the input, whatever the tile: a row stepped
+    alone, or as row 7 of a batch of 9 (past a whole register tile of rows: 6 with AVX-512, 3 with
+    AVX2), gets the same bits, and so does every instruction set (fp32 and bf16 weights)."""
+    model = noisy_model(8, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
+    x = torch.randint(0, 200, (9, 12), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        for weights in ("fp32", "bf16"):
+            batch = [ragged_steps(NativeDecoder(model, isa=isa, weights=weights), model, x, [0] * 9, 4)[0]
+                     for isa in RUNNABLE]
+            alone = ragged_steps(NativeDecoder(model, weights=weights), model, x[6:7], [0], 4)[0]
+            assert all(torch.equal(a[0], b[6]) for a, b in zip(alone[1:], batch[0][1:]))
+            for other in batch[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(other, batch[0]))
+
+
+@pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
+def test_bf16_weights_give_the_logits_of_the_rounded_model_in_half_the_bytes(kw):
+    """weights="bf16": the logits of model.forward with the weight matrices rounded to bf16
+    (prefill and steps, every instruction set), not those of the float32 model; the packed
+    matrices take half the bytes of the float32 ones."""
+    model = noisy_model(2, **kw)
+    rounded = NativeBF16Decoder.reproduces(model)
+    x = torch.randint(0, 61, (2, 14), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        want, exact = rounded(x)[0][:, -7:], model(x)[0][:, -7:]
+        for isa in RUNNABLE:
+            got = torch.stack(ragged_steps(NativeDecoder(model, isa=isa, weights="bf16"), model, x, [0, 0], 6)[0], 1)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (want - exact).abs().max() > 1e-3  # the rounding shows
+    assert 2 * NativeBF16Decoder(model).weight_bytes() == NativeDecoder(model).weight_bytes()
+    assert generate_tokens(model, [[3, 4, 5]], SamplingConfig(max_new_tokens=8, **GREEDY), path="cpp-bf16") == \
+        generate_tokens(rounded, [[3, 4, 5]], SamplingConfig(max_new_tokens=8, **GREEDY), path="cached")
+
+
+def test_packed_weights_are_kept_per_model_until_they_change():
+    """Decoders of one model share its packed matrices (a generation does not pack them again);
+    after an in-place change of a weight a new decoder packs the new values; a dropped model
+    takes its packs with it."""
+    import gc
+    import weakref
+
+    model = random_model(9)
+    a, b = NativeDecoder(model), NativeDecoder(model)
+    assert a.tensors is b.tensors and NativeDecoder(model, weights="bf16").tensors is not a.tensors
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    c = NativeDecoder(model)
+    assert c.tensors is not a.tensors
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        cache = KVCache.empty(model.config, 1)
+        c.prefill(x[:, :3], cache)
+        torch.testing.assert_close(c.step(x[:, 3], cache), model(x)[0][:, -1], rtol=1e-4, atol=1e-4)
+    gone = weakref.ref(model)
+    del model, a, b, c
+    gc.collect()
+    assert gone() is None
+
+
 def test_thread_count_changes_no_bit():
     """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
     model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
     x = torch.randint(0, 200, (5, 20), generator=torch.Generator().manual_seed(6))
     starts = [0, 3, 1, 7, 0]
     with torch.inference_mode():
-        runs = [ragged_steps(NativeDecoder(model, threads=t), model, x, starts, 10) for t in (1, 2, 3)]
+        runs = [ragged_steps(NativeDecoder(model, threads=t), model, x, starts, 10) for t in (1, 2, 3, 8)]
     for logits, cache in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(logits, runs[0][0]))
         assert torch.equal(cache.k, runs[0][1].k) and torch.equal(cache.v, runs[0][1].v)
@@ -92,6 +154,8 @@ def test_bad_ids_and_instruction_sets_are_refused():
         assert cache.length == 2  # nothing written
     with pytest.raises(ValueError, match="unknown instruction set"):
         NativeDecoder(model, isa="sse9")
+    with pytest.raises(ValueError, match="unknown weight format"):
+        NativeDecoder(model, weights="fp8")
 
 
 def test_without_the_library_the_numpy_decoder_runs_after_one_note(monkeypatch, capsys):

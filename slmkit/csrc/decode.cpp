@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -122,124 +123,187 @@ class Pool {
     std::condition_variable cv_;
 };
 
-// --------------------------------------------------------------------------- matrix-vector products
+// --------------------------------------------------------------------------- the products
 
-// dots[b * ldd + r] = W[j0 + r] . X[b] for rows j0 <= j < j1 and B rows of X. One accumulator per
-// output, in the same order whatever the tiling, so results do not depend on how rows are split.
-typedef void (*MatvecFn)(const float* W, int64_t in, const float* X, int64_t ldx, int64_t B,
+// The weight matrices of the products (out x in, torch's layout) are packed once, when a decoder
+// is made (slm_decode_pack), into the format its kernels read. Formats here: kF32 and kBF16, both
+// panels: 16 output rows interleaved, panel p holding W[16 p + l][k] at [k][l] (zeros past the
+// last row). A product then runs as outer products: for each k, 16 outputs of a panel gain
+// W[., k] * x[b, k] for every batch row b the tile holds in registers, so each weight is read
+// once per tile of batch rows (once per step for up to 6 rows with AVX-512) rather than once per
+// row, and the batch costs arithmetic, not memory. bf16 weights are widened to fp32 in registers
+// (a shift: bf16 is the top half of a float), so the arithmetic is fp32 on the weights' values.
+// Every output is one chain of fused multiply-adds over k = 0 .. in-1, whatever the tile, the
+// thread count or the instruction set, so none of them changes a bit of a result.
+// Other formats (blocks of int8/int4) plug in here: a format number, its packed size, its packing
+// and its kernels (matvec_for).
+enum Format { kF32 = 0, kBF16 = 1 };
+constexpr int64_t kPanel = 16;
+
+int64_t panels(int64_t rows) { return (rows + kPanel - 1) / kPanel; }
+bool known_format(int64_t format) { return format == kF32 || format == kBF16; }
+// The rows a packed matrix of `rows` rows takes (a product's output index j reads row j).
+int64_t stored_rows(int64_t /*format*/, int64_t rows) { return panels(rows) * kPanel; }
+int64_t packed_bytes(int64_t format, int64_t rows, int64_t in) {
+    return stored_rows(format, rows) * in * (format == kBF16 ? 2 : 4);
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+template <typename T>
+void pack_panels(const float* src, int64_t rows, int64_t in, T* dst) {
+    for (int64_t p = 0; p < panels(rows); p++)
+        for (int64_t k = 0; k < in; k++)
+            for (int64_t l = 0; l < kPanel; l++) {
+                const int64_t j = p * kPanel + l;
+                const float v = j < rows ? src[j * in + k] : 0.f;
+                T* d = dst + (p * in + k) * kPanel + l;
+                if constexpr (sizeof(T) == 2) *d = to_bf16(v); else *d = v;
+            }
+}
+
+// dots[b * ldd + (j - j0)] = W[j] . X[b] for the panels holding rows j0 <= j < j1 (j0 a multiple
+// of 16; whole panels are written, so ldd >= j1 - j0 rounded up to 16) and B rows of X.
+typedef void (*MatvecFn)(const void* W, int64_t in, const float* X, int64_t ldx, int64_t B,
                          int64_t j0, int64_t j1, float* dots, int64_t ldd);
 
-void matvec_scalar(const float* W, int64_t in, const float* X, int64_t ldx, int64_t B,
+template <typename T>
+void matvec_scalar(const void* Wv, int64_t in, const float* X, int64_t ldx, int64_t B,
                    int64_t j0, int64_t j1, float* dots, int64_t ldd) {
-    for (int64_t j = j0; j < j1; j++)
+    const T* W = (const T*)Wv;
+    for (int64_t p = j0 / kPanel; p < panels(j1); p++)
         for (int64_t b = 0; b < B; b++) {
-            const float* w = W + j * in;
+            float acc[kPanel] = {};
+            const T* w = W + p * in * kPanel;
             const float* x = X + b * ldx;
-            float s = 0.f;
-            for (int64_t k = 0; k < in; k++) s += w[k] * x[k];
-            dots[b * ldd + (j - j0)] = s;
+            for (int64_t k = 0; k < in; k++)
+                for (int64_t l = 0; l < kPanel; l++) {
+                    float wl;
+                    if constexpr (sizeof(T) == 2) wl = from_bf16(w[k * kPanel + l]); else wl = w[k * kPanel + l];
+                    acc[l] = __builtin_fmaf(wl, x[k], acc[l]);
+                }
+            std::copy(acc, acc + kPanel, dots + b * ldd + (p * kPanel - j0));
         }
+}
+
+typedef void (*TileFn)(const void* W, int64_t in, const float* X, int64_t ldx, float* dots, int64_t ldd);
+
+// Runs the tiles over panels j0/16 .. and the batch: NP panels by BB rows at a time (the largest
+// the table has), the panels outside so that a task's weights stay in the core's caches while
+// they serve every batch row.
+template <int NPmax, int BBmax, int Elem>
+inline void run_tiles(const TileFn (&table)[BBmax][NPmax], const void* W, int64_t in, const float* X, int64_t ldx,
+                      int64_t B, int64_t j0, int64_t j1, float* dots, int64_t ldd) {
+    const char* Wb = (const char*)W;
+    const int64_t p0 = j0 / kPanel, p1 = panels(j1);
+    for (int64_t p = p0; p < p1; p += NPmax) {
+        const int64_t np = std::min<int64_t>(NPmax, p1 - p);
+        for (int64_t b = 0; b < B; b += BBmax) {
+            const int64_t bb = std::min<int64_t>(BBmax, B - b);
+            table[bb - 1][np - 1](Wb + p * in * kPanel * Elem, in, X + b * ldx, ldx, dots + b * ldd + (p - p0) * kPanel, ldd);
+        }
+    }
 }
 
 #if defined(SLM_X86)
 #define SLM_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
 #define SLM_AVX2 __attribute__((target("avx2,fma")))
 
-template <int R, int BB>
-SLM_AVX512 inline void tile512(const float* W, int64_t in, const float* X, int64_t ldx, float* dots, int64_t ldd) {
-    __m512 acc[R][BB];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < BB; b++) acc[r][b] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= in; k += 16) {
-        __m512 x[BB];
-        for (int b = 0; b < BB; b++) x[b] = _mm512_loadu_ps(X + b * ldx + k);
-        for (int r = 0; r < R; r++) {
-            const __m512 w = _mm512_loadu_ps(W + r * in + k);
-            for (int b = 0; b < BB; b++) acc[r][b] = _mm512_fmadd_ps(w, x[b], acc[r][b]);
-        }
-    }
-    if (k < in) {
-        const __mmask16 m = (__mmask16)((1u << (in - k)) - 1);
-        __m512 x[BB];
-        for (int b = 0; b < BB; b++) x[b] = _mm512_maskz_loadu_ps(m, X + b * ldx + k);
-        for (int r = 0; r < R; r++) {
-            const __m512 w = _mm512_maskz_loadu_ps(m, W + r * in + k);
-            for (int b = 0; b < BB; b++) acc[r][b] = _mm512_fmadd_ps(w, x[b], acc[r][b]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < BB; b++) dots[b * ldd + r] = _mm512_reduce_add_ps(acc[r][b]);
+SLM_AVX512 inline __m512 wload512(const float* p) { return _mm512_loadu_ps(p); }
+SLM_AVX512 inline __m512 wload512(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-template <int BB>
-SLM_AVX512 void rows512(const float* W, int64_t in, const float* X, int64_t ldx, int64_t j0, int64_t j1,
-                        float* dots, int64_t ldd) {
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) tile512<4, BB>(W + j * in, in, X, ldx, dots + (j - j0), ldd);
-    for (; j < j1; j++) tile512<1, BB>(W + j * in, in, X, ldx, dots + (j - j0), ldd);
+// BB rows of X by NP panels: BB x NP accumulators of 16 outputs.
+template <typename T, int BB, int NP>
+SLM_AVX512 void tile512(const void* Wv, int64_t in, const float* X, int64_t ldx, float* dots, int64_t ldd) {
+    const T* W = (const T*)Wv;
+    __m512 acc[BB][NP];
+    for (int b = 0; b < BB; b++)
+        for (int p = 0; p < NP; p++) acc[b][p] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
+        __m512 w[NP];
+        for (int p = 0; p < NP; p++) w[p] = wload512(W + (p * in + k) * kPanel);
+        for (int b = 0; b < BB; b++) {
+            const __m512 x = _mm512_set1_ps(X[b * ldx + k]);
+            for (int p = 0; p < NP; p++) acc[b][p] = _mm512_fmadd_ps(w[p], x, acc[b][p]);
+        }
+    }
+    for (int b = 0; b < BB; b++)
+        for (int p = 0; p < NP; p++) _mm512_storeu_ps(dots + b * ldd + p * kPanel, acc[b][p]);
 }
 
-SLM_AVX512 void matvec_avx512(const float* W, int64_t in, const float* X, int64_t ldx, int64_t B,
+constexpr int kNP512 = 4, kBB512 = 6;  // 24 of the 32 zmm registers accumulate
+
+template <typename T, int... B>
+struct Table512 {
+    TileFn f[kBB512][kNP512] = {{&tile512<T, B, 1>, &tile512<T, B, 2>, &tile512<T, B, 3>, &tile512<T, B, 4>}...};
+};
+
+template <typename T>
+SLM_AVX512 void matvec_avx512(const void* W, int64_t in, const float* X, int64_t ldx, int64_t B,
                               int64_t j0, int64_t j1, float* dots, int64_t ldd) {
-    int64_t b = 0;
-    for (; b + 4 <= B; b += 4) rows512<4>(W, in, X + b * ldx, ldx, j0, j1, dots + b * ldd, ldd);
-    switch (B - b) {
-        case 3: rows512<3>(W, in, X + b * ldx, ldx, j0, j1, dots + b * ldd, ldd); break;
-        case 2: rows512<2>(W, in, X + b * ldx, ldx, j0, j1, dots + b * ldd, ldd); break;
-        case 1: rows512<1>(W, in, X + b * ldx, ldx, j0, j1, dots + b * ldd, ldd); break;
-        default: break;
-    }
+    static const Table512<T, 1, 2, 3, 4, 5, 6> t;
+    run_tiles<kNP512, kBB512, sizeof(T)>(t.f, W, in, X, ldx, B, j0, j1, dots, ldd);
 }
 
-SLM_AVX2 inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+SLM_AVX2 inline void wload256(const float* p, __m256& lo, __m256& hi) {
+    lo = _mm256_loadu_ps(p);
+    hi = _mm256_loadu_ps(p + 8);
+}
+SLM_AVX2 inline void wload256(const uint16_t* p, __m256& lo, __m256& hi) {
+    const __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+    hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
 }
 
-template <int R, int BB>
-SLM_AVX2 inline void tile256(const float* W, int64_t in, const float* X, int64_t ldx, float* dots, int64_t ldd) {
-    __m256 acc[R][BB];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < BB; b++) acc[r][b] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= in; k += 8) {
+// BB rows of X by NP panels (two ymm each): 2 BB NP accumulators of 8 outputs.
+template <typename T, int BB, int NP>
+SLM_AVX2 void tile256(const void* Wv, int64_t in, const float* X, int64_t ldx, float* dots, int64_t ldd) {
+    const T* W = (const T*)Wv;
+    __m256 acc[BB][2 * NP];
+    for (int b = 0; b < BB; b++)
+        for (int h = 0; h < 2 * NP; h++) acc[b][h] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
         __m256 x[BB];
-        for (int b = 0; b < BB; b++) x[b] = _mm256_loadu_ps(X + b * ldx + k);
-        for (int r = 0; r < R; r++) {
-            const __m256 w = _mm256_loadu_ps(W + r * in + k);
-            for (int b = 0; b < BB; b++) acc[r][b] = _mm256_fmadd_ps(w, x[b], acc[r][b]);
+        for (int b = 0; b < BB; b++) x[b] = _mm256_set1_ps(X[b * ldx + k]);
+        for (int p = 0; p < NP; p++) {
+            __m256 lo, hi;
+            wload256(W + (p * in + k) * kPanel, lo, hi);
+            for (int b = 0; b < BB; b++) {
+                acc[b][2 * p] = _mm256_fmadd_ps(lo, x[b], acc[b][2 * p]);
+                acc[b][2 * p + 1] = _mm256_fmadd_ps(hi, x[b], acc[b][2 * p + 1]);
+            }
         }
     }
-    if (k < in) {
-        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(in - k)), lanes);
-        __m256 x[BB];
-        for (int b = 0; b < BB; b++) x[b] = _mm256_maskload_ps(X + b * ldx + k, m);
-        for (int r = 0; r < R; r++) {
-            const __m256 w = _mm256_maskload_ps(W + r * in + k, m);
-            for (int b = 0; b < BB; b++) acc[r][b] = _mm256_fmadd_ps(w, x[b], acc[r][b]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < BB; b++) dots[b * ldd + r] = hsum256(acc[r][b]);
+    for (int b = 0; b < BB; b++)
+        for (int h = 0; h < 2 * NP; h++) _mm256_storeu_ps(dots + b * ldd + h * 8, acc[b][h]);
 }
 
-template <int BB>
-SLM_AVX2 void rows256(const float* W, int64_t in, const float* X, int64_t ldx, int64_t j0, int64_t j1,
-                      float* dots, int64_t ldd) {
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) tile256<4, BB>(W + j * in, in, X, ldx, dots + (j - j0), ldd);
-    for (; j < j1; j++) tile256<1, BB>(W + j * in, in, X, ldx, dots + (j - j0), ldd);
-}
+constexpr int kNP256 = 2, kBB256 = 3;  // 12 of the 16 ymm registers accumulate
 
-SLM_AVX2 void matvec_avx2(const float* W, int64_t in, const float* X, int64_t ldx, int64_t B,
+template <typename T, int... B>
+struct Table256 {
+    TileFn f[kBB256][kNP256] = {{&tile256<T, B, 1>, &tile256<T, B, 2>}...};
+};
+
+template <typename T>
+SLM_AVX2 void matvec_avx2(const void* W, int64_t in, const float* X, int64_t ldx, int64_t B,
                           int64_t j0, int64_t j1, float* dots, int64_t ldd) {
-    int64_t b = 0;  // 4 rows x 2 batch rows: 8 accumulators of the 16 ymm registers
-    for (; b + 2 <= B; b += 2) rows256<2>(W, in, X + b * ldx, ldx, j0, j1, dots + b * ldd, ldd);
-    if (b < B) rows256<1>(W, in, X + b * ldx, ldx, j0, j1, dots + b * ldd, ldd);
+    static const Table256<T, 1, 2, 3> t;
+    run_tiles<kNP256, kBB256, sizeof(T)>(t.f, W, in, X, ldx, B, j0, j1, dots, ldd);
 }
 #endif
 
@@ -256,12 +320,23 @@ int best_isa() {
     return kScalar;
 }
 
-MatvecFn matvec_for(int isa) {
+// The product kernel for an instruction set and a weight format.
+MatvecFn matvec_for(int isa, int64_t format) {
+    const bool bf16 = format == kBF16;
 #if defined(SLM_X86)
-    if (isa == kAvx512) return matvec_avx512;
-    if (isa == kAvx2) return matvec_avx2;
+    if (isa == kAvx512) return bf16 ? matvec_avx512<uint16_t> : matvec_avx512<float>;
+    if (isa == kAvx2) return bf16 ? matvec_avx2<uint16_t> : matvec_avx2<float>;
 #endif
-    return matvec_scalar;
+    (void)isa;
+    return bf16 ? matvec_scalar<uint16_t> : matvec_scalar<float>;
+}
+
+// Panels per task of a product: as many as an AVX-512 tile holds (4), fewer where that would leave
+// fewer than four tasks per thread. The tiling changes no result (see above), only the load balance.
+int64_t task_panels(int64_t n_panels, int threads) {
+    int64_t per = 4;
+    while (per > 1 && (n_panels + per - 1) / per < 4 * threads) per /= 2;
+    return per;
 }
 
 // --------------------------------------------------------------------------- the small operations
@@ -320,13 +395,13 @@ void activate(float* gate, const float* up, int64_t n, bool swiglu) {
 
 // --------------------------------------------------------------------------- the step
 
-// cfg: vocab, n_layer, n_head, n_kv_head, head_dim, n_embd, hidden, layernorm, rope, swiglu
-enum { kVocab, kLayers, kHeads, kKV, kHeadDim, kEmbd, kHidden, kLayerNorm, kRope, kSwiGLU, kCfg };
-// w: tok_emb, pos_emb, rope_cos, rope_sin, norm_w, norm_b, head_w, head_b, then per layer:
+// cfg: vocab, n_layer, n_head, n_kv_head, head_dim, n_embd, hidden, layernorm, rope, swiglu, and
+// the format of the packed weight matrices (qkv, proj, up, down, head; see "the products")
+enum { kVocab, kLayers, kHeads, kKV, kHeadDim, kEmbd, kHidden, kLayerNorm, kRope, kSwiGLU, kFormat, kCfg };
+// w: tok_emb, pos_emb, rope_cos, rope_sin, norm_w, norm_b, head_w, head_b, then per layer (the
+// matrices packed by slm_decode_pack; a SwiGLU up matrix as its gate rows packed, then its up rows):
 enum { kTokEmb, kPosEmb, kCos, kSin, kNormW, kNormB, kHeadW, kHeadB, kGlobal };
 enum { kN1w, kN1b, kQkvW, kQkvB, kProjW, kProjB, kN2w, kN2b, kUpW, kUpB, kDownW, kDownB, kPerLayer };
-
-constexpr int64_t kRows = 32;  // output rows per task of a product
 
 struct Step {
     const int64_t* cfg;
@@ -335,12 +410,14 @@ struct Step {
     const int64_t* start;
     int64_t B, S, max_len;
     float *kc, *vc;
+    int threads;
     MatvecFn matvec;
     float *x, *h, *qkv, *att, *act, *logits;
     int64_t layer;
     // the product of the current phase
-    const float *W, *bias, *X;
-    int64_t in, out, ldx, ldy;
+    const void* W;
+    const float *bias, *X;
+    int64_t in, out, ldx, ldy, rows;  // rows: output rows per task (whole panels)
     float* Y;
     bool add;
 };
@@ -355,12 +432,12 @@ float* scratch(int64_t n) {
 // Y[b, j] (+)= W[j] . X[b] + bias[j] for the task's rows.
 void product_task(void* p, int64_t task) {
     Step& s = *(Step*)p;
-    const int64_t j0 = task * kRows, j1 = std::min(s.out, j0 + kRows), R = j1 - j0;
-    float* dots = scratch(s.B * R);
-    s.matvec(s.W, s.in, s.X, s.ldx, s.B, j0, j1, dots, R);
+    const int64_t j0 = task * s.rows, j1 = std::min(s.out, j0 + s.rows), R = j1 - j0;
+    float* dots = scratch(s.B * s.rows);
+    s.matvec(s.W, s.in, s.X, s.ldx, s.B, j0, j1, dots, s.rows);
     for (int64_t b = 0; b < s.B; b++) {
         float* y = s.Y + b * s.ldy + j0;
-        const float* d = dots + b * R;
+        const float* d = dots + b * s.rows;
         for (int64_t r = 0; r < R; r++) {
             const float v = d[r] + (s.bias ? s.bias[j0 + r] : 0.f);
             y[r] = s.add ? y[r] + v : v;
@@ -373,20 +450,22 @@ void up_task(void* p, int64_t task) {
     Step& s = *(Step*)p;
     const int64_t hidden = s.cfg[kHidden], C = s.cfg[kEmbd];
     const bool swiglu = s.cfg[kSwiGLU];
-    const int64_t j0 = task * kRows, j1 = std::min(hidden, j0 + kRows), R = j1 - j0;
+    const int64_t L = s.rows, j0 = task * L, j1 = std::min(hidden, j0 + L), R = j1 - j0;
     const float* const* lw = s.w + kGlobal + s.layer * kPerLayer;
-    const float *Wu = lw[kUpW], *bu = lw[kUpB];
-    float* gate = scratch(2 * s.B * R);
-    float* up = gate + s.B * R;
-    s.matvec(Wu, C, s.h, C, s.B, j0, j1, gate, R);
-    if (swiglu) s.matvec(Wu, C, s.h, C, s.B, hidden + j0, hidden + j1, up, R);
+    const float* bu = lw[kUpB];
+    const void* Wu = lw[kUpW];
+    const int64_t up_rows = stored_rows(s.cfg[kFormat], hidden);  // where the up rows start
+    float* gate = scratch(2 * s.B * L);
+    float* up = gate + s.B * L;
+    s.matvec(Wu, C, s.h, C, s.B, j0, j1, gate, L);
+    if (swiglu) s.matvec(Wu, C, s.h, C, s.B, up_rows + j0, up_rows + j1, up, L);
     for (int64_t b = 0; b < s.B; b++) {
         for (int64_t r = 0; r < R; r++) {
-            if (bu) gate[b * R + r] += bu[j0 + r];
-            if (swiglu && bu) up[b * R + r] += bu[hidden + j0 + r];
+            if (bu) gate[b * L + r] += bu[j0 + r];
+            if (swiglu && bu) up[b * L + r] += bu[hidden + j0 + r];
         }
-        activate(gate + b * R, up + b * R, R, swiglu);
-        std::copy(gate + b * R, gate + (b + 1) * R, s.act + b * hidden + j0);
+        activate(gate + b * L, up + b * L, R, swiglu);
+        std::copy(gate + b * L, gate + b * L + R, s.act + b * hidden + j0);
     }
 }
 
@@ -453,10 +532,13 @@ Pool& pool() {
 std::mutex step_mutex;  // one step at a time (ctypes releases the GIL)
 std::vector<float> workspace;
 
-void product(Step& s, int threads, const float* W, const float* bias, const float* X, int64_t in, int64_t out,
+// Y[b] (+)= W X[b] + bias for the B rows: the one entry point of the products, whatever the
+// weight format (s.cfg[kFormat], whose kernel s.matvec is).
+void product(Step& s, const void* W, const float* bias, const float* X, int64_t in, int64_t out,
              float* Y, int64_t ldy, bool add) {
     s.W = W, s.bias = bias, s.X = X, s.in = in, s.out = out, s.ldx = in, s.Y = Y, s.ldy = ldy, s.add = add;
-    pool().run(threads, (out + kRows - 1) / kRows, product_task, &s);
+    s.rows = task_panels(panels(out), s.threads) * kPanel;
+    pool().run(s.threads, (out + s.rows - 1) / s.rows, product_task, &s);
 }
 
 }  // namespace
@@ -466,14 +548,30 @@ extern "C" {
 // The best instruction set for the products on this CPU: 1 scalar, 2 AVX2, 3 AVX-512.
 int slm_decode_isa() { return best_isa(); }
 
+// Bytes of a (rows x in) float32 matrix packed in a weight format (0 float32, 1 bf16); -1 for an
+// unknown format.
+int64_t slm_decode_packed_bytes(int64_t format, int64_t rows, int64_t in) {
+    return known_format(format) ? packed_bytes(format, rows, in) : -1;
+}
+
+// Packs src (rows x in, float32, row-major) into dst (slm_decode_packed_bytes of it). Returns 0,
+// or 2 for an unknown format.
+int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, void* dst) {
+    if (format == kF32) pack_panels(src, rows, in, (float*)dst);
+    else if (format == kBF16) pack_panels(src, rows, in, (uint16_t*)dst);
+    else return 2;
+    return 0;
+}
+
 // One token per row: ids (B,), start (B,) the first real slot of each row, S the slots filled so
 // far; keys and values (n_layer, B, KV, max_len, D) get slot S; logits (B, vocab). isa 0 picks the
-// best. Returns 0, or 1 for a token id outside the vocabulary, 2 for an isa this CPU lacks.
+// best. Returns 0, or 1 for a token id outside the vocabulary, 2 for an isa this CPU lacks or an
+// unknown weight format.
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
                     int64_t B, int64_t S, int64_t max_len, float* kc, float* vc, float* logits, int threads, int isa) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
-    if (isa > best || isa < kScalar) return 2;
+    if (isa > best || isa < kScalar || !known_format(cfg[kFormat])) return 2;
     const int64_t V = cfg[kVocab], C = cfg[kEmbd], H = cfg[kHeads], KV = cfg[kKV], D = cfg[kHeadDim];
     const int64_t hidden = cfg[kHidden];
     for (int64_t b = 0; b < B; b++)
@@ -481,7 +579,7 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
     std::lock_guard<std::mutex> lock(step_mutex);
     const int64_t qkv_width = (H + 2 * KV) * D;
     workspace.resize(B * (3 * C + qkv_width + hidden));
-    Step s{cfg, w, eps, start, B, S, max_len, kc, vc, matvec_for(isa)};
+    Step s{cfg, w, eps, start, B, S, max_len, kc, vc, std::max(threads, 1), matvec_for(isa, cfg[kFormat])};
     s.x = workspace.data(), s.h = s.x + B * C, s.att = s.h + B * C, s.qkv = s.att + B * C, s.act = s.qkv + B * qkv_width;
     s.logits = logits;
     const bool ln = cfg[kLayerNorm];
@@ -494,15 +592,16 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
         const float* const* lw = w + kGlobal + l * kPerLayer;
         s.layer = l;
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN1w], lw[kN1b], C, eps, ln, s.h + b * C);
-        product(s, threads, lw[kQkvW], lw[kQkvB], s.h, C, qkv_width, s.qkv, qkv_width, false);
-        pool().run(threads, B * KV, attention_task, &s);
-        product(s, threads, lw[kProjW], lw[kProjB], s.att, C, C, s.x, C, true);
+        product(s, lw[kQkvW], lw[kQkvB], s.h, C, qkv_width, s.qkv, qkv_width, false);
+        pool().run(s.threads, B * KV, attention_task, &s);
+        product(s, lw[kProjW], lw[kProjB], s.att, C, C, s.x, C, true);
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN2w], lw[kN2b], C, eps, ln, s.h + b * C);
-        pool().run(threads, (hidden + kRows - 1) / kRows, up_task, &s);
-        product(s, threads, lw[kDownW], lw[kDownB], s.act, hidden, C, s.x, C, true);
+        s.rows = task_panels(panels(hidden), s.threads) * kPanel;
+        pool().run(s.threads, (hidden + s.rows - 1) / s.rows, up_task, &s);
+        product(s, lw[kDownW], lw[kDownB], s.act, hidden, C, s.x, C, true);
     }
     for (int64_t b = 0; b < B; b++) norm(s.x + b * C, w[kNormW], w[kNormB], C, eps, ln, s.h + b * C);
-    product(s, threads, w[kHeadW], w[kHeadB], s.h, C, V, logits, V, false);
+    product(s, w[kHeadW], w[kHeadB], s.h, C, V, logits, V, false);
     return 0;
 }
 

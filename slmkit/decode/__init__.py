@@ -12,6 +12,9 @@ its default). ``BACKENDS`` lists them fastest first and ``make_decoder`` takes t
 * ``numpy`` (``CPUDecoder``): the step with its small operations in NumPy; float32 on the CPU.
 * ``step`` (``StepDecoder``): the step in PyTorch, written straight through over the weights.
 * ``cached`` (``ModuleDecoder``): ``model.forward`` with the cache, the reference; runs anything.
+* ``cpp-bf16`` (``NativeBF16Decoder``): the C++ step with bf16 weight matrices; after the reference,
+  so only by name. Its logits are those of ``reproduces(model)``, the model with its weight
+  matrices rounded to bf16.
 
 All of them run the prefill through ``model.forward``, and one parity test
 (``tests/test_decode.py``) runs every backend against it. A new backend subclasses ``Decoder``,
@@ -24,12 +27,13 @@ from slmkit.decode.base import ANY, SIZES, Decoder, placement, reads_float_weigh
 from slmkit.decode.cache import KVCache
 from slmkit.decode.cpu import CPUDecoder
 from slmkit.decode.cuda_graph import GraphDecoder
-from slmkit.decode.native import NativeDecoder
+from slmkit.decode.native import NativeBF16Decoder, NativeDecoder
 from slmkit.decode.reference import ModuleDecoder
 from slmkit.decode.step import DecodeWeights, StepDecoder, decode_weights, rope_matrix
 from slmkit.model import GPT
 
-BACKENDS: dict[str, type[Decoder]] = {cls.name: cls for cls in (GraphDecoder, NativeDecoder, CPUDecoder, StepDecoder, ModuleDecoder)}
+BACKENDS: dict[str, type[Decoder]] = {cls.name: cls for cls in (
+    GraphDecoder, NativeDecoder, CPUDecoder, StepDecoder, ModuleDecoder, NativeBF16Decoder)}
 
 
 def pick(model: GPT) -> type[Decoder]:
@@ -50,5 +54,5 @@ def make_decoder(model: GPT, backend: str | None = None) -> Decoder:
 
 __all__ = [
     "ANY", "BACKENDS", "SIZES", "CPUDecoder", "DecodeWeights", "Decoder", "GraphDecoder", "KVCache", "ModuleDecoder",
-    "NativeDecoder", "StepDecoder", "decode_weights", "make_decoder", "pick", "placement", "reads_float_weights", "rope_matrix",
+    "NativeBF16Decoder", "NativeDecoder", "StepDecoder", "decode_weights", "make_decoder", "pick", "placement", "reads_float_weights", "rope_matrix",
 ]

@@ -101,6 +101,13 @@ class Decoder:
             raise ValueError(f"the {cls.name!r} decoder ({cls.__name__}) cannot run this model: {why}; "
                              "generate with path='cached'")
 
+    @classmethod
+    def reproduces(cls, model: GPT) -> GPT:
+        """The model whose forward this backend's logits follow: ``model`` itself, or, for a
+        backend that stores the weights in a narrower format, a copy with them rounded to it
+        (the parity test compares every backend against this model's forward)."""
+        return model
+
     def prefill(self, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
         """Run T new tokens per row (B, T) after the cached ones; the last position's logits (B, vocab)."""
         return self.model(ids, last_only=True, cache=cache)[0][:, -1]

@@ -7,7 +7,10 @@ rotary or learned positions, attention over the ``KVCache`` (grouped query heads
 own first real slot: left padding), GELU or SwiGLU, biases and the tied or untied head, for every
 row of the batch. The products are AVX-512 or AVX2 code picked from the CPU at run time (scalar
 elsewhere, ARM included), threaded over ``torch.get_num_threads()`` cores by a pool whose idle
-threads sleep after a short spin; the thread count does not change any result.
+threads sleep after a short spin. Their weight matrices are packed here, once, into the layout
+the kernels read (``pack``): float32, or bf16 (``weights="bf16"``, the ``cpp-bf16`` backend: half
+the bytes per token); a step reads each weight once for all rows of its batch. Neither the thread
+count, the batch a row runs in nor the instruction set changes any result.
 
 The library is the one ``cpu_kernels`` builds once per machine (same cache, same compiler). Where
 it cannot be built, ``why_not`` says so, the registry takes the next backend (the NumPy one), and
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import weakref
 
 import torch
 
@@ -29,6 +33,11 @@ from slmkit.decode.cache import KVCache
 from slmkit.model import GPT
 
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+# The formats the weight matrices can be stored in (csrc/decode.cpp's Format), and the dtype their
+# values are rounded to: a decoder in a format computes what the model with its weight matrices
+# (embeddings, every linear layer, the head) rounded to that dtype computes in float32.
+FORMATS = {"fp32": 0, "bf16": 1}
+ROUNDING = {"fp32": None, "bf16": torch.bfloat16}
 _noted = False
 
 
@@ -42,6 +51,85 @@ def library_why_not() -> str | None:
     return why
 
 
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The packing functions' signatures (slm_decode_step's are set where the library loads)."""
+    lib.slm_decode_packed_bytes.argtypes = [ctypes.c_int64] * 3
+    lib.slm_decode_packed_bytes.restype = ctypes.c_int64
+    lib.slm_decode_pack.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.slm_decode_pack.restype = ctypes.c_int
+    return lib
+
+
+def pack(lib: ctypes.CDLL, weight: torch.Tensor, weights: str, parts: int = 1) -> torch.Tensor:
+    """A (rows, in) weight matrix packed for the products (bytes, C++'s layout for ``weights``);
+    ``parts`` > 1 packs that many equal blocks of rows one after the other (SwiGLU's gate, up)."""
+    w = weight.detach().float().contiguous()
+    rows, n = w.shape[0] // parts, w.shape[1]
+    size = lib.slm_decode_packed_bytes(FORMATS[weights], rows, n)
+    out = torch.empty(parts * size, dtype=torch.uint8)
+    for i in range(parts):
+        part = w[i * rows:(i + 1) * rows].contiguous()
+        if lib.slm_decode_pack(part.data_ptr(), rows, n, FORMATS[weights], out.data_ptr() + i * size) != 0:
+            raise ValueError(f"the C++ decoder cannot pack weights as {weights}")
+    return out
+
+
+def rounded(model: GPT, weights: str) -> GPT:
+    """``model`` with its weight matrices (embeddings, linear layers, head) rounded as ``weights``
+    stores them (a copy; the model itself for fp32): what a ``NativeDecoder`` in that format runs."""
+    dtype = ROUNDING[weights]
+    if dtype is None:
+        return model
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.dim() == 2:
+                p.copy_(p.to(dtype).float())
+    return out
+
+
+# model -> {weights: (what its tensors were, the model the decoder runs, the step's tensors)}
+_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(model: GPT) -> tuple:
+    """Where each parameter and buffer lives and its in-place version: changes when the weights do."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def prepared(model: GPT, weights: str) -> tuple[GPT, list[torch.Tensor | None]]:
+    """The model a decoder in format ``weights`` runs (``rounded``) and the tensors its step reads,
+    in C++'s order (slm_decode_step's ``w``): float32 vectors and embeddings, packed matrices.
+    Kept per model while its weights stay the same, so a generation does not pack them again."""
+    key = _signature(model)
+    hit = _prepared.get(model, {}).get(weights)
+    if hit is not None and hit[0] == key:
+        return hit[1] or model, hit[2]
+    lib = _declare(cpu_kernels.library())
+    runs = rounded(model, weights)
+    swiglu = runs.config.activation == "swiglu"
+
+    def norm(m: torch.nn.Module) -> list[torch.Tensor | None]:
+        return [m.weight, getattr(m, "bias", None)]
+
+    def linear(m: torch.nn.Linear, parts: int = 1) -> list[torch.Tensor | None]:
+        return [pack(lib, m.weight, weights, parts), m.bias]
+
+    tensors = [runs.tok_emb.weight, None if runs.pos_emb is None else runs.pos_emb.weight,
+               runs.rope_cos, runs.rope_sin, *norm(runs.norm), *linear(runs.lm_head)]
+    for b in runs.blocks:
+        tensors += [*norm(b.norm1), *linear(b.attn.qkv), *linear(b.attn.proj), *norm(b.norm2),
+                    *linear(b.mlp.up, 2 if swiglu else 1), *linear(b.mlp.down)]
+    # Contiguous float32 views of the parameters (copies only where a tensor is not dense) and
+    # the packed matrices, kept alive by the decoders: the C++ side holds their addresses.
+    tensors = [None if t is None else t if t.dtype == torch.uint8 else t.detach().float().contiguous() for t in tensors]
+    # (not the model itself as a value: that would keep the key, the model, alive for ever)
+    _prepared.setdefault(model, {})[weights] = (key, None if runs is model else runs, tensors)
+    return runs, tensors
+
+
 def best_isa() -> str:
     """The instruction set the products use on this CPU by default: avx512, avx2 or scalar."""
     lib = cpu_kernels.library()
@@ -51,7 +139,11 @@ def best_isa() -> str:
 class NativeDecoder(Decoder):
     """The decode step for float32 on the CPU, in C++ (see the module docstring). ``isa`` forces
     an instruction set (default: ``SLMKIT_DECODE_ISA`` or the best one), ``threads`` a thread
-    count (default: ``torch.get_num_threads()`` at each step). Inference only (eval mode)."""
+    count (default: ``torch.get_num_threads()`` at each step). ``weights`` is the format the
+    weight matrices are stored in for the products: "fp32", or "bf16" (half the bytes to read per
+    token; the arithmetic stays float32, so the logits are those of ``rounded(model, "bf16")``,
+    which the decoder keeps for its prefill). The matrices are packed (a copy beside the model's)
+    once per model and format while its weights stay the same (``prepared``). Inference only."""
 
     name = "cpp"
     devices = {"cpu"}
@@ -65,32 +157,29 @@ class NativeDecoder(Decoder):
         why = super().why_not(model, device, dtype)
         return why if why is not None else library_why_not()
 
-    def __init__(self, model: GPT, isa: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: GPT, isa: str | None = None, threads: int | None = None, weights: str = "fp32") -> None:
         self.check(model)
+        if weights not in FORMATS:
+            raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
+        model, self.tensors = prepared(model, weights)  # the prefill runs on the same weights as the steps
         super().__init__(model)
         isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
         if isa not in ISAS:
             raise ValueError(f"unknown instruction set {isa!r}: choose one of {', '.join(ISAS)}")
         self.lib, self.isa_name, self.isa, self.threads = cpu_kernels.library(), isa, ISAS[isa], threads
+        self.weights = weights
         c = model.config
         hidden = model.blocks[0].mlp.down.in_features
         self.cfg = torch.tensor([c.vocab_size, c.n_layer, c.n_head, c.kv_heads, c.head_dim, c.n_embd, hidden,
-                                 c.norm == "layernorm", c.positions == "rope", c.activation == "swiglu"],
-                                dtype=torch.int64)
-
-        def norm(m: torch.nn.Module) -> list[torch.Tensor | None]:
-            return [m.weight, getattr(m, "bias", None)]
-
-        tensors = [model.tok_emb.weight, None if model.pos_emb is None else model.pos_emb.weight,
-                   model.rope_cos, model.rope_sin, *norm(model.norm), model.lm_head.weight, model.lm_head.bias]
-        for b in model.blocks:
-            for part in (norm(b.norm1), b.attn.qkv, b.attn.proj, norm(b.norm2), b.mlp.up, b.mlp.down):
-                tensors += part if isinstance(part, list) else [part.weight, part.bias]
-        # Contiguous float32 views of the parameters (copies only where a tensor is not dense),
-        # kept alive here: the C++ side holds their addresses.
-        self.tensors = [None if t is None else t.detach().float().contiguous() for t in tensors]
+                                 c.norm == "layernorm", c.positions == "rope", c.activation == "swiglu",
+                                 FORMATS[weights]], dtype=torch.int64)
         self.pointers = (ctypes.c_void_p * len(self.tensors))(*(0 if t is None else t.data_ptr() for t in self.tensors))
         self.eps = c.norm_eps
+
+    def weight_bytes(self) -> int:
+        """Bytes of the packed weight matrices (the products and the head): what a step reads of
+        them from memory, once, for all rows of its batch."""
+        return sum(t.numel() for t in self.tensors if t is not None and t.dtype == torch.uint8)
 
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``."""
@@ -112,3 +201,19 @@ class NativeDecoder(Decoder):
             raise ValueError(f"this CPU cannot run the {self.isa_name} code (best: {best_isa()})")
         cache.length = S + 1
         return logits
+
+
+class NativeBF16Decoder(NativeDecoder):
+    """``NativeDecoder`` with its weight matrices stored in bf16 (``weights="bf16"``): half the
+    bytes per token, the logits of the model with those matrices rounded to bf16 (``reproduces``).
+    Registered after the reference, so the registry never picks it: asked for by name
+    (``make_decoder(model, "cpp-bf16")``, ``generate_tokens(..., path="cpp-bf16")``)."""
+
+    name = "cpp-bf16"
+
+    def __init__(self, model: GPT, isa: str | None = None, threads: int | None = None) -> None:
+        super().__init__(model, isa, threads, weights="bf16")
+
+    @classmethod
+    def reproduces(cls, model: GPT) -> GPT:
+        return rounded(model, "bf16")
