@@ -331,17 +331,20 @@ def test_fused_head_under_bf16_autocast_equals_the_pytorch_path(monkeypatch: pyt
     # as on a CPU whose build is not measured faster than PyTorch (ARM)
     ({}, "cpu_kernels.isa_levels = lambda: ['native']\n", "not measured faster"),
     ({"SLMKIT_KERNEL_ISA": "sse9"}, "", "unknown SLMKIT_KERNEL_ISA"),
+    # an AVX2-only CPU: its own build (8-float vectors), used (measured faster there)
+    pytest.param({}, "cpu_kernels.isa_levels = lambda: ['avx2']\n", "None avx2 8", marks=pytest.mark.skipif(
+        "avx2" not in cpu_kernels.isa_levels(), reason="this CPU runs no AVX2 code")),
 ])
 def test_without_the_kernels_the_model_uses_pytorch(tmp_path, env: dict, prelude: str, reason: str) -> None:
-    """Turned off, no working compiler, or a CPU they are not fast on: one line says why, and
-    training still runs (on PyTorch's ops)."""
+    """Turned off, no working compiler, an unknown level, or a CPU they are not measured fast on: one
+    line says why, and training still runs (on PyTorch's ops); on an AVX2-only CPU, its own build."""
     import os
     import subprocess
     import sys
     code = ("import torch; from slmkit import cpu_kernels; from slmkit.model import GPT, ModelConfig\n" + prelude +
             "m = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32))\n"
             "x = torch.randint(0, 64, (2, 32)); m(x, x)[1].backward()\n"
-            "print(cpu_kernels.available())")
+            "print(cpu_kernels.available(), cpu_kernels.kernel_isa(), cpu_kernels._lib and cpu_kernels._lib.slm_kernel_lanes())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "SLMKIT_CACHE": str(tmp_path), **env})
     assert done.returncode == 0, done.stderr
