@@ -315,6 +315,7 @@ TABLES: dict[str, Callable[[], str]] = {
                                                  "train_speed_cpu_epyc_bf16_stories15m.json"]),
     "train-speed-cpu-epyc-goals": lambda: train_speed("train_speed_cpu_epyc_fp32_goals.json"),
     "train-speed-cpu-epyc-avx2": lambda: train_speed("train_speed_cpu_epyc_avx2.json"),
+    "train-speed-cpu-epyc-fp32-15m": lambda: train_speed("train_speed_cpu_epyc_fp32_15m.json"),
     "train-speed-intel-s6": lambda: train_speed_runs([f"train_speed_cpu_s6_run{i}.json" for i in range(4, 10)]),
     "train-speed-intel-quiet": lambda: train_speed("train_speed_cpu_quiet.json"),
     "train-speed-intel-quiet2": lambda: train_speed("train_speed_cpu_quiet2.json"),
