@@ -61,8 +61,11 @@ def machine_info() -> dict[str, Any]:
     """The fields every results file carries: machine, software, code version, time and command."""
     import torch
 
+    # Settings that change which code runs (PyTorch's and slmkit's instruction sets), as the command's prefix.
+    env = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                                            "SLMKIT_KERNEL_ISA", "SLMKIT_CPU_KERNELS", "SLMKIT_DECODE_ISA") if k in os.environ]
     info: dict[str, Any] = {
-        "command": "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        "command": " ".join([*env, "python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "machine": machine_label(), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
         "when_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),

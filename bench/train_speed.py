@@ -19,6 +19,10 @@ each against its own reference written the peers' way below in this file:
 * ``slmkit-eager`` / ``slmkit``: slmkit's model and optimizer as ``Trainer.train_step`` uses them,
   the preset's architecture, uncompiled / with ``train.compile=true`` (slmkit's fastest path);
 * ``slmkit-gpt2-eager`` / ``slmkit-gpt2``: the same with nanoGPT's architecture, against ``nanogpt``;
+* ``slmkit-no-kernels`` (only when asked for): ``slmkit`` with slmkit's CPU kernels (attention, the
+  fused head's loss: ``cpu_kernels``) left out, PyTorch's ops in their place: whether the kernels win
+  on this CPU, in the same run. ``SLMKIT_KERNEL_ISA=avx2 ATEN_CPU_CAPABILITY=avx2`` measures what an
+  AVX2 machine runs (both the kernels' and PyTorch's AVX2 code) on an AVX-512 one;
 * ``slmkit-blocks`` (only when asked for): compile just the repeated block, which compiles faster;
 * ``<variant>-bf16`` (``slmkit-bf16``, ``reference-bf16``, ...): that variant under bf16 autocast (float32
   weights and optimizer, as ``train.dtype=bfloat16``). On a CPU with native bf16 (``runtime.cpu_bf16``)
@@ -43,6 +47,7 @@ peak. The result goes to bench/results/train_speed_<device>.json with the comman
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -61,6 +66,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import machine_info  # noqa: E402
 
+from slmkit import cpu_kernels  # noqa: E402
 from slmkit.config import load_preset  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
 from slmkit.runtime import autocast, cpu_bf16, measure_matmul_peak  # noqa: E402
@@ -228,7 +234,7 @@ VARIANTS: dict[str, tuple[str, str, bool | None]] = {
     "reference": ("llama", "reference", None), "slmkit-eager": ("llama", "slmkit", False),
     "slmkit": ("llama", "slmkit", True), "slmkit-blocks": ("llama", "slmkit-blocks", False),
     "nanogpt": ("gpt2", "nanogpt", None), "slmkit-gpt2-eager": ("gpt2", "slmkit", False),
-    "slmkit-gpt2": ("gpt2", "slmkit", True),
+    "slmkit-gpt2": ("gpt2", "slmkit", True), "slmkit-no-kernels": ("llama", "slmkit-no-kernels", True),
 }
 BASELINE = {"llama": "reference", "gpt2": "nanogpt"}
 BF16 = "-bf16"  # a variant name ending in it: that variant under bf16 autocast
@@ -249,6 +255,17 @@ DATASHEET_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def without_cpu_kernels():  # noqa: ANN201
+    """slmkit's model with PyTorch's attention and loss in place of its CPU kernels (while inside)."""
+    saved = cpu_kernels._use_kernels
+    cpu_kernels._use_kernels = lambda: False
+    try:
+        yield
+    finally:
+        cpu_kernels._use_kernels = saved
 
 
 def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor,
@@ -279,9 +296,10 @@ def make_step(variant: str, mc: ModelConfig, device: str, dtype: torch.dtype, x:
         forward = lambda: net(x, y, return_logits=False)[1]  # noqa: E731
 
     def step() -> None:
-        with autocast(device, dtype):
-            loss = forward()
-        loss.backward()
+        with without_cpu_kernels() if impl == "slmkit-no-kernels" else contextlib.nullcontext():
+            with autocast(device, dtype):
+                loss = forward()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -431,6 +449,10 @@ def main() -> None:
         **machine_info(), "device": name, "threads": args.threads if device == "cpu" else None,
         "dtype": str(dtype).replace("torch.", ""), "cpu_bf16": cpu_bf16() if device == "cpu" else None,
         "compile_references": args.compile_references,
+        # which code ran: the kernels' build (SLMKIT_KERNEL_ISA) and PyTorch's (ATEN_CPU_CAPABILITY)
+        "kernel_isa": cpu_kernels.kernel_isa() if device == "cpu" else None,
+        "kernels_used": cpu_kernels.available() is None if device == "cpu" else None,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability() if device == "cpu" else None,
         "mfu_peak": "highest measured" if device == "cpu" else "datasheet (mfu_vs_datasheet) and highest measured (mfu)",
         "rounds": args.rounds, "steps_per_round": args.steps, "presets": [],
     }

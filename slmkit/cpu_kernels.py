@@ -12,15 +12,21 @@ kernels do slowly at small-model shapes:
 The same library holds the C++ decode step (``csrc/decode.cpp``, used by ``decode/native.py``,
 which picks its own AVX-512 / AVX2 / scalar code at run time and so runs on every CPU).
 
-They are compiled once per machine with the C++ compiler torch.compile already needs, cached under
-``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as custom ops
-(``slmkit::causal_attention`` with its backward, ``slmkit::head_loss``), so autograd and
-torch.compile see opaque ops. Where they cannot be built (no compiler, no OpenMP) or would not be
-fast (a CPU without AVX-512: GCC turns some operations on their 16-float vectors into scalar code
-there, measured 6-10x slower on AVX2), ``available()`` says why and the model uses PyTorch's ops:
-the kernels are a speed-up, never a requirement. ``SLMKIT_CPU_KERNELS=0`` turns them off. The CPU
-is read at run time; ``built()`` says whether the library loads at all, so the tests check its
-results on every CPU, including those where the model leaves it unused.
+They are compiled with the C++ compiler torch.compile already needs, once per machine and
+instruction-set level (``ISA_FLAGS``): ``avx512`` (``-march=native`` on a CPU with AVX-512: 16-float
+vectors), ``avx2`` (``-march=x86-64-v3``: AVX2 and FMA, nothing newer, 8-float vectors) and
+``native`` elsewhere (ARM: ``-march=native``, 8-float vectors, NEON). The same source gives each
+(csrc/vec.h picks the vector width from the flags). ``SLMKIT_KERNEL_ISA`` (``auto``, ``avx512``,
+``avx2``, ``native``) picks the build; ``auto`` takes the best level this CPU runs, read at run time
+from its feature flags, so ``SLMKIT_KERNEL_ISA=avx2`` runs on an AVX-512 machine exactly the code an
+AVX2 laptop runs. Builds are cached under ``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with
+ctypes, and registered as custom ops (``slmkit::causal_attention`` with its backward,
+``slmkit::head_loss``), so autograd and torch.compile see opaque ops. Where they cannot be built (no
+compiler, no OpenMP) or are not measured faster than PyTorch (``FAST_ISAS``: ARM is not measured),
+``available()`` says why and the model uses PyTorch's ops: the kernels are a speed-up, never a
+requirement; choosing a level by name uses it. ``SLMKIT_CPU_KERNELS=0`` turns them off.
+``built()`` says whether the library loads at all, so the tests check its results on every CPU,
+including those where the model leaves it unused.
 
 The kernels compute in float32. Under bf16 autocast they are still used (measured faster than
 PyTorch's bf16 ops at these shapes, docs/training_speed.md): attention on float32 copies of the
@@ -47,8 +53,18 @@ from slmkit.runtime import cpu_flags
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp"]
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-_lib: ctypes.CDLL | None = None
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# The flags of each instruction-set level: what the compiler may use there, and no more. x86-64-v3
+# is AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE: every AVX2 laptop since Haswell and Zen 1.
+ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native"],
+             "native": ["-march=native"]}
+# Levels whose kernels beat PyTorch's ops in training (docs/training_speed.md: with AVX2 forced on an
+# AVX-512 machine, PyTorch's ops too, a compiled stories260k step is 2.1x faster with them, stories15m
+# 1.1x); elsewhere (ARM: not measured) they are built and tested but the model uses PyTorch's ops
+# unless SLMKIT_KERNEL_ISA names the level.
+FAST_ISAS = frozenset({"avx512", "avx2"})
+_lib: ctypes.CDLL | None = None  # the build the training kernels use (kernel_isa())
+_libs: dict[str, ctypes.CDLL | str] = {}  # each level's build, or why it failed
 _why_not: str | None = None
 _loaded = False
 
@@ -58,15 +74,31 @@ def _cpu_identity() -> str:
     return platform.machine() + platform.processor() + " ".join(sorted(cpu_flags()))
 
 
-def _build() -> ctypes.CDLL:
+def isa_levels() -> list[str]:
+    """The instruction-set levels this CPU runs, best first: ``avx512`` and/or ``avx2`` on x86
+    (from its feature flags), else ``native``."""
+    flags = cpu_flags()
+    levels = [name for name, need in (("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})) if need <= flags]
+    return levels or ["native"]
+
+
+def kernel_isa() -> str:
+    """The level the training kernels and the decoder's library are built for: ``SLMKIT_KERNEL_ISA``
+    (``auto``: the best one this CPU runs)."""
+    isa = os.environ.get("SLMKIT_KERNEL_ISA", "auto")
+    return isa_levels()[0] if isa == "auto" else isa
+
+
+def _build(isa: str) -> ctypes.CDLL:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++ or clang++) found")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     code = [f.read_text(encoding="utf-8") for f in [*_SOURCES, _CSRC / "vec.h"]]
-    key = hashlib.sha256("\0".join([*code, compiler, version, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, *ISA_FLAGS[isa]]
+    key = hashlib.sha256("\0".join([*code, compiler, version, " ".join(flags), _cpu_identity()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SLMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmkit")
-    lib = cache / f"kernels-{key}.so"
+    lib = cache / f"kernels-{isa}-{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: concurrent processes (DDP ranks) never load a
@@ -74,7 +106,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
             os.replace(tmp, lib)
@@ -97,12 +129,30 @@ def _build() -> ctypes.CDLL:
     handle.slm_decode_step.restype = ctypes.c_int
     handle.slm_decode_isa.argtypes = []
     handle.slm_decode_isa.restype = ctypes.c_int
+    handle.slm_kernel_lanes.argtypes = []
+    handle.slm_kernel_lanes.restype = ctypes.c_int
     return handle
 
 
+def _library_for(isa: str) -> ctypes.CDLL | str:
+    """The build for one level (made on first call), or why there is none (one line)."""
+    if isa not in _libs:
+        if isa not in ISA_FLAGS:
+            _libs[isa] = f"unknown SLMKIT_KERNEL_ISA={isa!r}: choose auto or one of {', '.join(ISA_FLAGS)}"
+        elif isa not in isa_levels():
+            _libs[isa] = f"this CPU cannot run the {isa} build (it runs: {', '.join(isa_levels())})"
+        else:
+            try:
+                _libs[isa] = _build(isa)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _libs[isa] = f"could not build slmkit's CPU kernels: {e}"
+    return _libs[isa]
+
+
 def built() -> str | None:
-    """None when the library is built and loaded (fast on this CPU or not), else why not (one line).
-    Builds on first call. The tests use this to check the kernels' results on every CPU."""
+    """None when the library of ``kernel_isa()`` is built and loaded (fast on this CPU or not), else
+    why not (one line). Builds on first call. The tests use this to check the kernels' results on
+    every CPU."""
     global _lib, _why_not, _loaded
     if not _loaded:
         _loaded = True
@@ -111,26 +161,34 @@ def built() -> str | None:
         elif sys.platform == "win32":
             _why_not = "not built on Windows"
         else:
-            try:
-                _lib = _build()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _why_not = f"could not build slmkit's CPU kernels: {e}"
+            got = _library_for(kernel_isa())
+            _lib, _why_not = (got, None) if isinstance(got, ctypes.CDLL) else (None, got)
     return _why_not
 
 
-def library() -> ctypes.CDLL | None:
+def library(isa: str | None = None) -> ctypes.CDLL | None:
     """The loaded library (building it on first call), or None where ``built()`` says why not.
-    The C++ decoder (``decode/native.py``) calls into it directly."""
-    return _lib if built() is None else None
+    ``isa`` asks for one level's build (``ISA_FLAGS``; None where this CPU cannot run it). The C++
+    decoder (``decode/native.py``) calls into it directly; forced to AVX2 it takes the ``avx2``
+    build, so none of its code uses AVX-512 (the AVX2 functions of a -march=native build may)."""
+    if built() is not None:
+        return None
+    if isa is None:
+        return _lib
+    got = _library_for(isa)
+    return got if isinstance(got, ctypes.CDLL) else None
 
 
 @functools.cache
 def available() -> str | None:
-    """None when the model should use the kernels (built, and fast on this CPU), else why not.
-    Asked once per attention call in training, so the answer is kept."""
+    """None when the model should use the kernels (built, and faster than PyTorch on this CPU, or
+    their level chosen by ``SLMKIT_KERNEL_ISA``), else why not. Asked once per attention call in
+    training, so the answer is kept."""
     why = built()
-    if why is None and not _lib.slm_kernels_native():
-        return "this CPU has no AVX-512, and the kernels' 16-float vectors are not fast without it"
+    isa = kernel_isa()
+    if why is None and isa not in FAST_ISAS and os.environ.get("SLMKIT_KERNEL_ISA", "auto") == "auto":
+        return (f"their {isa} build is not measured faster than PyTorch's ops here "
+                f"(SLMKIT_KERNEL_ISA={isa} uses it anyway)")
     return why
 
 

@@ -12,11 +12,21 @@ from slmkit.model import GPT, ChunkedCrossEntropy, ModelConfig
 
 EPS32 = torch.finfo(torch.float32).eps
 
-# The kernels' results are checked wherever the library builds, fast on this CPU or not (on AVX2 it
-# builds and is correct, only slow, and the model leaves it unused); the fallback tests at the end
-# run everywhere.
+# The kernels' results are checked wherever the library builds, fast on this CPU or not (where the
+# model leaves it unused); the fallback tests at the end run everywhere.
 needs_library = pytest.mark.skipif(cpu_kernels.built() is not None,
                                    reason=f"kernel library not built here: {cpu_kernels.built()}")
+
+
+@pytest.fixture(params=cpu_kernels.isa_levels())
+def each_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The kernels' results checked in every build this CPU runs: on an AVX-512 machine its own
+    (16-float vectors) and the AVX2 one (8-float vectors, -march=x86-64-v3), as on an AVX2 laptop."""
+    lib = cpu_kernels.library(request.param)
+    if lib is None:
+        pytest.skip(f"no {request.param} build here: {cpu_kernels.built() or cpu_kernels._libs.get(request.param)}")
+    monkeypatch.setattr(cpu_kernels, "_lib", lib)
+    return request.param
 
 
 @pytest.fixture
@@ -55,7 +65,7 @@ def split_heads(qkv: torch.Tensor, H: int, KV: int, D: int) -> tuple[torch.Tenso
     (1, 2, 1, 3, 48),    # fewer rows than one tile
     (1, 2, 2, 20, 128),  # a large head size (the model leaves these to SDPA, the kernel still works)
 ])
-def test_matches_sdpa_forward_and_backward(B: int, H: int, KV: int, T: int, D: int) -> None:
+def test_matches_sdpa_forward_and_backward(B: int, H: int, KV: int, T: int, D: int, each_isa: str) -> None:
     torch.manual_seed(0)
     qkv64 = torch.randn(B, T, (H + 2 * KV) * D, dtype=torch.float64) * 2  # * 2: peakier softmaxes
     grad = torch.randn(B, T, H * D, dtype=torch.float64)
@@ -91,7 +101,7 @@ def test_matches_sdpa_forward_and_backward(B: int, H: int, KV: int, T: int, D: i
 
 
 @needs_library
-def test_extreme_scores_give_no_nan() -> None:
+def test_extreme_scores_give_no_nan(each_isa: str) -> None:
     """Large logits: rows where most keys are e^-80 below the maximum, and exactly tied scores."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 33, 8) * 10 for _ in range(3))  # scores up to a few hundred
@@ -105,7 +115,7 @@ def test_extreme_scores_give_no_nan() -> None:
 
 
 @needs_library
-def test_thread_count_does_not_change_results() -> None:
+def test_thread_count_does_not_change_results(each_isa: str) -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(4, 4, 64, 8, requires_grad=True), torch.randn(4, 2, 64, 8), torch.randn(4, 2, 64, 8)
     threads = torch.get_num_threads()
@@ -244,7 +254,7 @@ def test_bf16_autocast_training_uses_the_kernels_and_is_as_close_as_pytorch(
 
 @needs_library
 @pytest.mark.parametrize("N,V", [(64, 4096), (37, 100), (5, 17), (3, 8)])
-def test_cross_entropy_matches_torch(N: int, V: int) -> None:
+def test_cross_entropy_matches_torch(N: int, V: int, each_isa: str) -> None:
     torch.manual_seed(0)
     logits = torch.randn(N, V, dtype=torch.float64) * 4
     targets = torch.randint(0, V, (N,))
@@ -263,7 +273,7 @@ def test_cross_entropy_matches_torch(N: int, V: int) -> None:
 
 
 @needs_library
-def test_cross_entropy_flags_out_of_range_targets() -> None:
+def test_cross_entropy_flags_out_of_range_targets(each_isa: str) -> None:
     """A target past the vocabulary gives a NaN loss for its row (never a write out of bounds)."""
     x = torch.randn(3, 10)
     rows = cpu_kernels.cross_entropy_(x, torch.tensor([1, 10, -1]), 1.0)
@@ -318,31 +328,72 @@ def test_fused_head_under_bf16_autocast_equals_the_pytorch_path(monkeypatch: pyt
 @pytest.mark.parametrize("env,prelude,reason", [
     ({"SLMKIT_CPU_KERNELS": "0"}, "", "turned off"),
     ({"CXX": "false"}, "", "could not build"),
-    ({}, "cpu_kernels._FLAGS.append('-mno-avx512f')\n", "no AVX-512"),  # as on an AVX2-only CPU
+    # as on a CPU whose build is not measured faster than PyTorch (ARM)
+    ({}, "cpu_kernels.isa_levels = lambda: ['native']\n", "not measured faster"),
+    ({"SLMKIT_KERNEL_ISA": "sse9"}, "", "unknown SLMKIT_KERNEL_ISA"),
+    # an AVX2-only CPU: its own build (8-float vectors), used (measured faster there)
+    pytest.param({}, "cpu_kernels.isa_levels = lambda: ['avx2']\n", "None avx2 8", marks=pytest.mark.skipif(
+        "avx2" not in cpu_kernels.isa_levels(), reason="this CPU runs no AVX2 code")),
 ])
 def test_without_the_kernels_the_model_uses_pytorch(tmp_path, env: dict, prelude: str, reason: str) -> None:
-    """Turned off, no working compiler, or a CPU they are not fast on: one line says why, and
-    training still runs (on PyTorch's ops)."""
+    """Turned off, no working compiler, an unknown level, or a CPU they are not measured fast on: one
+    line says why, and training still runs (on PyTorch's ops); on an AVX2-only CPU, its own build."""
     import os
     import subprocess
     import sys
     code = ("import torch; from slmkit import cpu_kernels; from slmkit.model import GPT, ModelConfig\n" + prelude +
             "m = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32))\n"
             "x = torch.randint(0, 64, (2, 32)); m(x, x)[1].backward()\n"
-            "print(cpu_kernels.available())")
+            "print(cpu_kernels.available(), cpu_kernels.kernel_isa(), cpu_kernels._lib and cpu_kernels._lib.slm_kernel_lanes())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "SLMKIT_CACHE": str(tmp_path), **env})
+                          env={**{k: v for k, v in os.environ.items() if k not in ("SLMKIT_KERNEL_ISA", "SLMKIT_CPU_KERNELS")},
+                               "SLMKIT_CACHE": str(tmp_path), **env})
     assert done.returncode == 0, done.stderr
     assert reason in done.stdout
 
 
 @needs_library
-def test_used_exactly_where_the_cpu_has_avx512() -> None:
-    """Run-time detection: the same source is fast (used) on AVX-512 CPUs and built but left
-    unused elsewhere, whatever machine the suite runs on."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+def test_used_exactly_where_measured_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run-time detection: the best level this CPU runs is read from its flags, and the model uses
+    its build exactly where that level is measured faster than PyTorch (FAST_ISAS)."""
+    flags = cpu_kernels.cpu_flags()
+    if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
-    assert (cpu_kernels.available() is None) == ("avx512f" in flags), cpu_kernels.available()
+    levels = cpu_kernels.isa_levels()
+    assert ("avx512" in levels) == ("avx512f" in flags) and ("avx2" in levels) == ({"avx2", "fma"} <= flags)
+    monkeypatch.delenv("SLMKIT_KERNEL_ISA", raising=False)
+    cpu_kernels.available.cache_clear()
+    try:
+        assert (cpu_kernels.available() is None) == (levels[0] in cpu_kernels.FAST_ISAS), cpu_kernels.available()
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+def test_each_build_has_its_vector_width_and_no_wider_instructions() -> None:
+    """The avx2 build (what an AVX2 laptop runs, also the C++ decoder forced to AVX2) holds no
+    AVX-512 instruction (no EVEX encoding, no zmm or mask register) outside the decoder's own
+    AVX-512 functions, which it only calls on a CPU that has them; the avx512 build uses 16 floats."""
+    import re
+    import shutil
+    import subprocess
+    lanes = {"avx512": 16, "avx2": 8, "native": 8}
+    libs = {isa: cpu_kernels.library(isa) for isa in cpu_kernels.isa_levels()}
+    for isa, lib in libs.items():
+        if lib is not None:
+            assert lib.slm_kernel_lanes() == lanes[isa], isa
+    if libs.get("avx2") is None or shutil.which("objdump") is None:
+        pytest.skip("no avx2 build or no objdump here")
+    text = subprocess.run(["objdump", "-d", "-C", libs["avx2"]._name], capture_output=True, text=True).stdout
+    function, wide, seen = None, {}, 0
+    for line in text.splitlines():
+        if m := re.match(r"^[0-9a-f]+ <(.*)>:$", line):
+            function = m.group(1)
+        elif m := re.match(r"^\s*[0-9a-f]+:\t((?:[0-9a-f]{2} )+)\s*(.*)$", line):
+            seen += 1
+            code = m.group(1).split()
+            while code and code[0] in ("66", "67", "f2", "f3", "2e", "3e", "26", "64", "65", "36", "f0"):
+                code = code[1:]  # prefixes before the opcode; 62 there starts an EVEX instruction
+            if (code and code[0] == "62") or re.search(r"%zmm|%k[0-7]\b", m.group(2)):
+                wide[function] = wide.get(function, 0) + 1
+    assert seen > 1000  # the disassembly was read
+    assert all("512" in f for f in wide), [f for f in wide if "512" not in f][:5]

@@ -6,22 +6,25 @@
 // and at D = 48 (stories15m) the calls still run far from the machine's multiply-add peak. Two
 // designs, by head size (the dispatch is at the bottom of the file):
 //
-// D <= 16 and odd sizes (forward, backward): a vector holds 16 query rows or 16 keys side by side,
+// W below is the floats per vector: 16 in the AVX-512 build, 8 in the AVX2 one (vec.h).
+// D <= 16 and odd sizes (forward, backward): a vector holds W query rows or W keys side by side,
 //   so every step is the same few vector instructions whatever D is, and nothing is computed
 //   above the diagonal.
-//   forward, lanes = 16 query rows: for each key j <= the last row, s = q . k_j (D fused
+//   forward, lanes = W query rows: for each key j <= the last row, s = q . k_j (D fused
 //     multiply-adds with k_j[d] broadcast), then softmax over the keys and o += p v_j.
-//   backward, lanes = 16 keys: for each query row i that sees them, rebuild p from the saved
+//   backward, lanes = W keys: for each query row i that sees them, rebuild p from the saved
 //     log-sum-exp, dp = dout_i . v, ds = p (dp - delta_i), accumulate dk += ds q_i, dv += p dout_i,
 //     keep ds; then per row, dq = sum over key blocks of ds k, one transposing sum at the end.
-// D = 32, 48, 64 (forward_tiled, backward_tiled): small matrix multiplies on tiles of rows x 16
-//   keys with register-blocked accumulators, like a GEMM micro-kernel.
+// D = 32, 48, 64 (forward_tiled, backward_tiled): small matrix multiplies on tiles of rows x W
+//   keys with register-blocked accumulators, like a GEMM micro-kernel (the blocking per build:
+//   AVX-512 has 32 vector registers, AVX2 16).
 // Each (batch, head) or (batch, kv-head) is one task; grouped-query attention reads its shared
 // keys and values directly (no repeat_interleave).
 //
-// Built by slmkit/cpu_kernels.py with the machine's C++ compiler (-O3 -march=native -fopenmp),
-// loaded with ctypes. The vectors are GCC/Clang vector extensions (vec.h), so the same source
-// compiles to AVX-512, AVX2 or NEON. The loops are instantiated for common head sizes so that
+// Built by slmkit/cpu_kernels.py with the machine's C++ compiler (-O3 -fopenmp, once per
+// instruction-set level: -march=native with AVX-512, -march=x86-64-v3 for AVX2), loaded with
+// ctypes. The vectors are GCC/Clang vector extensions (vec.h), so the same source compiles to
+// AVX-512, AVX2 or NEON. The loops are instantiated for common head sizes so that
 // D-long arrays of vectors live in registers. Layouts (element strides are passed for q, k, v;
 // the last dim is dense):
 //   q (B, H, T, D), k and v (B, KV, T, D); out and dout (B, T, H, D) dense; lse (B, H, T) dense;
@@ -48,7 +51,7 @@ float* alloc(int64_t floats) {
     return (float*)std::aligned_alloc(64, (size_t)((floats + W - 1) / W * W) * sizeof(float));
 }
 
-// 16 rows of x (row stride `st`, rows from `row0`, zeros past T), times `scale`, as D vectors:
+// W rows of x (row stride `st`, rows from `row0`, zeros past T), times `scale`, as D vectors:
 // out[d][lane] = x[row0 + lane][d].
 template <int DC>
 inline void rows_to_lanes(vf* out, const float* x, int64_t st, int64_t row0, int64_t T, int64_t D, float scale) {
@@ -75,7 +78,7 @@ void forward(const float* q, const float* k, const float* v, float* out, float* 
         vf qt_fixed[DC ? DC : 1], o_fixed[DC ? DC : 1];
         vf* qt = DC ? qt_fixed : (vf*)alloc(D * W);
         vf* o = DC ? o_fixed : (vf*)alloc(D * W);
-        vf* sc = (vf*)alloc(T * W);  // the block's scores, one vector (16 rows) per key
+        vf* sc = (vf*)alloc(T * W);  // the block's scores, one vector (W rows) per key
         const vi lanes = lane_index();
 #pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < s.B * s.H; task++) {
@@ -140,13 +143,14 @@ void forward(const float* q, const float* k, const float* v, float* out, float* 
 
 
 // ------------------------------------------------------------------------- forward, tiled
-// For head sizes that are multiples of 16 (32, 48, 64): R query rows against 16 keys at a time,
-// like a matrix-multiply micro-kernel. Scores: for each d, one load of 16 keys' d-th component,
+// For head sizes that are multiples of W (32, 48, 64): R query rows against W keys at a time,
+// like a matrix-multiply micro-kernel. Scores: for each d, one load of W keys' d-th component,
 // R fused multiply-adds against broadcast q[r][d]. Output: for each key, one load of v_j (DV
-// vectors), R x DV multiply-adds against broadcast p[r][j]. The softmax takes two passes over the
-// R rows' stored scores (maxima, then exponentials): rescaling an online softmax block by block
-// cost as much scalar work as the multiplies.
-template <int DV, int R>
+// vectors), R x CC multiply-adds against broadcast p[r][j], CC of the DV vectors at a time (all of
+// them in AVX-512's 32 registers; AVX2's 16 hold fewer accumulators). The softmax takes two passes
+// over the R rows' stored scores (maxima, then exponentials): rescaling an online softmax block by
+// block cost as much scalar work as the multiplies.
+template <int DV, int R, int CC>
 void forward_tiled(const float* q, const float* k, const float* v, float* out, float* lse, const Shape& s,
                    float scale, int threads) {
     constexpr int64_t D = DV * W;
@@ -173,7 +177,7 @@ void forward_tiled(const float* q, const float* k, const float* v, float* out, f
                 const int64_t last = std::min(i0 + R - 1, T - 1);  // the block's last row sees keys 0..last
                 vf mx[R];
                 for (int r = 0; r < R; r++) mx[r] = splat(-INFINITY);
-                // Scores into sp, two blocks of 16 keys at a time where there are two: each broadcast
+                // Scores into sp, two blocks of W keys at a time where there are two: each broadcast
                 // q[r][d] then feeds two multiply-adds (loads, not arithmetic, bound one block alone).
                 auto finish = [&](vf* sc, int64_t j0) {
                     for (int r = 0; r < R; r++) {
@@ -208,7 +212,7 @@ void forward_tiled(const float* q, const float* k, const float* v, float* out, f
                     }
                     finish(sc, j0);
                 }
-                float m[R];
+                float m[R], l[R];
                 vf lsum[R];
                 for (int r = 0; r < R; r++) {
                     m[r] = hmax(mx[r]);
@@ -220,22 +224,25 @@ void forward_tiled(const float* q, const float* k, const float* v, float* out, f
                         store(sp + r * Tp + j0, p);
                         lsum[r] += p;
                     }
-                vf o[R][DV];
-                for (int r = 0; r < R; r++)
-                    for (int c = 0; c < DV; c++) o[r][c] = splat(0.f);
-                for (int64_t j = 0; j <= last; j++) {  // o += p_j v_j
-                    const float* vj = vb + j * s.vs[2];
-                    vf vv[DV];
-                    for (int c = 0; c < DV; c++) vv[c] = load(vj + c * W);
+                for (int r = 0; r < R; r++) l[r] = hsum(lsum[r]);
+                static_assert(DV % CC == 0, "column chunks must tile the head");
+                for (int c0 = 0; c0 < DV; c0 += CC) {
+                    vf o[R][CC];
                     for (int r = 0; r < R; r++)
-                        for (int c = 0; c < DV; c++) o[r][c] += splat(sp[r * Tp + j]) * vv[c];
+                        for (int c = 0; c < CC; c++) o[r][c] = splat(0.f);
+                    for (int64_t j = 0; j <= last; j++) {  // o += p_j v_j
+                        const float* vj = vb + j * s.vs[2] + c0 * W;
+                        vf vv[CC];
+                        for (int c = 0; c < CC; c++) vv[c] = load(vj + c * W);
+                        for (int r = 0; r < R; r++)
+                            for (int c = 0; c < CC; c++) o[r][c] += splat(sp[r * Tp + j]) * vv[c];
+                    }
+                    for (int r = 0; r < R && i0 + r < T; r++) {
+                        float* orow = out + ((b * T + i0 + r) * s.H + h) * D + c0 * W;
+                        for (int c = 0; c < CC; c++) store(orow + c * W, o[r][c] * splat(1.f / l[r]));
+                    }
                 }
-                for (int r = 0; r < R && i0 + r < T; r++) {
-                    const float l = hsum(lsum[r]);
-                    float* orow = out + ((b * T + i0 + r) * s.H + h) * D;
-                    for (int c = 0; c < DV; c++) store(orow + c * W, o[r][c] * splat(1.f / l));
-                    lse[(b * s.H + h) * T + i0 + r] = m[r] + std::log(l);
-                }
+                for (int r = 0; r < R && i0 + r < T; r++) lse[(b * s.H + h) * T + i0 + r] = m[r] + std::log(l[r]);
             }
         }
         std::free(sp);
@@ -251,28 +258,40 @@ void forward_tiled(const float* q, const float* k, const float* v, float* out, f
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
 #endif
 
-// One step of summing 16 vectors across their lanes at once: each 2H-lane block of the result
+// One step of summing W vectors across their lanes at once: each 2H-lane block of the result
 // holds the H-lane half sums of a's block, then of b's.
 template <int H>
 inline vf fold(vf a, vf b) {
+#if defined(__AVX512F__)  // W = 16
     if constexpr (H == 8) return SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) + SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     else if constexpr (H == 4) return SHUFFLE(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) + SHUFFLE(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
     else if constexpr (H == 2) return SHUFFLE(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) + SHUFFLE(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
     else if constexpr (H == 1) return SHUFFLE(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) + SHUFFLE(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+#else  // W = 8
+    if constexpr (H == 4) return SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    else if constexpr (H == 2) return SHUFFLE(a, b, 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+    else if constexpr (H == 1) return SHUFFLE(a, b, 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+#endif
 }
 
-// sums[n] = the sum of v[n]'s lanes, for n < count <= 16: four rounds of fold (15 of them for 16
-// vectors, instead of 16 chains of 15 dependent adds). The last round leaves vector n's sum in
-// lane bitreverse4(n).
+// sums[n] = the sum of v[n]'s lanes, for n < count <= W: log2(W) rounds of fold (W - 1 of them
+// for W vectors, instead of W chains of W - 1 dependent adds). The last round leaves vector n's
+// sum in lane bitreverse(n) (of log2(W) bits).
 inline void lane_sums(const vf* v, int count, float* sums) {
-    vf x[16];
-    for (int n = 0; n < 16; n++) x[n] = n < count ? v[n] : splat(0.f);
+    vf x[W];
+    for (int n = 0; n < W; n++) x[n] = n < count ? v[n] : splat(0.f);
+#if defined(__AVX512F__)  // W = 16
     for (int n = 0; n < 8; n++) x[n] = fold<8>(x[2 * n], x[2 * n + 1]);
+#endif
     for (int n = 0; n < 4; n++) x[n] = fold<4>(x[2 * n], x[2 * n + 1]);
     for (int n = 0; n < 2; n++) x[n] = fold<2>(x[2 * n], x[2 * n + 1]);
     const vf r = fold<1>(x[0], x[1]);
-    for (int n = 0; n < count; n++)
-        sums[n] = r[((n & 1) << 3) | ((n & 2) << 1) | ((n & 4) >> 1) | ((n & 8) >> 3)];
+    for (int n = 0; n < count; n++) {
+        int lane = 0;  // n's bits reversed
+        for (int bit = 1, to = W / 2; bit < W; bit <<= 1, to >>= 1)
+            if (n & bit) lane |= to;
+        sums[n] = r[lane];
+    }
 }
 
 // Row 0 sees key 0 alone: its softmax is exactly 1, so ds = p (dp - delta) is exactly 0 and dv_0
@@ -284,7 +303,7 @@ inline void first_row(vf& p, vf& ds, const vi& lanes) {
 }
 
 // Per (batch, kv-head) task, for each of the group's query heads:
-//   pass 1, lanes = 16 keys (a block): for each row i >= the block's first key, rebuild p,
+//   pass 1, lanes = W keys (a block): for each row i >= the block's first key, rebuild p,
 //     ds = p (dout_i . v - delta_i), add ds q_i to dk and p dout_i to dv (registers), and keep ds;
 //   pass 2, per row: dq_i = sum over blocks of the kept ds times the block's keys, one horizontal
 //     sum per (row, d) at the end instead of recomputing the softmax in the other orientation.
@@ -296,7 +315,7 @@ void backward(const float* q, const float* k, const float* v, const float* out, 
 #pragma omp parallel num_threads(threads)
     {
         vf kb_fixed[DC ? DC : 1], vb_fixed[DC ? DC : 1], gk_fixed[DC ? DC : 1], gv_fixed[DC ? DC : 1];
-        vf* kl = DC ? kb_fixed : (vf*)alloc(D * W);  // the block's keys, lanes = 16 keys
+        vf* kl = DC ? kb_fixed : (vf*)alloc(D * W);  // the block's keys, lanes = W keys
         vf* vl = DC ? vb_fixed : (vf*)alloc(D * W);  // and values
         vf* gk = DC ? gk_fixed : (vf*)alloc(D * W);  // their dk
         vf* gv = DC ? gv_fixed : (vf*)alloc(D * W);  // and dv
@@ -304,7 +323,7 @@ void backward(const float* q, const float* k, const float* v, const float* out, 
         float* dkt = alloc(D * Tp);                  // dk and dv transposed, summed over heads
         float* dvt = alloc(D * Tp);
         float* delta = alloc(T);
-        float* ds_kept = alloc(Tp * Tp / 2 + Tp * W);  // ds of block b, row i at offset[b] + (i - 16 b) W
+        float* ds_kept = alloc(Tp * Tp / 2 + Tp * W);  // ds of block b, row i at offset[b] + (i - W b) W
         int64_t* offset = new int64_t[blocks + 1];
         offset[0] = 0;
         for (int64_t b = 0; b < blocks; b++) offset[b + 1] = offset[b] + (T - b * W) * W;
@@ -402,13 +421,13 @@ void backward(const float* q, const float* k, const float* v, const float* out, 
 }
 
 // ------------------------------------------------------------------------ backward, tiled
-// For head sizes that are multiples of 16: 16 query rows x 16 keys at a time. Per tile, the five
+// For head sizes that are multiples of W: W query rows x W keys at a time. Per tile, the five
 // products of the backward pass are small matrix multiplies with register-blocked accumulators:
-//   s = q k^T, dp = dout v^T (lanes = keys, 16 rows accumulated at once), then p, ds = p (dp - delta);
-//   dv += p^T dout, dk += ds^T q (KS keys x DV vectors of accumulators, summed over the 16 rows);
-//   dq += ds k (8 rows x DV vectors, summed over the 16 keys).
+//   s = q k^T, dp = dout v^T (lanes = keys, W rows accumulated at once), then p, ds = p (dp - delta);
+//   dv += p^T dout, dk += ds^T q (KS keys x DV vectors of accumulators, summed over the W rows);
+//   dq += ds k (QR rows x DV vectors, summed over the W keys).
 // dk and dv (per kv head) and dq (per head) live in scratch between tiles.
-template <int DV, int KS>
+template <int DV, int KS, int QR>
 void backward_tiled(const float* q, const float* k, const float* v, const float* out, const float* dout,
                     const float* lse, float* dq, float* dk, float* dv, const Shape& s, float scale, int threads) {
     constexpr int64_t D = DV * W;
@@ -454,7 +473,7 @@ void backward_tiled(const float* q, const float* k, const float* v, const float*
                 for (int64_t kb0 = 0; kb0 < blocks; kb0++) {
                     const int64_t j0 = kb0 * W;
                     for (int64_t i0 = j0 / W * W; i0 < T; i0 += W) {  // row blocks that see these keys
-                        // s and dp, lanes = the 16 keys, one accumulator per row
+                        // s and dp, lanes = the W keys, one accumulator per row
                         vf sc[W], dp[W];
                         for (int r = 0; r < W; r++) sc[r] = splat(0.f);
                         for (int64_t d = 0; d < D; d++) {
@@ -500,20 +519,21 @@ void backward_tiled(const float* q, const float* k, const float* v, const float*
                         };
                         accumulate(pt, go, gv);
                         accumulate(dst, qs, gk);
-                        // dq += ds k, 8 rows at a time
-                        for (int r0 = 0; r0 < W; r0 += 8) {
-                            vf aq[8][DV];
-                            for (int r = 0; r < 8; r++)
+                        // dq += ds k, QR rows at a time
+                        static_assert(W % QR == 0, "row chunks must tile the block");
+                        for (int r0 = 0; r0 < W; r0 += QR) {
+                            vf aq[QR][DV];
+                            for (int r = 0; r < QR; r++)
                                 for (int c = 0; c < DV; c++) aq[r][c] = load(gq + (i0 + r0 + r) * D + c * W);
                             for (int j = 0; j < W && j0 + j < T; j++) {
                                 vf kr[DV];
                                 for (int c = 0; c < DV; c++) kr[c] = load(kb + (j0 + j) * s.ks[2] + c * W);
-                                for (int r = 0; r < 8; r++) {
+                                for (int r = 0; r < QR; r++) {
                                     const vf dd = splat(dst[r0 + r][j]);
                                     for (int c = 0; c < DV; c++) aq[r][c] += dd * kr[c];
                                 }
                             }
-                            for (int r = 0; r < 8; r++)
+                            for (int r = 0; r < QR; r++)
                                 for (int c = 0; c < DV; c++) store(gq + (i0 + r0 + r) * D + c * W, aq[r][c]);
                         }
                     }
@@ -533,16 +553,9 @@ void backward_tiled(const float* q, const float* k, const float* v, const float*
 
 extern "C" {
 
-// 1 where the vectors above are native registers (AVX-512). Elsewhere (AVX2, NEON) GCC lowers some
-// operations on 16-float vectors to scalar code, measured 6-10x slower, and the caller must not use
-// these kernels until they have a narrower build.
-int slm_kernels_native(void) {
-#if defined(__AVX512F__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+// The floats per vector this copy of the kernels was compiled for: 16 (AVX-512) or 8 (AVX2, and
+// the generic build elsewhere). cpu_kernels.py reads it to say which build it loaded.
+int slm_kernel_lanes(void) { return W; }
 
 // out = softmax(q k^T * scale, causal) v, and lse = the log of each row's softmax denominator.
 void slm_attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
@@ -551,9 +564,15 @@ void slm_attention_forward(const float* q, const float* k, const float* v, float
     switch (s.D) {
         case 8: return forward<8>(q, k, v, out, lse, s, scale, threads);
         case 16: return forward<16>(q, k, v, out, lse, s, scale, threads);
-        case 32: return forward_tiled<2, 8>(q, k, v, out, lse, s, scale, threads);
-        case 48: return forward_tiled<3, 8>(q, k, v, out, lse, s, scale, threads);
-        case 64: return forward_tiled<4, 6>(q, k, v, out, lse, s, scale, threads);
+#if defined(__AVX512F__)  // W = 16: 32 registers hold every accumulator of R rows
+        case 32: return forward_tiled<2, 8, 2>(q, k, v, out, lse, s, scale, threads);
+        case 48: return forward_tiled<3, 8, 3>(q, k, v, out, lse, s, scale, threads);
+        case 64: return forward_tiled<4, 6, 4>(q, k, v, out, lse, s, scale, threads);
+#else  // W = 8, 16 registers: 6 rows, 2 vectors of the output at a time
+        case 32: return forward_tiled<4, 6, 2>(q, k, v, out, lse, s, scale, threads);
+        case 48: return forward_tiled<6, 6, 2>(q, k, v, out, lse, s, scale, threads);
+        case 64: return forward_tiled<8, 6, 2>(q, k, v, out, lse, s, scale, threads);
+#endif
         default: return forward<0>(q, k, v, out, lse, s, scale, threads);
     }
 }
@@ -566,9 +585,15 @@ void slm_attention_backward(const float* q, const float* k, const float* v, cons
     switch (s.D) {
         case 8: return backward<8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
         case 16: return backward<16>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
-        case 32: return backward_tiled<2, 8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
-        case 48: return backward_tiled<3, 8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
-        case 64: return backward_tiled<4, 4>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+#if defined(__AVX512F__)
+        case 32: return backward_tiled<2, 8, 8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 48: return backward_tiled<3, 8, 8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 64: return backward_tiled<4, 4, 8>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+#else
+        case 32: return backward_tiled<4, 2, 2>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 48: return backward_tiled<6, 2, 2>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+        case 64: return backward_tiled<8, 1, 1>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
+#endif
         default: return backward<0>(q, k, v, out, dout, lse, dq, dk, dv, s, scale, threads);
     }
 }

@@ -1,5 +1,9 @@
-// The vector helpers shared by slmkit's CPU kernels: 16 floats as a GCC/Clang vector extension
-// type (one AVX-512 register, two AVX2 ones, four NEON ones: the compiler picks with -march=native).
+// The vector helpers shared by slmkit's CPU kernels: W floats as a GCC/Clang vector extension
+// type, one register of the instruction set the file is compiled for: 16 floats (a zmm register)
+// where AVX-512 is on, 8 elsewhere (a ymm register on AVX2, two q registers on NEON). W follows
+// the compile flags, not the machine: slmkit/cpu_kernels.py builds the library once per
+// instruction-set level (-march=native where it has AVX-512, -march=x86-64-v3 for AVX2), and 16-float
+// vectors on AVX2 were lowered partly to scalar code (6-10x slower).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -9,7 +13,11 @@
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int W = 16;  // floats per vector
+#else
+constexpr int W = 8;
+#endif
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 

@@ -166,7 +166,10 @@ class NativeDecoder(Decoder):
         isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
         if isa not in ISAS:
             raise ValueError(f"unknown instruction set {isa!r}: choose one of {', '.join(ISAS)}")
-        self.lib, self.isa_name, self.isa, self.threads = cpu_kernels.library(), isa, ISAS[isa], threads
+        # Forced to AVX2, the library built for AVX2 (cpu_kernels.ISA_FLAGS): none of its code uses
+        # AVX-512, as on an AVX2 laptop (a -march=native build's AVX2 functions may).
+        lib = (cpu_kernels.library("avx2") if isa == "avx2" else None) or cpu_kernels.library()
+        self.lib, self.isa_name, self.isa, self.threads = lib, isa, ISAS[isa], threads
         self.weights = weights
         c = model.config
         hidden = model.blocks[0].mlp.down.in_features
