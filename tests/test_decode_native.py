@@ -56,20 +56,24 @@ def test_every_instruction_set_gives_the_logits_of_model_forward(kw, isa):
             torch.testing.assert_close(torch.stack([g[b] for g in got]), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_rows_batch_and_instruction_set_change_no_bit():
+def test_rows_batch_change_no_bit_and_instruction_sets_agree():
     """Every output is one chain of multiply-adds over the input, whatever the tile: a row stepped
     alone, or as row 7 of a batch of 9 (past a whole register tile of rows: 6 with AVX-512, 3 with
-    AVX2), gets the same bits, and so does every instruction set (fp32 and bf16 weights)."""
+    AVX2), gets the same bits on every instruction set (fp32 and bf16 weights). Across instruction
+    sets the logits agree to rounding, not to the bit: the forced-AVX2 library is a separate build
+    (cpu_kernels.ISA_FLAGS) whose norms and sums run 8 lanes wide instead of 16."""
     model = noisy_model(8, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
     x = torch.randint(0, 200, (9, 12), generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         for weights in ("fp32", "bf16"):
-            batch = [ragged_steps(NativeDecoder(model, isa=isa, weights=weights), model, x, [0] * 9, 4)[0]
-                     for isa in RUNNABLE]
-            alone = ragged_steps(NativeDecoder(model, weights=weights), model, x[6:7], [0], 4)[0]
-            assert all(torch.equal(a[0], b[6]) for a, b in zip(alone[1:], batch[0][1:]))
-            for other in batch[1:]:
-                assert all(torch.equal(a, b) for a, b in zip(other, batch[0]))
+            first = None
+            for isa in RUNNABLE:
+                batch = ragged_steps(NativeDecoder(model, isa=isa, weights=weights), model, x, [0] * 9, 4)[0]
+                alone = ragged_steps(NativeDecoder(model, isa=isa, weights=weights), model, x[6:7], [0], 4)[0]
+                assert all(torch.equal(a[0], b[6]) for a, b in zip(alone[1:], batch[1:]))
+                first = first or batch
+                for a, b in zip(batch, first):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
