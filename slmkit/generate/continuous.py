@@ -246,6 +246,8 @@ class ContinuousBatch:
         self._leave()  # the rows that ended leave holes; the others feed their new token
         if self.running:
             if self.cache.length == self.cache.max_len:
+                for i in self._holes:  # a hole holds no slots: only the running rows' starts count
+                    self.cache.start[i] = self.cache.length
                 self.cache.compact()
             tokens = torch.tensor([0 if row is None else row.seq.tokens[-1] for row in self.rows], device=self.device)
             self.logits = self.decoder.step(tokens, self.cache).float()
