@@ -1,11 +1,14 @@
 """Serving under load: ``slm serve`` with 1, 4, 16 and 64 concurrent streaming clients on localhost.
 
-    python bench/serve.py            # the table in docs/serving.md (stories15m shape, ~5 minutes on 2 cores)
-    python bench/serve.py --smoke    # seconds: stories260k shape, 1 and 4 clients, a temporary file
+    python bench/serve.py            # the table in docs/serving.md (~6 minutes on 2 cores: 4 of training)
+    python bench/serve.py --run RUN  # the same loads on a run you have (e.g. one trained before)
+    python bench/serve.py --smoke    # seconds: stories260k shape, random weights, 1 and 4 clients
 
-The server runs a stories15m-shape model (vocab 4096, a BPE trained on the TinyStories sample) with
-random weights: the speed of a step does not depend on the weights' values, and ``ignore_eos``
-makes every request run to ``max_tokens``. Each client sends its requests one after another
+The server runs a stories15m-shape model trained here first (``slm prepare`` on the TinyStories
+sample, a BPE of 4096 tokens, then ``slm train --preset stories15m`` for ``--train-minutes``
+minutes: a model that writes TinyStories-like text, so the sampling filters and the text streams see
+the peaked distributions and whole words of a real model); ``--train-minutes 0`` uses random
+weights. ``ignore_eos`` makes every request run to ``max_tokens`` either way. Each client sends its requests one after another
 (streaming completions of a TinyStories opening, temperature 0.8, top-p 0.95, its own seed) and
 records when the first token and every later one arrived. Per load: aggregate tokens/s (all tokens
 / wall time), time to first token (TTFT) and inter-token latency (ITL) p50 / p99. Baselines measured
@@ -46,6 +49,30 @@ def stories(n: int) -> list[str]:
             return docs[:n]
     return [f"Once upon a time there was a little {w} who liked to play in the park with friends." for w in
             ("girl", "boy", "dog", "cat", "bird", "fish", "bear", "frog", "duck", "fox")] * (n // 10 + 1)
+
+
+def train_run(work: Path, preset: str, vocab: int, minutes: float) -> Path:
+    """A run of ``preset``'s shape trained for ``minutes`` on the TinyStories sample (a short warmup
+    and a learning rate for a few hundred steps instead of the preset's 20,000)."""
+    cli = [sys.executable, "-m", "slmkit.cli"]
+    subprocess.run(cli + ["prepare", "--input", str(STORIES.with_name("train.txt")), "--val-input", str(STORIES),
+                          "--out", str(work / "data"), "--vocab-size", str(vocab)], check=True, cwd=ROOT)
+    subprocess.run(cli + ["train", "--data", str(work / "data"), "--out", str(work / "run"), "--preset", preset,
+                          "--max-time", f"{minutes}m", "--quiet", "train.grad_accum=1", "train.warmup_steps=30",
+                          "train.lr=2e-3", "train.schedule=wsd", "train.decay_fraction=0.2", "train.compile=false",
+                          "train.eval_interval=100"], check=True, cwd=ROOT)
+    return work / "run"
+
+
+def describe(run: Path) -> dict:
+    """How the served run was made: its training steps and best validation loss (None: random weights)."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return {"trained": False}
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    return {"trained": True, "train_steps": max((r.get("step", 0) for r in rows), default=0),
+            "val_loss": min(val) if val else None}
 
 
 def make_run(out: Path, preset: str, vocab: int) -> Path:
@@ -135,8 +162,11 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32, help="about this many prompt tokens per request")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-minutes", type=float, default=4.0,
+                        help="train the model this long first (0: random weights)")
+    parser.add_argument("--run", default=None, help="serve this RUN_DIR instead of making one")
     parser.add_argument("--smoke", action="store_true", help="seconds: stories260k shape, 1 and 4 clients, 32 tokens, "
                         "1 round, written to a temporary file (not bench/results)")
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/serve.json)")
@@ -145,11 +175,27 @@ def main() -> int:
         # 32 tokens: random weights often sample a byte that is part of a character, and the text
         # streams hold it back, so 8 tokens could arrive as one text chunk (no inter-token gap to time).
         args.preset, args.vocab, args.clients, args.max_tokens, args.rounds = "stories260k", 512, [1, 4], 32, 1
+        args.train_minutes = 0
         args.requests_per_client, args.prompt_tokens = 1, 8
         args.out = args.out or str(Path(tempfile.mkdtemp(prefix="slm-serve-smoke-")) / "serve.json")
     args.out = args.out or str(ROOT / "bench" / "results" / "serve.json")
     work = Path(tempfile.mkdtemp(prefix="slm-bench-serve-"))
-    run = make_run(work / "run", args.preset, args.vocab)
+    if args.run:
+        run = Path(args.run)
+    elif args.train_minutes > 0 and STORIES.exists():
+        run = train_run(work, args.preset, args.vocab, args.train_minutes)
+    else:
+        run = make_run(work / "run", args.preset, args.vocab)
+    model_info = describe(run)
+    from slmkit.config import load_toml
+
+    shape = load_toml(run / "config.toml")["model"]
+    model_info.update(n_layer=shape["n_layer"], n_embd=shape["n_embd"], vocab=shape["vocab_size"])
+    if model_info["trained"]:
+        what = (f"trained {model_info['train_steps']} steps, validation loss {model_info['val_loss']:.2f}"
+                if model_info["val_loss"] is not None else f"trained {model_info['train_steps']} steps")
+    else:
+        what = "random weights"
     from slmkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(run / "tokenizer")
@@ -211,12 +257,16 @@ def main() -> int:
     seq = med([row["sequential"]["tok_per_s"] for row in rounds])
     gen = med([row["generate_batch1_tok_per_s"] for row in rounds])
     table += ["", f"Baselines (medians): the same requests one at a time over HTTP {seq:,.0f} tokens/s; batch-1 "
-                  f"`slm generate` in-process {gen:,.0f} tokens/s. {args.preset} shape (random weights, vocab "
-                  f"{args.vocab}), prompts of about {args.prompt_tokens} tokens, {args.max_tokens} new tokens per "
+                  f"`slm generate` in-process {gen:,.0f} tokens/s. {args.preset} shape ({what}, vocab "
+                  f"{model_info['vocab']}), prompts of about {args.prompt_tokens} tokens, {args.max_tokens} new tokens per "
                   f"request, {args.requests_per_client} requests per client, server --threads {args.threads} "
                   f"--max-batch {max_batch}, {args.rounds} rounds; clients and server share the machine."]
-    result = {**machine_info(), "bench_command": "python bench/serve.py" + (" --smoke" if args.smoke else ""),
-              "preset": args.preset, "vocab": args.vocab, "max_tokens": args.max_tokens,
+    argv = sys.argv[1:]
+    if "--out" in argv:  # where the file went is not how it was measured
+        del argv[argv.index("--out") : argv.index("--out") + 2]
+    command = " ".join(["python bench/serve.py", *argv])
+    result = {**machine_info(), "bench_command": command,
+              "preset": args.preset, "vocab": model_info["vocab"], "model": model_info, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests_per_client, "threads": args.threads, "rounds": rounds,
               "summary": summary, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -143,3 +143,26 @@ def test_openai_processors():
     penalised = apply_presence_frequency(logits, counts, 0.5, 0.25)
     assert penalised[0].tolist() == [0.0, -1.0, -0.75, 0.0, 0.0]
     assert apply_ban(logits, torch.tensor([4]))[:, 4].tolist() == [float("-inf")] * 2
+
+
+def test_a_row_that_leaves_is_a_hole_the_next_sequence_takes_or_that_closes_up():
+    model = random_model(block_size=48)
+    prompts, news = [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [3, 24, 6]
+    solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
+            for p, n in zip(prompts, news)]
+    for hole_steps, joins in ((8, {0: [0, 1], 5: [2]}), (2, {0: [0, 1], 9: [2]})):
+        seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+        batch = ContinuousBatch(model, hole_steps=hole_steps)
+        rows = []  # cache rows after each step
+        step = 0
+        while step <= max(joins) or not batch.idle:
+            for i in joins.get(step, []):
+                batch.add(seqs[i])
+            batch.step()
+            rows.append(0 if batch.cache is None else batch.cache.k.size(1))
+            step += 1
+        assert [s.tokens for s in seqs] == solo
+        if hole_steps == 8:  # the third sequence takes the first one's row: the cache never grows past two
+            assert max(rows) == 2 and rows[6] == 2 and batch.running == 0
+        else:  # the hole waited two steps and closed up; the third sequence then joined as a new row
+            assert 1 in rows[4:9] and rows[10] == 2

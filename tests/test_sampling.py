@@ -60,6 +60,20 @@ def test_top_k_top_p_in_one_pass_equals_top_k_then_top_p():
         assert torch.equal(apply_top_k_top_p(logits, k, p), apply_top_p(apply_top_k(logits, k), p)), (k, p)
 
 
+def test_top_p_looks_among_the_first_tokens_and_sorts_only_the_flat_rows(monkeypatch):
+    """``apply_top_p``'s nucleus among the ``NUCLEUS_FIRST`` largest logits keeps what the sort of the
+    whole row keeps; rows whose nucleus is wider (flat ones) and only those take the sort."""
+    g = torch.Generator().manual_seed(5)
+    peaked, flat = torch.randn(6, 4096, generator=g) * 8, torch.randn(3, 4096, generator=g) * 0.1
+    logits = torch.cat((peaked[:3], flat, peaked[3:]))
+    sorted_rows = []
+    real = G.apply_top_k_top_p
+    monkeypatch.setattr(G, "apply_top_k_top_p", lambda x, k, p: (sorted_rows.append(x.size(0)), real(x, k, p))[1])
+    for p in (0.5, 0.9, 0.95):
+        assert torch.equal(G.apply_top_p(logits, p), real(logits, 4096, p)), p
+    assert sorted_rows == [3, 3, 3]
+
+
 def test_sampling_draws_the_softmax_and_never_a_removed_token(monkeypatch):
     """``choose`` (inverse-CDF, one uniform per row): frequencies match the probabilities, filtered
     (-inf) tokens never come up, and every row of a batch draws from its own distribution."""

@@ -104,6 +104,21 @@ class KVCache:
         if self.start.numel():
             self.shift(-int(self.start.min()))
 
+    def fill(self, row: int, other: KVCache) -> None:
+        """Put ``other``'s one row (a new prompt, prefilled on its own) into row ``row``, whose
+        sequence has left, lined up as ``admit`` lines rows up: ``admit`` without re-laying the
+        cache out (a copy of that row's slots, not of every row's). Slots left of the new start
+        keep what the old row left there; the mask hides them."""
+        if other.k.size(1) != 1:
+            raise ValueError(f"fill takes a cache of one row, not {other.k.size(1)}")
+        if other.length > self.length:
+            self.shift(other.length - self.length)
+        offset = self.length - other.length
+        self.k[:, row, :, offset : self.length] = other.k[:, 0, :, : other.length]
+        self.v[:, row, :, offset : self.length] = other.v[:, 0, :, : other.length]
+        self.start[row] = offset + int(other.start[0])
+        self.padded = bool(self.start.any())
+
     def admit(self, other: KVCache, copies: int = 1) -> None:
         """Append ``other``'s rows (a cache of new prompts, prefilled on its own), ``copies`` times
         over, so that their last token lines up with this cache's last slot: rows join a running

@@ -6,9 +6,12 @@ each ``Seq`` (one prompt and how to sample it) is prefilled on its own, in chunk
 prompt for more than one chunk, and then joins the running batch's KV cache (``KVCache.admit``
 lines its last token up with the batch's last slot; its positions still count from its own first
 token, and the mask hides the other rows' slots). Every ``step()`` picks one token for every
-running row and runs one decode step over all of them. A finished or cancelled row leaves at the
-next step; when the cache's slots run out it closes up (``KVCache.compact``: the slots left of
-every row's start are dropped).
+running row and runs one decode step over all of them. A finished or cancelled row leaves a hole:
+its row of the cache stays (decoded along, its output unused) until a new sequence takes it
+(``KVCache.fill``: a copy of that row's slots), so rows that come and go do not copy the whole cache
+each time; holes still empty after ``hole_steps`` steps are closed up in one copy. When the
+cache's slots run out it closes up too (``KVCache.compact``: the slots left of every row's start
+are dropped).
 
 Each row samples with its own ``SamplingConfig`` through the same processors as ``Generation``
 (``logits_pipeline`` and ``choose``) and its own seeded ``torch.Generator``, plus OpenAI's
@@ -124,19 +127,22 @@ class ContinuousBatch:
     prefills up to ``prefill_chunk`` prompt tokens of the waiting ones (at most ``max_batch`` rows
     run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``."""
 
-    def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast") -> None:
-        if max_batch < 1 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be at least 1")
-        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+    def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
+                 hole_steps: int = 8) -> None:
+        if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0:
+            raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps at least 0")
+        self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
         self.block_size = model.config.block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.vocab = model.config.vocab_size
         self.decoder = make_decoder(model, DECODERS.get(path, path))
         self.waiting: deque[Seq] = deque()
-        self.rows: list[_Row] = []  # the running rows, in cache order
+        self.rows: list[_Row | None] = []  # the cache's rows in order: a running row, or None (a hole)
         self.cache: KVCache | None = None
-        self.logits: torch.Tensor | None = None  # (rows, vocab) next-token logits of the running rows
+        self.logits: torch.Tensor | None = None  # (cache rows, vocab) next-token logits (a hole's unused)
+        self._holes: dict[int, int] = {}  # hole -> the step it opened at
+        self._steps = 0
         self._prefill: tuple[Seq, KVCache, int] | None = None  # the sequence being prefilled, its cache, tokens done
         self._gone: list[Seq] = []  # sequences changed during this step
 
@@ -154,13 +160,13 @@ class ContinuousBatch:
 
     @property
     def running(self) -> int:
-        """Rows in the decode batch."""
-        return len(self.rows)
+        """Sequences in the decode batch."""
+        return len(self.rows) - len(self._holes)
 
     @property
     def load(self) -> int:
         """Sequences held: running, being prefilled and waiting."""
-        return len(self.rows) + len(self.waiting) + (self._prefill is not None)
+        return self.running + len(self.waiting) + (self._prefill is not None)
 
     @property
     def idle(self) -> bool:
@@ -178,38 +184,51 @@ class ContinuousBatch:
             self.waiting.remove(seq)
             self.finish(seq, "cancelled")
             self._gone.append(seq)
+        self._steps += 1
         self._leave()
-        if self.rows:
+        if self.running:
             self._decode()
         self._prefill_some()
+        self._close_holes()
         changed, self._gone = self._gone, []
         return changed
 
     # --- decoding ---------------------------------------------------------------------------------
 
     def _leave(self) -> None:
-        for row in self.rows:
+        """Finished and cancelled rows become holes; with none running, the cache goes."""
+        for i, row in enumerate(self.rows):
+            if row is None:
+                continue
             if row.seq.cancelled and not row.seq.done:
                 self.finish(row.seq, "cancelled")
                 self._gone.append(row.seq)
-        live = [i for i, row in enumerate(self.rows) if not row.seq.done]
-        if len(live) == len(self.rows):
+            if row.seq.done:
+                self.rows[i] = None
+                self._holes[i] = self._steps
+                self.cache.start[i] = self.cache.length  # from now on it attends to its own new slots only
+        if self.rows and not self.running:
+            self.rows, self.cache, self.logits, self._holes = [], None, None, {}
+
+    def _close_holes(self) -> None:
+        """Drop the holes (one copy of the cache) once one has waited ``hole_steps`` steps for a sequence."""
+        if not self._holes or self._steps - min(self._holes.values()) < self.hole_steps:
             return
-        if not live:
-            self.rows, self.cache, self.logits = [], None, None
-            return
+        live = [i for i, row in enumerate(self.rows) if row is not None]
         self.rows = [self.rows[i] for i in live]
         index = torch.tensor(live, device=self.device)
         self.cache.reorder(index)
-        self.logits = self.logits[index]  # the cache closes up only when it is full (a copy of all of it)
+        self.logits = self.logits[index]
+        self._holes = {}
 
     def _decode(self) -> None:
         logits = self.logits
-        greedy = logits.argmax(-1).tolist() if any(r.plain_greedy for r in self.rows) else None
-        want = [r.seq.logprobs is not None for r in self.rows]
-        logprobs = logits.log_softmax(-1) if any(want) else None
+        live = [(i, row) for i, row in enumerate(self.rows) if row is not None]
+        greedy = logits.argmax(-1).tolist() if any(r.plain_greedy for _, r in live) else None
+        want = {i: r.seq.logprobs is not None for i, r in live}
+        logprobs = logits.log_softmax(-1) if any(want.values()) else None
         picked = self._pick_groups(logits)
-        for i, row in enumerate(self.rows):
+        for i, row in live:
             seq = row.seq
             token = greedy[i] if row.plain_greedy else picked[i] if i in picked else row.pick(logits[i : i + 1])
             if token in seq.end_ids and len(seq.tokens) >= seq.min_tokens:
@@ -223,12 +242,14 @@ class ContinuousBatch:
             row.saw(token)
             if len(seq.tokens) >= seq.max_new_tokens:
                 seq.finish_reason = "length"
-        self._gone += [row.seq for row in self.rows]
-        self._leave()  # the rows that ended go; the others feed their new token
-        if self.rows:
+        self._gone += [row.seq for _, row in live]
+        self._leave()  # the rows that ended leave holes; the others feed their new token
+        if self.running:
             if self.cache.length == self.cache.max_len:
+                for i in self._holes:  # a hole holds no slots: only the running rows' starts count
+                    self.cache.start[i] = self.cache.length
                 self.cache.compact()
-            tokens = torch.tensor([row.seq.tokens[-1] for row in self.rows], device=self.device)
+            tokens = torch.tensor([0 if row is None else row.seq.tokens[-1] for row in self.rows], device=self.device)
             self.logits = self.decoder.step(tokens, self.cache).float()
 
     def _pick_groups(self, logits: torch.Tensor) -> dict[int, int]:
@@ -236,7 +257,7 @@ class ContinuousBatch:
         of equal settings, each row drawing from its own generator: ``{row index: token}``."""
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.rows):
-            if row.group is not None and not row.plain_greedy:
+            if row is not None and row.group is not None and not row.plain_greedy:
                 groups.setdefault(row.group, []).append(i)
         picked: dict[int, int] = {}
         for rows in groups.values():
@@ -259,7 +280,7 @@ class ContinuousBatch:
                     seq = self.waiting.popleft()
                     self.finish(seq, "cancelled")
                     changed.append(seq)
-                if not self.waiting or len(self.rows) >= self.max_batch:
+                if not self.waiting or self.running >= self.max_batch:
                     break
                 seq = self.waiting.popleft()
                 cache = KVCache.empty(self.model.config, 1, max_len=self.block_size, device=self.device,
@@ -319,10 +340,18 @@ class ContinuousBatch:
                 seq.prompt_top_logprobs.append(top)
 
     def _join(self, seq: Seq, cache: KVCache, logits: torch.Tensor) -> None:
+        """The prefilled ``seq`` joins the batch: into the oldest hole, else as a new row."""
         row = _Row(seq, self.vocab, self.device)
         if self.cache is None:
             self.cache, self.logits = cache, logits
+            self.rows.append(row)
+        elif self._holes:
+            i = min(self._holes, key=self._holes.get)
+            del self._holes[i]
+            self.cache.fill(i, cache)
+            self.logits[i] = logits[0]
+            self.rows[i] = row
         else:
             self.cache.admit(cache)
             self.logits = torch.cat((self.logits, logits))
-        self.rows.append(row)
+            self.rows.append(row)

@@ -95,10 +95,29 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
 
 
+NUCLEUS_FIRST = 64  # apply_top_p looks for the nucleus among this many tokens first
+
+
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al. 2019): keep the most likely tokens until their
-    probabilities add up to at least ``p``; the most likely token always stays."""
-    return apply_top_k_top_p(logits, logits.size(-1), p)  # top-k of the whole vocabulary is a sort
+    probabilities add up to at least ``p``; the most likely token always stays.
+
+    The nucleus of a trained model is usually a few tokens: it is looked for among the
+    ``NUCLEUS_FIRST`` largest logits (a ``topk`` about 10x cheaper than sorting a 4k vocabulary),
+    with probabilities from the whole row's softmax; rows whose nucleus is larger than that (flat
+    distributions) take the sort, ``apply_top_k_top_p`` over the whole vocabulary. The two keep the
+    same tokens (tested), up to a float rounding of a probability sum landing exactly on ``p``."""
+    vocab = logits.size(-1)
+    if vocab <= 4 * NUCLEUS_FIRST:
+        return apply_top_k_top_p(logits, vocab, p)  # top-k of the whole vocabulary is a sort
+    values, indices = logits.topk(NUCLEUS_FIRST, dim=-1)
+    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    out = torch.full_like(logits, -math.inf).scatter_(-1, indices, values.masked_fill(before >= p, -math.inf))
+    wide = before[:, -1] < p  # the nucleus may go on past NUCLEUS_FIRST tokens
+    if bool(wide.any()):
+        out[wide] = apply_top_k_top_p(logits[wide], vocab, p)
+    return out
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:

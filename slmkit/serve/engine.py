@@ -3,7 +3,8 @@
 HTTP handlers (on the asyncio loop) ``submit`` a ``Job`` (one request: one or more ``Seq``) and read
 its events from an asyncio queue; the worker admits waiting jobs between decode steps while the
 batch has room, turns each new token into text (``TextStream``: whole UTF-8 characters, stop
-strings held back and cut), and hands the pieces to the job's loop thread-safely. ``Job.cancel``
+strings held back and cut), and hands the pieces to the jobs' loop thread-safely, one hand-over per
+step for all of them (waking the loop once per event cost as much as a batch row's decoding). ``Job.cancel``
 (a client gone) marks its sequences; the batch drops them before its next step, so the slot is
 free within one decode step. Jobs wait in a bounded queue: ``QueueFull`` when it is full.
 """
@@ -70,8 +71,23 @@ class Job:
         for seq in self.seqs:
             seq.cancelled = True
 
-    def _emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+def _deliver(pairs: list[tuple[Job, Event]]) -> None:
+    """On the loop: put each event on its job's queue."""
+    for job, event in pairs:
+        job.events.put_nowait(event)
+
+
+def _hand_over(pairs: list[tuple[Job, Event]]) -> None:
+    """From the worker: one ``call_soon_threadsafe`` per event loop for all of ``pairs``."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+    for job, event in pairs:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, some in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, some)
+        except RuntimeError:  # that loop is closed: nobody is listening
+            pass
 
 
 class Engine:
@@ -173,6 +189,7 @@ class Engine:
     def _publish(self, changed: list[Seq]) -> None:
         owner = {id(seq): (job, i) for job in self._jobs for i, seq in enumerate(job.seqs)} if changed else {}
         now = time.perf_counter()
+        out: list[tuple[Job, Event]] = []
         for seq in changed:
             if id(seq) not in owner:
                 continue
@@ -193,7 +210,8 @@ class Engine:
             if seq.done:
                 text += stream.finish()
                 job.closed[i] = True
-            job._emit(Event(i, text, start, end, seq.finish_reason if seq.done else None))
+            out.append((job, Event(i, text, start, end, seq.finish_reason if seq.done else None)))
+        _hand_over(out)
         done = [job for job in self._jobs if job.finished]
         for job in done:
             self._jobs.remove(job)
@@ -201,10 +219,12 @@ class Engine:
                 self.metrics.add(cancelled=1)
 
     def _fail(self, job: Job, message: str) -> None:
+        out = []
         for i, closed in enumerate(job.closed):
             if not closed:
                 job.closed[i] = True
-                job._emit(Event(i, "", job.sent[i], job.sent[i], "error", error=message))
+                out.append((job, Event(i, "", job.sent[i], job.sent[i], "error", error=message)))
+        _hand_over(out)
 
     def _fail_all(self, message: str) -> None:
         for job in self._jobs:
