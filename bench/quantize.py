@@ -1,7 +1,7 @@
 """Weight-only quantization (``slm quantize``) on a trained model: file size, bits per byte, speed.
 
     python bench/quantize.py --max-time 4m                # trains the stories260k shape on TinyStories, then measures
-    python bench/quantize.py --run RUN_DIR --data DATA    # an existing run and its DATA_DIR
+    python bench/quantize.py --run RUN_DIR --data DATA    # an existing run and its DATA_DIR (--name for the results)
     python bench/quantize.py --smoke                      # seconds: a toy corpus, a tmp dir
 
 Without ``--run`` the data is ``bench/quality.py``'s split of the shared TinyStories (BPE ``--vocab``,
@@ -13,7 +13,9 @@ Each row is one ``slm quantize`` setting (``quantize_run``) of that run's last c
 of its ``model.safetensors``, bits per byte on val and test (every token, as ``slm eval`` counts
 them) and greedy decode tokens/s at batch 1 (``--new-tokens``, no stopping, rows alternating for
 ``--rounds`` rounds, medians). A quantized run is unpacked to float32 when it is read, so decode
-speed is fp32's by construction: the rows show it measured, not assumed. Writes
+speed is fp32's by construction: the rows show it measured, not assumed. The ``+ AWQ`` rows fold
+activation-aware scales searched on 256 windows of the DATA_DIR's train split (``--calibrate 256``)
+before packing; val and test are never seen by the search. Writes
 bench/results/quantize_<name>.json (``--out``) with the command and the machine.
 """
 
@@ -50,6 +52,9 @@ ROWS = {  # name -> QuantConfig (None: the float32 run itself)
     "int4, groups of 128": QuantConfig(4, 128),
     "int8 q8_0, embeddings too": QuantConfig(8, 32, embeddings=True),
     "int4 q4_0, embeddings too": QuantConfig(4, 32, embeddings=True),
+    "int4 q4_0 + AWQ scales": QuantConfig(4, 32, calibrate=256),
+    "int4, groups of 64 + AWQ scales": QuantConfig(4, 64, calibrate=256),
+    "int4 q4_0 + AWQ, embeddings too": QuantConfig(4, 32, embeddings=True, calibrate=256),
 }
 
 
@@ -64,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/quantize_<name>.json)")
+    parser.add_argument("--name", help="the model's name in the results (default: the run folder's, or stories260k when trained here)")
     parser.add_argument("--smoke", action="store_true", help="a toy corpus, the tiny preset, 20 steps, 1 round, a tmp dir")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,14 +96,15 @@ def main() -> None:
         args.run = work / "run"
         train(args.data, args.run, preset=preset, max_time=None if args.smoke else args.max_time,
               overrides=overrides + ["train.plot=false"], quiet=True)
-    name = "smoke" if args.smoke else args.run.name if trained_here is None else trained_here
+    name = "smoke" if args.smoke else args.name or (args.run.name if trained_here is None else trained_here)
     out = Path(args.out) if args.out else (work / "quantize.json" if args.smoke
                                            else ROOT / "bench" / "results" / f"quantize_{name}.json")
 
     runs, refused = {}, {}
     for i, (row, cfg) in enumerate(ROWS.items()):
         try:
-            runs[row] = args.run if cfg is None else quantize_run(args.run, work / f"q{i}", cfg, which="last")
+            data = args.data if cfg is not None and cfg.calibrate else None  # AWQ: windows of the train split
+            runs[row] = args.run if cfg is None else quantize_run(args.run, work / f"q{i}", cfg, which="last", data=data)
         except SlmError as e:  # a group that does not tile this model's rows
             refused[row] = str(e)
             print(f"{row}: refused: {e}", file=sys.stderr)

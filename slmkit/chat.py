@@ -310,6 +310,7 @@ def grow_embeddings(model, new_vocab_size: int) -> None:
     model.tok_emb.weight = grown(emb.weight)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
+        model.lm_head.out_features = new_vocab_size  # a head LoRA adapter sizes its B from it
     else:
         head = model.lm_head
         model.lm_head = nn.Linear(head.in_features, new_vocab_size, bias=False,

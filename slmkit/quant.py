@@ -46,9 +46,14 @@ class QuantConfig:
                 "(one scale per output channel) (default %(default)s)"})
     embeddings: bool = field(default=False, metadata={
         "help": "also quantize the token embedding and the head (half the weights of a small model)"})
+    calibrate: int = field(default=0, metadata={
+        "help": "activation-aware scales (AWQ-style) searched on this many sequences of --data's train "
+                "split, folded into the norms and the layers before; 0 = off (default %(default)s)"})
 
     def validate(self) -> None:
         """One line naming the setting when it is not one of the supported ones."""
+        if not isinstance(self.calibrate, int) or self.calibrate < 0:
+            raise SlmError(f"quantize.calibrate={self.calibrate} is not a number of sequences: give 0 (off) or e.g. 256")
         if self.bits not in BITS:
             raise SlmError(f"quantize.bits={self.bits} is not supported: choose 8 (int8) or 4 (int4)")
         if self.group not in GROUPS[self.bits]:
@@ -167,5 +172,144 @@ def dequantize_weights(weights: dict[str, torch.Tensor], meta: Any, where: str) 
     return out
 
 
-__all__ = ["QuantConfig", "block_bytes", "group_for", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
-           "quantize_weights", "quantized_names"]
+# ------------------------------------------------- activation-aware scales (AWQ-style), before packing
+#
+# A weight's input channels are not equally important: a channel whose activations are large
+# carries more of the output, so its rounding error costs more. AWQ (Lin et al. 2023) scales such
+# columns up before quantizing (W s, then x / s at run time): their values then get finer steps
+# relative to the group's scale. x / s is folded into the operation before the linear, so the
+# stored model is a plain model with the same structure and exactly the same float function; only
+# which values get rounded how changes. Here: s = mean|x| ** alpha per input channel (normalised
+# to a geometric mean of 1), alpha from a grid of 20 in [0, 1) picked per linear by the error of
+# its quantized output on calibration activations (alpha = 0 is plain quantization, so the pick
+# never does worse on that sample). Folded into: the norm before QKV and before the MLP's up (its
+# weight, and its bias for LayerNorm); for the MLP's down, SwiGLU's up rows (not the gate's: the
+# hidden is silu(gate) * up); for attention's output, V's rows, only when every query head has its
+# own V head (with GQA one V channel feeds several heads' columns, which would need equal scales).
+# GELU's down is left alone (gelu(x / s) is not gelu(x) / s).
+
+AWQ_GRID = 20
+AWQ_SAMPLE = 4096  # activation rows kept per linear for the error of each candidate
+
+
+@torch.no_grad()
+def _activation_stats(model: Any, tokens: torch.Tensor, batch: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each block linear (state_dict path without ``.weight``): its input's mean |x| per channel
+    over every calibration token, and a fixed random sample of ``AWQ_SAMPLE`` input rows."""
+    names = {f"blocks.{i}.{m}" for i in range(model.config.n_layer) for m in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")}
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    count = [0]
+    per_batch = -(-AWQ_SAMPLE // -(-len(tokens) // batch))
+    gen = torch.Generator().manual_seed(0)
+
+    def hook(name: str):
+        def grab(_module: Any, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.abs().sum(0)
+            rows[name].append(x[torch.randperm(len(x), generator=gen)[:per_batch]])
+        return grab
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in names]
+    try:
+        for i in range(0, len(tokens), batch):
+            x = tokens[i:i + batch]
+            count[0] += x.numel()
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / count[0], torch.cat(rows[n])[:AWQ_SAMPLE]) for n in names}
+
+
+def _quantized(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """``w`` as its int blocks stand for it (quantize, then dequantize)."""
+    return dequantize_blocks(quantize_blocks(w, bits, group), bits, group, w.shape[1])
+
+
+def awq_search(w: torch.Tensor, x: torch.Tensor, act_mean: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, float]:
+    """The per-input-channel scales ``s`` (and their alpha) that minimise the squared error of
+    ``x @ (Q(w s) / s).T`` against ``x @ w.T`` over alpha in the grid, ``s = act_mean ** alpha``."""
+    want = x @ w.T
+    best = (float("inf"), torch.ones_like(act_mean), 0.0)
+    base = act_mean.clamp(min=1e-5)
+    for k in range(AWQ_GRID):
+        alpha = k / AWQ_GRID
+        s = base ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        err = float(((x @ (_quantized(w * s, bits, group) / s).T - want) ** 2).mean())
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
+def awq_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, tokens: int = 512) -> torch.Tensor:
+    """``w`` with each block's values clipped to the fraction (1, 0.95, ..., 0.55) of its largest
+    magnitude that minimises that block's share of the quantized output error on ``x`` (AWQ's
+    clipping): a block's step shrinks with it, and an outlier weight costs less than rounding the rest."""
+    rows, cols = w.shape
+    g = group_for(cols, group)
+    xg = x[:tokens].reshape(-1, cols // g, g)
+    wg = w.reshape(rows, cols // g, g)
+    top = wg.abs().amax(-1, keepdim=True)
+    best, best_err = wg, None
+    for k in range(AWQ_GRID // 2):
+        c = top * (1 - k / AWQ_GRID)
+        clipped = torch.maximum(torch.minimum(wg, c), -c)
+        q = _quantized(clipped.reshape(rows, cols), bits, group).reshape(rows, cols // g, g)
+        err = torch.einsum("ngk,rgk->nrg", xg, wg - q).pow(2).mean(0)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better[..., None], clipped, best)
+    return best.reshape(rows, cols)
+
+
+@torch.no_grad()
+def apply_awq(model: Any, tokens: torch.Tensor, cfg: QuantConfig, clip: bool = True) -> dict[str, float]:
+    """Fold activation-aware scales into ``model`` in place (see above), searched on the calibration
+    ``tokens`` (sequences, (n, T) int64); the float model computes what it computed before.
+    Returns each linear's chosen alpha (0 where plain quantization was best or no fold exists)."""
+    cfg.validate()
+    c = model.config
+    stats = _activation_stats(model.eval(), tokens)
+    swiglu = c.activation == "swiglu"
+    q, kv = c.n_head * c.head_dim, c.kv_heads * c.head_dim
+    chosen: dict[str, float] = {}
+    for i, block in enumerate(model.blocks):
+        def fold(name: str, linear: Any, before: list[tuple[Any, slice]]) -> None:
+            """Search ``linear``'s scales; divide the rows ``before`` (param, rows) feeding it by them."""
+            w = linear.weight.detach().float()
+            if w.shape[1] % group_for(w.shape[1], cfg.group):
+                return  # quantize_weights refuses it with its one line
+            act_mean, x = stats[f"blocks.{i}.{name}"]
+            s, alpha = awq_search(w, x, act_mean, cfg.bits, cfg.group)
+            chosen[f"blocks.{i}.{name}"] = alpha
+            if alpha != 0.0:
+                linear.weight.mul_(s.to(linear.weight.dtype))
+            if clip:
+                linear.weight.copy_(awq_clip(linear.weight.detach().float(), x / s, cfg.bits, cfg.group))
+            if alpha == 0.0:
+                return
+            for param, rows in before:
+                if param is not None:
+                    view = param.data[rows]
+                    param.data[rows] = view / (s if view.dim() == 1 else s[:, None]).to(view.dtype)
+
+        norm1, norm2 = block.norm1, block.norm2
+        every = slice(None)
+        fold("attn.qkv", block.attn.qkv, [(norm1.weight, every), (getattr(norm1, "bias", None), every)])
+        if kv == q:
+            v = slice(q + kv, q + 2 * kv)
+            fold("attn.proj", block.attn.proj, [(block.attn.qkv.weight, v), (block.attn.qkv.bias, v)])
+        fold("mlp.up", block.mlp.up, [(norm2.weight, every), (getattr(norm2, "bias", None), every)])
+        if swiglu:
+            up = slice(c.hidden_dim, 2 * c.hidden_dim)
+            fold("mlp.down", block.mlp.down, [(block.mlp.up.weight, up), (block.mlp.up.bias, up)])
+    return chosen
+
+
+__all__ = ["AWQ_GRID", "QuantConfig", "apply_awq", "awq_search", "block_bytes", "group_for", "dequantize_blocks",
+           "dequantize_weights", "quantize_blocks", "quantize_weights", "quantized_names"]

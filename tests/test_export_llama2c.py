@@ -281,6 +281,32 @@ def test_bad_tokenizer_bin_one_line_each(tok, tmp_path):
         assert "\n" not in str(e.value) and "tokenizer.bin" in str(e.value)
 
 
+def test_wrong_files_one_line_each(tok, tmp_path, capsys):
+    """Files that are not llama2.c's: a text file, a GGUF file, a v2 header with a wrong magic, an
+    empty file, as model.bin; a GGUF or text file as tokenizer.bin. One line naming the file, no
+    allocation from the garbage header (a text's bytes read as dims describe gigabytes), no run."""
+    good = exported(tok, tmp_path)
+    data = (good / "model.bin").read_bytes()
+    bodies = {
+        "text.bin": (b"Once upon a time there was a text file.\n" * 50, "not a llama2.c model.bin"),
+        "model.gguf": (b"GGUF" + struct.pack("<IQQ", 3, 2, 0) + b"\0" * 2000, "not a llama2.c model.bin"),
+        "magic.bin": (struct.pack("<Ii", 0x12345678, 2) + data, "not a llama2.c model.bin"),
+        "empty.bin": (b"", "too short"),
+    }
+    for name, (body, pattern) in bodies.items():
+        (tmp_path / name).write_bytes(body)
+        with pytest.raises(SlmError, match=pattern) as e:
+            read_model_bin(tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
+        one_error_line(capsys, slm("import-llama2c", tmp_path / name, good / "tokenizer.bin", "--out", tmp_path / "r"), name)
+    for body, pattern in [(b"GGUF" + b"\0" * 100, "truncated"), (b"hello world" * 20, "not a tokenizer.bin")]:
+        (good / "tokenizer.bin").write_bytes(body)
+        with pytest.raises(SlmError, match=pattern) as e:
+            load_llama2c(good / "model.bin", good / "tokenizer.bin")
+        assert "\n" not in str(e.value) and "tokenizer.bin" in str(e.value)
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_export_import_then_fine_tune(run_dir, corpus_file, tmp_path, capsys):
     """slm export --format llama2c, slm import-llama2c, data prepared with the imported tokenizer,
     and slm train continuing from the imported weights; bad input is one error line."""

@@ -4,6 +4,7 @@ that every reader loads, and bad quantization files refused in one line."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -133,3 +134,80 @@ def test_quantize_weights_packs_only_the_matrices():
     assert sd["tok_emb.weight"].dtype == sd["lm_head.weight"].dtype == sd["norm.weight"].dtype == torch.float32
     _, meta = quantize_weights(model, QuantConfig(bits=8, group=0, embeddings=True))
     assert {"tok_emb.weight", "lm_head.weight"} <= set(meta["tensors"]) and meta["group"] == 0
+
+
+# ------------------------------------------------------------- activation-aware scales (--calibrate)
+
+AWQ_VARIANTS = {
+    "llama-mha-bias": dict(**LLAMA, bias=True, tie_embeddings=False),
+    "llama-gqa": dict(**LLAMA, n_kv_head=2),
+    "gpt2-layernorm-bias": dict(norm="layernorm", positions="learned", activation="gelu", bias=True),
+}
+
+
+def salient_model(**kw):
+    """A random model (n_embd 64) whose norms make 4 of the 64 channels 8x larger than the rest: the
+    outlier input channels activation-aware scaling is for (trained models grow them too)."""
+    model = random_model(300, **{"n_embd": 64, **kw})
+    with torch.no_grad():
+        for block in model.blocks:
+            for norm in (block.norm1, block.norm2):
+                norm.weight[[3, 17, 40, 58]] *= 8
+    return model
+
+
+@pytest.mark.parametrize("variant", AWQ_VARIANTS)
+def test_awq_folds_keep_the_float_model_and_cut_int4_error(variant):
+    from slmkit.quant import apply_awq
+
+    model = salient_model(**AWQ_VARIANTS[variant])
+    calib = torch.randint(0, 300, (32, 32), generator=torch.Generator().manual_seed(1))
+    held = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(4, 32, calibrate=32)
+    clipped = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(held)[0]
+        plain, _ = quantize_weights(model, cfg)
+        chosen = apply_awq(model, calib, cfg, clip=False)
+        # the folds are exact: the float model computes what it did (to float32 rounding)
+        torch.testing.assert_close(model(held)[0], want, rtol=0, atol=1e-4)
+        scaled, meta = quantize_weights(model, cfg)
+        apply_awq(clipped, calib, cfg)  # scales, then each block's clipping: the float model moves
+        scaled_clipped, _ = quantize_weights(clipped, cfg)
+    assert meta["calibrate"] == 32
+    assert max(chosen.values()) > 0  # some linear took scales: the test below measures them
+    # GQA: attention's output has no per-channel fold (V channels feed several heads); GELU: no down fold
+    assert ("blocks.0.attn.proj" in chosen) == (variant != "llama-gqa")
+    assert ("blocks.0.mlp.down" in chosen) == variant.startswith("llama")
+
+    def int4_error(weights):
+        from slmkit.checkpoint import build_model
+        from slmkit.config import to_dict
+        from slmkit.quant import dequantize_weights
+
+        m = build_model(to_dict(model.config), dequantize_weights(weights, meta, "test"))
+        with torch.no_grad():
+            return float(((m.eval()(held)[0] - want) ** 2).mean())
+
+    errors = [int4_error(w) for w in (plain, scaled, scaled_clipped)]
+    assert errors[1] < 0.8 * errors[0] and errors[2] < errors[0], errors
+
+
+def test_quantize_calibrate_cli(run_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "q4a"
+    assert slm("quantize", run_dir, "--out", out, "--bits", "4", "--calibrate", "16", "--data", data_dir) == 0
+    assert "activation-aware scales from 16 sequences" in capsys.readouterr().out
+    meta = json.loads((out / "last" / "quantization.json").read_text())
+    assert meta["calibrate"] == 16 and meta["bits"] == 4
+    model, _, _ = load_run(out)
+    original, tok, _ = load_run(run_dir)
+    assert model.config == original.config  # the same plain model shape: every reader loads it
+    ids = torch.tensor([[tok.eot_id, *tok.encode("Once upon a time")]])
+    with torch.no_grad():
+        assert (model(ids)[0] - original(ids)[0]).abs().max() < 0.25 * original(ids)[0].abs().max()
+    one_error_line(capsys, slm("quantize", run_dir, "--out", tmp_path / "x", "--bits", "4", "--calibrate", "16"),
+                   "--calibrate needs --data DATA_DIR")
+    one_error_line(capsys, slm("quantize", run_dir, "--out", tmp_path / "x", "--data", data_dir), "--data is read only for --calibrate")
+    one_error_line(capsys, slm("quantize", run_dir, "--out", tmp_path / "x", "--calibrate", "-1", "--data", data_dir),
+                   "quantize.calibrate=-1")
+    assert not (tmp_path / "x").exists()

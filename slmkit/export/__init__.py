@@ -32,7 +32,10 @@ safetensors, a byte-level BPE tokenizer.json with ``<|endoftext|>``) into a RUN_
 ``slm generate``, ``slm eval`` and ``slm train`` (which continues from it) accept.
 
 ``--format peft`` on a LoRA run writes ``DIR/adapter`` (PEFT's adapter files) and ``DIR/base`` (the HF
-export of its base): ``peft.PeftModel`` on the one with the other is the run.
+export of its base): ``peft.PeftModel`` on the one with the other is the run. ``--format gguf-lora``
+writes ``DIR/base.gguf`` and ``DIR/adapter.gguf`` for ``llama-cli -m DIR/base.gguf --lora
+DIR/adapter.gguf`` (``gguf``); ``--format gguf`` writes the run merged. ``--format run --out RUN2``
+writes the LoRA run merged as a plain RUN_DIR that no longer needs its base (``run``).
 
 One module per format and direction: ``hf`` (both ways), ``onnx``, ``torchscript``, ``llama2c``, ``gguf``, ``peft``; ``common``
 holds the output folder and its metadata. This package holds the stage: ``export_model``,
@@ -58,7 +61,8 @@ from slmkit.export.torchscript import export_torchscript, quantize_int8
 from slmkit.generate.onnx import OnnxGenerator  # lives beside generation; re-exported for old imports
 from slmkit.model import GPT
 
-FORMATS = ("hf", "onnx", "torchscript", "llama2c", "gguf", "peft")
+FORMATS = ("hf", "onnx", "torchscript", "llama2c", "gguf", "peft", "gguf-lora", "run")
+GGUF_FORMATS = ("gguf", "gguf-lora")  # take --outtype
 
 
 def export_model(model: GPT, tokenizer: Any, fmt: str, out: str | Path, quantize: str | None = None,
@@ -69,8 +73,8 @@ def export_model(model: GPT, tokenizer: Any, fmt: str, out: str | Path, quantize
     if quantize not in (None, "int8"):
         raise SlmError(f"--quantize {quantize!r} is not supported: the only choice is int8")
     _check_type_options(fmt, quantize, outtype)
-    if fmt == "peft":
-        raise SlmError("--format peft exports a LoRA run's adapter and its base: export the run (slm export RUN)")
+    if fmt in ("peft", "gguf-lora", "run"):
+        raise SlmError(f"--format {fmt} exports a LoRA run (its adapter and its base, or merged): export the run (slm export RUN)")
     model = model.float().cpu().eval()
     if fmt == "gguf":
         return export_gguf(model, tokenizer, out, outtype or "f32")
@@ -99,22 +103,33 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, quantize: str 
         from slmkit.export.peft import export_peft_run
 
         return export_peft_run(run_dir, out, which)
+    if fmt == "gguf-lora":
+        from slmkit.export.gguf import export_gguf_lora_run
+
+        return export_gguf_lora_run(run_dir, out, outtype or "f32", which)
+    if fmt == "run":
+        if quantize:
+            raise SlmError("--quantize does not apply to --format run: quantize the merged run with slm quantize")
+        from slmkit.export.run import export_merged_run
+
+        return export_merged_run(run_dir, out, which)
     model, tokenizer, _ = load_run(run_dir, device="cpu", which=which)
     return export_model(model, tokenizer, fmt, out, quantize, outtype)
 
 
 def _check_type_options(fmt: str, quantize: str | None, outtype: str | None) -> None:
     """--outtype belongs to gguf, --quantize to the other formats: refuse the wrong pairing."""
-    if fmt == "gguf" and quantize:
+    if fmt in GGUF_FORMATS and quantize:
         raise SlmError("--quantize is not a GGUF option: use --outtype q8_0 (or q4_0, f16, bf16, f32)")
-    if fmt != "gguf" and outtype:
+    if fmt not in GGUF_FORMATS and outtype:
         raise SlmError(f"--outtype applies to --format gguf; {fmt} takes --quantize int8 where it has one")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="RUN_DIR written by slm train")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="hf (transformers), onnx (onnxruntime), torchscript, llama2c (run.c) or gguf (llama.cpp)")
+                        help="hf (transformers), onnx (onnxruntime), torchscript, llama2c (run.c) or gguf (llama.cpp); "
+                             "a LoRA run also: peft, gguf-lora (llama.cpp's base + --lora adapter) or run (merged RUN_DIR)")
     parser.add_argument("--out", required=True,
                         help="folder to write (created; an earlier export there is replaced); for gguf the .gguf file")
     parser.add_argument("--outtype", choices=OUTTYPES, help="gguf: the matrices' type (default f32)")
@@ -126,7 +141,7 @@ def run_cli(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.format, args.out, quantize=args.quantize, which=args.which,
                      outtype=args.outtype)
     sizes = {out.name: out.stat().st_size} if out.is_file() else file_sizes(out)
-    kind = " int8" if args.quantize else f" {args.outtype or 'f32'}" if args.format == "gguf" else ""
+    kind = " int8" if args.quantize else f" {args.outtype or 'f32'}" if args.format in GGUF_FORMATS else ""
     print(f"exported {args.run_dir} as {args.format}{kind} to {out}")
     for name, size in sizes.items():
         print(f"  {name:28s} {size / 1e6:10.2f} MB")

@@ -29,16 +29,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from slmkit.errors import SlmError
-from slmkit.export.common import interleave_rope_rows, require
+from slmkit.export.common import META_FILE, export_meta, interleave_rope_rows, output_dir, require, write_json
 from slmkit.files import atomic_file
+from slmkit.lora import lora_modules, strip_lora
 from slmkit.model import GPT, ModelConfig
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -63,50 +66,60 @@ def gguf_architecture(config: ModelConfig) -> str:
         "learned+layernorm+gelu (gpt2): use --format onnx or torchscript for this model")
 
 
+def linear_parts(config: ModelConfig, path: str) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The GGUF matrices (names without ``.weight``) that our linear ``path`` (``blocks.{i}.attn.qkv``,
+    ``...attn.proj``, ``...mlp.up``, ``...mlp.down``, ``lm_head``) is, each with the function that
+    takes its rows from ours: a weight, a bias or a LoRA B, all cut and permuted alike. ``llama``
+    splits our fused QKV into Q, K and V (Q and K rows in llama.cpp's rotary layout) and our SwiGLU
+    ``up`` into gate and up; ``gpt2`` keeps both fused."""
+    c = config
+    if path == "lm_head":
+        return [("output", lambda t: t)]
+    i, rest = path.removeprefix("blocks.").split(".", 1)
+    p = f"blk.{i}."
+    if rest == "attn.proj":
+        return [(p + "attn_output", lambda t: t)]
+    if rest == "mlp.down":
+        return [(p + "ffn_down", lambda t: t)]
+    if gguf_architecture(c) == "gpt2":
+        return [(p + {"attn.qkv": "attn_qkv", "mlp.up": "ffn_up"}[rest], lambda t: t)]
+    if rest == "attn.qkv":
+        q, kv = c.n_head * c.head_dim, c.kv_heads * c.head_dim
+        return [(p + "attn_q", lambda t: interleave_rope_rows(t[:q], c.n_head)),
+                (p + "attn_k", lambda t: interleave_rope_rows(t[q:q + kv], c.kv_heads)),
+                (p + "attn_v", lambda t: t[q + kv:])]
+    h = c.hidden_dim  # our SwiGLU up: the gate's rows first, then the up's
+    return [(p + "ffn_gate", lambda t: t[:h]), (p + "ffn_up", lambda t: t[h:])]
+
+
 def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """``model``'s weights under llama.cpp's tensor names, float32, in its orientation (PyTorch's
     (out, in) is GGUF's (in, out) ``ne``), Q/K rows in llama.cpp's rotary layout for ``llama``."""
     c = model.config
-    arch = gguf_architecture(c)
+    gpt2 = gguf_architecture(c) == "gpt2"
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    H, KV, D, hidden = c.n_head, c.kv_heads, c.head_dim, c.hidden_dim
     out: dict[str, torch.Tensor] = {"token_embd.weight": sd["tok_emb.weight"]}
-    if arch == "gpt2":
+    if gpt2:
         out["position_embd.weight"] = sd["pos_emb.weight"]
 
-    def put(name: str, ours: str, biases: bool, bias_size: int | None = None, fn=lambda t: t) -> None:
-        out[f"{name}.weight"] = fn(sd[f"{ours}.weight"])
-        if f"{ours}.bias" in sd:
-            out[f"{name}.bias"] = fn(sd[f"{ours}.bias"])
-        elif biases:  # llama.cpp's gpt2 requires every bias: ours are zero
-            out[f"{name}.bias"] = torch.zeros(bias_size or sd[f"{ours}.weight"].shape[0])
+    def put(ours: str, parts: list, width: int) -> None:
+        for kind in ("weight", "bias"):
+            t = sd.get(f"{ours}.{kind}")
+            if t is None and kind == "bias" and gpt2:  # llama.cpp's gpt2 requires every bias: ours are zero
+                t = torch.zeros(width)
+            if t is not None:
+                for name, rows in parts:
+                    out[f"{name}.{kind}"] = rows(t)
 
-    gpt2 = arch == "gpt2"
     for i in range(c.n_layer):
         b, p = f"blocks.{i}.", f"blk.{i}."
-        put(p + "attn_norm", b + "norm1", gpt2, c.n_embd)
-        if gpt2:
-            put(p + "attn_qkv", b + "attn.qkv", True)
-        else:
-            qkv = {"weight": sd[b + "attn.qkv.weight"], "bias": sd.get(b + "attn.qkv.bias")}
-            for kind, t in qkv.items():
-                if t is None:
-                    continue
-                q, k, v = t.split([H * D, KV * D, KV * D])
-                out[f"{p}attn_q.{kind}"] = interleave_rope_rows(q, H)
-                out[f"{p}attn_k.{kind}"] = interleave_rope_rows(k, KV)
-                out[f"{p}attn_v.{kind}"] = v
-        put(p + "attn_output", b + "attn.proj", gpt2)
-        put(p + "ffn_norm", b + "norm2", gpt2, c.n_embd)
-        if gpt2:
-            put(p + "ffn_up", b + "mlp.up", True)
-        else:
-            for kind in ("weight", "bias"):
-                if b + f"mlp.up.{kind}" in sd:
-                    gate, up = sd[b + f"mlp.up.{kind}"].split([hidden, hidden])
-                    out[f"{p}ffn_gate.{kind}"], out[f"{p}ffn_up.{kind}"] = gate, up
-        put(p + "ffn_down", b + "mlp.down", gpt2)
-    put("output_norm", "norm", gpt2, c.n_embd)
+        put(b + "norm1", [(p + "attn_norm", lambda t: t)], c.n_embd)
+        put(b + "attn.qkv", linear_parts(c, b + "attn.qkv"), sd[b + "attn.qkv.weight"].shape[0])
+        put(b + "attn.proj", linear_parts(c, b + "attn.proj"), c.n_embd)
+        put(b + "norm2", [(p + "ffn_norm", lambda t: t)], c.n_embd)
+        put(b + "mlp.up", linear_parts(c, b + "mlp.up"), sd[b + "mlp.up.weight"].shape[0])
+        put(b + "mlp.down", linear_parts(c, b + "mlp.down"), c.n_embd)
+    put("norm", [("output_norm", lambda t: t)], c.n_embd)
     if not c.tie_embeddings:  # a tied head is token_embd itself: llama.cpp reuses it when output is absent
         out["output.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -158,6 +171,19 @@ def vocabulary(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def _gguf_path(out: str | Path) -> Path:
+    """``out`` as the path of a GGUF file to write: refused when it is a folder or a non-GGUF file
+    (an earlier GGUF is replaced, never an unrelated file)."""
+    out = Path(out)
+    if out.is_dir():
+        raise SlmError(f"--out {out} is a folder: GGUF is one file, give a path such as {out / 'model.gguf'}")
+    if out.is_file():
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SlmError(f"--out {out} exists and is not a GGUF file: choose a new path")
+    return out
+
+
 def export_gguf(model: GPT, tokenizer: Any, out: str | Path, outtype: str = "f32") -> Path:
     """Write ``model`` and ``tokenizer`` to the GGUF file ``out`` (replaced atomically); see the
     module docstring for what goes in. Refuses what llama.cpp cannot compute, in one line."""
@@ -171,13 +197,7 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, outtype: str = "f32
     tensors = gguf_tensors(model)
     check_quantizable(tensors, outtype)
     tokens, types, merges = vocabulary(tokenizer)
-    out = Path(out)
-    if out.is_dir():
-        raise SlmError(f"--out {out} is a folder: GGUF is one file, give a path such as {out / 'model.gguf'}")
-    if out.is_file():  # replace an earlier GGUF, never an unrelated file
-        with open(out, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise SlmError(f"--out {out} exists and is not a GGUF file: choose a new path")
+    out = _gguf_path(out)
 
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -229,3 +249,93 @@ def export_gguf(model: GPT, tokenizer: Any, out: str | Path, outtype: str = "f32
         w.write_tensors_to_file()
         w.close()
     return out
+
+
+# ------------------------------------------------------------------------- LoRA adapters
+
+
+def gguf_lora_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The adapters of an unmerged LoRA ``model`` under llama.cpp's adapter names: for each GGUF
+    matrix ``W`` an adapter touches, ``W.lora_a`` (our A, (rank, in): GGUF ``ne`` (in, rank)) and
+    ``W.lora_b`` (our B, (out, rank)), B's rows cut and permuted as ``linear_parts`` cuts the weight's
+    (a fused QKV or gate/up adapter is one adapter per part sharing A; Q and K rows rotary-permuted)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, m in lora_modules(model):
+        a, b = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
+        for name, rows in linear_parts(model.config, path):
+            out[f"{name}.weight.lora_a"] = a.contiguous().clone()
+            out[f"{name}.weight.lora_b"] = rows(b).contiguous().clone()
+    return out
+
+
+def export_gguf_adapter(model: GPT, out: str | Path, *, untied_base: bool = False) -> Path:
+    """Write the adapters of an unmerged LoRA ``model`` as llama.cpp's LoRA adapter file ``out``
+    (``general.type = adapter``, ``adapter.type = lora``): ``llama-cli -m BASE.gguf --lora out``.
+    llama.cpp scales each adapter by ``adapter.lora.alpha / rank``, so alpha is written as
+    ``scale * rank`` (rsLoRA's ``alpha / sqrt(rank)`` included). The base GGUF must be
+    ``export_gguf`` of the model the adapters were trained on, with an untied ``output`` when the
+    head has an adapter (``untied_base`` says the caller wrote it so; ``export_gguf_lora`` writes both)."""
+    gguf = require("gguf", "GGUF export")
+    mods = list(lora_modules(model))
+    if not mods:
+        raise SlmError("this model has no LoRA adapters to export (merged already, or never adapted)")
+    if len({m.scale for _, m in mods}) > 1:
+        raise SlmError("the model's adapters have different scales: a GGUF adapter holds one alpha")
+    if any(path == "lm_head" for path, _ in mods) and model.config.tie_embeddings and not untied_base:
+        raise SlmError("a head adapter on tied embeddings needs a base GGUF with its own output matrix: "
+                       "use export_gguf_lora (slm export LORA_RUN --format gguf-lora)")
+    arch = gguf_architecture(model.config)
+    tensors = gguf_lora_tensors(model)
+    out = _gguf_path(out)
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_name(out.stem)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(mods[0][1].scale * mods[0][1].rank))
+        for name, t in tensors.items():
+            w.add_tensor(name, t.numpy().astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+
+def gguf_lora_base(model: GPT) -> GPT:
+    """The base a LoRA ``model``'s adapters were trained on, for its GGUF (a copy; ``model`` keeps
+    its adapters): new token rows as the run trained them (an adapter file cannot carry embedding
+    rows), and the head untied (a copy of the embedding) when it has an adapter, so that llama.cpp
+    applies that adapter to the head alone and not to the embedding lookup too."""
+    head = any(path == "lm_head" for path, _ in lora_modules(model))
+    base = strip_lora(copy.deepcopy(model))
+    if head and base.config.tie_embeddings:
+        base.lm_head.weight = nn.Parameter(base.tok_emb.weight.detach().clone())
+        base.config.tie_embeddings = False
+    return base
+
+
+def export_gguf_lora(model: GPT, tokenizer: Any, out: str | Path, outtype: str = "f32") -> Path:
+    """An unmerged LoRA ``model`` as the folder ``out``: ``base.gguf`` (``export_gguf`` of
+    ``gguf_lora_base``, ``outtype``) and ``adapter.gguf`` (``export_gguf_adapter``, float32), so that
+    ``llama-cli -m out/base.gguf --lora out/adapter.gguf`` computes the run."""
+    base = gguf_lora_base(model)
+    gguf_architecture(model.config)  # refuse before the folder is touched
+    if outtype in BLOCK:
+        check_quantizable(gguf_tensors(base), outtype)
+    with output_dir(Path(out)) as tmp:
+        export_gguf(base, tokenizer, tmp / "base.gguf", outtype)
+        export_gguf_adapter(model, tmp / "adapter.gguf", untied_base=not base.config.tie_embeddings)
+        write_json(tmp / META_FILE, export_meta(base, tokenizer, "gguf-lora", base="base.gguf",
+                                                adapter="adapter.gguf", outtype=outtype))
+    return Path(out)
+
+
+def export_gguf_lora_run(run_dir: str | Path, out: str | Path, outtype: str = "f32", which: str = "best") -> Path:
+    """``slm export LORA_RUN --format gguf-lora``: ``export_gguf_lora`` of the run's unmerged model
+    (its base grown to the run's vocabulary, the new token rows as trained) and its tokenizer."""
+    from slmkit.checkpoint import lora_model_from_checkpoint, read_run_checkpoint
+    from slmkit.tokenizer import load_tokenizer
+
+    model = lora_model_from_checkpoint(read_run_checkpoint(run_dir, which)).float().cpu().eval()
+    return export_gguf_lora(model, load_tokenizer(Path(run_dir) / "tokenizer"), out, outtype)
