@@ -396,7 +396,6 @@ def decode_repeats(names: list[str]) -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "quality": quality,
     "quality-unseen-15m": lambda: quality_unseen(budget="15m"),
-    "quality-unseen-3m": lambda: quality_unseen(budget="3m"),
     "quality-dtype": quality_dtype,
     "eval-curves-dtype": eval_curves,
     "eval-curves-15m": lambda: eval_curves("quality_unseen_split.jsonl"),
