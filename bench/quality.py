@@ -50,7 +50,7 @@ other rows. slmkit's GELU is the tanh form and nanoGPT's the exact erf form, so 
 checked: the loss of nanoGPT's own module and of the converted model on the same windows are both
 recorded (``loss_check``).
 
-Results are appended as JSON lines to bench/results/quality_test_split.jsonl (``--results``), each
+Results are appended as JSON lines to bench/results/quality_unseen_split.jsonl (``--results``; the old split's rows are in quality_test_split.jsonl), each
 with its command, the machine, the commit and the load average before and after.
 """
 
