@@ -162,7 +162,7 @@ def overlap(stories: list[str], seen: set[tuple[str, ...]], n: int = NGRAM) -> d
 
 
 def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int, vocab_size: int,
-                 valid_cut: int = VALID_CUT, val_range: tuple[int, int] = VAL_RANGE) -> dict:
+                 valid_cut: int | None = None, val_range: tuple[int, int] | None = None) -> dict:
     """Tokenize ``train_txt`` into ``data`` without its stories ``val_range`` (DATA's val split) and
     its last ``test_stories`` (DATA/train_tail.txt); write ``valid_txt``'s stories from ``valid_cut``
     on to DATA/test.txt and those before to DATA/valid_head.txt. Kept when DATA was made from the
@@ -170,6 +170,12 @@ def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int
     stories is dropped from training."""
     from slmkit.prepare import prepare
 
+    stories, valid = read_stories(train_txt), read_stories(valid_txt)
+    if valid_cut is None:  # VALID_CUT for the shared files; the same share of a smaller corpus (smoke runs)
+        valid_cut = VALID_CUT if len(valid) >= 500 else max(1, len(valid) * VALID_CUT // 500)
+    if val_range is None:  # VAL_RANGE, or a block of 1/34 of a smaller corpus at the same place
+        n = len(stories) - test_stories
+        val_range = VAL_RANGE if n >= VAL_RANGE[1] else (n * 6 // 34, n * 7 // 34)
     source = {"train": str(train_txt), "train_sha256": hashlib.sha256(train_txt.read_bytes()).hexdigest(),
               "valid": str(valid_txt), "valid_sha256": hashlib.sha256(valid_txt.read_bytes()).hexdigest(),
               "test_stories": test_stories, "valid_cut": valid_cut, "val_range": list(val_range),
@@ -179,7 +185,6 @@ def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int
     if split_file.exists() and all((data / f).exists() for f in files):
         if json.loads(split_file.read_text())["source"] == source:
             return json.loads(split_file.read_text())
-    stories, valid = read_stories(train_txt), read_stories(valid_txt)
     a, b = val_range
     if not 0 < valid_cut < len(valid) or not 0 <= a < b <= len(stories) - test_stories:
         raise SystemExit(f"error: {valid_txt} ({len(valid)} stories) and {train_txt} ({len(stories)} stories) are "
