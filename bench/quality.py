@@ -5,12 +5,27 @@
     python bench/quality.py --max-time 3m --try "lr5e-3: train.lr=5e-3"   # explore on top of cpu-15min
     python bench/quality.py --smoke                                         # seconds, a tmp dir, a toy corpus
 
-**Three splits.** The shared TinyStories ``train.txt`` loses its last 500 stories (``TEST_STORIES``)
-to a test split, written to DATA/test.txt, that no recipe search ever looks at (the searches in
-docs/recipes.md read val only); the rest is the training text, from which the tokenizer (byte-level
-BPE, vocab 4096) is learned; ``valid.txt`` is the validation split recipes are chosen on. Every row
-reports bits per byte on both, last checkpoint, every token of each file, by ``slm eval``; the test
-figure is the one to quote.
+**Splits.** Issue 20 found that the official TinyStories validation stories after the first 500
+share far fewer word 8-grams with the training stories than the first 500 (the shared ``valid.txt``)
+do, and score much worse. The shared files show the same within themselves (``--overlap``;
+docs/recipes.md has the profile): ``valid.txt`` from story 438 on shares about 3% of its 8-grams
+with the training text, its first 438 stories about 11%, and ``train.txt`` holds blocks of both
+kinds. So:
+
+* test (DATA/test.txt, the figure to quote): ``valid.txt`` from story ``VALID_CUT`` (438) on, 62
+  stories, the low-overlap kind, which no search looks at;
+* val (DATA's val split, what recipes are chosen on): stories ``VAL_RANGE`` (1500 to 1749) of
+  ``train.txt``, a block of the low-overlap kind (3.4% against the rest), taken out of training;
+* valid-head (DATA/valid_head.txt): ``valid.txt``'s first 438 stories, the high-overlap kind (the
+  val split of earlier sessions), and train-tail (DATA/train_tail.txt): ``train.txt``'s last 500
+  stories (``TEST_STORIES``, the test split of earlier sessions), both out of training, reported
+  as measures of how well a model fits text like its training stories;
+* train: the rest of ``train.txt``, from which the tokenizer (byte-level BPE, vocab 4096) is learned.
+
+Every row reports bits per byte on all four, last checkpoint, every token of each file, by ``slm
+eval``. ``--test-file PATH --test-range A:B`` scores stories A..B-1 of another file too (e.g. the
+official ``TinyStories-valid.txt``, stories 500:1000, which this machine cannot download), with its
+8-gram overlap.
 
 **Recipes** (``RECIPES``) train with ``slm train --max-time`` one after another with all the cores:
 
@@ -35,7 +50,7 @@ other rows. slmkit's GELU is the tanh form and nanoGPT's the exact erf form, so 
 checked: the loss of nanoGPT's own module and of the converted model on the same windows are both
 recorded (``loss_check``).
 
-Results are appended as JSON lines to bench/results/quality_test_split.jsonl (``--results``), each
+Results are appended as JSON lines to bench/results/quality_unseen_split.jsonl (``--results``; the old split's rows are in quality_test_split.jsonl), each
 with its command, the machine, the commit and the load average before and after.
 """
 
@@ -64,7 +79,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from benchlib import machine_info  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
-TEST_STORIES = 500  # the last stories of train.txt that become the test split
+TEST_STORIES = 500  # the last stories of train.txt that become the train-tail split
+VALID_CUT = 438  # valid.txt's stories from this one on are the test split (where its 8-gram overlap drops)
+VAL_RANGE = (1500, 1750)  # the stories of train.txt that are the val split (a low-overlap block)
+HELD_OUT_FILES = ("test", "valid_head", "train_tail")  # DATA/NAME.txt, scored besides the val split
+NGRAM = 8  # overlap with the training text is counted in word 8-grams
 EOT_LINE = "<|endoftext|>"
 
 # nanoGPT's model: learned positions, LayerNorm, GELU MLP 4x, tied embeddings, bias=False (its default).
@@ -116,32 +135,128 @@ def write_stories(path: Path, stories: list[str]) -> None:
     path.write_text("".join(f"{s}\n{EOT_LINE}\n" for s in stories), encoding="utf-8")
 
 
-def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int, vocab_size: int) -> dict:
-    """Tokenize ``train_txt`` minus its last ``test_stories`` stories into ``data`` (val: ``valid_txt``)
-    and write those stories to DATA/test.txt; kept when DATA was made from the same files already.
-    Stories of the test split that also occur verbatim earlier in train.txt are dropped from training."""
+def words(story: str) -> list[str]:
+    """Lower-cased words and punctuation marks: what the overlap measure counts n-grams of."""
+    return re.findall(r"\w+|[^\w\s]", story.lower())
+
+
+def ngrams(story: str, n: int = NGRAM) -> list[tuple[str, ...]]:
+    w = words(story)
+    return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+
+
+def ngram_set(stories: list[str], n: int = NGRAM) -> set[tuple[str, ...]]:
+    return {g for s in stories for g in ngrams(s, n)}
+
+
+def overlap(stories: list[str], seen: set[tuple[str, ...]], n: int = NGRAM) -> dict[str, Any]:
+    """How much of ``stories`` the training text already holds: the fraction of their word n-grams
+    that occur in it (``ngram_overlap``), and the same per story (``per_story``)."""
+    per, hits, total = [], 0, 0
+    for s in stories:
+        g = ngrams(s, n)
+        h = sum(x in seen for x in g)
+        hits, total = hits + h, total + len(g)
+        per.append(round(h / len(g), 4) if g else 0.0)
+    return {"stories": len(stories), "n": n, "ngram_overlap": round(hits / max(total, 1), 4), "per_story": per}
+
+
+def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int, vocab_size: int,
+                 valid_cut: int | None = None, val_range: tuple[int, int] | None = None) -> dict:
+    """Tokenize ``train_txt`` into ``data`` without its stories ``val_range`` (DATA's val split) and
+    its last ``test_stories`` (DATA/train_tail.txt); write ``valid_txt``'s stories from ``valid_cut``
+    on to DATA/test.txt and those before to DATA/valid_head.txt. Kept when DATA was made from the
+    same files already. A story of any held-out split that also occurs verbatim among the training
+    stories is dropped from training."""
     from slmkit.prepare import prepare
 
+    stories, valid = read_stories(train_txt), read_stories(valid_txt)
+    if valid_cut is None:  # VALID_CUT for the shared files; the same share of a smaller corpus (smoke runs)
+        valid_cut = VALID_CUT if len(valid) >= 500 else max(1, len(valid) * VALID_CUT // 500)
+    if val_range is None:  # VAL_RANGE, or a block of 1/34 of a smaller corpus at the same place
+        n = len(stories) - test_stories
+        val_range = VAL_RANGE if n >= VAL_RANGE[1] else (n * 6 // 34, n * 7 // 34)
     source = {"train": str(train_txt), "train_sha256": hashlib.sha256(train_txt.read_bytes()).hexdigest(),
-              "valid": str(valid_txt), "test_stories": test_stories, "vocab_size": vocab_size}
+              "valid": str(valid_txt), "valid_sha256": hashlib.sha256(valid_txt.read_bytes()).hexdigest(),
+              "test_stories": test_stories, "valid_cut": valid_cut, "val_range": list(val_range),
+              "vocab_size": vocab_size}
     split_file = data / "split.json"
-    if split_file.exists() and (data / "meta.json").exists() and (data / "test.txt").exists():
+    files = ("meta.json", "test.txt", "train_tail.txt", "valid_head.txt")
+    if split_file.exists() and all((data / f).exists() for f in files):
         if json.loads(split_file.read_text())["source"] == source:
             return json.loads(split_file.read_text())
-    stories = read_stories(train_txt)
-    test = stories[-test_stories:]
-    seen = set(test)
-    train = [s for s in stories[:-test_stories] if s not in seen]
+    a, b = val_range
+    if not 0 < valid_cut < len(valid) or not 0 <= a < b <= len(stories) - test_stories:
+        raise SystemExit(f"error: {valid_txt} ({len(valid)} stories) and {train_txt} ({len(stories)} stories) are "
+                         f"too short for the cut at {valid_cut} and the val stories {a}:{b}")
+    tail, val, test, head = stories[-test_stories:], stories[a:b], valid[valid_cut:], valid[:valid_cut]
+    held_out = set(tail) | set(val) | set(test) | set(head)
+    train = [s for s in stories[:a] + stories[b:-test_stories] if s not in held_out]
     with tempfile.TemporaryDirectory(prefix="slm-quality-split-") as tmp:
-        train_part = Path(tmp) / "train_part.txt"
+        train_part, val_part = Path(tmp) / "train_part.txt", Path(tmp) / "val_part.txt"
         write_stories(train_part, train)
-        prepare([str(train_part)], data, vocab_size=vocab_size, val_inputs=[str(valid_txt)])
+        write_stories(val_part, val)
+        prepare([str(train_part)], data, vocab_size=vocab_size, val_inputs=[str(val_part)])
     write_stories(data / "test.txt", test)
-    split = {"source": source, "train_stories": len(train), "test_stories": len(test),
-             "test_duplicates_removed_from_train": len(stories) - test_stories - len(train),
-             "test_sha256": hashlib.sha256((data / "test.txt").read_bytes()).hexdigest()}
+    write_stories(data / "train_tail.txt", tail)
+    write_stories(data / "valid_head.txt", head)
+    seen = ngram_set(train)
+    split = {"source": source, "train_stories": len(train), "val_stories": len(val), "test_stories": len(test),
+             "train_tail_stories": len(tail), "valid_head_stories": len(head),
+             "held_out_duplicates_removed_from_train": len(stories) - test_stories - (b - a) - len(train),
+             "test_sha256": hashlib.sha256((data / "test.txt").read_bytes()).hexdigest(),
+             "ngram_overlap": {k: overlap(v, seen)["ngram_overlap"] for k, v in
+                               (("val", val), ("test", test), ("valid_head", head), ("train_tail", tail))}}
     split_file.write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
     return split
+
+
+def select_stories(path: Path, span: str | None) -> list[str]:
+    """Stories ``A:B`` (Python slice bounds, either may be empty) of the file at ``path``."""
+    if not path.is_file():
+        raise SystemExit(f"error: --test-file {path} not found: pass a TinyStories-style text file")
+    stories = read_stories(path)
+    m = re.fullmatch(r"(\d*):(\d*)", span or ":")
+    if m is None:
+        raise SystemExit(f"error: --test-range {span!r} is not A:B (story numbers, e.g. 500:1000)")
+    picked = stories[int(m.group(1) or 0):int(m.group(2)) if m.group(2) else None]
+    if not picked:
+        raise SystemExit(f"error: --test-range {span} selects no stories of {path} ({len(stories)} stories)")
+    return picked
+
+
+def overlap_report(train_txt: Path, valid_txt: Path, test_stories: int, block: int = 25,
+                   train_block: int = 250) -> dict[str, Any]:
+    """The 8-gram overlap of each split with the training text, of valid.txt in blocks of ``block``
+    stories (where the test cut comes from) and of train.txt in blocks of ``train_block`` stories,
+    each against the rest of train.txt (where the val stories come from)."""
+    stories, valid = read_stories(train_txt), read_stories(valid_txt)
+    a, b = VAL_RANGE
+    body = stories[:-test_stories]
+    seen = ngram_set(body[:a] + body[b:])
+    per = overlap(valid, seen)["per_story"]
+    blocks = [{"from": i, "to": min(i + block, len(per)), "mean": round(sum(per[i:i + block]) / len(per[i:i + block]), 4)}
+              for i in range(0, len(per), block)]
+    counts: dict[tuple[str, ...], int] = {}
+    grams = [set(ngrams(s)) for s in body]
+    for g in grams:
+        for x in g:
+            counts[x] = counts.get(x, 0) + 1
+    own = [sum(counts[x] > 1 for x in g) / max(len(g), 1) for g in grams]  # n-grams some other story has too
+    train_blocks = [{"from": i, "to": min(i + train_block, len(own)),
+                     "mean": round(sum(own[i:i + train_block]) / len(own[i:i + train_block]), 4)}
+                    for i in range(0, len(own), train_block)]
+    splits = {f"test (valid.txt {VALID_CUT}:{len(valid)})": valid[VALID_CUT:],
+              f"val (train.txt {a}:{b})": stories[a:b],
+              f"valid-head (valid.txt 0:{VALID_CUT})": valid[:VALID_CUT],
+              f"train-tail (train.txt, last {test_stories})": stories[-test_stories:]}
+    rows = {}
+    for name, ss in splits.items():
+        p = sorted(overlap(ss, seen)["per_story"])
+        rows[name] = {"stories": len(ss), "ngram_overlap": overlap(ss, seen)["ngram_overlap"],
+                      "median_story": p[len(p) // 2], "stories_below_5pct": round(sum(x < 0.05 for x in p) / len(p), 3)}
+    return {"n": NGRAM, "train": f"{train_txt.name} without the val and train-tail stories", "splits": rows,
+            "valid_blocks": blocks, "train_blocks": train_blocks, "valid_per_story": per}
 
 
 def smoke_corpus(directory: Path) -> tuple[Path, Path]:
@@ -165,22 +280,54 @@ def smoke_corpus(directory: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- scoring
 
 
-def score(run: Path, data: Path) -> dict[str, float]:
-    """Bits per byte and loss of RUN's last checkpoint on the val split and on DATA/test.txt."""
+def score(run: Path, data: Path, extra: Path | None = None) -> dict[str, float]:
+    """Bits per byte and loss of RUN's last checkpoint on the val split, DATA/test.txt,
+    DATA/valid_head.txt and DATA/train_tail.txt (and on ``extra``, a --test-file selection, as ``file_*``)."""
     from slmkit.evaluate import evaluate_run
 
     val = evaluate_run(run, data_dir=data, which="last")
-    test = evaluate_run(run, input_path=str(data / "test.txt"), which="last")
-    return {"val_bpb": val["bpb"], "val_loss": val["loss"], "test_bpb": test["bpb"], "test_loss": test["loss"],
-            "val_tokens": val["tokens"], "test_tokens": test["tokens"]}
+    out = {"val_bpb": val["bpb"], "val_loss": val["loss"], "val_tokens": val["tokens"]}
+    files = {f: data / f"{f}.txt" for f in HELD_OUT_FILES}
+    if extra is not None:
+        files["file"] = extra
+    for name, path in files.items():
+        r = evaluate_run(run, input_path=str(path), which="last")
+        out.update({f"{name}_bpb": r["bpb"], f"{name}_loss": r["loss"], f"{name}_tokens": r["tokens"]})
+    return out
 
 
-def eval_command(run: Path, data: Path) -> str:
-    return f"slm eval {run} --data {data} --which last && slm eval {run} --input {data / 'test.txt'} --which last"
+def eval_command(run: Path, data: Path, extra: Path | None = None) -> str:
+    return " && ".join([f"slm eval {run} --data {data} --which last"] + [
+        f"slm eval {run} --input {f} --which last"
+        for f in (*(data / f"{f}.txt" for f in HELD_OUT_FILES), *([extra] if extra else []))])
+
+
+def eval_history(run: Path, window: int = 50) -> list[dict[str, float]]:
+    """The run's in-training evaluations from metrics.jsonl: step, tokens, val loss and the mean
+    training loss of the last ``window`` logged steps before it (their gap shows overfitting)."""
+    from slmkit.rundir import iter_records
+
+    out, train, tokens = [], [], 0
+    for r in iter_records(run):
+        if "loss" in r:
+            train.append(r["loss"])
+            tokens = r.get("tokens", tokens)
+        elif "val_loss" in r and train:
+            out.append({"step": r["step"], "tokens": tokens, "val_loss": round(r["val_loss"], 4),
+                        "train_loss": round(sum(train[-window:]) / len(train[-window:]), 4)})
+    return out
+
+
+def train_dtype(overrides: list[str]) -> str:
+    """The precision a recipe trains in on this machine (train.dtype, auto resolved), for the results."""
+    from slmkit.runtime import choose_dtype
+
+    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.dtype=")), "auto")
+    return str(choose_dtype(name, "cpu")[0]).removeprefix("torch.")
 
 
 def run_recipe(name: str, preset: str | None, overrides: list[str], data: Path, out: Path, max_time: str,
-               quiet: bool = True) -> dict:
+               quiet: bool = True, extra: Path | None = None) -> dict:
     from slmkit.train import train
 
     load_before, t0 = load_average(), time.time()
@@ -188,15 +335,16 @@ def run_recipe(name: str, preset: str | None, overrides: list[str], data: Path, 
     wall = time.time() - t0
     cmd = (f"slm train --data {data} --out {out / name} --fresh --max-time {max_time}"
            + (f" --preset {preset}" if preset else "") + "".join(" " + shlex.quote(o) for o in overrides)
-           + " && " + eval_command(out / name, data))
+           + " && " + eval_command(out / name, data, extra))
     from slmkit.checkpoint import load_run
 
     model, _, _ = load_run(out / name, which="last")
     return {
-        "recipe": name, "max_time": max_time, **score(out / name, data), "steps": summary["steps"],
+        "recipe": name, "max_time": max_time, **score(out / name, data, extra), "steps": summary["steps"],
         "tokens": summary["tokens"], "tok_per_s": summary["tok_per_s"], "mfu": summary["mfu"],
         "params": model.num_params(non_embedding=False), "wall_s": round(wall, 1), "load_before": load_before,
-        "load_after": load_average(), "threads": __import__("torch").get_num_threads(), "command": cmd,
+        "load_after": load_average(), "threads": __import__("torch").get_num_threads(),
+        "dtype": train_dtype(overrides), "evals": eval_history(out / name), "command": cmd,
     }
 
 
@@ -324,7 +472,8 @@ def write_run(model, data: Path, run: Path, step: int) -> None:
     write_checkpoint(run / "last", model=model, state={"step": step, "converted_from": "nanoGPT ckpt.pt"})
 
 
-def run_nanogpt(clone: Path, data: Path, out: Path, max_time: str, smoke: bool) -> list[dict]:
+def run_nanogpt(clone: Path, data: Path, out: Path, max_time: str, smoke: bool,
+                extra: Path | None = None) -> list[dict]:
     """nanoGPT's train.py with the README's CPU advice: as written, then stretched to the budget."""
     import torch
 
@@ -360,12 +509,12 @@ def run_nanogpt(clone: Path, data: Path, out: Path, max_time: str, smoke: bool) 
         tokens_per_iter = ckpt["config"]["batch_size"] * ckpt["config"]["block_size"]
         rows.append({
             "recipe": name, "max_time": max_time if "as-written" not in name else f"{iters} iterations",
-            **score(run, data), "steps": ckpt["iter_num"], "tokens": ckpt["iter_num"] * tokens_per_iter,
+            **score(run, data, extra), "steps": ckpt["iter_num"], "tokens": ckpt["iter_num"] * tokens_per_iter,
             "iterations_run": res["last_iter"] + 1, "tok_per_s": (res["last_iter"] + 1) * tokens_per_iter / res["wall_s"],
             "params": converted.num_params(non_embedding=False), "wall_s": round(res["wall_s"], 1),
             "stopped_by_timeout": res["stopped_by_timeout"], "load_before": load_before, "load_after": load_average(),
             "loss_check": check, "nanogpt_commit": commit.stdout.strip(),
-            "command": res["command"] + " && " + eval_command(run, data) + "  # ckpt.pt converted by bench/quality.py",
+            "command": res["command"] + " && " + eval_command(run, data, extra) + "  # ckpt.pt converted by bench/quality.py",
         })
     return rows
 
@@ -395,13 +544,34 @@ def main() -> None:
     parser.add_argument("--data", default="/tmp/slm_quality_ts", help="prepared data with the test split "
                         "(made from the shared files if missing)")
     parser.add_argument("--out", default="/tmp/slm_quality", help="where the runs go")
-    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality_test_split.jsonl"))
+    parser.add_argument("--test-file", type=Path, default=None, help="also score every run on stories of this "
+                        "file (TinyStories layout), e.g. the official TinyStories-valid.txt: reported as file_bpb")
+    parser.add_argument("--test-range", default=None, metavar="A:B", help="which stories of --test-file (0-based, "
+                        "B excluded; default all), e.g. 500:1000 for the official validation stories after valid.txt's")
+    parser.add_argument("--overlap", action="store_true", help="only measure the word 8-gram overlap of each split "
+                        "with the training text (and of valid.txt in blocks of 25 stories); no training")
+    parser.add_argument("--results", default=None, help="JSON lines to append to (default: "
+                        "bench/results/quality_unseen_split.jsonl; with --overlap: bench/results/ngram_overlap.json, rewritten)")
     parser.add_argument("--smoke", action="store_true", help="a toy corpus, the tiny preset, seconds; "
                         "everything in a temporary folder (not bench/results)")
     args = parser.parse_args()
 
     train_txt, valid_txt = args.tinystories / "train.txt", args.tinystories / "valid.txt"
-    test_stories, vocab = TEST_STORIES, 4096
+    test_stories, valid_cut, val_range, vocab = TEST_STORIES, VALID_CUT, VAL_RANGE, 4096
+    if args.overlap:
+        report = {**machine_info(), **overlap_report(train_txt, valid_txt, test_stories)}
+        if args.test_file is not None:
+            body = read_stories(train_txt)[:-test_stories]
+            seen = ngram_set(body[:VAL_RANGE[0]] + body[VAL_RANGE[1]:])
+            o = overlap(select_stories(args.test_file, args.test_range), seen)
+            report["splits"][f"{args.test_file.name} {args.test_range or ':'}"] = {
+                k: o[k] for k in ("stories", "ngram_overlap")}
+        out_file = Path(args.results or ROOT / "bench" / "results" / "ngram_overlap.json")
+        out_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        for name, r in report["splits"].items():
+            print(f"{name:40s} {r['stories']:5d} stories  8-gram overlap {r['ngram_overlap']:.3f}")
+        return
+    args.results = args.results or str(ROOT / "bench" / "results" / "quality_unseen_split.jsonl")
     recipes = args.recipes if args.recipes is not None else DEFAULT_RECIPES
     todo = [(n, *RECIPES[n]) for n in recipes]
     for t in args.tries:
@@ -411,7 +581,7 @@ def main() -> None:
     if args.smoke:
         tmp = Path(tempfile.mkdtemp(prefix="slm-quality-smoke-"))
         train_txt, valid_txt = smoke_corpus(tmp / "corpus")
-        test_stories, vocab, args.max_time = 40, 320, "4s"
+        test_stories, valid_cut, val_range, vocab, args.max_time = 40, 30, (100, 130), 320, "4s"
         args.data, args.out, args.results = str(tmp / "data"), str(tmp / "runs"), str(tmp / "quality.jsonl")
         tiny = ["model.block_size=32", "train.batch_size=4", "train.max_steps=6", "train.eval_interval=3",
                 "train.checkpoint_interval=3", "train.eval_batches=2", "train.warmup_steps=2", "train.compile=false"]
@@ -420,7 +590,17 @@ def main() -> None:
     elif not train_txt.exists():
         raise SystemExit(f"error: {train_txt} not found: the benchmark trains on the shared TinyStories files")
     data, out = Path(args.data), Path(args.out)
-    split = prepare_data(data, train_txt, valid_txt, test_stories, vocab)
+    split = prepare_data(data, train_txt, valid_txt, test_stories, vocab, valid_cut, val_range)
+    extra = None
+    if args.test_file is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        extra = out / "test_file.txt"
+        picked = select_stories(args.test_file, args.test_range)
+        write_stories(extra, picked)
+        body = read_stories(train_txt)[:-test_stories]
+        seen = ngram_set(body[:val_range[0]] + body[val_range[1]:])
+        split["file"] = {"path": str(args.test_file), "range": args.test_range or ":", "stories": len(picked),
+                         "ngram_overlap": overlap(picked, seen)["ngram_overlap"]}
     from slmkit.data import load_meta
 
     info = {**machine_info(), "split": {k: v for k, v in split.items() if k != "source"}, "data": str(data),
@@ -432,14 +612,15 @@ def main() -> None:
         rows.append(row)
         with open(args.results, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{row['recipe']:32s} test bpb {row['test_bpb']:.4f}  val bpb {row['val_bpb']:.4f}  steps "
+        print(f"{row['recipe']:24s} test bpb {row['test_bpb']:.4f}  val {row['val_bpb']:.4f}  valid-head "
+              f"{row['valid_head_bpb']:.4f}  train-tail {row['train_tail_bpb']:.4f}" + (f"  file bpb {row['file_bpb']:.4f}" if "file_bpb" in row else "") + "  steps "
               f"{row['steps']:6d}  {row['tok_per_s']:7,.0f} tok/s  load {row['load_before']:.1f}->{row['load_after']:.1f}",
               flush=True)
 
     for name, preset, overrides in todo:
-        keep(run_recipe(name, preset, overrides, data, out, args.max_time))
+        keep(run_recipe(name, preset, overrides, data, out, args.max_time, extra=extra))
     if args.nanogpt is not None:
-        for row in run_nanogpt(args.nanogpt.expanduser(), data, out, args.max_time, args.smoke):
+        for row in run_nanogpt(args.nanogpt.expanduser(), data, out, args.max_time, args.smoke, extra):
             keep(row)
     if rows and not math.isnan(rows[0]["test_bpb"]):
         print_table(rows)

@@ -115,6 +115,95 @@ def quality_history(name: str, command: str) -> str:
     return "\n".join(out)
 
 
+def overrides_of(command: str) -> str:
+    """The ``--preset`` and ``section.key=value`` overrides of a results row's ``slm train`` command."""
+    train = command.split(" && ")[0]
+    over = re.findall(r" ((?:model|train)\.\w+=\S+)", train)
+    preset = f"`--preset {m.group(1)}` " if (m := re.search(r"--preset (\S+)", train)) else ""
+    return (preset + " ".join(f"`{o}`" for o in over)).strip()
+
+
+def quality_unseen(name: str = "quality_unseen_split.jsonl", budget: str | None = None) -> str:
+    """Rows of bench/quality.py with the low-overlap val and test splits, in run order (tries too);
+    ``budget`` keeps one wall-clock budget."""
+    rows = [r for r in load(name) if budget is None or r["max_time"] == budget]
+    files = {r["split"]["file"]["path"] + " " + r["split"]["file"]["range"] for r in rows if "file" in r["split"]}
+    out = [source(name, rows, f"python bench/quality.py --max-time {budget or 'T'} --recipes [RECIPE ...] "
+                  "--try 'NAME: overrides'"), "",
+           "| recipe | overrides | dtype | **test bpb** | val bpb | valid-head bpb | train-tail bpb | steps "
+           "| tokens (epochs) | tok/s | load before | machine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        epochs = r["tokens"] / r["train_tokens"]
+        out.append(f"| {r['recipe']} | {overrides_of(r['command'])} | {r.get('dtype', '')} | {r['test_bpb']:.3f} | "
+                   f"{r['val_bpb']:.3f} | {r['valid_head_bpb']:.3f} | {r['train_tail_bpb']:.3f} | {r['steps']:,} | "
+                   f"{r['tokens'] / 1e6:.2f}M ({epochs:.1f}) | {r['tok_per_s']:,.0f} | {r['load_before']:.1f} | "
+                   f"{r['machine']} |")
+    sp = rows[-1]["split"]
+    ov = sp["ngram_overlap"]
+    out += ["", f"{budget or 'Any'} budget. test: {sp['test_stories']} stories, 8-gram overlap with the training text "
+            f"{ov['test']:.3f}; val: {sp['val_stories']} (overlap {ov['val']:.3f}); valid-head: "
+            f"{sp['valid_head_stories']} ({ov['valid_head']:.3f}); train-tail: {sp['train_tail_stories']} "
+            f"({ov['train_tail']:.3f}); training text {rows[-1]['train_tokens']:,} tokens."]
+    if files:
+        out.append(f"Also scored on (--test-file): {', '.join(sorted(files))}.")
+    return "\n".join(out)
+
+
+def quality_dtype(name: str = "quality_bf16_fp32.jsonl") -> str:
+    """The bf16-against-fp32 pair of 15-minute cpu-15min runs (val then was valid.txt's first 438 stories)."""
+    rows = load(name)
+    out = [source(name, rows, "python bench/quality.py --max-time 15m --recipes cpu-15min; python bench/quality.py "
+                  "--max-time 15m --recipes --try 'cpu-15min-fp32: train.dtype=float32'"), "",
+           "| recipe | dtype | **test bpb** | valid-head bpb | train-tail bpb | steps | tokens (epochs) | tok/s | wall s "
+           "| machine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['recipe']} | {r['dtype']} | {r['test_bpb']:.3f} | {r['val_bpb']:.3f} | "
+                   f"{r['train_tail_bpb']:.3f} | {r['steps']:,} | {r['tokens'] / 1e6:.2f}M "
+                   f"({r['tokens'] / r['train_tokens']:.1f}) | {r['tok_per_s']:,.0f} | {r['wall_s']:.0f} | {r['machine']} |")
+    sp = rows[-1]["split"]
+    out += ["", f"test: valid.txt from story {sp['val_stories']} on ({sp['test_stories']} stories, 8-gram overlap "
+            f"{sp['ngram_overlap']['test']:.3f}); valid-head: its first {sp['val_stories']} (the in-training val "
+            f"split of these two runs, overlap {sp['ngram_overlap']['val']:.3f}); train-tail: {sp['train_tail_stories']} "
+            f"(overlap {sp['ngram_overlap']['train_tail']:.3f}); training text {rows[-1]['train_tokens']:,} tokens."]
+    return "\n".join(out)
+
+
+def eval_curves(name: str = "quality_bf16_fp32.jsonl", budget: str = "15m") -> str:
+    """Training loss against val loss over each run of ``budget`` (the in-training evaluations):
+    a widening gap, or a val loss that turns up, is overfitting."""
+    rows = [r for r in load(name) if r["max_time"] == budget and r.get("evals")]
+    out = [source(name, rows, f"python bench/quality.py --max-time {budget} ..."), "",
+           "| recipe | dtype | step | tokens (epochs) | train loss (last 50 steps) | val loss | gap |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for e in r["evals"]:
+            out.append(f"| {r['recipe']} | {r.get('dtype', '')} | {e['step']:,} | {e['tokens'] / 1e6:.2f}M "
+                       f"({e['tokens'] / r['train_tokens']:.1f}) | {e['train_loss']:.3f} | {e['val_loss']:.3f} | "
+                       f"{e['val_loss'] - e['train_loss']:+.3f} |")
+    return "\n".join(out)
+
+
+def ngram_overlap(name: str = "ngram_overlap.json") -> str:
+    """The word 8-gram overlap of each split with the training text, and valid.txt's profile."""
+    d = load(name)
+    out = [source(name, d, "python bench/quality.py --overlap"), "",
+           f"| split | stories | {d['n']}-gram overlap with the training text | median story | stories under 5% |",
+           "|---|---|---|---|---|"]
+    for split, r in d["splits"].items():
+        med = f"{r['median_story']:.3f}" if "median_story" in r else ""
+        low = pct(r["stories_below_5pct"]) if "stories_below_5pct" in r else ""
+        out.append(f"| {split} | {r['stories']:,} | {r['ngram_overlap']:.3f} | {med} | {low} |")
+    out += ["", "valid.txt in blocks of 25 stories (mean overlap per story):", "",
+            "| stories | " + " | ".join(f"{b['from']}-{b['to'] - 1}" for b in d["valid_blocks"]) + " |",
+            "|---|" + "---|" * len(d["valid_blocks"]),
+            "| overlap | " + " | ".join(f"{b['mean']:.3f}" for b in d["valid_blocks"]) + " |"]
+    if "train_blocks" in d:
+        out += ["", "train.txt (without its last stories) in blocks of 250, the share of each story's 8-grams that "
+                "another of its stories also has:", "",
+                ", ".join(f"{b['from']}-{b['to'] - 1}: {b['mean']:.3f}" for b in d["train_blocks"]) + "."]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- training speed
 
 
@@ -309,6 +398,11 @@ def decode_repeats(names: list[str]) -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "quality": quality,
+    "quality-unseen-15m": lambda: quality_unseen(budget="15m"),
+    "quality-dtype": quality_dtype,
+    "eval-curves-dtype": eval_curves,
+    "eval-curves-15m": lambda: eval_curves("quality_unseen_split.jsonl"),
+    "ngram-overlap": ngram_overlap,
     "quality-intel": lambda: quality_history("quality.jsonl", "python bench/quality.py --max-time 15m"),
     "recipe-search-intel": lambda: quality_history(
         "recipe_search.jsonl", "python bench/quality.py --max-time 5m --try 'NAME: overrides' "

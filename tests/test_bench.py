@@ -106,7 +106,9 @@ def test_quality(tmp_path: Path) -> None:
     assert [r["recipe"] for r in rows][:1] == ["nanogpt-tuned"]
     for r in rows:
         assert 0 < r["test_bpb"] < 10 and 0 < r["val_bpb"] < 10 and r["machine"]
-        assert r["split"]["test_stories"] == 40 and r["split"]["train_stories"] == 360
+        assert 0 < r["train_tail_bpb"] < 10 and 0 < r["valid_head_bpb"] < 10 and r["dtype"] in ("float32", "bfloat16")
+        assert r["split"]["train_tail_stories"] == 40 and r["split"]["train_stories"] == 330
+        assert r["split"]["val_stories"] == 30 and r["split"]["test_stories"] == 10
     if NANOGPT:
         check = rows[-1]["loss_check"]
         assert check["converted_loss"] == pytest.approx(check["nanogpt_module_loss"], abs=1e-3)
@@ -117,17 +119,38 @@ def test_test_split_is_disjoint_from_training(tmp_path: Path) -> None:
     import quality
 
     train, valid = quality.smoke_corpus(tmp_path / "corpus")
-    stories = quality.read_stories(train)
-    quality.write_stories(train, stories + stories[:2])  # the first two stories again, in the test split
-    split = quality.prepare_data(tmp_path / "data", train, valid, 5, 320)
-    test = quality.read_stories(tmp_path / "data" / "test.txt")
-    assert test == stories[-3:] + stories[:2]
-    assert split["test_stories"] == 5 and split["test_duplicates_removed_from_train"] == 2
+    stories, valid_stories = quality.read_stories(train), quality.read_stories(valid)
+    # a test story (valid.txt from story 30 on) and a val story (train.txt 101:131 now) at the start
+    # of train.txt, and its first two stories again at its end, in the train-tail split
+    quality.write_stories(train, [valid_stories[35], stories[110]] + stories + stories[:2])
+    split = quality.prepare_data(tmp_path / "data", train, valid, 5, 320, valid_cut=30, val_range=(101, 131))
+    assert quality.read_stories(tmp_path / "data" / "train_tail.txt") == stories[-3:] + stories[:2]
+    assert quality.read_stories(tmp_path / "data" / "test.txt") == valid_stories[30:]
+    assert quality.read_stories(tmp_path / "data" / "valid_head.txt") == valid_stories[:30]
+    assert split["val_stories"] == 30 and split["test_stories"] == 10 and split["train_tail_stories"] == 5
+    assert split["held_out_duplicates_removed_from_train"] == 4  # the first two, valid 35, story 110
     from slmkit.data import load_meta
 
     meta = load_meta(tmp_path / "data")
-    assert meta["train"]["documents"] == split["train_stories"] == len(stories) - 3 - 2
-    assert quality.prepare_data(tmp_path / "data", train, valid, 5, 320) == split  # kept, not made again
+    assert meta["train"]["documents"] == split["train_stories"] == len(stories) + 4 - 5 - 30 - 4
+    assert meta["val"]["documents"] == 30
+    assert quality.prepare_data(tmp_path / "data", train, valid, 5, 320, valid_cut=30, val_range=(101, 131)) == split
+
+
+def test_ngram_overlap_and_story_ranges(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality
+
+    seen = quality.ngram_set(["One day, a cat saw a big red ball."])
+    # 8 words and marks: one 8-gram, seen; 9: two 8-grams, the second seen ("then" never was)
+    o = quality.overlap(["A cat saw a big red ball.", "Then a cat saw a big red ball."], seen)
+    assert o["per_story"] == [1.0, 0.5] and o["ngram_overlap"] == round(2 / 3, 4)
+    path = tmp_path / "stories.txt"
+    quality.write_stories(path, [f"Story {i}." for i in range(10)])
+    assert quality.select_stories(path, "7:") == ["Story 7.", "Story 8.", "Story 9."]
+    assert quality.select_stories(path, "2:4") == ["Story 2.", "Story 3."]
+    with pytest.raises(SystemExit, match="selects no stories"):
+        quality.select_stories(path, "20:30")
 
 
 def test_quantize(tmp_path: Path) -> None:
