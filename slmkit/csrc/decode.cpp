@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 
+#include "qdecode.h"
 #include "vec.h"
 
 namespace {
@@ -343,7 +344,22 @@ struct Step {
     int64_t in, out, ldx, ldy;
     float* Y;
     bool add;
+    // int8/int4 weights (qdecode.h): each tensor's format (null: all float32), the isa, the
+    // current product's format and its activations quantized once (slmq::quantize_rows)
+    const int64_t* fmt;
+    int isa;
+    int64_t wfmt;
+    void* xq;
 };
+
+// dots = rows j0..j1 of W (format fmt) times the B rows of X, or of their quantized copy s.xq.
+inline void matvec_any(const Step& s, const void* W, int64_t fmt, int64_t in, const float* X, int64_t ldx,
+                       int64_t j0, int64_t j1, float* dots, int64_t ldd) {
+    if (fmt) slmq::matvec(fmt, s.isa, W, in, s.xq, s.B, j0, j1, dots, ldd);
+    else s.matvec((const float*)W, in, X, ldx, s.B, j0, j1, dots, ldd);
+}
+
+inline int64_t fmt_of(const Step& s, int64_t i) { return s.fmt ? s.fmt[i] : 0; }
 
 thread_local std::vector<float> tls;  // per-thread scratch: dots of a task, attention scores
 
@@ -357,7 +373,7 @@ void product_task(void* p, int64_t task) {
     Step& s = *(Step*)p;
     const int64_t j0 = task * kRows, j1 = std::min(s.out, j0 + kRows), R = j1 - j0;
     float* dots = scratch(s.B * R);
-    s.matvec(s.W, s.in, s.X, s.ldx, s.B, j0, j1, dots, R);
+    matvec_any(s, s.W, s.wfmt, s.in, s.X, s.ldx, j0, j1, dots, R);
     for (int64_t b = 0; b < s.B; b++) {
         float* y = s.Y + b * s.ldy + j0;
         const float* d = dots + b * R;
@@ -376,10 +392,11 @@ void up_task(void* p, int64_t task) {
     const int64_t j0 = task * kRows, j1 = std::min(hidden, j0 + kRows), R = j1 - j0;
     const float* const* lw = s.w + kGlobal + s.layer * kPerLayer;
     const float *Wu = lw[kUpW], *bu = lw[kUpB];
+    const int64_t fu = fmt_of(s, kGlobal + s.layer * kPerLayer + kUpW);
     float* gate = scratch(2 * s.B * R);
     float* up = gate + s.B * R;
-    s.matvec(Wu, C, s.h, C, s.B, j0, j1, gate, R);
-    if (swiglu) s.matvec(Wu, C, s.h, C, s.B, hidden + j0, hidden + j1, up, R);
+    matvec_any(s, Wu, fu, C, s.h, C, j0, j1, gate, R);
+    if (swiglu) matvec_any(s, Wu, fu, C, s.h, C, hidden + j0, hidden + j1, up, R);
     for (int64_t b = 0; b < s.B; b++) {
         for (int64_t r = 0; r < R; r++) {
             if (bu) gate[b * R + r] += bu[j0 + r];
@@ -453,9 +470,21 @@ Pool& pool() {
 std::mutex step_mutex;  // one step at a time (ctypes releases the GIL)
 std::vector<float> workspace;
 
-void product(Step& s, int threads, const float* W, const float* bias, const float* X, int64_t in, int64_t out,
+std::vector<char> xq_buffer;
+
+// Quantizes X for the products of weight i when that weight is int8/int4 (once per product).
+void prepare(Step& s, int64_t i, const float* X, int64_t in) {
+    s.wfmt = fmt_of(s, i);
+    if (!s.wfmt) return;
+    xq_buffer.resize(slmq::xq_bytes(s.B, in));
+    s.xq = xq_buffer.data();
+    slmq::quantize_rows(X, in, in, s.B, s.xq);
+}
+
+void product(Step& s, int threads, int64_t i, const float* bias, const float* X, int64_t in, int64_t out,
              float* Y, int64_t ldy, bool add) {
-    s.W = W, s.bias = bias, s.X = X, s.in = in, s.out = out, s.ldx = in, s.Y = Y, s.ldy = ldy, s.add = add;
+    prepare(s, i, X, in);
+    s.W = s.w[i], s.bias = bias, s.X = X, s.in = in, s.out = out, s.ldx = in, s.Y = Y, s.ldy = ldy, s.add = add;
     pool().run(threads, (out + kRows - 1) / kRows, product_task, &s);
 }
 
@@ -468,9 +497,11 @@ int slm_decode_isa() { return best_isa(); }
 
 // One token per row: ids (B,), start (B,) the first real slot of each row, S the slots filled so
 // far; keys and values (n_layer, B, KV, max_len, D) get slot S; logits (B, vocab). isa 0 picks the
-// best. Returns 0, or 1 for a token id outside the vocabulary, 2 for an isa this CPU lacks.
+// best. fmt: each weight's format (qdecode.h; null: all float32). Returns 0, or 1 for a token id
+// outside the vocabulary, 2 for an isa this CPU lacks.
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
-                    int64_t B, int64_t S, int64_t max_len, float* kc, float* vc, float* logits, int threads, int isa) {
+                    int64_t B, int64_t S, int64_t max_len, float* kc, float* vc, float* logits, int threads, int isa,
+                    const int64_t* fmt) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar) return 2;
@@ -482,11 +513,13 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
     const int64_t qkv_width = (H + 2 * KV) * D;
     workspace.resize(B * (3 * C + qkv_width + hidden));
     Step s{cfg, w, eps, start, B, S, max_len, kc, vc, matvec_for(isa)};
+    s.fmt = fmt, s.isa = isa;
     s.x = workspace.data(), s.h = s.x + B * C, s.att = s.h + B * C, s.qkv = s.att + B * C, s.act = s.qkv + B * qkv_width;
     s.logits = logits;
     const bool ln = cfg[kLayerNorm];
     for (int64_t b = 0; b < B; b++) {
         const float* e = w[kTokEmb] + ids[b] * C;
+        if (fmt_of(s, kTokEmb)) slmq::dequantize_row(fmt[kTokEmb], w[kTokEmb], C, ids[b], s.h), e = s.h;
         const int64_t pos = std::max<int64_t>(S - start[b], 0);
         for (int64_t i = 0; i < C; i++) s.x[b * C + i] = e[i] + (w[kPosEmb] ? w[kPosEmb][pos * C + i] : 0.f);
     }
@@ -494,15 +527,17 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
         const float* const* lw = w + kGlobal + l * kPerLayer;
         s.layer = l;
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN1w], lw[kN1b], C, eps, ln, s.h + b * C);
-        product(s, threads, lw[kQkvW], lw[kQkvB], s.h, C, qkv_width, s.qkv, qkv_width, false);
+        const int64_t li = kGlobal + l * kPerLayer;
+        product(s, threads, li + kQkvW, lw[kQkvB], s.h, C, qkv_width, s.qkv, qkv_width, false);
         pool().run(threads, B * KV, attention_task, &s);
-        product(s, threads, lw[kProjW], lw[kProjB], s.att, C, C, s.x, C, true);
+        product(s, threads, li + kProjW, lw[kProjB], s.att, C, C, s.x, C, true);
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN2w], lw[kN2b], C, eps, ln, s.h + b * C);
+        prepare(s, li + kUpW, s.h, C);
         pool().run(threads, (hidden + kRows - 1) / kRows, up_task, &s);
-        product(s, threads, lw[kDownW], lw[kDownB], s.act, hidden, C, s.x, C, true);
+        product(s, threads, li + kDownW, lw[kDownB], s.act, hidden, C, s.x, C, true);
     }
     for (int64_t b = 0; b < B; b++) norm(s.x + b * C, w[kNormW], w[kNormB], C, eps, ln, s.h + b * C);
-    product(s, threads, w[kHeadW], w[kHeadB], s.h, C, V, logits, V, false);
+    product(s, threads, kHeadW, w[kHeadB], s.h, C, V, logits, V, false);
     return 0;
 }
 
