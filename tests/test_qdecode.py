@@ -4,12 +4,11 @@ The products: every kernel this CPU runs (AVX-512 VNNI, AVX-VNNI, AVX2, scalar) 
 bits, and those are the exact product of the dequantized weights with the activations rounded to
 int8 blocks, for q8_0 / q4_0 and the larger groups. The step: against the float C++ step on the
 same (dequantized) weights, on a ragged batch, the logits differ only by the activations' 8-bit
-rounding and greedy tokens agree; instruction set and thread count change no bit. A quantized run
-from ``slm quantize`` decodes on its blocks by default; blocks it cannot read fall back with a note."""
+rounding, and a quantized run's greedy tokens are the float reference's; instruction set and
+thread count change no bit. A quantized run from ``slm quantize`` decodes on its blocks by
+default; blocks it cannot read fall back with a note."""
 
 from __future__ import annotations
-
-import ctypes
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from slmkit.export.quantize import quantize_run
 from slmkit.generate import SamplingConfig, generate_tokens
 from slmkit.quant import QuantConfig, dequantize_blocks, packed_weight, quantize_blocks, quantize_model
 
-from generation_models import GREEDY, noisy_model, one_thread  # noqa: F401 (one_thread: a fixture)
+from generation_models import GREEDY, noisy_model, one_thread, random_model  # noqa: F401 (one_thread: a fixture)
 
 pytestmark = pytest.mark.skipif(cpu_kernels.built() is not None, reason=f"no C++ library: {cpu_kernels.built()}")
 
@@ -73,8 +72,9 @@ def test_every_kernel_gives_the_exact_block_products(bits, group):
 
 
 def quantized_model(bits: int, group: int, embeddings: bool, seed: int = 2, **kw):
-    """A noisy model quantized in place (as load_run gives a quantized run)."""
-    model = noisy_model(seed, **kw)
+    """A random model (weights at their initial scale) quantized in place, as load_run gives a
+    quantized run. (noisy_model's weights, scaled up 6x, amplify any rounding layer after layer.)"""
+    model = random_model(seed, scale=1.0, **kw)
     quantize_model(model, QuantConfig(bits, group, embeddings))
     return model
 
@@ -96,9 +96,10 @@ ARCHS = {"llama-gqa": dict(n_embd=64, n_head=4, n_kv_head=2, vocab_size=96),
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_the_step_on_blocks_is_the_float_step_up_to_activation_rounding(arch, bits, group, embeddings):
     """A ragged batch of three (left padding 0, 5, 2), 8 steps: the step on the blocks against the
-    float C++ step on the dequantized weights. Rounding activations to 8 bits (relative error up
-    to 1/254 per value, random in sign) moves logits of size ~10 by a few hundredths: within 3% of
-    each row's logit range; the two never agree exactly (the blocks are really read). Every
+    float C++ step on the dequantized weights. Rounding activations to 8 bits (error up to 1/254 of
+    each 32-value block's largest value, random in sign) moves these logits by about 0.1% of each
+    row's range (measured 0.09% over two layers, as over one: the errors do not compound here);
+    the bound is 0.5%, and the two never agree exactly (the blocks are really read). Every
     instruction set and thread count gives the same bits."""
     model = quantized_model(bits, group, embeddings, **ARCHS[arch])
     g = torch.Generator().manual_seed(5)
@@ -111,7 +112,7 @@ def test_the_step_on_blocks_is_the_float_step_up_to_activation_rounding(arch, bi
         ref = ragged(NativeDecoder(model, packed=False), model, x, starts, 8)
         for a, b in zip(got[1:], ref[1:]):
             spread = b.amax(-1, keepdim=True) - b.amin(-1, keepdim=True)
-            assert ((a - b).abs() <= 0.03 * spread).all()
+            assert ((a - b).abs() <= 0.005 * spread).all()
             assert not torch.equal(a, b)
         for isa in RUNNABLE:
             for threads in (1, 3):
@@ -120,24 +121,18 @@ def test_the_step_on_blocks_is_the_float_step_up_to_activation_rounding(arch, bi
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_greedy_tokens_on_blocks_are_the_float_tokens(bits):
-    """Greedy generation, a ragged batch of three prompts, 20 tokens: the same tokens as decoding
-    the dequantized weights in float32 (the margins of this model's picks exceed the rounding)."""
-    model = quantized_model(bits, 32, False, seed=4, n_embd=64, n_head=4, vocab_size=61)
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 9, 1)]
-    cfg = SamplingConfig(max_new_tokens=20, **GREEDY)
-    ours = generate_tokens(model, prompts, cfg, path="cpp")
-    assert ours == generate_tokens(model, prompts, cfg, path="cached") and len(set(ours[0])) > 4
-
-
-def test_a_quantized_run_decodes_on_its_blocks(run_dir, tmp_path, capsys):
-    """slm quantize's run, read by load_run: the default decoder reads the blocks (no float copy of
-    them passed to C++), a changed weight makes them stale (float path), and blocks of a group it
-    cannot read fall back with one note."""
-    quantize_run(run_dir, tmp_path / "q4", QuantConfig(4, 32))
-    model, _, _ = load_run(tmp_path / "q4")
+def test_a_quantized_run_decodes_on_its_blocks(bits, run_dir, tmp_path, capsys):
+    """slm quantize's run (a small trained model), read by load_run: the default decoder reads the
+    blocks (no float copy of them is passed to C++), and its greedy tokens on a ragged batch are
+    those of the reference decoding the float32 values the blocks stand for. A changed weight makes
+    its blocks stale (float path); blocks of a group it cannot read fall back with one note."""
+    quantize_run(run_dir, tmp_path / "q", QuantConfig(bits, 32))
+    model, tok, _ = load_run(tmp_path / "q")
     assert pick(model) is NativeDecoder
+    prompts = [tok.encode(p) for p in ("Once upon a time", "The dog", "She")]
+    cfg = SamplingConfig(max_new_tokens=16, **GREEDY)
+    ours = generate_tokens(model, prompts, cfg, path="cpp")
+    assert ours == generate_tokens(model, prompts, cfg, path="cached") and len(set(ours[0])) > 3
     dec = NativeDecoder(model)
     assert dec.packed and all(t.dtype == torch.uint8 for t, f in zip(dec.tensors, dec.formats) if f)
     blocks = packed_weight(model.blocks[0].attn.qkv).blocks
