@@ -10,7 +10,8 @@ kernels do slowly at small-model shapes:
   inductor compiles into two loops that each compute exp.
 
 The same library holds the C++ decode step (``csrc/decode.cpp``, used by ``decode/native.py``,
-which picks its own AVX-512 / AVX2 / scalar code at run time and so runs on every CPU).
+which picks its own AVX-512 / AVX2 / scalar code at run time and so runs on every CPU) and its
+products on int8/int4 weight blocks (``csrc/qdecode.cpp``: VNNI, AVX2 or scalar, also at run time).
 
 They are compiled once per machine with the C++ compiler torch.compile already needs, cached under
 ``~/.cache/slmkit`` (``SLMKIT_CACHE`` moves it), loaded with ctypes, and registered as custom ops
@@ -46,7 +47,7 @@ import torch
 from slmkit.runtime import cpu_flags
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp"]
+_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp", _CSRC / "qdecode.cpp"]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -63,7 +64,7 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++ or clang++) found")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    code = [f.read_text(encoding="utf-8") for f in [*_SOURCES, _CSRC / "vec.h"]]
+    code = [f.read_text(encoding="utf-8") for f in [*_SOURCES, _CSRC / "vec.h", _CSRC / "qdecode.h"]]
     key = hashlib.sha256("\0".join([*code, compiler, version, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SLMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmkit")
     lib = cache / f"kernels-{key}.so"
@@ -93,10 +94,16 @@ def _build() -> ctypes.CDLL:
         f.restype = None
     # decode.cpp, the C++ decode step (slmkit/decode/native.py)
     handle.slm_decode_step.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + \
-        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     handle.slm_decode_step.restype = ctypes.c_int
     handle.slm_decode_isa.argtypes = []
     handle.slm_decode_isa.restype = ctypes.c_int
+    # qdecode.cpp, its products on int8/int4 blocks (tests and benchmarks call them directly)
+    handle.slm_qmatvec.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    handle.slm_qmatvec.restype = ctypes.c_int
+    handle.slm_qmatvec_kernel.argtypes = [ctypes.c_int]
+    handle.slm_qmatvec_kernel.restype = ctypes.c_int
     return handle
 
 
