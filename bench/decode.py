@@ -29,6 +29,11 @@ The "onnxruntime (KV cache)" row decodes the same model exported by ``slm export
 (``pip install 'slmkit[export]'``). The machine may be shared, so every round runs
 each variant once, alternating, and the table shows medians; "x uncached" is the median of the
 per-round ratios to the uncached run of the same round. Writes bench/results/decode.json.
+The "fast, int8 ..." / "fast, int4 ..." rows (float32 on the CPU; ``--no-quant`` leaves them out)
+decode the same model quantized as ``slm quantize`` does (``quant.quantize_model``; "+ embeddings":
+``--embeddings``, the head too): ``decode.NativeDecoder`` computes on the q8_0 / q4_0 blocks, and
+"weights MB/token" counts the blocks' bytes. A preset whose sizes are not whole 32-value blocks
+(stories260k's hidden 172) has no such rows.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ from benchlib import cpu_name, machine_info  # noqa: E402
 from slmkit import decode  # noqa: E402
 from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.generate import SamplingConfig, generate_tokens  # noqa: E402
+from slmkit.errors import SlmError  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
+from slmkit.quant import QuantConfig, packed_weight, quantize_model  # noqa: E402
 
 MODELS = {"stories15m": 4096, "stories260k": 512, "stories42m": 4096, "stories110m": 4096}  # preset -> vocab size
 DEFAULT_MODELS = ["stories15m", "stories260k"]
@@ -174,6 +181,21 @@ def matrix_flops(model: GPT) -> int:
     return 2 * sum(m.weight.numel() for m in linears)
 
 
+QUANT_ROWS = {"int8 q8_0": QuantConfig(8, 32), "int8 q8_0 + embeddings": QuantConfig(8, 32, embeddings=True),
+              "int4 q4_0 + embeddings": QuantConfig(4, 32, embeddings=True)}
+
+
+def packed_bytes(model: GPT) -> int:
+    """Bytes of weights a step reads when the linear layers (and head) are read as their blocks."""
+    linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+    head_blocks = packed_weight(model.tok_emb) if model.lm_head.weight is model.tok_emb.weight else None
+    total = 0
+    for m in linears:
+        p = packed_weight(m) or (head_blocks if m is model.lm_head else None)
+        total += p.blocks.numel() if p is not None else m.weight.numel() * m.weight.element_size()
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
@@ -188,6 +210,7 @@ def main() -> None:
     parser.add_argument("--one-thread-rows", action="store_true", help="add the fast rows with 1 thread")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 2 rounds: a smoke run")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime row")
+    parser.add_argument("--no-quant", action="store_true", help="leave out the int8/int4 rows")
     parser.add_argument("--smoke", action="store_true", help="seconds: stories260k, 16 new tokens, batch 1 and 2, "
                         "1 round, no onnxruntime, written to a temporary file (not bench/results)")
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/decode.json)")
@@ -235,6 +258,19 @@ def main() -> None:
             variants += [(f"step, batch {b}", b, "step", greedy, model, t), (f"fast, batch {b}", b, "fast", greedy, model, t)]
             if bf16:
                 variants.append((f"cpp-bf16, batch {b}", b, "cpp-bf16", greedy, model, t))
+        quant_bytes: dict[str, int] = {}  # row -> bytes of blocks and float weights a step reads
+        for qname, qcfg in QUANT_ROWS.items() if args.device == "cpu" and dtype == torch.float32 and not args.no_quant else []:
+            qmodel = build(name, MODELS[name])
+            try:
+                quantize_model(qmodel, qcfg)
+            except SlmError as e:
+                print(f"{name}: no {qname} row: {e}", file=sys.stderr)
+                continue
+            qbatches = [1] + args.batches[-1:] if qname == "int8 q8_0 + embeddings" else [1]
+            for b in qbatches:
+                label = f"fast, {qname}" + (f", batch {b}" if b > 1 else "")
+                variants.append((label, b, "fast", greedy, qmodel, t))
+                quant_bytes[label] = packed_bytes(qmodel)
         if args.one_thread_rows and t != 1:
             variants += [(f"fast, batch {b}, 1 thread", b, "fast", greedy, model, 1) for b in [1, *args.batches]]
         for _, batch, path, cfg, m, threads in variants:  # warm-up: allocator, kernels, caches
@@ -261,8 +297,8 @@ def main() -> None:
                 "x_uncached": round(statistics.median(a / b for a, b in zip(runs[label], base)), 1),
                 "x_numpy": (round(statistics.median(a / b for a, b in zip(runs[label], numpy_runs)), 2)
                             if numpy_runs else None),
-                "weight_bytes_per_token": wbytes / batch,
-                "weight_gb_per_s": round(statistics.median(runs[label]) * wbytes / batch / 1e9, 2),
+                "weight_bytes_per_token": quant_bytes.get(label, wbytes) / batch,
+                "weight_gb_per_s": round(statistics.median(runs[label]) * quant_bytes.get(label, wbytes) / batch / 1e9, 2),
                 "gflop_per_s": round(statistics.median(runs[label]) * flops / 1e9, 2),
                 **({"compile_s": round(compile_s, 1)} if "compile" in label else {}),
             })

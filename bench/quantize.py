@@ -12,10 +12,11 @@ the ``stories260k`` preset with ``model.mlp_hidden=192`` (llama2.c's 172 is not 
 Each row is one ``slm quantize`` setting (``quantize_run``) of that run's last checkpoint: the bytes
 of its ``model.safetensors``, bits per byte on val and test (every token, as ``slm eval`` counts
 them) and greedy decode tokens/s at batch 1 (``--new-tokens``, no stopping, rows alternating for
-``--rounds`` rounds, medians). A quantized run is unpacked to float32 when it is read, so decode
-speed is fp32's by construction: the rows show it measured, not assumed. The ``+ AWQ`` rows fold
-activation-aware scales searched on 256 windows of the DATA_DIR's train split (``--calibrate 256``)
-before packing; val and test are never seen by the search. Writes
+``--rounds`` rounds, medians). The default decoder (``decode.NativeDecoder``) computes on a
+quantized run's int8/int4 blocks themselves (``csrc/qdecode.cpp``), so the tokens/s column is the
+packed path's; bpb is ``model.forward``'s on the float32 values the blocks stand for. The ``+ AWQ``
+rows fold activation-aware scales searched on 256 windows of the DATA_DIR's train split
+(``--calibrate 256``) before packing; val and test are never seen by the search. Writes
 bench/results/quantize_<name>.json (``--out``) with the command and the machine.
 """
 

@@ -381,6 +381,11 @@ def stored_table(name: str, note: str = "") -> str:
         if "bf16" in d:
             out.append(f"With its weight matrices in bf16 (`cpp-bf16`), slmkit's C++ step against the same run.c "
                        f"build: **{d['bf16']['ratio']:.2f}x** ({d['bf16']['tok_per_s']:.0f} tokens/s).")
+    if "headline_int8" in d:  # issue 19's int8 and best-path goals (bench/vs_llama2c.py's int8/int4 rows)
+        q8, best = d["headline_int8"], d["headline_best"]
+        out += ["", f"int8: slmkit's q8_0 step against runq.c, both 2 threads: **{q8['ratio']:.2f}x** "
+                    f"({q8['slmkit_tok_per_s']:.0f} against {q8['runq_tok_per_s']:.0f} tokens/s). Fastest slmkit row "
+                    f"({best['row']}) against run.c runomp: **{best['ratio']:.2f}x**."]
     if "greedy_tokens_agree" in d:
         out.append(f"Greedy tokens: the first {d['greedy_tokens_agree']} of {d['tokens_compared']} agree.")
     return "\n".join(out)
@@ -440,6 +445,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "export-int8-trained": lambda: stored_table("export_int8_cpu-15min.json"),
     "export-int8-random": lambda: stored_table("export_int8_random_stories15m.json"),
     "quantize-260k": lambda: stored_table("quantize_stories260k.json"),
+    "decode-cpu-quant": lambda: stored_table("decode_epyc_quant.json"),
+    "vs-llama2c-quant": lambda: stored_table("vs_llama2c_epyc_quant.json"),
     "finetune": lambda: stored_table("finetune.json"),
     "prune": lambda: "\n\n".join([stored_table("prune.json"), *load("prune.json")["verdict"]]),
 }

@@ -30,6 +30,15 @@ JSON); the single-threaded ``-O3`` build is shown beside it. The greedy tokens o
 programs are compared too (fp32 in both, so they agree until rounding first flips a near tie).
 Writes bench/results/vs_llama2c.json with the machine it ran on. ``--smoke`` decodes 32 positions
 once, into a temporary file, in seconds.
+
+int8 and int4 (issue 19; ``--no-quant`` leaves them out): where the clone has ``runq.c``, it is
+built with runomp's flags and run, 2 OpenMP threads, on the same model exported as version 2
+(``write_model_bin(version=2)``: int8 in groups of 32 with float scales, the embedding and head
+too, activations quantized by the same groups); slmkit decodes the same model quantized by
+``slm quantize``'s blocks with ``--embeddings`` (``quant.quantize_model``: q8_0, and q4_0), on the
+C++ step's integer products. ``headline_int8`` is slmkit int8 against ``runq.c``, ``headline_best``
+slmkit's fastest row against run.c runomp. The two int8 programs round differently (float16 vs
+float32 scales), so their tokens are not compared.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.export.llama2c import write_model_bin  # noqa: E402
 from slmkit.generate import Generation, SamplingConfig  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
+from slmkit.quant import QuantConfig, quantize_model  # noqa: E402
 
 BUILDS = {"runomp": ["-Ofast", "-fopenmp", "-march=native"], "run": ["-O3"]}  # llama2.c's Makefile
 
@@ -98,6 +108,18 @@ def build(llama2c: Path, out: Path) -> dict[str, Path]:
     return exes
 
 
+QUANT = {"int8": QuantConfig(8, 32, embeddings=True), "int4": QuantConfig(4, 32, embeddings=True)}
+
+
+def build_runq(llama2c: Path, out: Path) -> Path | None:
+    """runq.c built with runomp's flags, or None where the clone has no runq.c."""
+    src = llama2c / "runq.c"
+    if not src.is_file():
+        return None
+    subprocess.run([os.environ.get("CC", "gcc"), *BUILDS["runomp"], str(src), "-lm", "-o", str(out / "runq")], check=True)
+    return out / "runq"
+
+
 def run_c(exe: Path, model: Path, tokenizer: Path, threads: int, steps: int) -> tuple[float, list[int]]:
     """run.c's reported tokens/s and the ids it printed."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -122,6 +144,22 @@ def run_slmkit(model: GPT, steps: int, path: str = "fast") -> tuple[float, list[
     return n / (time.perf_counter() - t0), gen.tokens[0]
 
 
+def quant_headlines(rows: dict[str, list[float]]) -> dict[str, dict]:
+    """slmkit int8 vs runq.c, and slmkit's fastest row vs run.c runomp (medians of per-round ratios)."""
+    out = {}
+    omp = rows["run.c, make runomp (2 threads)"]
+    ours = {k: v for k, v in rows.items() if k.startswith("slmkit") and "numpy" not in k}
+    best = max(ours, key=lambda k: statistics.median(ours[k]))
+    out["headline_best"] = {"what": f"slmkit's fastest row ({best}) vs run.c make runomp, both 2 threads",
+                            "row": best, "ratio": statistics.median(a / b for a, b in zip(ours[best], omp))}
+    q8, runq = rows.get("slmkit int8 (fast path, 2 threads)"), rows.get("runq.c int8, runomp flags (2 threads)")
+    if q8 and runq:
+        out["headline_int8"] = {"what": "slmkit int8 (q8_0, embeddings too) vs runq.c (int8, groups of 32), both 2 threads",
+                                "ratio": statistics.median(a / b for a, b in zip(q8, runq)),
+                                "slmkit_tok_per_s": statistics.median(q8), "runq_tok_per_s": statistics.median(runq)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama2c", type=Path, required=True, help="a clone of github.com/karpathy/llama2.c")
@@ -130,6 +168,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size (32000: the published stories15M)")
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/vs_llama2c.json)")
     parser.add_argument("--smoke", action="store_true", help="32 positions, 1 round, a temporary file: seconds")
+    parser.add_argument("--no-quant", action="store_true", help="leave out the int8/int4 rows (runq.c and slmkit's)")
     args = parser.parse_args()
     if args.smoke:
         args.rounds = 1
@@ -148,6 +187,18 @@ def main() -> None:
         write_model_bin(model, tmp / "model.bin")  # slmkit's llama2.c export; ids kept as they are
         write_tokenizer(tmp / "tokenizer.bin", model.config.vocab_size)
         exes = build(args.llama2c.expanduser(), tmp)
+        quantized: dict[str, GPT] = {}
+        runq = None if args.no_quant else build_runq(args.llama2c.expanduser(), tmp)
+        if not args.no_quant:
+            for qname, qcfg in QUANT.items():
+                quantized[qname] = llama2c_model()
+                quantize_model(quantized[qname], qcfg)
+                rows[f"slmkit {qname} (fast path, 2 threads)"] = []
+                run_slmkit(quantized[qname], steps)  # warm-up
+        if runq is not None:
+            write_model_bin(model, tmp / "model_q80.bin", version=2)
+            rows["runq.c int8, runomp flags (2 threads)"] = []
+            run_c(runq, tmp / "model_q80.bin", tmp / "tokenizer.bin", args.threads, steps)
         _, ours = run_slmkit(model, steps)  # warm-up
         _, theirs = run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)
         for r in range(args.rounds):
@@ -159,6 +210,11 @@ def main() -> None:
                 run_c(exes["runomp"], tmp / "model.bin", tmp / "tokenizer.bin", args.threads, steps)[0])
             rows["run.c, make run (1 thread)"].append(
                 run_c(exes["run"], tmp / "model.bin", tmp / "tokenizer.bin", 1, steps)[0])
+            for qname, qmodel in quantized.items():
+                rows[f"slmkit {qname} (fast path, 2 threads)"].append(run_slmkit(qmodel, steps)[0])
+            if runq is not None:
+                rows["runq.c int8, runomp flags (2 threads)"].append(
+                    run_c(runq, tmp / "model_q80.bin", tmp / "tokenizer.bin", args.threads, steps)[0])
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()),
                   file=sys.stderr)
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -166,17 +222,24 @@ def main() -> None:
     linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
     wbytes = sum(4 * m.weight.numel() for m in linears)  # fp32 weight matrices read per token
     flops = wbytes // 2  # a multiply and an add per fp32 weight (4 bytes)
+    values = wbytes // 4  # int8 / int4 rows: blocks of 32 with a float16 (slmkit) or float32 (runq.c) scale
+    row_bytes = {"slmkit int8 (fast path, 2 threads)": values * 34 // 32, "slmkit int4 (fast path, 2 threads)": values * 18 // 32,
+                 "runq.c int8, runomp flags (2 threads)": values * 36 // 32}
+    if bf16_row:
+        row_bytes[bf16_row] = wbytes // 2
     table = ["| program | tokens/s (median) | vs run.c runomp | weights MB/token | weights GB/s | GFLOP/s | runs |",
              "|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         ratio = statistics.median(a / b for a, b in zip(runs, base))
-        nbytes = wbytes // 2 if name == bf16_row else wbytes
+        nbytes = row_bytes.get(name, wbytes)
         table.append(f"| {name} | {statistics.median(runs):.0f} | {ratio:.2f}x | {nbytes / 1e6:.1f} | "
                      f"{statistics.median(runs) * nbytes / 1e9:.1f} | {statistics.median(runs) * flops / 1e9:.1f} | "
                      + " ".join(f"{x:.0f}" for x in runs) + " |")
     table.append("")
     table.append(f"Vocabulary {model.config.vocab_size}. Weights read per token: {wbytes / 1e6:.1f} MB (fp32 matrices "
-                 f"of the layers and the head; half in bf16); slmkit's fast path here: {decode.pick(model).__name__}.")
+                 f"of the layers and the head; half in bf16; int8 {values * 34 / 32e6:.1f} MB, int4 "
+                 f"{values * 18 / 32e6:.1f} MB, runq.c {values * 36 / 32e6:.1f} MB); "
+                 f"slmkit's fast path here: {decode.pick(model).__name__}.")
     print("\n".join(table))
     print(f"greedy tokens: the first {agree} of {min(len(ours), len(theirs))} compared agree", file=sys.stderr)
     slm, omp = rows["slmkit (fast path, 2 threads)"], rows["run.c, make runomp (2 threads)"]
@@ -190,6 +253,7 @@ def main() -> None:
         **({"bf16": {"what": "slmkit's C++ step with bf16 weight matrices vs run.c make runomp (median of per-round ratios)",
                      "ratio": statistics.median(a / b for a, b in zip(rows[bf16_row], omp)),
                      "tok_per_s": statistics.median(rows[bf16_row])}} if bf16_row else {}),
+        **quant_headlines(rows),
         "builds": {k: " ".join(v) for k, v in BUILDS.items()},
         "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in rows.items()},
         "greedy_tokens_agree": agree, "tokens_compared": min(len(ours), len(theirs)), "table": table,

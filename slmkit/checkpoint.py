@@ -40,7 +40,7 @@ from slmkit.config import from_dict, to_dict
 from slmkit.errors import SlmError
 from slmkit.files import atomic_dir, sha256_file, swap_leftovers
 from slmkit.model import GPT, ModelConfig
-from slmkit.quant import dequantize_weights
+from slmkit.quant import attach_packed, dequantize_weights
 
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "model.json", "state.json")
@@ -197,10 +197,15 @@ def _read_verified(path: Path, files: set[str], with_optimizer: bool) -> dict[st
         if not isinstance(model_cfg, dict) or not isinstance(state, dict):
             raise ValueError("model.json and state.json must hold JSON objects")
         weights = load_file(path / "model.safetensors")
+        packed = None
         if "quantization.json" in files:  # packed int8/int4 blocks: unpacked to the float32 they stand for
             meta = json.loads((path / "quantization.json").read_text(encoding="utf-8"))
-            weights = dequantize_weights(weights, meta, str(path))
+            unpacked = dequantize_weights(weights, meta, str(path))
+            packed = (meta, {name: weights[name] for name in meta["tensors"]})  # kept for the C++ decoder
+            weights = unpacked
         out: dict[str, Any] = {"path": path, "model_config": model_cfg, "weights": weights, "state": state}
+        if packed is not None:
+            out["packed"] = packed
         out["rng"] = load_file(path / "rng.safetensors") if "rng.safetensors" in files else {}
         if with_optimizer and "optimizer.safetensors" in files:
             out["optimizer"] = optimizer_state_dict(load_file(path / "optimizer.safetensors"), state["optimizer"])
@@ -228,7 +233,10 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     ``"lora"``) is its base checkpoint, which must still hold the weights it was trained on (same
     sha256), grown to the run's vocabulary, with the adapter (and new token rows) merged in."""
     if "lora" not in ckpt["state"]:
-        return build_model(ckpt["model_config"], ckpt["weights"])
+        model = build_model(ckpt["model_config"], ckpt["weights"])
+        if "packed" in ckpt:  # the blocks themselves too, for the decoder that computes on them
+            attach_packed(model, ckpt["packed"][1], ckpt["packed"][0])
+        return model
     from slmkit.lora import merge_lora
 
     return merge_lora(lora_model_from_checkpoint(ckpt))

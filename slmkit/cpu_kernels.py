@@ -10,7 +10,8 @@ kernels do slowly at small-model shapes:
   inductor compiles into two loops that each compute exp.
 
 The same library holds the C++ decode step (``csrc/decode.cpp``, used by ``decode/native.py``,
-which picks its own AVX-512 / AVX2 / scalar code at run time and so runs on every CPU).
+which picks its own AVX-512 / AVX2 / scalar code at run time and so runs on every CPU) and its
+products on int8/int4 weight blocks (``csrc/qdecode.cpp``: VNNI, AVX2 or scalar, also at run time).
 
 They are compiled with the C++ compiler torch.compile already needs, once per machine and
 instruction-set level (``ISA_FLAGS``): ``avx512`` (``-march=native`` on a CPU with AVX-512: 16-float
@@ -52,7 +53,7 @@ import torch
 from slmkit.runtime import cpu_flags
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp"]
+_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp", _CSRC / "qdecode.cpp"]
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # The flags of each instruction-set level: what the compiler may use there, and no more. x86-64-v3
 # is AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE: every AVX2 laptop since Haswell and Zen 1.
@@ -125,12 +126,18 @@ def _build(isa: str) -> ctypes.CDLL:
         f.restype = None
     # decode.cpp, the C++ decode step (slmkit/decode/native.py)
     handle.slm_decode_step.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + \
-        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     handle.slm_decode_step.restype = ctypes.c_int
     handle.slm_decode_isa.argtypes = []
     handle.slm_decode_isa.restype = ctypes.c_int
     handle.slm_kernel_lanes.argtypes = []
     handle.slm_kernel_lanes.restype = ctypes.c_int
+    # qdecode.cpp, its products on int8/int4 blocks (tests and benchmarks call them directly)
+    handle.slm_qmatvec.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    handle.slm_qmatvec.restype = ctypes.c_int
+    handle.slm_qmatvec_kernel.argtypes = [ctypes.c_int]
+    handle.slm_qmatvec_kernel.restype = ctypes.c_int
     return handle
 
 

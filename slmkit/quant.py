@@ -21,6 +21,9 @@ untied head, which hold half the weights of a model as small as ``stories260k``.
 learned positions stay float32. ``quantize_weights`` packs a model's weights; ``dequantize_weights``
 turns the packed ones back into float32 tensors (checkpoint.py does this when it reads a quantized
 checkpoint: the model then runs, on every backend, with exactly the quantized values).
+``attach_packed`` also hands the blocks themselves to the model's modules (``PackedWeight``), so
+that the C++ decode step (``decode.NativeDecoder``, ``csrc/qdecode.cpp``) computes on them
+directly, reading a quarter (int8) or an eighth (int4) of the bytes per token.
 """
 
 from __future__ import annotations
@@ -313,3 +316,59 @@ def apply_awq(model: Any, tokens: torch.Tensor, cfg: QuantConfig, clip: bool = T
 
 __all__ = ["AWQ_GRID", "QuantConfig", "apply_awq", "awq_search", "block_bytes", "group_for", "dequantize_blocks",
            "dequantize_weights", "quantize_blocks", "quantize_weights", "quantized_names"]
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A module's weight as ``slm quantize`` stored it: ``blocks`` (rows, bytes) uint8 in ``bits``
+    blocks of ``group`` values (the group actually used, ``group_for``), standing for the float
+    ``shape``. It holds while the module's float weight is the one unpacked from it (``matches``)."""
+
+    blocks: torch.Tensor
+    bits: int
+    group: int
+    shape: tuple[int, int]
+    weight_ptr: int
+    weight_version: int
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is still the float32 tensor unpacked from these blocks: same storage,
+        no in-place change since (a fine-tune or ``load_state_dict`` makes the blocks stale)."""
+        return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.data_ptr() == self.weight_ptr
+                and weight._version == self.weight_version)
+
+
+PACKED = "packed_weight"  # the module attribute attach_packed sets
+
+
+def attach_packed(model: Any, packed: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Give each module whose weight a quantized checkpoint packed (``packed``: name -> blocks, as
+    ``dequantize_weights`` checked them) its ``PackedWeight``, as the attribute ``PACKED``. Call it
+    after the model's float weights are loaded."""
+    for name, blocks in packed.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        rows, cols = meta["tensors"][name]
+        w = module.weight
+        setattr(module, PACKED, PackedWeight(blocks.contiguous(), int(meta["bits"]), group_for(cols, int(meta["group"])),
+                                             (rows, cols), w.data_ptr(), w._version))
+
+
+def quantize_model(model: Any, cfg: QuantConfig) -> None:
+    """Quantize ``model`` in place into what ``load_run`` gives for its ``slm quantize`` run: the
+    chosen weights replaced by the float32 values their blocks stand for, the blocks attached."""
+    weights, meta = quantize_weights(model, cfg)
+    packed = {name: weights[name] for name in meta["tensors"]}
+    with torch.no_grad():
+        for name, (_, cols) in meta["tensors"].items():
+            model.get_parameter(name).copy_(dequantize_blocks(packed[name], cfg.bits, cfg.group, cols))
+    attach_packed(model, packed, meta)
+
+
+def packed_weight(module: Any) -> PackedWeight | None:
+    """The module's ``PackedWeight`` when it still matches its float weight, else None."""
+    p = getattr(module, PACKED, None)
+    return p if p is not None and p.matches(module.weight) else None
+
+
+__all__ = ["PACKED", "PackedWeight", "QuantConfig", "attach_packed", "packed_weight", "quantize_model", "block_bytes", "group_for", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
+           "quantize_weights", "quantized_names"]

@@ -1,6 +1,8 @@
 // One decode step of a float32 GPT in one call: every layer (norms, rotary or learned positions,
 // attention over the KV cache with grouped-query heads, GELU or SwiGLU, biases) and the head, for
-// a batch of rows that each have their own first real slot (left padding). See slmkit/decode/native.py.
+// a batch of rows that each have their own first real slot (left padding). Weight matrices are
+// float32 or bf16 panels, or int8/int4 blocks as slm quantize stored them (qdecode.cpp). See
+// slmkit/decode/native.py.
 //
 // Speed at batch 1 is reading the weights once per token: the matrix-vector products are written
 // with AVX-512 and AVX2 intrinsics (functions with target attributes, picked at run time from the
@@ -28,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "qdecode.h"
 #include "vec.h"
 
 namespace {
@@ -135,8 +138,10 @@ class Pool {
 // (a shift: bf16 is the top half of a float), so the arithmetic is fp32 on the weights' values.
 // Every output is one chain of fused multiply-adds over k = 0 .. in-1, whatever the tile, the
 // thread count or the instruction set, so none of them changes a bit of a result.
-// Other formats (blocks of int8/int4) plug in here: a format number, its packed size, its packing
-// and its kernels (matvec_for).
+// A model's float matrices share one of these formats (cfg[kFormat]). Apart from them, any matrix
+// may be int8/int4 blocks (qdecode.h; the per-tensor `fmt` of slm_decode_step): those are not
+// repacked but read as slm quantize stored them, row after row; product() rounds the activations
+// to int8 blocks once and slmq::matvec computes the integer products (any rows j0..j1).
 enum Format { kF32 = 0, kBF16 = 1 };
 constexpr int64_t kPanel = 16;
 
@@ -420,7 +425,24 @@ struct Step {
     int64_t in, out, ldx, ldy, rows;  // rows: output rows per task (whole panels)
     float* Y;
     bool add;
+    // int8/int4 weights (qdecode.h): each tensor's format (null: none), the instruction set, the
+    // current product's weight format (0: the model's float format) and its activations quantized
+    // once (slmq::quantize_rows)
+    const int64_t* fmt;
+    int isa;
+    int64_t wfmt;
+    void* xq;
 };
+
+inline int64_t fmt_of(const Step& s, int64_t i) { return s.fmt ? s.fmt[i] : 0; }
+
+// dots = rows j0..j1 of W times the B rows of X: W's blocks times s.xq (X quantized) when wfmt is
+// int8/int4, else the model's float panels (s.matvec).
+inline void matvec_any(const Step& s, const void* W, int64_t wfmt, int64_t in, const float* X, int64_t ldx,
+                       int64_t j0, int64_t j1, float* dots, int64_t ldd) {
+    if (wfmt) slmq::matvec(wfmt, s.isa, W, in, s.xq, s.B, j0, j1, dots, ldd);
+    else s.matvec(W, in, X, ldx, s.B, j0, j1, dots, ldd);
+}
 
 thread_local std::vector<float> tls;  // per-thread scratch: dots of a task, attention scores
 
@@ -434,7 +456,7 @@ void product_task(void* p, int64_t task) {
     Step& s = *(Step*)p;
     const int64_t j0 = task * s.rows, j1 = std::min(s.out, j0 + s.rows), R = j1 - j0;
     float* dots = scratch(s.B * s.rows);
-    s.matvec(s.W, s.in, s.X, s.ldx, s.B, j0, j1, dots, s.rows);
+    matvec_any(s, s.W, s.wfmt, s.in, s.X, s.ldx, j0, j1, dots, s.rows);
     for (int64_t b = 0; b < s.B; b++) {
         float* y = s.Y + b * s.ldy + j0;
         const float* d = dots + b * s.rows;
@@ -454,11 +476,12 @@ void up_task(void* p, int64_t task) {
     const float* const* lw = s.w + kGlobal + s.layer * kPerLayer;
     const float* bu = lw[kUpB];
     const void* Wu = lw[kUpW];
-    const int64_t up_rows = stored_rows(s.cfg[kFormat], hidden);  // where the up rows start
+    // where the up rows start: right after the gate rows in blocks, after their panels otherwise
+    const int64_t up_rows = s.wfmt ? hidden : stored_rows(s.cfg[kFormat], hidden);
     float* gate = scratch(2 * s.B * L);
     float* up = gate + s.B * L;
-    s.matvec(Wu, C, s.h, C, s.B, j0, j1, gate, L);
-    if (swiglu) s.matvec(Wu, C, s.h, C, s.B, up_rows + j0, up_rows + j1, up, L);
+    matvec_any(s, Wu, s.wfmt, C, s.h, C, j0, j1, gate, L);
+    if (swiglu) matvec_any(s, Wu, s.wfmt, C, s.h, C, up_rows + j0, up_rows + j1, up, L);
     for (int64_t b = 0; b < s.B; b++) {
         for (int64_t r = 0; r < R; r++) {
             if (bu) gate[b * L + r] += bu[j0 + r];
@@ -531,12 +554,24 @@ Pool& pool() {
 
 std::mutex step_mutex;  // one step at a time (ctypes releases the GIL)
 std::vector<float> workspace;
+std::vector<char> xq_buffer;
 
-// Y[b] (+)= W X[b] + bias for the B rows: the one entry point of the products, whatever the
-// weight format (s.cfg[kFormat], whose kernel s.matvec is).
-void product(Step& s, const void* W, const float* bias, const float* X, int64_t in, int64_t out,
+// Sets up the products of weight i (index into w) on the B rows of X: its format, and X rounded to
+// int8 blocks (once per product) when the weight is int8/int4.
+void prepare(Step& s, int64_t i, const float* X, int64_t in) {
+    s.wfmt = fmt_of(s, i);
+    if (!s.wfmt) return;
+    xq_buffer.resize(slmq::xq_bytes(s.B, in));
+    s.xq = xq_buffer.data();
+    slmq::quantize_rows(X, in, in, s.B, s.xq);
+}
+
+// Y[b] (+)= W X[b] + bias for the B rows, W = weight i: the one entry point of the products,
+// whatever the weight's format (the model's float panels, s.matvec, or its int8/int4 blocks).
+void product(Step& s, int64_t i, const float* bias, const float* X, int64_t in, int64_t out,
              float* Y, int64_t ldy, bool add) {
-    s.W = W, s.bias = bias, s.X = X, s.in = in, s.out = out, s.ldx = in, s.Y = Y, s.ldy = ldy, s.add = add;
+    prepare(s, i, X, in);
+    s.W = s.w[i], s.bias = bias, s.X = X, s.in = in, s.out = out, s.ldx = in, s.Y = Y, s.ldy = ldy, s.add = add;
     s.rows = task_panels(panels(out), s.threads) * kPanel;
     pool().run(s.threads, (out + s.rows - 1) / s.rows, product_task, &s);
 }
@@ -565,13 +600,19 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 
 // One token per row: ids (B,), start (B,) the first real slot of each row, S the slots filled so
 // far; keys and values (n_layer, B, KV, max_len, D) get slot S; logits (B, vocab). isa 0 picks the
-// best. Returns 0, or 1 for a token id outside the vocabulary, 2 for an isa this CPU lacks or an
-// unknown weight format.
+// best. fmt: null, or one int64 per tensor of w: 0 for the model's float format (cfg[kFormat],
+// packed by slm_decode_pack), else int8/int4 blocks (qdecode.h's kind | group << 8; tok_emb, the
+// head and the matrices of the products). Returns 0, or 1 for a token id outside the vocabulary,
+// 2 for an isa this CPU lacks or an unknown weight format.
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
-                    int64_t B, int64_t S, int64_t max_len, float* kc, float* vc, float* logits, int threads, int isa) {
+                    int64_t B, int64_t S, int64_t max_len, float* kc, float* vc, float* logits, int threads, int isa,
+                    const int64_t* fmt) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar || !known_format(cfg[kFormat])) return 2;
+    if (fmt)
+        for (int64_t i = 0; i < kGlobal + cfg[kLayers] * kPerLayer; i++)
+            if (fmt[i] && !slmq::quantized(fmt[i])) return 2;
     const int64_t V = cfg[kVocab], C = cfg[kEmbd], H = cfg[kHeads], KV = cfg[kKV], D = cfg[kHeadDim];
     const int64_t hidden = cfg[kHidden];
     for (int64_t b = 0; b < B; b++)
@@ -580,11 +621,13 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
     const int64_t qkv_width = (H + 2 * KV) * D;
     workspace.resize(B * (3 * C + qkv_width + hidden));
     Step s{cfg, w, eps, start, B, S, max_len, kc, vc, std::max(threads, 1), matvec_for(isa, cfg[kFormat])};
+    s.fmt = fmt, s.isa = isa;
     s.x = workspace.data(), s.h = s.x + B * C, s.att = s.h + B * C, s.qkv = s.att + B * C, s.act = s.qkv + B * qkv_width;
     s.logits = logits;
     const bool ln = cfg[kLayerNorm];
     for (int64_t b = 0; b < B; b++) {
         const float* e = w[kTokEmb] + ids[b] * C;
+        if (fmt_of(s, kTokEmb)) slmq::dequantize_row(fmt[kTokEmb], w[kTokEmb], C, ids[b], s.h), e = s.h;
         const int64_t pos = std::max<int64_t>(S - start[b], 0);
         for (int64_t i = 0; i < C; i++) s.x[b * C + i] = e[i] + (w[kPosEmb] ? w[kPosEmb][pos * C + i] : 0.f);
     }
@@ -592,16 +635,18 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
         const float* const* lw = w + kGlobal + l * kPerLayer;
         s.layer = l;
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN1w], lw[kN1b], C, eps, ln, s.h + b * C);
-        product(s, lw[kQkvW], lw[kQkvB], s.h, C, qkv_width, s.qkv, qkv_width, false);
+        const int64_t li = kGlobal + l * kPerLayer;
+        product(s, li + kQkvW, lw[kQkvB], s.h, C, qkv_width, s.qkv, qkv_width, false);
         pool().run(s.threads, B * KV, attention_task, &s);
-        product(s, lw[kProjW], lw[kProjB], s.att, C, C, s.x, C, true);
+        product(s, li + kProjW, lw[kProjB], s.att, C, C, s.x, C, true);
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN2w], lw[kN2b], C, eps, ln, s.h + b * C);
+        prepare(s, li + kUpW, s.h, C);
         s.rows = task_panels(panels(hidden), s.threads) * kPanel;
         pool().run(s.threads, (hidden + s.rows - 1) / s.rows, up_task, &s);
-        product(s, lw[kDownW], lw[kDownB], s.act, hidden, C, s.x, C, true);
+        product(s, li + kDownW, lw[kDownB], s.act, hidden, C, s.x, C, true);
     }
     for (int64_t b = 0; b < B; b++) norm(s.x + b * C, w[kNormW], w[kNormB], C, eps, ln, s.h + b * C);
-    product(s, w[kHeadW], w[kHeadB], s.h, C, V, logits, V, false);
+    product(s, kHeadW, w[kHeadB], s.h, C, V, logits, V, false);
     return 0;
 }
 

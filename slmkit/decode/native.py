@@ -12,6 +12,19 @@ the kernels read (``pack``): float32, or bf16 (``weights="bf16"``, the ``cpp-bf1
 the bytes per token); a step reads each weight once for all rows of its batch. Neither the thread
 count, the batch a row runs in nor the instruction set changes any result.
 
+A quantized run (``slm quantize``) decodes here on its int8 / int4 blocks themselves
+(``quant.PackedWeight``, GGUF's q8_0 / q4_0 layout), not on the float32 values its checkpoint also
+unpacks for ``model.forward`` (the prefill and every other backend): each tensor has a format
+(``formats``: 0 for the model's float format, else qdecode.h's ``kind | group << 8``), the blocks
+are passed as they are (not packed into panels), and ``csrc/qdecode.cpp`` quantizes each
+activation row to int8 blocks of 32 once per product and computes the products as integer dots
+(AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, all giving the same bits). ``packed_format`` says which
+blocks it reads: groups that are multiples of 32 (every ``slm quantize`` setting at sizes that are
+multiples of 32); others decode on the float32 values, with one note. The logits then differ from
+the float path's by the activations' rounding to 8 bits (tests/test_qdecode.py). Blocks are read
+in the fp32 format (``weights="bf16"`` rounds the float32 values the blocks stand for, as for any
+model); ``packed=False`` decodes a quantized run on its float32 values (for comparisons).
+
 The library is the one ``cpu_kernels`` builds once per machine (same cache, same compiler). Where
 it cannot be built, ``why_not`` says so, the registry takes the next backend (the NumPy one), and
 one note says why. ``SLMKIT_DECODE_ISA`` (``avx512``, ``avx2``, ``scalar``) forces an instruction
@@ -31,6 +44,7 @@ from slmkit import cpu_kernels
 from slmkit.decode.base import ANY, SIZES, Decoder
 from slmkit.decode.cache import KVCache
 from slmkit.model import GPT
+from slmkit.quant import PackedWeight, packed_weight
 
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 # The formats the weight matrices can be stored in (csrc/decode.cpp's Format), and the dtype their
@@ -38,7 +52,24 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 # (embeddings, every linear layer, the head) rounded to that dtype computes in float32.
 FORMATS = {"fp32": 0, "bf16": 1}
 ROUNDING = {"fp32": None, "bf16": torch.bfloat16}
+KINDS = {8: 1, 4: 2}  # bits -> qdecode.h's kind
 _noted = False
+_packed_notes: set[str] = set()
+
+
+def packed_format(p: PackedWeight | None) -> int:
+    """qdecode.h's format code of packed blocks (kind | group << 8), or 0: decode the float32 values.
+    Blocks of ``p.group`` values are read when the group is a multiple of 32 dividing the row."""
+    if p is None:
+        return 0
+    if p.bits not in KINDS or p.group % 32 or p.shape[1] % p.group:
+        why = f"int{p.bits} blocks of {p.group} values (rows of {p.shape[1]})"
+        if why not in _packed_notes:
+            _packed_notes.add(why)
+            print(f"note: the C++ decoder computes on int8/int4 blocks of multiples of 32 values, not {why}: "
+                  "this run decodes on their float32 values", file=sys.stderr)
+        return 0
+    return KINDS[p.bits] | p.group << 8
 
 
 def library_why_not() -> str | None:
@@ -90,44 +121,60 @@ def rounded(model: GPT, weights: str) -> GPT:
     return out
 
 
-# model -> {weights: (what its tensors were, the model the decoder runs, the step's tensors)}
+# model -> {(weights, packed): (what its tensors were, the model the decoder runs, the step's tensors,
+# their formats)}
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _signature(model: GPT) -> tuple:
-    """Where each parameter and buffer lives and its in-place version: changes when the weights do."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    """Where each parameter and buffer lives and its in-place version: changes when the weights do;
+    and the int8/int4 blocks attached to its modules (``quant.attach_packed``)."""
+    return (tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())),
+            tuple(id(p) for m in model.modules() if (p := packed_weight(m)) is not None))
 
 
-def prepared(model: GPT, weights: str) -> tuple[GPT, list[torch.Tensor | None]]:
-    """The model a decoder in format ``weights`` runs (``rounded``) and the tensors its step reads,
-    in C++'s order (slm_decode_step's ``w``): float32 vectors and embeddings, packed matrices.
-    Kept per model while its weights stay the same, so a generation does not pack them again."""
+def prepared(model: GPT, weights: str, packed: bool = True) -> tuple[GPT, list[torch.Tensor | None], torch.Tensor]:
+    """The model a decoder in format ``weights`` runs (``rounded``), the tensors its step reads, in
+    C++'s order (slm_decode_step's ``w``): float32 vectors and embeddings, packed matrices, or a
+    quantized run's int8/int4 blocks as they are (``packed``, fp32 only), and each tensor's format
+    (slm_decode_step's ``fmt``: 0, or ``packed_format``). Kept per model while its weights stay the
+    same, so a generation does not pack them again."""
     key = _signature(model)
-    hit = _prepared.get(model, {}).get(weights)
+    hit = _prepared.get(model, {}).get((weights, packed))
     if hit is not None and hit[0] == key:
-        return hit[1] or model, hit[2]
+        return hit[1] or model, hit[2], hit[3]
     lib = _declare(cpu_kernels.library())
     runs = rounded(model, weights)
     swiglu = runs.config.activation == "swiglu"
+    use_blocks = packed and runs is model  # bf16 rounds the float values the blocks stand for
 
-    def norm(m: torch.nn.Module) -> list[torch.Tensor | None]:
+    def norm(m: torch.nn.Module) -> list[torch.Tensor | PackedWeight | None]:
         return [m.weight, getattr(m, "bias", None)]
 
-    def linear(m: torch.nn.Linear, parts: int = 1) -> list[torch.Tensor | None]:
-        return [pack(lib, m.weight, weights, parts), m.bias]
+    def blocks(m: torch.nn.Module) -> PackedWeight | None:
+        """The module's int8/int4 blocks where the step reads them, else None."""
+        p = packed_weight(m) if use_blocks else None
+        return p if packed_format(p) else None
 
-    tensors = [runs.tok_emb.weight, None if runs.pos_emb is None else runs.pos_emb.weight,
-               runs.rope_cos, runs.rope_sin, *norm(runs.norm), *linear(runs.lm_head)]
+    def linear(m: torch.nn.Linear, parts: int = 1, tied: torch.nn.Module | None = None) -> list:
+        p = blocks(tied if tied is not None else m)
+        return [p if p is not None else pack(lib, m.weight, weights, parts), m.bias]
+
+    head_tied = runs.lm_head.weight is runs.tok_emb.weight  # tied: the embedding's blocks, if any
+    tensors = [blocks(runs.tok_emb) or runs.tok_emb.weight, None if runs.pos_emb is None else runs.pos_emb.weight,
+               runs.rope_cos, runs.rope_sin, *norm(runs.norm),
+               *linear(runs.lm_head, tied=runs.tok_emb if head_tied else None)]
     for b in runs.blocks:
         tensors += [*norm(b.norm1), *linear(b.attn.qkv), *linear(b.attn.proj), *norm(b.norm2),
                     *linear(b.mlp.up, 2 if swiglu else 1), *linear(b.mlp.down)]
-    # Contiguous float32 views of the parameters (copies only where a tensor is not dense) and
-    # the packed matrices, kept alive by the decoders: the C++ side holds their addresses.
-    tensors = [None if t is None else t if t.dtype == torch.uint8 else t.detach().float().contiguous() for t in tensors]
+    formats = torch.tensor([packed_format(t) if isinstance(t, PackedWeight) else 0 for t in tensors], dtype=torch.int64)
+    # Contiguous float32 views of the parameters (copies only where a tensor is not dense), the
+    # packed matrices and the blocks, kept alive by the decoders: the C++ side holds their addresses.
+    tensors = [None if t is None else t.blocks if isinstance(t, PackedWeight) else t if t.dtype == torch.uint8
+               else t.detach().float().contiguous() for t in tensors]
     # (not the model itself as a value: that would keep the key, the model, alive for ever)
-    _prepared.setdefault(model, {})[weights] = (key, None if runs is model else runs, tensors)
-    return runs, tensors
+    _prepared.setdefault(model, {})[(weights, packed)] = (key, None if runs is model else runs, tensors, formats)
+    return runs, tensors, formats
 
 
 def best_isa() -> str:
@@ -143,7 +190,9 @@ class NativeDecoder(Decoder):
     weight matrices are stored in for the products: "fp32", or "bf16" (half the bytes to read per
     token; the arithmetic stays float32, so the logits are those of ``rounded(model, "bf16")``,
     which the decoder keeps for its prefill). The matrices are packed (a copy beside the model's)
-    once per model and format while its weights stay the same (``prepared``). Inference only."""
+    once per model and format while its weights stay the same (``prepared``). A quantized run's
+    int8/int4 blocks are read as they are (fp32 format; ``packed=False``: its float32 values
+    instead, for comparisons). Inference only."""
 
     name = "cpp"
     devices = {"cpu"}
@@ -157,11 +206,14 @@ class NativeDecoder(Decoder):
         why = super().why_not(model, device, dtype)
         return why if why is not None else library_why_not()
 
-    def __init__(self, model: GPT, isa: str | None = None, threads: int | None = None, weights: str = "fp32") -> None:
+    def __init__(self, model: GPT, isa: str | None = None, threads: int | None = None, weights: str = "fp32",
+                 packed: bool = True) -> None:
         self.check(model)
         if weights not in FORMATS:
             raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
-        model, self.tensors = prepared(model, weights)  # the prefill runs on the same weights as the steps
+        # the prefill runs on the same weights as the steps
+        model, self.tensors, self.formats = prepared(model, weights, packed)
+        self.packed = bool(self.formats.any())
         super().__init__(model)
         isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
         if isa not in ISAS:
@@ -180,9 +232,10 @@ class NativeDecoder(Decoder):
         self.eps = c.norm_eps
 
     def weight_bytes(self) -> int:
-        """Bytes of the packed weight matrices (the products and the head): what a step reads of
-        them from memory, once, for all rows of its batch."""
-        return sum(t.numel() for t in self.tensors if t is not None and t.dtype == torch.uint8)
+        """Bytes of the packed weight matrices and int8/int4 blocks of the products and the head
+        (not the embedding: a row per token): what a step reads of them from memory, once, for
+        all rows of its batch."""
+        return sum(t.numel() for t in self.tensors[1:] if t is not None and t.dtype == torch.uint8)
 
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``."""
@@ -197,7 +250,7 @@ class NativeDecoder(Decoder):
         threads = self.threads or torch.get_num_threads()
         rc = self.lib.slm_decode_step(self.cfg.data_ptr(), self.pointers, self.eps, ids.data_ptr(), start.data_ptr(),
                                       B, S, cache.max_len, cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
-                                      threads, self.isa)
+                                      threads, self.isa, self.formats.data_ptr())
         if rc == 1:
             raise IndexError(f"token ids must be in [0, {self.model.config.vocab_size}), got {ids.tolist()}")
         if rc == 2:
