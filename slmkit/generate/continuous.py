@@ -1,9 +1,10 @@
 """Continuous batching: sequences join a running batch between decode steps and leave it when done.
 
 ``Generation`` continues a fixed batch of prompts; a server gets new prompts all the time. Here
-each ``Seq`` (one prompt and how to sample it) is prefilled on its own, in chunks of at most
+each ``Seq`` (one prompt and how to sample it) is prefilled in chunks of at most
 ``prefill_chunk`` tokens per ``step()`` so the rows already running are never held up by a long
-prompt for more than one chunk, and then joins the running batch's KV cache (``KVCache.admit``
+prompt for more than one chunk (waiting prompts of the same length that fit a chunk whole go
+through one forward pass together: all of them while no row runs), and then joins the running batch's KV cache (``KVCache.admit``
 lines its last token up with the batch's last slot; its positions still count from its own first
 token, and the mask hides the other rows' slots). Every ``step()`` picks one token for every
 running row and runs one decode step over all of them. A finished or cancelled row leaves a hole:
