@@ -166,3 +166,23 @@ def test_a_row_that_leaves_is_a_hole_the_next_sequence_takes_or_that_closes_up()
             assert max(rows) == 2 and rows[6] == 2 and batch.running == 0
         else:  # the hole waited two steps and closed up; the third sequence then joined as a new row
             assert 1 in rows[4:9] and rows[10] == 2
+
+
+def test_prompts_of_one_length_are_prefilled_together_and_give_their_solo_tokens(monkeypatch):
+    """Waiting prompts of the same length go through one forward pass (all of them while no row
+    runs, at most ``prefill_chunk`` tokens' worth while rows run); each row's tokens stay its solo ones."""
+    model = random_model(block_size=40)
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [3, 1, 4, 1, 5], [2, 7, 1], [6, 6, 6], [5, 4, 3]]
+    news = [6, 9, 4, 7, 8, 5, 6]
+    solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
+            for p, n in zip(prompts, news)]
+    batch = ContinuousBatch(model, max_batch=8, prefill_chunk=6)
+    passes = []
+    real = batch.decoder.prefill
+    monkeypatch.setattr(batch.decoder, "prefill", lambda ids, cache: (passes.append(tuple(ids.shape)), real(ids, cache))[1])
+    seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+    run(batch, {0: seqs[:4], 2: seqs[4:]})
+    assert [s.tokens for s in seqs] == solo
+    # step 0: nothing runs, the three 3-token prompts in one pass (then the 5-token one is over budget);
+    # later, with rows running, 6 tokens a step: the 5-token prompt alone, then two 3-token prompts, then one
+    assert passes == [(3, 3), (1, 5), (2, 3), (1, 3)]

@@ -61,11 +61,15 @@ def test_top_k_top_p_in_one_pass_equals_top_k_then_top_p():
 
 
 def test_top_p_looks_among_the_first_tokens_and_sorts_only_the_flat_rows(monkeypatch):
-    """``apply_top_p``'s nucleus among the ``NUCLEUS_FIRST`` largest logits keeps what the sort of the
-    whole row keeps; rows whose nucleus is wider (flat ones) and only those take the sort."""
+    """``apply_top_p``'s nucleus among the ``NUCLEUS_FIRST`` largest logits, or 8x as many, keeps what
+    the sort of the whole row keeps; rows whose nucleus is wider still (flat ones) and only those take
+    the sort."""
     g = torch.Generator().manual_seed(5)
     peaked, flat = torch.randn(6, 4096, generator=g) * 8, torch.randn(3, 4096, generator=g) * 0.1
-    logits = torch.cat((peaked[:3], flat, peaked[3:]))
+    medium = torch.full((2, 4096), -10.0)  # a nucleus of 100-200 tokens: past the first look, within the second
+    medium[:, torch.randperm(4096, generator=g)[:200]] = 5 + torch.randn(2, 200, generator=g) * 0.5
+    assert G.NUCLEUS_FIRST < 100 and 8 * G.NUCLEUS_FIRST > 200
+    logits = torch.cat((peaked[:3], flat, medium[:1], peaked[3:], medium[1:]))
     sorted_rows = []
     real = G.apply_top_k_top_p
     monkeypatch.setattr(G, "apply_top_k_top_p", lambda x, k, p: (sorted_rows.append(x.size(0)), real(x, k, p))[1])

@@ -1,9 +1,10 @@
 """Continuous batching: sequences join a running batch between decode steps and leave it when done.
 
 ``Generation`` continues a fixed batch of prompts; a server gets new prompts all the time. Here
-each ``Seq`` (one prompt and how to sample it) is prefilled on its own, in chunks of at most
+each ``Seq`` (one prompt and how to sample it) is prefilled in chunks of at most
 ``prefill_chunk`` tokens per ``step()`` so the rows already running are never held up by a long
-prompt for more than one chunk, and then joins the running batch's KV cache (``KVCache.admit``
+prompt for more than one chunk (waiting prompts of the same length that fit a chunk whole go
+through one forward pass together: all of them while no row runs), and then joins the running batch's KV cache (``KVCache.admit``
 lines its last token up with the batch's last slot; its positions still count from its own first
 token, and the mask hides the other rows' slots). Every ``step()`` picks one token for every
 running row and runs one decode step over all of them. A finished or cancelled row leaves a hole:
@@ -282,6 +283,10 @@ class ContinuousBatch:
                     changed.append(seq)
                 if not self.waiting or self.running >= self.max_batch:
                     break
+                used = self._prefill_together(budget)
+                if used:
+                    budget -= used
+                    continue
                 seq = self.waiting.popleft()
                 cache = KVCache.empty(self.model.config, 1, max_len=self.block_size, device=self.device,
                                       dtype=self.dtype)
@@ -318,6 +323,36 @@ class ContinuousBatch:
                 seq.finish_reason = "length"
                 continue
             self._join(seq, cache, last)
+
+    def _prefill_together(self, budget: int) -> int:
+        """Prefill the first waiting prompt with the others of the same length in one forward pass
+        (bigger matrix products: several short prompts cost little more than one), if it fits in
+        ``budget`` tokens whole and needs no prompt log-probabilities. With no rows running nobody
+        waits on the pass, so it may take as many prompts as free rows; else at most ``budget``
+        tokens. The rows join the batch; returns the tokens run (0: nothing done here)."""
+        head = self.waiting[0]
+        n = len(head.prompt)
+        if head.prompt_logprobs or head.max_new_tokens == 0 or n > budget:
+            return 0
+        room = self.max_batch - self.running
+        if self.running:
+            room = min(room, budget // n)
+        group = [s for s in self.waiting if len(s.prompt) == n and not s.prompt_logprobs and s.max_new_tokens
+                 and not s.cancelled][:room]
+        for seq in group:
+            self.waiting.remove(seq)
+        cache = KVCache.empty(self.model.config, len(group), max_len=self.block_size, device=self.device,
+                              dtype=self.dtype)
+        last = self.decoder.prefill(torch.tensor([s.prompt for s in group], device=self.device), cache).float()
+        self._gone += group
+        if self.cache is None:  # the group is the batch
+            self.cache, self.logits = cache, last
+            self.rows += [_Row(seq, self.vocab, self.device) for seq in group]
+        else:
+            for j, seq in enumerate(group):
+                one = KVCache(cache.k[:, j : j + 1], cache.v[:, j : j + 1], cache.start[j : j + 1], cache.length)
+                self._join(seq, one, last[j : j + 1])
+        return n * len(group)
 
     @staticmethod
     def _to_run(seq: Seq) -> int:
