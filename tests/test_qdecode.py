@@ -99,9 +99,10 @@ def test_the_step_on_blocks_is_the_float_step_up_to_activation_rounding(arch, bi
     float C++ step on the dequantized weights. Rounding activations to 8 bits (error up to 1/254 of
     each 32-value block's largest value, random in sign) moves these logits by 0.1-0.5% of each
     row's range (measured; a wrong block layout moves them by the whole range); the bound is 3%,
-    and the two never agree exactly (the blocks are really read). The thread count changes no bit;
-    nor does the instruction set where every product is on blocks (embeddings too: the float
-    products' own vector code is not bit-identical across instruction sets, test_decode_native)."""
+    and the two never agree exactly (the blocks are really read). The thread count changes no bit.
+    Across instruction sets the logits agree to rounding: the block products are exact integer
+    sums on every one (test_every_kernel_gives_the_exact_block_products), but the forced-AVX2
+    library is its own build whose norms and sums run 8 lanes wide (test_decode_native)."""
     model = quantized_model(bits, group, embeddings, **ARCHS[arch])
     g = torch.Generator().manual_seed(5)
     starts = [0, 5, 2]
@@ -121,7 +122,7 @@ def test_the_step_on_blocks_is_the_float_step_up_to_activation_rounding(arch, bi
         for isa in RUNNABLE:
             other = ragged(NativeDecoder(model, isa=isa), model, x, starts, 8)
             for a, b in zip(other, got):
-                assert torch.equal(a, b) if embeddings else torch.allclose(a, b, rtol=1e-5, atol=1e-5), isa
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), isa
 
 
 @pytest.mark.parametrize("bits", [8, 4])
