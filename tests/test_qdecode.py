@@ -100,9 +100,10 @@ def test_the_step_on_blocks_is_the_float_step_up_to_activation_rounding(arch, bi
     each 32-value block's largest value, random in sign) moves these logits by 0.1-0.5% of each
     row's range (measured; a wrong block layout moves them by the whole range); the bound is 3%,
     and the two never agree exactly (the blocks are really read). The thread count changes no bit.
-    Across instruction sets the logits agree to rounding: the block products are exact integer
-    sums on every one (test_every_kernel_gives_the_exact_block_products), but the forced-AVX2
-    library is its own build whose norms and sums run 8 lanes wide (test_decode_native)."""
+    Across instruction sets the logits agree to 1% of their range: the block products are exact
+    integer sums on every one (test_every_kernel_gives_the_exact_block_products), but the
+    forced-AVX2 library is its own build whose norms and sums run 8 lanes wide
+    (test_decode_native), and a last-bit difference there can flip an activation's 8-bit rounding."""
     model = quantized_model(bits, group, embeddings, **ARCHS[arch])
     g = torch.Generator().manual_seed(5)
     starts = [0, 5, 2]
@@ -122,7 +123,8 @@ def test_the_step_on_blocks_is_the_float_step_up_to_activation_rounding(arch, bi
         for isa in RUNNABLE:
             other = ragged(NativeDecoder(model, isa=isa), model, x, starts, 8)
             for a, b in zip(other, got):
-                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), isa
+                spread = b.amax(-1, keepdim=True) - b.amin(-1, keepdim=True)
+                assert ((a - b).abs() <= 0.01 * spread).all(), isa
 
 
 @pytest.mark.parametrize("bits", [8, 4])
