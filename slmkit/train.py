@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,7 @@ def train(
         sections = resolve_config(data_dir, None, str(run_dir_cfg), overrides, max_time)
     dist = init_distributed(sections["train"].get("device", "auto"))
     lock = contextlib.ExitStack()  # rank 0 holds RUN_DIR's lock in it until the run ends
+    trainer = None
     try:
         with lock:
             resume = setup_run_dir_on_rank0(data_dir, run_dir, sections, fresh, dist, lock)
@@ -176,6 +178,12 @@ def train(
         if dist.world_size > 1:
             import torch.distributed
 
+            # gloo's worker thread drops its last references to finished collectives after they
+            # complete, which takes the GIL; destroying the group (here, or when DDP's reducer is
+            # freed at return) joins that thread while holding the GIL: a deadlock seen at exit.
+            # So free the reducer now and give the thread the GIL before the group goes.
+            trainer = None
+            time.sleep(0.2)
             torch.distributed.destroy_process_group()
     if not quiet:
         print(
