@@ -54,6 +54,21 @@ class Dist:
             dist.barrier()
 
 
+def leave_distributed(dist: Dist) -> None:
+    """Destroy the process group ``init_distributed`` joined (nothing for one process). Free DDP's
+    reducer first: it holds the group too. gloo's worker thread drops its last references to
+    finished collectives after they complete, which takes the GIL, and destroying the group joins
+    that thread while holding the GIL, so a rank could hang at exit; a short sleep gives the thread
+    the GIL before the group goes."""
+    if dist.world_size > 1:
+        import time
+
+        import torch.distributed
+
+        time.sleep(0.2)
+        torch.distributed.destroy_process_group()
+
+
 def init_distributed(device_name: str = "auto") -> Dist:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...):
     NCCL on GPUs, gloo on CPUs. Without torchrun this returns the single-process ``Dist()``."""

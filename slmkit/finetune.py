@@ -40,7 +40,7 @@ from slmkit.checkpoint import load_run, read_checkpoint
 from slmkit.config import (add_section_arguments, from_dict, load_toml, merge, parse_args_and_overrides,
                            parse_duration, parse_overrides, section_from_args, to_dict)
 from slmkit.data import ChatBatches, TokenBatches, check_context_fits, load_meta, open_chat_split, open_split
-from slmkit.distributed import Dist, init_distributed, split_batch
+from slmkit.distributed import Dist, init_distributed, leave_distributed, split_batch
 from slmkit.errors import SlmError
 from slmkit.files import sha256_file
 from slmkit.lora import AdapterWeights, LoRAConfig, apply_lora, describe, save_adapter, train_new_tokens
@@ -269,10 +269,7 @@ def finetune(
             summary = _run(model, checkpoint, data_dir, run_dir, sections, lora, fresh,
                            quiet or not dist.main, dist, lock)
     finally:
-        if dist.world_size > 1:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
+        leave_distributed(dist)
     return summary
 
 

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 
 from slmkit.config import RUN_SECTIONS, check_sections, from_dict, load_preset, load_toml, merge, parse_overrides, to_dict
 from slmkit.data import TokenBatches, check_context_fits, load_meta, open_split
-from slmkit.distributed import Dist, init_distributed, split_batch
+from slmkit.distributed import Dist, init_distributed, leave_distributed, split_batch
 from slmkit.errors import SlmError, run_command
 from slmkit.model import GPT, ModelConfig
 from slmkit.rundir import setup_run_dir_on_rank0
@@ -175,16 +174,8 @@ def train(
             summary = trainer.run(quiet=quiet)
             dist.barrier()
     finally:
-        if dist.world_size > 1:
-            import torch.distributed
-
-            # gloo's worker thread drops its last references to finished collectives after they
-            # complete, which takes the GIL; destroying the group (here, or when DDP's reducer is
-            # freed at return) joins that thread while holding the GIL: a deadlock seen at exit.
-            # So free the reducer now and give the thread the GIL before the group goes.
-            trainer = None
-            time.sleep(0.2)
-            torch.distributed.destroy_process_group()
+        trainer = None  # DDP's reducer holds the process group
+        leave_distributed(dist)
     if not quiet:
         print(
             f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['time_s']:.0f}s "
