@@ -186,3 +186,20 @@ def test_prompts_of_one_length_are_prefilled_together_and_give_their_solo_tokens
     # step 0: nothing runs, the three 3-token prompts in one pass (then the 5-token one is over budget);
     # later, with rows running, 6 tokens a step: the 5-token prompt alone, then two 3-token prompts, then one
     assert passes == [(3, 3), (1, 5), (2, 3), (1, 3)]
+
+
+def test_nucleus_rows_draw_in_one_native_call_as_each_would_alone(monkeypatch):
+    import slmkit.generate.continuous as C
+
+    calls = []
+    native = C.native_top_p
+    monkeypatch.setattr(C, "native_top_p", lambda *a: calls.append(len(a[3])) or native(*a))
+    model = random_model()
+    cfgs = [SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=s, stop_at_eot=False)
+            for s in range(4)]
+    alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]  # the reference sampler
+    seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
+    run(ContinuousBatch(model), {0: seqs[:3], 1: seqs[3:]})
+    assert [s.tokens for s in seqs] == alone and len({tuple(t) for t in alone}) > 1
+    if C.native_sampling(torch.device("cpu")):
+        assert max(calls) == 4  # one call for the 4 rows of a step

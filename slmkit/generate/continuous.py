@@ -33,7 +33,7 @@ from slmkit.decode import KVCache, make_decoder
 from slmkit.generate.runners import DECODERS, Path
 from slmkit.generate.sampling import (
     SamplingConfig, _seen_mask, apply_ban, apply_logit_bias, apply_presence_frequency, choose, logits_pipeline,
-    make_generator,
+    make_generator, native_sampling, native_top_p,
 )
 
 
@@ -100,6 +100,13 @@ class _Row:
         self.plain_greedy = self.stateless and seq.cfg.temperature == 0
         c = seq.cfg
         self.group = (c.temperature, c.top_k, c.top_p, c.min_p) if self.stateless else None
+        # Nucleus sampling alone draws in C++ (native_top_p) from numbers its generator gives ahead,
+        # all at once: the same numbers as one draw per step (tested), without a PyTorch call a step.
+        self.uniforms: list[float] | None = None
+        if self.stateless and c.temperature > 0 and not c.top_k and not c.min_p and c.top_p < 1 \
+                and native_sampling(device):
+            self.uniforms = torch.rand(seq.max_new_tokens, generator=self.generator, dtype=torch.float64).tolist()
+        self.draws = 0
 
     def pick(self, logits: torch.Tensor) -> int:
         """This row's next token from its next-token logits (1, vocab)."""
@@ -255,13 +262,26 @@ class ContinuousBatch:
 
     def _pick_groups(self, logits: torch.Tensor) -> dict[int, int]:
         """Tokens of the sampled rows without state of their own, one pass of the processors per group
-        of equal settings, each row drawing from its own generator: ``{row index: token}``."""
+        of equal settings, each row drawing from its own generator: ``{row index: token}``. Groups
+        with nucleus sampling alone (no top-k or min-p) draw in one C++ call (``native_top_p``)."""
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.rows):
             if row is not None and row.group is not None and not row.plain_greedy:
                 groups.setdefault(row.group, []).append(i)
         picked: dict[int, int] = {}
-        for rows in groups.values():
+        for (temperature, _, top_p, _), rows in groups.items():
+            if self.rows[rows[0]].uniforms is not None:  # the group's rows all have them (same settings)
+                u = []
+                for i in rows:
+                    row = self.rows[i]
+                    u.append(row.uniforms[row.draws])
+                    row.draws += 1
+                if not logits.is_contiguous():
+                    logits = logits.contiguous()
+                tokens = native_top_p(logits, temperature, top_p, u, rows)
+                assert tokens is not None, "the rows were given uniforms for native_top_p: it must run"
+                picked.update(zip(rows, tokens))
+                continue
             if len(rows) == 1:
                 continue  # row.pick does the same
             x = logits[rows]
