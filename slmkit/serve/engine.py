@@ -190,6 +190,7 @@ class Engine:
         owner = {id(seq): (job, i) for job in self._jobs for i, seq in enumerate(job.seqs)} if changed else {}
         now = time.perf_counter()
         out: list[tuple[Job, Event]] = []
+        generated = 0
         for seq in changed:
             if id(seq) not in owner:
                 continue
@@ -202,7 +203,7 @@ class Engine:
             if stream.stopped and not seq.done:
                 seq.finish_reason = "stop"  # a stop string: the batch drops the row before its next step
             if end > start:
-                self.metrics.add(generation_tokens=end - start)
+                generated += end - start
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.metrics.first_token(now - job.created)
@@ -212,6 +213,8 @@ class Engine:
                 job.closed[i] = True
             out.append((job, Event(i, text, start, end, seq.finish_reason if seq.done else None)))
         _hand_over(out)
+        if generated:
+            self.metrics.add(generation_tokens=generated)  # once per step: the counter's lock is not free
         done = [job for job in self._jobs if job.finished]
         for job in done:
             self._jobs.remove(job)
