@@ -53,7 +53,8 @@ import torch
 from slmkit.runtime import cpu_flags
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp", _CSRC / "qdecode.cpp"]
+_SOURCES = [_CSRC / "attention.cpp", _CSRC / "cross_entropy.cpp", _CSRC / "decode.cpp", _CSRC / "qdecode.cpp",
+            _CSRC / "sample.cpp"]
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # The flags of each instruction-set level: what the compiler may use there, and no more. x86-64-v3
 # is AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE: every AVX2 laptop since Haswell and Zen 1.
@@ -138,6 +139,13 @@ def _build(isa: str) -> ctypes.CDLL:
     handle.slm_qmatvec.restype = ctypes.c_int
     handle.slm_qmatvec_kernel.argtypes = [ctypes.c_int]
     handle.slm_qmatvec_kernel.restype = ctypes.c_int
+    # sample.cpp, nucleus sampling for a batch (generate/sampling.py's native_top_p). Called holding
+    # the GIL (PyDLL): a few microseconds a row, and a call that let go of it would hand it to a
+    # server's event loop for that loop's whole turn in the middle of a decode step.
+    handle.slm_sample_rows = ctypes.PyDLL(str(lib)).slm_sample_rows
+    handle.slm_sample_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    handle.slm_sample_rows.restype = None
     return handle
 
 

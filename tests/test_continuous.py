@@ -35,7 +35,7 @@ def test_rows_joining_and_leaving_give_the_tokens_of_a_batch_of_one(monkeypatch)
     solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
             for p, n in zip(prompts, news)]
     seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
-    batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4)  # chunked prefill, rows wait for a slot
+    batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=0)  # chunked prefill, rows wait for a slot
     run(batch, {0: seqs[:1], 3: seqs[1:3], 5: seqs[3:5], 20: seqs[5:]})
     assert [s.tokens for s in seqs] == solo
     assert all(s.finish_reason == "length" for s in seqs)
@@ -176,7 +176,7 @@ def test_prompts_of_one_length_are_prefilled_together_and_give_their_solo_tokens
     news = [6, 9, 4, 7, 8, 5, 6]
     solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
             for p, n in zip(prompts, news)]
-    batch = ContinuousBatch(model, max_batch=8, prefill_chunk=6)
+    batch = ContinuousBatch(model, max_batch=8, prefill_chunk=6, ride=0)
     passes = []
     real = batch.decoder.prefill
     monkeypatch.setattr(batch.decoder, "prefill", lambda ids, cache: (passes.append(tuple(ids.shape)), real(ids, cache))[1])
@@ -186,3 +186,39 @@ def test_prompts_of_one_length_are_prefilled_together_and_give_their_solo_tokens
     # step 0: nothing runs, the three 3-token prompts in one pass (then the 5-token one is over budget);
     # later, with rows running, 6 tokens a step: the 5-token prompt alone, then two 3-token prompts, then one
     assert passes == [(3, 3), (1, 5), (2, 3), (1, 3)]
+
+
+def test_nucleus_rows_draw_in_one_native_call_as_each_would_alone(monkeypatch):
+    import slmkit.generate.continuous as C
+
+    calls = []
+    native = C.native_top_p
+    monkeypatch.setattr(C, "native_top_p", lambda *a: calls.append(len(a[3])) or native(*a))
+    model = random_model()
+    cfgs = [SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=s, stop_at_eot=False)
+            for s in range(4)]
+    alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]  # the reference sampler
+    seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
+    run(ContinuousBatch(model), {0: seqs[:3], 1: seqs[3:]})
+    assert [s.tokens for s in seqs] == alone and len({tuple(t) for t in alone}) > 1
+    if C.native_sampling(torch.device("cpu")):
+        assert max(calls) == 4  # one call for the 4 rows of a step
+
+
+def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens():
+    model = random_model(block_size=32)
+    prompts = [[1, 2, 3], [5] * 9, [7, 8], list(range(10, 30)), [4], [9, 9, 9, 9, 9, 9]]
+    news = [20, 12, 25, 10, 30, 17]  # the shared slots run out: the cache compacts with riders in it
+    solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
+            for p, n in zip(prompts, news)]
+    seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+    batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=9)  # the 20-token prompt is prefilled
+    prefilled, fed = [], []
+    prefill = batch.decoder.prefill
+    batch.decoder.prefill = lambda ids, cache: prefilled.append(ids.size(1)) or prefill(ids, cache)
+    step = batch.decoder.step
+    batch.decoder.step = lambda ids, cache: fed.append(ids.size(0)) or step(ids, cache)
+    run(batch, {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:]})
+    assert [s.tokens for s in seqs] == solo
+    assert prefilled == [3, 4, 4, 4, 4, 4]  # the first prompt alone, the long one in chunks: the rest rode
+    assert max(fed) == 3 and batch.cache is None

@@ -144,3 +144,68 @@ def test_seed_makes_sampling_reproducible():
     assert generate_tokens(model, [[1, 2], [3]], cfg) == a
     cfg.seed = 124
     assert generate_tokens(model, [[1, 2], [3]], cfg) != a
+
+
+# --- the C++ nucleus draw (csrc/sample.cpp) ---------------------------------------------------------
+
+
+def _generators(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _uniforms(generators: list[torch.Generator]) -> list[float]:
+    """The number ``choose`` draws from each generator."""
+    return [torch.rand((1, 1), generator=g, dtype=torch.float64).item() for g in generators]
+
+
+native = pytest.mark.skipif(not G.native_sampling(torch.device("cpu")), reason="the C++ library is not built here")
+
+
+@native
+@pytest.mark.parametrize("vocab", [4096, 301])
+def test_native_top_p_draws_the_reference_tokens(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    for scale, p, temperature in [(1.0, 0.9, 1.0), (3.0, 0.95, 0.8), (8.0, 0.5, 1.3), (0.3, 0.99, 0.7),
+                                  (5.0, 1e-3, 1.0), (2.0, 0.999, 2.0)]:
+        logits = torch.randn(24, vocab, generator=g) * scale
+        logits[:4, : vocab // 3] = -math.inf  # banned tokens (logit_bias, min_tokens)
+        x = apply_temperature(logits, temperature) if temperature != 1 else logits
+        ref_gens, fast_gens = _generators(24), _generators(24)
+        rows = [5, 0, 23, 2, 17]  # some rows, in any order
+        for _ in range(3):  # each row's generator goes on drawing as in a running batch
+            expected = G.choose(apply_top_p(x, p), temperature, ref_gens).tolist()
+            assert G.native_top_p(logits, temperature, p, _uniforms(fast_gens)) == expected, (scale, p, temperature)
+        u = _uniforms(_generators(len(rows)))
+        expected = G.choose(apply_top_p(x[rows], p), temperature, _generators(len(rows))).tolist()
+        assert G.native_top_p(logits, temperature, p, u, rows) == expected
+
+
+@native
+def test_native_top_p_breaks_ties_at_the_edge_by_the_lower_id():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 6, (64, 40), generator=g).float()  # many equal logits on every nucleus edge
+    p = 0.6
+    # the reference cut with a stable sort: tied logits in id order
+    order = torch.sort(-logits, dim=-1, stable=True).indices
+    values = logits.gather(-1, order)
+    probs = values.softmax(-1)
+    values = values.masked_fill(probs.cumsum(-1) - probs >= p, -math.inf)
+    kept = torch.full_like(logits, -math.inf).scatter(-1, order, values)
+    expected = G.choose(kept, 1.0, _generators(64)).tolist()
+    assert G.native_top_p(logits, 1.0, p, _uniforms(_generators(64))) == expected
+    many = torch.tensor([G.native_top_p(logits, 1.0, p, _uniforms(_generators(64, seed=s))) for s in range(30)])
+    assert bool(kept.gather(-1, many.T).isfinite().all())  # never a token outside that nucleus
+
+
+def test_native_top_p_declares_what_it_supports():
+    u = [0.5, 0.5]
+    assert G.native_top_p(torch.zeros(2, 8, dtype=torch.float64), 1.0, 0.5, u) is None
+    assert G.native_top_p(torch.zeros(2, 8), 1.0, 0.0, u) is None
+    assert G.native_top_p(torch.zeros(2, 8), 0.0, 0.5, u) is None
+    assert G.native_top_p(torch.zeros(8, 2).T, 1.0, 0.5, u) is None
+
+
+def test_drawing_ahead_gives_the_numbers_of_one_draw_a_step():
+    ahead = torch.rand(50, generator=torch.Generator().manual_seed(5), dtype=torch.float64).tolist()
+    g = torch.Generator().manual_seed(5)
+    assert ahead == [torch.rand((1, 1), generator=g, dtype=torch.float64).item() for _ in range(50)]

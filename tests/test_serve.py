@@ -457,3 +457,17 @@ def test_playground_streams_and_stop_cancels_on_the_server(chatty, tmp_path):
         assert "Hello there" in page.text_content("#history")
         page.screenshot(path=str(tmp_path / "playground.png"))
         browser.close()
+
+
+def test_a_streamed_text_chunk_is_the_json_sse_starlette_would_write():
+    import json
+
+    from sse_starlette.event import ensure_bytes
+
+    from slmkit.serve.app import sse_prefix, sse_text_chunk
+
+    top = {"id": "cmpl-1", "object": "text_completion", "created": 17, "model": "m\u00e9"}
+    for index, text, reason in [(0, " once", None), (3, 'a "b"\n\\ \u00e9\U0001f600', None), (12, "", "length")]:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        expected = ensure_bytes({"data": json.dumps({**top, "choices": [choice]})}, "\r\n")
+        assert sse_text_chunk(sse_prefix(top), index, text, reason) == expected

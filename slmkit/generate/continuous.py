@@ -14,6 +14,12 @@ each time; holes still empty after ``hole_steps`` steps are closed up in one cop
 cache's slots run out it closes up too (``KVCache.compact``: the slots left of every row's start
 are dropped).
 
+While rows run, a waiting prompt of at most ``ride`` tokens is not prefilled at all: it joins the
+batch at once with no slots and rides its decode steps, fed one prompt token a step, its logits
+unused until its last prompt token (``_ride_in``). A decode step reads every weight once for all
+its rows, so on a CPU a prompt token costs far less there than in a forward pass of its own, and
+the running rows never wait on one.
+
 Each row samples with its own ``SamplingConfig`` through the same processors as ``Generation``
 (``logits_pipeline`` and ``choose``) and its own seeded ``torch.Generator``, plus OpenAI's
 ``logit_bias``, presence / frequency penalties and ``min_tokens``; so a row's tokens do not depend
@@ -33,7 +39,7 @@ from slmkit.decode import KVCache, make_decoder
 from slmkit.generate.runners import DECODERS, Path
 from slmkit.generate.sampling import (
     SamplingConfig, _seen_mask, apply_ban, apply_logit_bias, apply_presence_frequency, choose, logits_pipeline,
-    make_generator,
+    make_generator, native_sampling, native_top_p,
 )
 
 
@@ -100,6 +106,14 @@ class _Row:
         self.plain_greedy = self.stateless and seq.cfg.temperature == 0
         c = seq.cfg
         self.group = (c.temperature, c.top_k, c.top_p, c.min_p) if self.stateless else None
+        # Nucleus sampling alone draws in C++ (native_top_p) from numbers its generator gives ahead,
+        # all at once: the same numbers as one draw per step (tested), without a PyTorch call a step.
+        self.uniforms: list[float] | None = None
+        if self.stateless and c.temperature > 0 and not c.top_k and not c.min_p and c.top_p < 1 \
+                and native_sampling(device):
+            self.uniforms = torch.rand(seq.max_new_tokens, generator=self.generator, dtype=torch.float64).tolist()
+        self.draws = 0
+        self.feed: deque[int] = deque()  # prompt tokens still to feed through decode steps (a riding prompt)
 
     def pick(self, logits: torch.Tensor) -> int:
         """This row's next token from its next-token logits (1, vocab)."""
@@ -129,10 +143,11 @@ class ContinuousBatch:
     run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``."""
 
     def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
-                 hole_steps: int = 8) -> None:
-        if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0:
-            raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps at least 0")
+                 hole_steps: int = 8, ride: int = 64) -> None:
+        if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0:
+            raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps and ride at least 0")
         self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
+        self.ride = ride
         self.block_size = model.config.block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -224,7 +239,7 @@ class ContinuousBatch:
 
     def _decode(self) -> None:
         logits = self.logits
-        live = [(i, row) for i, row in enumerate(self.rows) if row is not None]
+        live = [(i, row) for i, row in enumerate(self.rows) if row is not None and not row.feed]  # riding: no logits yet
         greedy = logits.argmax(-1).tolist() if any(r.plain_greedy for _, r in live) else None
         want = {i: r.seq.logprobs is not None for i, r in live}
         logprobs = logits.log_softmax(-1) if any(want.values()) else None
@@ -250,18 +265,32 @@ class ContinuousBatch:
                 for i in self._holes:  # a hole holds no slots: only the running rows' starts count
                     self.cache.start[i] = self.cache.length
                 self.cache.compact()
-            tokens = torch.tensor([0 if row is None else row.seq.tokens[-1] for row in self.rows], device=self.device)
+            tokens = torch.tensor([0 if row is None else row.feed.popleft() if row.feed else row.seq.tokens[-1]
+                                   for row in self.rows], device=self.device)
             self.logits = self.decoder.step(tokens, self.cache).float()
 
     def _pick_groups(self, logits: torch.Tensor) -> dict[int, int]:
         """Tokens of the sampled rows without state of their own, one pass of the processors per group
-        of equal settings, each row drawing from its own generator: ``{row index: token}``."""
+        of equal settings, each row drawing from its own generator: ``{row index: token}``. Groups
+        with nucleus sampling alone (no top-k or min-p) draw in one C++ call (``native_top_p``)."""
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.rows):
-            if row is not None and row.group is not None and not row.plain_greedy:
+            if row is not None and row.group is not None and not row.plain_greedy and not row.feed:
                 groups.setdefault(row.group, []).append(i)
         picked: dict[int, int] = {}
-        for rows in groups.values():
+        for (temperature, _, top_p, _), rows in groups.items():
+            if self.rows[rows[0]].uniforms is not None:  # the group's rows all have them (same settings)
+                u = []
+                for i in rows:
+                    row = self.rows[i]
+                    u.append(row.uniforms[row.draws])
+                    row.draws += 1
+                if not logits.is_contiguous():
+                    logits = logits.contiguous()
+                tokens = native_top_p(logits, temperature, top_p, u, rows)
+                assert tokens is not None, "the rows were given uniforms for native_top_p: it must run"
+                picked.update(zip(rows, tokens))
+                continue
             if len(rows) == 1:
                 continue  # row.pick does the same
             x = logits[rows]
@@ -281,6 +310,8 @@ class ContinuousBatch:
                     seq = self.waiting.popleft()
                     self.finish(seq, "cancelled")
                     changed.append(seq)
+                if self.rows and self.ride:
+                    self._ride_in()
                 if not self.waiting or self.running >= self.max_batch:
                     break
                 used = self._prefill_together(budget)
@@ -323,6 +354,35 @@ class ContinuousBatch:
                 seq.finish_reason = "length"
                 continue
             self._join(seq, cache, last)
+
+    def _ride_in(self) -> None:
+        """Waiting prompts of at most ``ride`` tokens join the running batch at once, with no slots
+        yet, and are fed through its decode steps one token a step (``_Row.feed``), their logits
+        unused until the last prompt token: a decode step reads every weight once for all its rows,
+        so a prompt token costs a row of a step instead of a prefill forward pass, and nobody waits
+        on a pass. Into holes first, the rest appended together (one copy of the cache)."""
+        riders = []
+        while self.waiting and self.running + len(riders) < self.max_batch:
+            seq = self.waiting[0]
+            if seq.cancelled or seq.prompt_logprobs or not seq.max_new_tokens or len(seq.prompt) > self.ride:
+                break
+            self.waiting.popleft()
+            row = _Row(seq, self.vocab, self.device)
+            row.feed.extend(seq.prompt)
+            if self._holes:
+                i = min(self._holes, key=self._holes.get)
+                del self._holes[i]
+                self.cache.start[i] = self.cache.length  # its own slots begin with the next step's
+                self.cache.padded = True
+                self.rows[i] = row
+            else:
+                riders.append(row)
+        if riders:
+            n = len(riders)
+            k = self.cache.k.new_empty((self.cache.k.size(0), n, self.cache.k.size(2), 0, self.cache.k.size(4)))
+            self.cache.admit(KVCache(k, k, torch.zeros(n, dtype=torch.long, device=self.device), 0))
+            self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
+            self.rows += riders
 
     def _prefill_together(self, budget: int) -> int:
         """Prefill the first waiting prompt with the others of the same length in one forward pass

@@ -41,6 +41,20 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
+def sse_prefix(top: dict[str, Any]) -> bytes:
+    """The start of every streamed completion chunk of one request, up to its choice's index: the
+    head (id, object, created, model) serialised once per request, not once per token."""
+    return b"data: " + json.dumps({**top, "choices": [{"index": 0}]})[:-4].encode()
+
+
+def sse_text_chunk(prefix: bytes, index: int, text: str, finish_reason: str | None) -> bytes:
+    """One server-sent event with a completion chunk without logprobs: the same bytes as
+    sse-starlette's encoding of ``json.dumps({**top, "choices": [choice]})`` (tested), at a
+    fraction of the cost per token."""
+    return b"%s%d, \"text\": %s, \"logprobs\": null, \"finish_reason\": %s}]}\r\n\r\n" % (
+        prefix, index, json.dumps(text).encode(), json.dumps(finish_reason).encode())
+
+
 def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
     """The ASGI app serving ``engine``'s model as ``model_name``."""
     created = int(time.time())
@@ -174,13 +188,18 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
                 for k, seq in enumerate(parsed.seqs):
                     choice = {"index": k, "text": parsed.rendered[k // parsed.n], "logprobs": None, "finish_reason": None}
                     yield {"data": json.dumps({**head("text_completion", rid), "choices": [choice]})}
+            top = head("text_completion", rid)
+            before = sse_prefix(top)
             async for event in events(job):
                 if not (event.text or event.finish_reason or parsed.logprobs and event.end > event.start):
                     continue
-                choice = {"index": event.index, "text": event.text,
-                          "logprobs": completion_lps(parsed, event.index, event.start, event.end, False),
-                          "finish_reason": finish(event.finish_reason)}
-                yield {"data": json.dumps({**head("text_completion", rid), "choices": [choice]})}
+                if parsed.logprobs:
+                    choice = {"index": event.index, "text": event.text,
+                              "logprobs": completion_lps(parsed, event.index, event.start, event.end, False),
+                              "finish_reason": finish(event.finish_reason)}
+                    yield {"data": json.dumps({**top, "choices": [choice]})}
+                    continue
+                yield sse_text_chunk(before, event.index, event.text, finish(event.finish_reason))
             if parsed.include_usage:
                 yield {"data": json.dumps({**head("text_completion", rid), "choices": [], "usage": usage(parsed)})}
             yield {"data": "[DONE]"}

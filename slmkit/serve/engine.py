@@ -145,7 +145,7 @@ class Engine:
             if self.threads:
                 torch.set_num_threads(self.threads)
             self.model, self.tokenizer = self._load()
-            batch = ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
+            batch = self._batch()
             self.ready = True
         except Exception as e:  # noqa: BLE001 - reported by the CLI as one line
             self.load_error = str(e) or type(e).__name__
@@ -164,11 +164,16 @@ class Engine:
             except Exception:  # noqa: BLE001 - a bug must not take the server down: fail the jobs in flight
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_all("internal error while generating")
-                batch = ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
+                batch = self._batch()
                 continue
             self._publish(changed)
             self.metrics.add(steps=1)
             self.metrics.set(running=batch.running, running_requests=len(self._jobs))
+
+    def _batch(self) -> ContinuousBatch:
+        """A prompt that fits one prefill chunk rides the running batch's decode steps (``ride``)."""
+        return ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
+                               ride=self.prefill_chunk)
 
     def _admit(self, batch: ContinuousBatch) -> None:
         while self._pending and batch.load < self.max_batch:
@@ -190,6 +195,7 @@ class Engine:
         owner = {id(seq): (job, i) for job in self._jobs for i, seq in enumerate(job.seqs)} if changed else {}
         now = time.perf_counter()
         out: list[tuple[Job, Event]] = []
+        generated = 0
         for seq in changed:
             if id(seq) not in owner:
                 continue
@@ -202,7 +208,7 @@ class Engine:
             if stream.stopped and not seq.done:
                 seq.finish_reason = "stop"  # a stop string: the batch drops the row before its next step
             if end > start:
-                self.metrics.add(generation_tokens=end - start)
+                generated += end - start
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.metrics.first_token(now - job.created)
@@ -212,6 +218,8 @@ class Engine:
                 job.closed[i] = True
             out.append((job, Event(i, text, start, end, seq.finish_reason if seq.done else None)))
         _hand_over(out)
+        if generated:
+            self.metrics.add(generation_tokens=generated)  # once per step: the counter's lock is not free
         done = [job for job in self._jobs if job.finished]
         for job in done:
             self._jobs.remove(job)
