@@ -137,6 +137,10 @@ def _build(isa: str) -> ctypes.CDLL:
     handle.slm_qmatvec.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     handle.slm_qmatvec.restype = ctypes.c_int
+    handle.slm_qpacked_bytes.argtypes = [ctypes.c_int64] * 3
+    handle.slm_qpacked_bytes.restype = ctypes.c_int64
+    handle.slm_qpack.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    handle.slm_qpack.restype = ctypes.c_int
     handle.slm_qmatvec_kernel.argtypes = [ctypes.c_int]
     handle.slm_qmatvec_kernel.restype = ctypes.c_int
     # sample.cpp, nucleus sampling for a batch (generate/sampling.py's native_top_p). Called holding

@@ -22,14 +22,21 @@ int64_t xq_bytes(int64_t B, int64_t in);
 // q = x / d rounded to nearest even): the activations' side of every integer product.
 void quantize_rows(const float* X, int64_t in, int64_t ldx, int64_t B, void* xq);
 
-// dots[b * ldd + (j - j0)] = W[j] . X[b] for rows j0 <= j < j1 of the packed matrix W (format fmt,
-// rows of in values) and the B rows quantize_rows packed into xq. isa: 1 scalar, 2 AVX2,
+// Bytes of the panels pack makes of a (rows x in) matrix in format fmt.
+int64_t packed_bytes(int64_t fmt, int64_t rows, int64_t in);
+
+// slm quantize's blocks of W (rows x in, format fmt, row after row) as the panels matvec reads:
+// 16 rows interleaved, per block of 32 columns their scales and their values (qdecode.cpp).
+void pack(int64_t fmt, const void* src, int64_t rows, int64_t in, void* dst);
+
+// dots[b * ldd + (j - j0)] = W[j] . X[b] for rows j0 <= j < j1 of the matrix W (format fmt, rows of
+// in values, packed into panels by pack) and the B rows quantize_rows packed into xq. isa: 1 scalar, 2 AVX2,
 // 3 AVX-512 (decode.cpp's Isa). Every path gives the same bits (exact integer block sums, then
 // one float accumulation in a fixed order).
 void matvec(int64_t fmt, int isa, const void* W, int64_t in, const void* xq, int64_t B, int64_t j0, int64_t j1,
             float* dots, int64_t ldd);
 
-// Row `row` of the packed matrix W as float32 (the values slmkit.quant.dequantize_blocks gives).
+// Row `row` of W as slm quantize stores it (blocks, not panels) as float32 (the values slmkit.quant.dequantize_blocks gives).
 void dequantize_row(int64_t fmt, const void* W, int64_t in, int64_t row, float* out);
 
 }  // namespace slmq

@@ -16,7 +16,8 @@ A quantized run (``slm quantize``) decodes here on its int8 / int4 blocks themse
 (``quant.PackedWeight``, GGUF's q8_0 / q4_0 layout), not on the float32 values its checkpoint also
 unpacks for ``model.forward`` (the prefill and every other backend): each tensor has a format
 (``formats``: 0 for the model's float format, else qdecode.h's ``kind | group << 8``), the blocks
-are passed as they are (not packed into panels), and ``csrc/qdecode.cpp`` quantizes each
+of the products are repacked once (``qpack``: the same bytes of values and scales, regrouped into
+panels of 16 rows, no float copy), the embedding's read as stored, and ``csrc/qdecode.cpp`` quantizes each
 activation row to int8 blocks of 32 once per product and computes the products as integer dots
 (AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, all giving the same bits). ``packed_format`` says which
 blocks it reads: groups that are multiples of 32 (every ``slm quantize`` setting at sizes that are
@@ -105,6 +106,16 @@ def pack(lib: ctypes.CDLL, weight: torch.Tensor, weights: str, parts: int = 1) -
     return out
 
 
+def qpack(lib: ctypes.CDLL, p: PackedWeight) -> torch.Tensor:
+    """A quantized weight's blocks repacked into the panels the products read (qdecode.cpp:
+    16 rows interleaved; the same values and scales, bytes)."""
+    fmt, (rows, n) = packed_format(p), p.shape
+    out = torch.empty(lib.slm_qpacked_bytes(fmt, rows, n), dtype=torch.uint8)
+    if lib.slm_qpack(fmt, p.blocks.data_ptr(), rows, n, out.data_ptr()) != 0:
+        raise ValueError(f"the C++ decoder cannot read int{p.bits} blocks of {p.group} values")
+    return out
+
+
 def rounded(model: GPT, weights: str) -> GPT:
     """``model`` with its weight matrices (embeddings, linear layers, head) rounded as ``weights``
     stores them (a copy; the model itself for fp32): what a ``NativeDecoder`` in that format runs."""
@@ -136,7 +147,7 @@ def _signature(model: GPT) -> tuple:
 def prepared(model: GPT, weights: str, packed: bool = True) -> tuple[GPT, list[torch.Tensor | None], torch.Tensor]:
     """The model a decoder in format ``weights`` runs (``rounded``), the tensors its step reads, in
     C++'s order (slm_decode_step's ``w``): float32 vectors and embeddings, packed matrices, or a
-    quantized run's int8/int4 blocks as they are (``packed``, fp32 only), and each tensor's format
+    quantized run's int8/int4 blocks (``packed``, fp32 only; ``qpack``'s panels for the products), and each tensor's format
     (slm_decode_step's ``fmt``: 0, or ``packed_format``). Kept per model while its weights stay the
     same, so a generation does not pack them again."""
     key = _signature(model)
@@ -170,8 +181,10 @@ def prepared(model: GPT, weights: str, packed: bool = True) -> tuple[GPT, list[t
     formats = torch.tensor([packed_format(t) if isinstance(t, PackedWeight) else 0 for t in tensors], dtype=torch.int64)
     # Contiguous float32 views of the parameters (copies only where a tensor is not dense), the
     # packed matrices and the blocks, kept alive by the decoders: the C++ side holds their addresses.
-    tensors = [None if t is None else t.blocks if isinstance(t, PackedWeight) else t if t.dtype == torch.uint8
-               else t.detach().float().contiguous() for t in tensors]
+    # The products' blocks are repacked into panels (qpack); the embedding's are read row by row as
+    # they are (a tied head gets its own panels).
+    tensors = [None if t is None else (t.blocks if i == 0 else qpack(lib, t)) if isinstance(t, PackedWeight)
+               else t if t.dtype == torch.uint8 else t.detach().float().contiguous() for i, t in enumerate(tensors)]
     # (not the model itself as a value: that would keep the key, the model, alive for ever)
     _prepared.setdefault(model, {})[(weights, packed)] = (key, None if runs is model else runs, tensors, formats)
     return runs, tensors, formats
@@ -191,7 +204,7 @@ class NativeDecoder(Decoder):
     token; the arithmetic stays float32, so the logits are those of ``rounded(model, "bf16")``,
     which the decoder keeps for its prefill). The matrices are packed (a copy beside the model's)
     once per model and format while its weights stay the same (``prepared``). A quantized run's
-    int8/int4 blocks are read as they are (fp32 format; ``packed=False``: its float32 values
+    int8/int4 blocks are read as blocks (fp32 format; ``packed=False``: its float32 values
     instead, for comparisons). Inference only."""
 
     name = "cpp"
