@@ -175,8 +175,9 @@ def test_without_the_library_the_numpy_decoder_runs_after_one_note(monkeypatch, 
 
 def test_a_model_of_bf16_values_is_read_as_bf16_with_the_same_bits():
     """``storage_format``: a model whose matrices hold bf16 values (``slm quantize --bits 16``) is
-    read as bf16 by default, half the bytes, the logits bit for bit those of reading it as float32;
-    one changed value makes it float32 again."""
+    read as bf16 by default, half the bytes ("bf16-dot" where the CPU has AVX512-BF16: the logits
+    of ``reproduces``); as "bf16" its logits are bit for bit those of reading it as float32; one
+    changed value makes it float32 again."""
     from slmkit.quant import QuantConfig, quantize_model
 
     model = noisy_model(2, **ODD[1])
@@ -186,10 +187,13 @@ def test_a_model_of_bf16_values_is_read_as_bf16_with_the_same_bits():
     x = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         default, fp32 = NativeDecoder(model), NativeDecoder(model, weights="fp32")
-        assert default.weights == "bf16" and 2 * default.weight_bytes() == fp32.weight_bytes()
-        a = ragged_steps(default, model, x, [0, 4, 1], 6)[0]
+        assert default.weights == native.bf16_arithmetic() and 2 * default.weight_bytes() == fp32.weight_bytes()
+        a = ragged_steps(NativeDecoder(model, weights="bf16"), model, x, [0, 4, 1], 6)[0]
         b = ragged_steps(fp32, model, x, [0, 4, 1], 6)[0]
         assert all(torch.equal(u, v) for u, v in zip(a, b))
+        got = torch.stack(ragged_steps(default, model, x[:1], [0], 6)[0], 1)[0]
+        want = NativeDecoder.reproduces(model)(x[:1])[0][0, -7:]
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
         model.blocks[1].mlp.down.weight[0, 0] += 1e-4
     assert native.storage_format(model) == "fp32" and NativeDecoder(model).weights == "fp32"
 
