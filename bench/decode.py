@@ -11,7 +11,10 @@
 
 Batch 1, a 16-token prompt, 256 new tokens, greedy, no stopping (random weights: the values do
 not change the speed), for the stories15m shape (vocab 4096) and stories260k (vocab 512, as in
-llama2.c). Tokens per second include the prefill. Rows: "uncached" re-runs the window every
+llama2.c). Tokens per second include the prefill. Rows of a batch > 1 generate at most what fits
+in the context (stories15m: 256 - 16 = 240 tokens; "new_tokens" in the JSON): past it, the window
+slides, and its re-prefill of half the context for every row (``model.forward``, the same for
+every row type) would take most of their time instead of the steps they measure. Rows: "uncached" re-runs the window every
 token; "kv-cache" is ``model.forward`` with the cache one token at a time (``decode.ModuleDecoder``);
 "step" is ``decode.StepDecoder``, the PyTorch step (the fast path in bf16 on the CPU); "numpy" is
 ``decode.CPUDecoder`` (the same math with the small operations in NumPy); "fast" is the default,
@@ -33,7 +36,8 @@ The "fast, int8 ..." / "fast, int4 ..." rows (float32 on the CPU; ``--no-quant``
 decode the same model quantized as ``slm quantize`` does (``quant.quantize_model``; "+ embeddings":
 ``--embeddings``, the head too): ``decode.NativeDecoder`` computes on the q8_0 / q4_0 blocks, and
 "weights MB/token" counts the blocks' bytes. A preset whose sizes are not whole 32-value blocks
-(stories260k's hidden 172) has no such rows.
+(stories260k's hidden 172) has no such rows. "fast, bf16 (--bits 16)" is ``slm quantize --bits 16``'s
+model (every matrix rounded to bf16), which the default decoder reads as bf16.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from slmkit.config import from_dict, load_preset  # noqa: E402
 from slmkit.generate import SamplingConfig, generate_tokens  # noqa: E402
 from slmkit.errors import SlmError  # noqa: E402
 from slmkit.model import GPT, ModelConfig  # noqa: E402
+from slmkit.decode.native import storage_format  # noqa: E402
 from slmkit.quant import QuantConfig, packed_weight, quantize_model  # noqa: E402
 
 MODELS = {"stories15m": 4096, "stories260k": 512, "stories42m": 4096, "stories110m": 4096}  # preset -> vocab size
@@ -75,8 +80,19 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
 
 
+def batch_tokens(model, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """New tokens a row of ``batch`` generates: ``new_tokens``, or for a batch > 1 at most what fits
+    in the context after the prompt (no slide of the window, see the module docstring)."""
+    if batch == 1 or not isinstance(model, GPT):
+        return new_tokens
+    return max(1, min(new_tokens, model.config.block_size - prompt_len))
+
+
 def timed(model: GPT, batch: int, prompt_len: int, new_tokens: int, path: str, cfg: SamplingConfig) -> float:
-    """Tokens per second of one generation (all rows together)."""
+    """Tokens per second of one generation (all rows together); a batch > 1 stops at the context
+    (``batch_tokens``)."""
+    new_tokens = batch_tokens(model, batch, prompt_len, new_tokens)
+    cfg = SamplingConfig(**{**cfg.__dict__, "max_new_tokens": new_tokens})
     if path == "onnxruntime":  # ``model`` is an OnnxGenerator here
         return timed_onnx(model, prompt_len, new_tokens)
     g = torch.Generator().manual_seed(batch)
@@ -181,18 +197,20 @@ def matrix_flops(model: GPT) -> int:
     return 2 * sum(m.weight.numel() for m in linears)
 
 
-QUANT_ROWS = {"int8 q8_0": QuantConfig(8, 32), "int8 q8_0 + embeddings": QuantConfig(8, 32, embeddings=True),
+QUANT_ROWS = {"bf16 (--bits 16)": QuantConfig(16), "int8 q8_0": QuantConfig(8, 32), "int8 q8_0 + embeddings": QuantConfig(8, 32, embeddings=True),
               "int4 q4_0 + embeddings": QuantConfig(4, 32, embeddings=True)}
 
 
 def packed_bytes(model: GPT) -> int:
-    """Bytes of weights a step reads when the linear layers (and head) are read as their blocks."""
+    """Bytes of weights a step reads when the linear layers (and head) are read as their blocks,
+    or as bf16 where every matrix holds bf16 values (``decode.native.storage_format``)."""
     linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
     head_blocks = packed_weight(model.tok_emb) if model.lm_head.weight is model.tok_emb.weight else None
+    size = 2 if storage_format(model) == "bf16" else None
     total = 0
     for m in linears:
         p = packed_weight(m) or (head_blocks if m is model.lm_head else None)
-        total += p.blocks.numel() if p is not None else m.weight.numel() * m.weight.element_size()
+        total += p.blocks.numel() if p is not None else m.weight.numel() * (size or m.weight.element_size())
     return total
 
 
@@ -292,6 +310,7 @@ def main() -> None:
             results.append({
                 "model": name, "vocab_size": MODELS[name], "params": sum(p.numel() for p in model.parameters()),
                 "row": label, "batch": batch, "path": path, "threads": threads, "greedy": cfg.temperature == 0,
+                "new_tokens": batch_tokens(model, batch, args.prompt_len, args.new_tokens),
                 "tokens_per_s": round(statistics.median(runs[label]), 1),
                 "runs": [round(x, 1) for x in runs[label]],
                 "x_uncached": round(statistics.median(a / b for a, b in zip(runs[label], base)), 1),

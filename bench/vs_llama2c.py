@@ -31,8 +31,10 @@ programs are compared too (fp32 in both, so they agree until rounding first flip
 Writes bench/results/vs_llama2c.json with the machine it ran on. ``--smoke`` decodes 32 positions
 once, into a temporary file, in seconds.
 
-int8 and int4 (issue 19; ``--no-quant`` leaves them out): where the clone has ``runq.c``, it is
-built with runomp's flags and run, 2 OpenMP threads, on the same model exported as version 2
+bf16, int8 and int4 (issue 19; ``--no-quant`` leaves them out): "slmkit bf16" is the model as
+``slm quantize --bits 16`` stores it (every matrix rounded to bf16), on the default fast path, which
+reads it as bf16 (with AVX512-BF16's products where the CPU has them: ``decode.native``). For
+int8/int4: where the clone has ``runq.c``, it is built with runomp's flags and run, 2 OpenMP threads, on the same model exported as version 2
 (``write_model_bin(version=2)``: int8 in groups of 32 with float scales, the embedding and head
 too, activations quantized by the same groups); slmkit decodes the same model quantized by
 ``slm quantize``'s blocks with ``--embeddings`` (``quant.quantize_model``: q8_0, and q4_0), on the
@@ -108,7 +110,7 @@ def build(llama2c: Path, out: Path) -> dict[str, Path]:
     return exes
 
 
-QUANT = {"int8": QuantConfig(8, 32, embeddings=True), "int4": QuantConfig(4, 32, embeddings=True)}
+QUANT = {"bf16": QuantConfig(16), "int8": QuantConfig(8, 32, embeddings=True), "int4": QuantConfig(4, 32, embeddings=True)}
 
 
 def build_runq(llama2c: Path, out: Path) -> Path | None:
@@ -191,7 +193,7 @@ def main() -> None:
         runq = None if args.no_quant else build_runq(args.llama2c.expanduser(), tmp)
         if not args.no_quant:
             for qname, qcfg in QUANT.items():
-                quantized[qname] = llama2c_model()
+                quantized[qname] = llama2c_model(args.vocab)
                 quantize_model(quantized[qname], qcfg)
                 rows[f"slmkit {qname} (fast path, 2 threads)"] = []
                 run_slmkit(quantized[qname], steps)  # warm-up
@@ -223,7 +225,8 @@ def main() -> None:
     wbytes = sum(4 * m.weight.numel() for m in linears)  # fp32 weight matrices read per token
     flops = wbytes // 2  # a multiply and an add per fp32 weight (4 bytes)
     values = wbytes // 4  # int8 / int4 rows: blocks of 32 with a float16 (slmkit) or float32 (runq.c) scale
-    row_bytes = {"slmkit int8 (fast path, 2 threads)": values * 34 // 32, "slmkit int4 (fast path, 2 threads)": values * 18 // 32,
+    row_bytes = {"slmkit bf16 (fast path, 2 threads)": wbytes // 2,
+                 "slmkit int8 (fast path, 2 threads)": values * 34 // 32, "slmkit int4 (fast path, 2 threads)": values * 18 // 32,
                  "runq.c int8, runomp flags (2 threads)": values * 36 // 32}
     if bf16_row:
         row_bytes[bf16_row] = wbytes // 2

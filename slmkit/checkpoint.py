@@ -8,7 +8,8 @@ A checkpoint is a directory:
     state.json             step, data position, schedule state, optimizer hyper-parameters, ...
     model.json             the ModelConfig, so a checkpoint folder is self-describing
     quantization.json      only in a quantized run (``slm quantize``): how model.safetensors's
-                           packed int8/int4 blocks unpack (``slmkit.quant``); reading gives float32
+                           packed int8/int4 blocks unpack, or which tensors are bf16
+                           (``slmkit.quant``); reading gives float32
     manifest.json          sha256 of every file above, checked on load
 
 It is written into a temporary sibling directory and renamed into place; the checkpoint it replaces
@@ -40,7 +41,7 @@ from slmkit.config import from_dict, to_dict
 from slmkit.errors import SlmError
 from slmkit.files import atomic_dir, sha256_file, swap_leftovers
 from slmkit.model import GPT, ModelConfig
-from slmkit.quant import attach_packed, dequantize_weights
+from slmkit.quant import BLOCKS_FORMAT, attach_packed, dequantize_weights
 
 MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "model.json", "state.json")
@@ -201,7 +202,8 @@ def _read_verified(path: Path, files: set[str], with_optimizer: bool) -> dict[st
         if "quantization.json" in files:  # packed int8/int4 blocks: unpacked to the float32 they stand for
             meta = json.loads((path / "quantization.json").read_text(encoding="utf-8"))
             unpacked = dequantize_weights(weights, meta, str(path))
-            packed = (meta, {name: weights[name] for name in meta["tensors"]})  # kept for the C++ decoder
+            if meta["format"] == BLOCKS_FORMAT:  # bf16 needs nothing beside its float32 values
+                packed = (meta, {name: weights[name] for name in meta["tensors"]})  # kept for the C++ decoder
             weights = unpacked
         out: dict[str, Any] = {"path": path, "model_config": model_cfg, "weights": weights, "state": state}
         if packed is not None:

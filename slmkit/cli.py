@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "import-hf": ("slmkit.export", "add_import_arguments", "run_import", "import a GPT-2/Llama HF checkpoint"),
     "import-llama2c": ("slmkit.export.llama2c", "add_import_arguments", "run_import", "import llama2.c's files"),
     "prune": ("slmkit.prune", "add_arguments", "run_cli", "remove heads, MLP channels, layers or width: a smaller RUN_DIR"),
-    "quantize": ("slmkit.export.quantize", "add_arguments", "run_cli", "int8/int4 weights (GGUF q8_0/q4_0 blocks) in a new RUN_DIR"),
+    "quantize": ("slmkit.export.quantize", "add_arguments", "run_cli", "int8/int4 (GGUF q8_0/q4_0 blocks) or bf16 weights in a new RUN_DIR"),
     "serve": ("slmkit.serve.cli", "add_arguments", "run_cli", "OpenAI-compatible HTTP server and playground"),
 }
 

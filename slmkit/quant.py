@@ -24,6 +24,12 @@ checkpoint: the model then runs, on every backend, with exactly the quantized va
 ``attach_packed`` also hands the blocks themselves to the model's modules (``PackedWeight``), so
 that the C++ decode step (``decode.NativeDecoder``, ``csrc/qdecode.cpp``) computes on them
 directly, reading a quarter (int8) or an eighth (int4) of the bytes per token.
+
+``bits = 16`` is bf16 instead of blocks: every weight matrix (the token embedding and the head
+always included: ``group`` and ``embeddings`` do not apply) rounded to bf16, to nearest even, and
+stored as bf16 tensors (format ``slmkit-bf16-v1``): half the bytes of float32, float32's range.
+Read back, they are float32 tensors holding bf16 values exactly, which the C++ decode step
+recognises and reads as bf16 (``decode.native.storage_format``).
 """
 
 from __future__ import annotations
@@ -35,15 +41,18 @@ import torch
 
 from slmkit.errors import SlmError
 
-BITS = (8, 4)
+BITS = (8, 4, 16)
 GROUPS = {8: (0, 32, 64, 128), 4: (32, 64, 128)}
+BLOCKS_FORMAT, BF16_FORMAT = "slmkit-blocks-v1", "slmkit-bf16-v1"  # quantization.json's "format"
 
 
 @dataclass
 class QuantConfig:
     """How ``slm quantize`` packs a run's weights (the ``[quantize]`` settings)."""
 
-    bits: int = field(default=8, metadata={"help": "8 (int8, q8_0 blocks) or 4 (int4, q4_0 blocks) (default %(default)s)"})
+    bits: int = field(default=8, metadata={
+        "help": "8 (int8, q8_0 blocks), 4 (int4, q4_0 blocks) or 16 (bf16: every matrix, embeddings and head "
+                "included, half the bytes of float32) (default %(default)s)"})
     group: int = field(default=32, metadata={
         "help": "values per block, one float16 scale each: 32 (GGUF's layout), 64 or 128; int8 also 0 "
                 "(one scale per output channel) (default %(default)s)"})
@@ -58,7 +67,11 @@ class QuantConfig:
         if not isinstance(self.calibrate, int) or self.calibrate < 0:
             raise SlmError(f"quantize.calibrate={self.calibrate} is not a number of sequences: give 0 (off) or e.g. 256")
         if self.bits not in BITS:
-            raise SlmError(f"quantize.bits={self.bits} is not supported: choose 8 (int8) or 4 (int4)")
+            raise SlmError(f"quantize.bits={self.bits} is not supported: choose 8 (int8), 4 (int4) or 16 (bf16)")
+        if self.bits == 16:
+            if self.calibrate:
+                raise SlmError("quantize.calibrate applies to int8/int4 blocks, not to bf16 (--bits 16): leave it at 0")
+            return
         if self.group not in GROUPS[self.bits]:
             raise SlmError(f"quantize.group={self.group} is not supported for int{self.bits}: choose one of "
                            f"{', '.join(map(str, GROUPS[self.bits]))}" + (" (0 = per output channel)" if self.bits == 8 else ""))
@@ -122,7 +135,8 @@ def dequantize_blocks(packed: torch.Tensor, bits: int, group: int, cols: int) ->
 
 
 def quantized_names(model: Any, embeddings: bool) -> list[str]:
-    """The weights ``quantize_weights`` packs (state_dict names), see the module docstring."""
+    """The weights ``quantize_weights`` packs (state_dict names), see the module docstring (bf16
+    asks for them with ``embeddings`` always on)."""
     names = [f"blocks.{i}.{m}.weight" for i in range(model.config.n_layer)
              for m in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")]
     if embeddings:
@@ -138,6 +152,11 @@ def quantize_weights(model: Any, cfg: QuantConfig) -> tuple[dict[str, torch.Tens
     cfg.validate()
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     shapes = {}
+    if cfg.bits == 16:
+        for name in quantized_names(model, True):
+            shapes[name] = list(sd[name].shape)
+            sd[name] = sd[name].to(torch.bfloat16)
+        return sd, {"bits": 16, "embeddings": True, "format": BF16_FORMAT, "tensors": shapes}
     for name in quantized_names(model, cfg.embeddings):
         cols = sd[name].shape[1]
         if cols % group_for(cols, cfg.group):
@@ -145,14 +164,24 @@ def quantize_weights(model: Any, cfg: QuantConfig) -> tuple[dict[str, torch.Tens
                            f"(use --group 0 for int8, or a model whose sizes are multiples of {cfg.group})")
         shapes[name] = list(sd[name].shape)
         sd[name] = quantize_blocks(sd[name], cfg.bits, cfg.group)
-    return sd, {**asdict(cfg), "format": "slmkit-blocks-v1", "tensors": shapes}
+    return sd, {**asdict(cfg), "format": BLOCKS_FORMAT, "tensors": shapes}
 
 
 def dequantize_weights(weights: dict[str, torch.Tensor], meta: Any, where: str) -> dict[str, torch.Tensor]:
     """Float32 weights from a quantized checkpoint's (``where`` names it in errors): every packed
-    tensor is checked against its recorded shape before it is unpacked."""
-    if not isinstance(meta, dict) or meta.get("format") != "slmkit-blocks-v1" or not isinstance(meta.get("tensors"), dict):
-        raise SlmError(f"{where}: quantization.json is not slmkit's (format slmkit-blocks-v1): quantize the run again")
+    tensor is checked against its recorded shape before it is unpacked (bf16 ones widened)."""
+    if (not isinstance(meta, dict) or meta.get("format") not in (BLOCKS_FORMAT, BF16_FORMAT)
+            or not isinstance(meta.get("tensors"), dict)):
+        raise SlmError(f"{where}: quantization.json is not slmkit's (format {BLOCKS_FORMAT} or {BF16_FORMAT}): "
+                       "quantize the run again")
+    if meta["format"] == BF16_FORMAT:
+        out = dict(weights)
+        for name, shape in meta["tensors"].items():
+            t = weights.get(name)
+            if t is None or t.dtype != torch.bfloat16 or not isinstance(shape, list) or list(t.shape) != shape:
+                raise SlmError(f"{where}: {name} is not a bf16 {shape} matrix as quantization.json says")
+            out[name] = t.float()
+        return out
     try:
         cfg = QuantConfig(bits=meta["bits"], group=meta["group"], embeddings=bool(meta.get("embeddings")))
     except (KeyError, TypeError):
@@ -314,7 +343,7 @@ def apply_awq(model: Any, tokens: torch.Tensor, cfg: QuantConfig, clip: bool = T
     return chosen
 
 
-__all__ = ["AWQ_GRID", "QuantConfig", "apply_awq", "awq_search", "block_bytes", "group_for", "dequantize_blocks",
+__all__ = ["AWQ_GRID", "BF16_FORMAT", "BLOCKS_FORMAT", "QuantConfig", "apply_awq", "awq_search", "block_bytes", "group_for", "dequantize_blocks",
            "dequantize_weights", "quantize_blocks", "quantize_weights", "quantized_names"]
 
 
@@ -358,6 +387,11 @@ def quantize_model(model: Any, cfg: QuantConfig) -> None:
     chosen weights replaced by the float32 values their blocks stand for, the blocks attached."""
     weights, meta = quantize_weights(model, cfg)
     packed = {name: weights[name] for name in meta["tensors"]}
+    if cfg.bits == 16:  # no blocks: the bf16 values themselves, which the C++ step recognises
+        with torch.no_grad():
+            for name, t in packed.items():
+                model.get_parameter(name).copy_(t.float())
+        return
     with torch.no_grad():
         for name, (_, cols) in meta["tensors"].items():
             model.get_parameter(name).copy_(dequantize_blocks(packed[name], cfg.bits, cfg.group, cols))
@@ -370,5 +404,5 @@ def packed_weight(module: Any) -> PackedWeight | None:
     return p if p is not None and p.matches(module.weight) else None
 
 
-__all__ = ["PACKED", "PackedWeight", "QuantConfig", "attach_packed", "packed_weight", "quantize_model", "block_bytes", "group_for", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
+__all__ = ["BF16_FORMAT", "BLOCKS_FORMAT", "PACKED", "PackedWeight", "QuantConfig", "attach_packed", "packed_weight", "quantize_model", "block_bytes", "group_for", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
            "quantize_weights", "quantized_names"]

@@ -63,6 +63,9 @@ def test_decode(tmp_path: Path) -> None:
     rows = {r["row"] for r in d["results"]}
     assert "uncached" in rows and "fast, batch 2" in rows and not any("onnx" in r for r in rows)
     assert all(r["tokens_per_s"] > 0 for r in d["results"]) and d["machine"]
+    assert all(r["new_tokens"] == 16 for r in d["results"])  # 16 + 16 fit in stories260k's context
+    by_row = {r["row"]: r for r in d["results"]}  # slm quantize --bits 16's model, read as bf16
+    assert by_row["fast, bf16 (--bits 16)"]["weight_bytes_per_token"] * 2 == by_row["uncached"]["weight_bytes_per_token"]
 
 
 def test_export_int8(tmp_path: Path) -> None:

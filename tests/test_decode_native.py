@@ -171,3 +171,62 @@ def test_without_the_library_the_numpy_decoder_runs_after_one_note(monkeypatch, 
     pick(model)
     err = capsys.readouterr().err
     assert err.count("note: slmkit's C++ decoder is off") == 1 and "no C++ compiler" in err
+
+
+def test_a_model_of_bf16_values_is_read_as_bf16_with_the_same_bits():
+    """``storage_format``: a model whose matrices hold bf16 values (``slm quantize --bits 16``) is
+    read as bf16 by default, half the bytes ("bf16-dot" where the CPU has AVX512-BF16: the logits
+    of ``reproduces``); as "bf16" its logits are bit for bit those of reading it as float32; one
+    changed value makes it float32 again."""
+    from slmkit.quant import QuantConfig, quantize_model
+
+    model = noisy_model(2, **ODD[1])
+    assert native.storage_format(model) == "fp32" and NativeDecoder(model).weights == "fp32"
+    quantize_model(model, QuantConfig(bits=16))
+    assert native.storage_format(model) == "bf16" and native.rounded(model, "bf16") is model
+    x = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        default, fp32 = NativeDecoder(model), NativeDecoder(model, weights="fp32")
+        assert default.weights == native.bf16_arithmetic() and 2 * default.weight_bytes() == fp32.weight_bytes()
+        a = ragged_steps(NativeDecoder(model, weights="bf16"), model, x, [0, 4, 1], 6)[0]
+        b = ragged_steps(fp32, model, x, [0, 4, 1], 6)[0]
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+        got = torch.stack(ragged_steps(default, model, x[:1], [0], 6)[0], 1)[0]
+        want = NativeDecoder.reproduces(model)(x[:1])[0][0, -7:]
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+        model.blocks[1].mlp.down.weight[0, 0] += 1e-4
+    assert native.storage_format(model) == "fp32" and NativeDecoder(model).weights == "fp32"
+
+
+@pytest.mark.skipif(not RUNNABLE or not native.has_bf16_dot(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
+def test_bf16_dot_products_give_the_logits_of_the_model_with_bf16_inputs(kw):
+    """weights="bf16-dot" (vdpbf16ps): the logits of the model with its matrices and the inputs of
+    its products rounded to bf16 (``bf16_inputs``), much closer to that than to the model with only
+    its matrices rounded; rows alone or in a batch of 9 and 1 or 3 threads give the same bits."""
+    model = noisy_model(2, **kw)
+    weights_only = native.rounded(model, "bf16")
+    reference = native.bf16_inputs(weights_only)
+    x = torch.randint(0, 61, (9, 14), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        got = torch.stack(ragged_steps(NativeDecoder(model, weights="bf16-dot"), reference, x, [0] * 9, 6)[0], 1)
+        want, plain = reference(x)[0][:, -7:], weights_only(x)[0][:, -7:]
+        alone = ragged_steps(NativeDecoder(model, weights="bf16-dot", threads=3), reference, x[6:7], [0], 6)[0]
+    steps = got[:, 1:]
+    err, err_plain = (steps - want[:, 1:]).abs().max(), (steps - plain[:, 1:]).abs().max()
+    print(f"bf16-dot: max error {float(err):.2e} vs bf16 inputs, {float(err_plain):.2e} vs float32 inputs, "
+          f"logits up to {float(want.abs().max()):.1f}")
+    assert err < 2e-3 * float(want.abs().max()) and err < err_plain / 4, (err, err_plain)
+    assert all(torch.equal(a[0], got[6, i + 1]) for i, a in enumerate(alone[1:]))
+
+
+def test_bf16_dot_falls_back_to_float_arithmetic_where_the_cpu_lacks_it(capsys):
+    """Forced to AVX2 (or on a CPU without AVX512-BF16), "bf16-dot" runs as "bf16", after one note."""
+    model = noisy_model(1, **ODD[0])
+    d = NativeDecoder(model, isa="avx2" if "avx2" in RUNNABLE else "scalar", weights="bf16-dot")
+    assert d.weights == "bf16"
+    capsys.readouterr()
+    native._packed_notes.discard("bf16-dot")
+    NativeDecoder(model, isa="scalar", weights="bf16-dot")
+    NativeDecoder(model, isa="scalar", weights="bf16-dot")
+    assert capsys.readouterr().err.count("no AVX512-BF16") == 1

@@ -211,3 +211,48 @@ def test_quantize_calibrate_cli(run_dir, data_dir, tmp_path, capsys):
     one_error_line(capsys, slm("quantize", run_dir, "--out", tmp_path / "x", "--calibrate", "-1", "--data", data_dir),
                    "quantize.calibrate=-1")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_bf16_run_is_half_the_size_and_decodes_on_bf16_by_default(run_dir, corpus_file, tmp_path, capsys):
+    """``slm quantize --bits 16``: every matrix (embeddings and head too) stored as bf16, read back as
+    float32 holding exactly the rounded values; the C++ decoder then reads them as bf16 by default
+    (half the bytes) with the same logits as reading them as float32; eval and generate run it."""
+    from slmkit.decode import NativeDecoder, make_decoder
+    from slmkit.decode.native import library_why_not
+
+    original, _, _ = load_run(run_dir)
+    out = tmp_path / "b16"
+    assert slm("quantize", run_dir, "--out", out, "--bits", 16) == 0
+    assert "to bf16 (every matrix" in capsys.readouterr().out
+    model, _, info = load_run(out)
+    assert info["quantized_from"] == str(run_dir.resolve())
+    # the position embedding and norms stay float32; the rest of model.safetensors halves
+    size = (out / "best" / "model.safetensors").stat().st_size
+    assert size < 0.56 * (run_dir / "best" / "model.safetensors").stat().st_size
+    for name in ("tok_emb.weight", "blocks.1.mlp.down.weight"):
+        w = original.get_parameter(name).detach()
+        assert torch.equal(model.get_parameter(name).detach(), w.to(torch.bfloat16).float())
+    assert torch.equal(model.blocks[0].norm1.weight, original.blocks[0].norm1.weight)
+    if library_why_not() is None:
+        decoder = make_decoder(model)  # bf16, with bf16 products (vdpbf16ps) where the CPU has them
+        assert isinstance(decoder, NativeDecoder) and decoder.weights in ("bf16", "bf16-dot")
+        fp32 = NativeDecoder(model, weights="fp32")
+        assert decoder.weight_bytes() * 2 == fp32.weight_bytes()
+        from slmkit.decode import KVCache
+
+        x = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+        got = []
+        for d in (NativeDecoder(model, weights="bf16"), fp32):
+            cache = KVCache.empty(model.config, 2)
+            with torch.inference_mode():
+                d.prefill(x[:, :6], cache)
+                got.append(torch.stack([d.step(x[:, t], cache) for t in range(6, 10)]))
+        assert torch.equal(got[0], got[1])  # bf16 values read as bf16: nothing lost
+    assert slm("eval", out, "--input", corpus_file, "--json") == 0
+    b16_bpb = json.loads(capsys.readouterr().out)["bpb"]
+    assert slm("eval", run_dir, "--input", corpus_file, "--json") == 0
+    assert abs(b16_bpb / json.loads(capsys.readouterr().out)["bpb"] - 1) < 0.002
+    assert slm("generate", out, "--prompt", "Once", "--max-new-tokens", 5, "--seed", 1) == 0
+    one_error_line(capsys, slm("quantize", run_dir, "--out", tmp_path / "g", "--bits", 16, "--calibrate", 8),
+                   "not to bf16")
+    assert not (tmp_path / "g").exists()

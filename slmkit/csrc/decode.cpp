@@ -142,15 +142,23 @@ class Pool {
 // may be int8/int4 blocks (qdecode.h; the per-tensor `fmt` of slm_decode_step): those are not
 // repacked but read as slm quantize stored them, row after row; product() rounds the activations
 // to int8 blocks once and slmq::matvec computes the integer products (any rows j0..j1).
-enum Format { kF32 = 0, kBF16 = 1 };
+//
+// kBF16Dot: bf16 weights and bf16 activations, multiplied by AVX512-BF16's vdpbf16ps (two products
+// per float lane). Its panels hold pairs: panel p, pair k2, lane l at [k2][l][2] = W[16 p + l][2 k2],
+// W[16 p + l][2 k2 + 1] (a zero past an odd row length). Each product rounds its activations to
+// bf16 pairs once (prepare); so the logits are those of the model with its matrices and the inputs
+// of its products rounded to bf16. Only for CPUs with AVX512-BF16 (the caller checks
+// slm_decode_has_bf16_dot), where it gives the same bits whatever the thread count or the batch.
+enum Format { kF32 = 0, kBF16 = 1, kBF16Dot = 2 };
 constexpr int64_t kPanel = 16;
 
 int64_t panels(int64_t rows) { return (rows + kPanel - 1) / kPanel; }
-bool known_format(int64_t format) { return format == kF32 || format == kBF16; }
+bool known_format(int64_t format) { return format == kF32 || format == kBF16 || format == kBF16Dot; }
+int64_t even(int64_t in) { return (in + 1) / 2 * 2; }  // a row's values in kBF16Dot's pairs
 // The rows a packed matrix of `rows` rows takes (a product's output index j reads row j).
 int64_t stored_rows(int64_t /*format*/, int64_t rows) { return panels(rows) * kPanel; }
 int64_t packed_bytes(int64_t format, int64_t rows, int64_t in) {
-    return stored_rows(format, rows) * in * (format == kBF16 ? 2 : 4);
+    return stored_rows(format, rows) * (format == kBF16Dot ? even(in) : in) * (format == kF32 ? 4 : 2);
 }
 
 inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
@@ -177,6 +185,18 @@ void pack_panels(const float* src, int64_t rows, int64_t in, T* dst) {
                 T* d = dst + (p * in + k) * kPanel + l;
                 if constexpr (sizeof(T) == 2) *d = to_bf16(v); else *d = v;
             }
+}
+
+// kBF16Dot's panels: pairs of consecutive values of a row per lane (see Format).
+void pack_pairs(const float* src, int64_t rows, int64_t in, uint16_t* dst) {
+    const int64_t in2 = even(in) / 2;
+    for (int64_t p = 0; p < panels(rows); p++)
+        for (int64_t k2 = 0; k2 < in2; k2++)
+            for (int64_t l = 0; l < kPanel; l++)
+                for (int64_t h = 0; h < 2; h++) {
+                    const int64_t j = p * kPanel + l, k = 2 * k2 + h;
+                    dst[((p * in2 + k2) * kPanel + l) * 2 + h] = to_bf16(j < rows && k < in ? src[j * in + k] : 0.f);
+                }
 }
 
 // dots[b * ldd + (j - j0)] = W[j] . X[b] for the panels holding rows j0 <= j < j1 (j0 a multiple
@@ -264,6 +284,48 @@ SLM_AVX512 void matvec_avx512(const void* W, int64_t in, const float* X, int64_t
     run_tiles<kNP512, kBB512, sizeof(T)>(t.f, W, in, X, ldx, B, j0, j1, dots, ldd);
 }
 
+#define SLM_AVX512BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")))
+
+// kBF16Dot: BB rows of X (as bf16 pairs, one 32-bit word per pair; ldx in pairs) by NP panels,
+// `in` even. vdpbf16ps adds both products of a pair to each lane's accumulator.
+template <int BB, int NP>
+SLM_AVX512BF16 void tile512_dot(const void* Wv, int64_t in, const float* X, int64_t ldx, float* dots, int64_t ldd) {
+    const uint16_t* W = (const uint16_t*)Wv;
+    const uint32_t* Xp = (const uint32_t*)X;
+    const int64_t in2 = in / 2;
+    __m512 acc[BB][NP];
+    for (int b = 0; b < BB; b++)
+        for (int p = 0; p < NP; p++) acc[b][p] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < in2; k2++) {
+        __m512i w[NP];
+        for (int p = 0; p < NP; p++) w[p] = _mm512_loadu_si512((const void*)(W + (p * in2 + k2) * 2 * kPanel));
+        for (int b = 0; b < BB; b++) {
+            const __m512i x = _mm512_set1_epi32((int)Xp[b * ldx + k2]);
+            for (int p = 0; p < NP; p++) acc[b][p] = _mm512_dpbf16_ps(acc[b][p], (__m512bh)w[p], (__m512bh)x);
+        }
+    }
+    for (int b = 0; b < BB; b++)
+        for (int p = 0; p < NP; p++) _mm512_storeu_ps(dots + b * ldd + p * kPanel, acc[b][p]);
+}
+
+template <int... B>
+struct TableDot {
+    TileFn f[kBB512][kNP512] = {{&tile512_dot<B, 1>, &tile512_dot<B, 2>, &tile512_dot<B, 3>, &tile512_dot<B, 4>}...};
+};
+
+// X: the activations as bf16 pairs (prepare), ldx in pairs.
+SLM_AVX512BF16 void matvec_dot(const void* W, int64_t in, const float* X, int64_t ldx, int64_t B,
+                               int64_t j0, int64_t j1, float* dots, int64_t ldd) {
+    static const TableDot<1, 2, 3, 4, 5, 6> t;
+    run_tiles<kNP512, kBB512, 2>(t.f, W, even(in), X, ldx, B, j0, j1, dots, ldd);
+}
+
+bool has_bf16_dot() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f")
+        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
 SLM_AVX2 inline void wload256(const float* p, __m256& lo, __m256& hi) {
     lo = _mm256_loadu_ps(p);
     hi = _mm256_loadu_ps(p + 8);
@@ -329,10 +391,12 @@ int best_isa() {
 MatvecFn matvec_for(int isa, int64_t format) {
     const bool bf16 = format == kBF16;
 #if defined(SLM_X86)
+    if (format == kBF16Dot) return isa == kAvx512 && has_bf16_dot() ? matvec_dot : nullptr;
     if (isa == kAvx512) return bf16 ? matvec_avx512<uint16_t> : matvec_avx512<float>;
     if (isa == kAvx2) return bf16 ? matvec_avx2<uint16_t> : matvec_avx2<float>;
 #endif
     (void)isa;
+    if (format == kBF16Dot) return nullptr;
     return bf16 ? matvec_scalar<uint16_t> : matvec_scalar<float>;
 }
 
@@ -432,6 +496,7 @@ struct Step {
     int isa;
     int64_t wfmt;
     void* xq;
+    const uint32_t* xb;  // kBF16Dot: the current product's activations as bf16 pairs, else null
 };
 
 inline int64_t fmt_of(const Step& s, int64_t i) { return s.fmt ? s.fmt[i] : 0; }
@@ -441,6 +506,7 @@ inline int64_t fmt_of(const Step& s, int64_t i) { return s.fmt ? s.fmt[i] : 0; }
 inline void matvec_any(const Step& s, const void* W, int64_t wfmt, int64_t in, const float* X, int64_t ldx,
                        int64_t j0, int64_t j1, float* dots, int64_t ldd) {
     if (wfmt) slmq::matvec(wfmt, s.isa, W, in, s.xq, s.B, j0, j1, dots, ldd);
+    else if (s.xb) s.matvec(W, in, (const float*)s.xb, even(in) / 2, s.B, j0, j1, dots, ldd);
     else s.matvec(W, in, X, ldx, s.B, j0, j1, dots, ldd);
 }
 
@@ -558,8 +624,21 @@ std::vector<char> xq_buffer;
 
 // Sets up the products of weight i (index into w) on the B rows of X: its format, and X rounded to
 // int8 blocks (once per product) when the weight is int8/int4.
+std::vector<uint32_t> xb_buffer;
+
 void prepare(Step& s, int64_t i, const float* X, int64_t in) {
     s.wfmt = fmt_of(s, i);
+    s.xb = nullptr;
+    if (!s.wfmt && s.cfg[kFormat] == kBF16Dot) {  // X as bf16 pairs, a zero after an odd row
+        const int64_t in2 = even(in) / 2;
+        xb_buffer.resize(s.B * in2);
+        for (int64_t b = 0; b < s.B; b++)
+            for (int64_t k2 = 0; k2 < in2; k2++) {
+                const float* x = X + b * in + 2 * k2;
+                xb_buffer[b * in2 + k2] = to_bf16(x[0]) | (uint32_t)(2 * k2 + 1 < in ? to_bf16(x[1]) : 0) << 16;
+            }
+        s.xb = xb_buffer.data();
+    }
     if (!s.wfmt) return;
     xq_buffer.resize(slmq::xq_bytes(s.B, in));
     s.xq = xq_buffer.data();
@@ -583,8 +662,17 @@ extern "C" {
 // The best instruction set for the products on this CPU: 1 scalar, 2 AVX2, 3 AVX-512.
 int slm_decode_isa() { return best_isa(); }
 
-// Bytes of a (rows x in) float32 matrix packed in a weight format (0 float32, 1 bf16); -1 for an
-// unknown format.
+// 1 when this CPU runs the kBF16Dot products (AVX512-BF16), else 0.
+int slm_decode_has_bf16_dot() {
+#if defined(SLM_X86)
+    return has_bf16_dot() && best_isa() == kAvx512;
+#else
+    return 0;
+#endif
+}
+
+// Bytes of a (rows x in) float32 matrix packed in a weight format (0 float32, 1 bf16, 2 bf16 pairs
+// for vdpbf16ps); -1 for an unknown format.
 int64_t slm_decode_packed_bytes(int64_t format, int64_t rows, int64_t in) {
     return known_format(format) ? packed_bytes(format, rows, in) : -1;
 }
@@ -594,6 +682,7 @@ int64_t slm_decode_packed_bytes(int64_t format, int64_t rows, int64_t in) {
 int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, void* dst) {
     if (format == kF32) pack_panels(src, rows, in, (float*)dst);
     else if (format == kBF16) pack_panels(src, rows, in, (uint16_t*)dst);
+    else if (format == kBF16Dot) pack_pairs(src, rows, in, (uint16_t*)dst);
     else return 2;
     return 0;
 }
@@ -609,7 +698,7 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
                     const int64_t* fmt) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
-    if (isa > best || isa < kScalar || !known_format(cfg[kFormat])) return 2;
+    if (isa > best || isa < kScalar || !known_format(cfg[kFormat]) || !matvec_for(isa, cfg[kFormat])) return 2;
     if (fmt)
         for (int64_t i = 0; i < kGlobal + cfg[kLayers] * kPerLayer; i++)
             if (fmt[i] && !slmq::quantized(fmt[i])) return 2;

@@ -8,9 +8,20 @@ own first real slot: left padding), GELU or SwiGLU, biases and the tied or untie
 row of the batch. The products are AVX-512 or AVX2 code picked from the CPU at run time (scalar
 elsewhere, ARM included), threaded over ``torch.get_num_threads()`` cores by a pool whose idle
 threads sleep after a short spin. Their weight matrices are packed here, once, into the layout
-the kernels read (``pack``): float32, or bf16 (``weights="bf16"``, the ``cpp-bf16`` backend: half
-the bytes per token); a step reads each weight once for all rows of its batch. Neither the thread
-count, the batch a row runs in nor the instruction set changes any result.
+the kernels read (``pack``): float32, or bf16 (half the bytes per token); a step reads each weight
+once for all rows of its batch. Neither the thread count, the batch a row runs in nor the
+instruction set changes any result. A model whose weight matrices all hold bf16 values (a
+``slm quantize --bits 16`` run: ``storage_format``) is read as bf16 by default, which loses
+nothing (the arithmetic is float32 either way, so its logits are model.forward's, bit for bit);
+``weights="bf16"`` (the ``cpp-bf16`` backend) rounds any model's matrices to bf16 first.
+
+``weights="bf16-dot"`` multiplies bf16 matrices by AVX512-BF16's ``vdpbf16ps`` (two products per
+float lane), on inputs rounded to bf16 once per product: its logits are those of ``bf16_inputs``
+of the rounded model (tests/test_decode_native.py). Measured on the AMD EPYC (Zen 5), 2 threads,
+the stories15m shape: 16-20% more tokens/s than "bf16" at batch 1, 8 and 32, for +3e-6 bits per
+byte on a trained model (docs/export.md). So a model of bf16 values decodes as "bf16-dot" by
+default where the CPU has it (``bf16_arithmetic``); elsewhere (AVX2, ARM, ``SLMKIT_DECODE_ISA``
+below avx512) as "bf16", after one note when asked for explicitly or by default.
 
 A quantized run (``slm quantize``) decodes here on its int8 / int4 blocks themselves
 (``quant.PackedWeight``, GGUF's q8_0 / q4_0 layout), not on the float32 values its checkpoint also
@@ -45,14 +56,17 @@ from slmkit import cpu_kernels
 from slmkit.decode.base import ANY, SIZES, Decoder
 from slmkit.decode.cache import KVCache
 from slmkit.model import GPT
-from slmkit.quant import PackedWeight, packed_weight
+from slmkit.quant import PackedWeight, packed_weight, quantized_names
 
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 # The formats the weight matrices can be stored in (csrc/decode.cpp's Format), and the dtype their
 # values are rounded to: a decoder in a format computes what the model with its weight matrices
 # (embeddings, every linear layer, the head) rounded to that dtype computes in float32.
-FORMATS = {"fp32": 0, "bf16": 1}
-ROUNDING = {"fp32": None, "bf16": torch.bfloat16}
+# "bf16-dot": bf16 matrices multiplied by AVX512-BF16's vdpbf16ps, the inputs of every product
+# rounded to bf16 too (so its logits are those of ``bf16_inputs(rounded(model, "bf16"))``); on a
+# CPU without it, "bf16" runs instead (one note).
+FORMATS = {"fp32": 0, "bf16": 1, "bf16-dot": 2}
+ROUNDING = {"fp32": None, "bf16": torch.bfloat16, "bf16-dot": torch.bfloat16}
 KINDS = {8: 1, 4: 2}  # bits -> qdecode.h's kind
 _noted = False
 _packed_notes: set[str] = set()
@@ -73,6 +87,12 @@ def packed_format(p: PackedWeight | None) -> int:
     return KINDS[p.bits] | p.group << 8
 
 
+def _note_once(key: str, text: str) -> None:
+    if key not in _packed_notes:
+        _packed_notes.add(key)
+        print(f"note: {text}", file=sys.stderr)
+
+
 def library_why_not() -> str | None:
     """None when the C++ decoder can run here, else why not (one line, printed once as a note)."""
     global _noted
@@ -89,6 +109,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.slm_decode_packed_bytes.restype = ctypes.c_int64
     lib.slm_decode_pack.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.slm_decode_pack.restype = ctypes.c_int
+    lib.slm_decode_has_bf16_dot.restype = ctypes.c_int
     return lib
 
 
@@ -116,19 +137,43 @@ def qpack(lib: ctypes.CDLL, p: PackedWeight) -> torch.Tensor:
     return out
 
 
+def matrices(model: GPT) -> list[torch.Tensor]:
+    """The weight matrices a format stores: the token embedding, the head and every block's linear
+    layers (``quant.quantized_names`` with the embeddings: the tensors ``slm quantize`` rounds)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [params[name] for name in quantized_names(model, True) if name in params]
+
+
+_exact: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, bool)
+
+
+def storage_format(model: GPT) -> str:
+    """The format the step reads a model's matrices in by default: "bf16" when every one of them
+    (``matrices``) holds bf16 values exactly, as a ``slm quantize --bits 16`` run's do once read
+    into float32 (nothing is lost: the products widen them back), else "fp32". Checked once per
+    model while its weights stay the same."""
+    key = _signature(model)
+    hit = _exact.get(model)
+    if hit is None or hit[0] != key:
+        exact = all(p.dtype == torch.float32 and not bool((p.detach().contiguous().view(torch.int32) & 0xFFFF).any())
+                    for p in matrices(model))
+        hit = _exact[model] = (key, exact)
+    return "bf16" if hit[1] else "fp32"
+
+
 def rounded(model: GPT, weights: str) -> GPT:
-    """``model`` with its weight matrices (embeddings, linear layers, head) rounded as ``weights``
-    stores them (a copy; the model itself for fp32): what a ``NativeDecoder`` in that format runs."""
+    """``model`` with its weight matrices (``matrices``) rounded as ``weights`` stores them (a copy;
+    the model itself for fp32 or where they already hold such values): what a ``NativeDecoder`` in
+    that format runs."""
     dtype = ROUNDING[weights]
-    if dtype is None:
+    if dtype is None or storage_format(model) == "bf16":
         return model
     import copy
 
     out = copy.deepcopy(model)
     with torch.no_grad():
-        for name, p in out.named_parameters():
-            if p.dim() == 2:
-                p.copy_(p.to(dtype).float())
+        for p in matrices(out):
+            p.copy_(p.to(dtype).float())
     return out
 
 
@@ -156,6 +201,8 @@ def prepared(model: GPT, weights: str, packed: bool = True) -> tuple[GPT, list[t
         return hit[1] or model, hit[2], hit[3]
     lib = _declare(cpu_kernels.library())
     runs = rounded(model, weights)
+    if weights == "bf16-dot":  # its prefill rounds the products' inputs too, as its steps do
+        runs = bf16_inputs(runs)
     swiglu = runs.config.activation == "swiglu"
     use_blocks = packed and runs is model  # bf16 rounds the float values the blocks stand for
 
@@ -190,6 +237,30 @@ def prepared(model: GPT, weights: str, packed: bool = True) -> tuple[GPT, list[t
     return runs, tensors, formats
 
 
+def has_bf16_dot() -> bool:
+    """Whether this CPU runs the "bf16-dot" products (AVX512-BF16's vdpbf16ps, with AVX-512)."""
+    lib = cpu_kernels.library()
+    return lib is not None and bool(_declare(lib).slm_decode_has_bf16_dot())
+
+
+def bf16_inputs(model: GPT) -> GPT:
+    """A copy of ``model`` whose linear layers round their inputs to bf16 (a forward pre-hook on
+    each): with ``rounded``, the reference the "bf16-dot" products are tested against."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(lambda _m, args: (args[0].to(torch.bfloat16).float(), *args[1:]))
+    return out
+
+
+def bf16_arithmetic() -> str:
+    """The format a model of bf16 values (``storage_format``) decodes in by default: "bf16-dot"
+    where this CPU has AVX512-BF16 (and SLMKIT_DECODE_ISA allows AVX-512), else "bf16"."""
+    return "bf16-dot" if os.environ.get("SLMKIT_DECODE_ISA", "auto") in ("auto", "avx512") and has_bf16_dot() else "bf16"
+
+
 def best_isa() -> str:
     """The instruction set the products use on this CPU by default: avx512, avx2 or scalar."""
     lib = cpu_kernels.library()
@@ -202,7 +273,9 @@ class NativeDecoder(Decoder):
     count (default: ``torch.get_num_threads()`` at each step). ``weights`` is the format the
     weight matrices are stored in for the products: "fp32", or "bf16" (half the bytes to read per
     token; the arithmetic stays float32, so the logits are those of ``rounded(model, "bf16")``,
-    which the decoder keeps for its prefill). The matrices are packed (a copy beside the model's)
+    which the decoder keeps for its prefill), or "bf16-dot" (bf16 products, ``vdpbf16ps``; "bf16"
+    on a CPU without AVX512-BF16, after one note). Default: "fp32", or for a model whose matrices
+    hold bf16 values (``storage_format``) "bf16-dot" (``reproduces``). The matrices are packed (a copy beside the model's)
     once per model and format while its weights stay the same (``prepared``). A quantized run's
     int8/int4 blocks are read as blocks (fp32 format; ``packed=False``: its float32 values
     instead, for comparisons). Inference only."""
@@ -219,16 +292,31 @@ class NativeDecoder(Decoder):
         why = super().why_not(model, device, dtype)
         return why if why is not None else library_why_not()
 
-    def __init__(self, model: GPT, isa: str | None = None, threads: int | None = None, weights: str = "fp32",
+    @classmethod
+    def reproduces(cls, model: GPT) -> GPT:
+        """The model itself; for a model of bf16 values on a CPU with AVX512-BF16, the model with
+        the inputs of its products rounded to bf16 too (``bf16_inputs``), as "bf16-dot" computes."""
+        if storage_format(model) == "bf16" and bf16_arithmetic() == "bf16-dot":
+            return bf16_inputs(model)
+        return model
+
+    def __init__(self, model: GPT, isa: str | None = None, threads: int | None = None, weights: str | None = None,
                  packed: bool = True) -> None:
         self.check(model)
+        if weights is None:
+            weights = storage_format(model)
+            weights = "bf16-dot" if weights == "bf16" else weights  # the faster arithmetic, where the CPU has it
         if weights not in FORMATS:
             raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
+        isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
+        if weights == "bf16-dot" and not (isa in ("auto", "avx512") and has_bf16_dot()):
+            _note_once("bf16-dot", "this CPU (or SLMKIT_DECODE_ISA) has no AVX512-BF16 products: "
+                       "bf16 weights decode with float32 arithmetic")
+            weights = "bf16"
         # the prefill runs on the same weights as the steps
         model, self.tensors, self.formats = prepared(model, weights, packed)
         self.packed = bool(self.formats.any())
         super().__init__(model)
-        isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
         if isa not in ISAS:
             raise ValueError(f"unknown instruction set {isa!r}: choose one of {', '.join(ISAS)}")
         # Forced to AVX2, the library built for AVX2 (cpu_kernels.ISA_FLAGS): none of its code uses

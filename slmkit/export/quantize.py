@@ -1,8 +1,10 @@
-"""``slm quantize RUN --out RUN_Q [--bits 8|4] [--group 32] [--embeddings] [--calibrate N --data DATA_DIR]``: a smaller RUN_DIR.
+"""``slm quantize RUN --out RUN_Q [--bits 8|4|16] [--group 32] [--embeddings] [--calibrate N --data DATA_DIR]``: a smaller RUN_DIR.
 
 The new run's checkpoints hold the chosen weights packed as int8 or int4 blocks (GGUF's q8_0 /
-q4_0 layout at groups of 32, see ``slmkit.quant``) in ``model.safetensors`` and say how in
-``quantization.json``; everything else (config, tokenizer, chat template) is the original run's.
+q4_0 layout at groups of 32, see ``slmkit.quant``), or every matrix as bf16 (``--bits 16``), in
+``model.safetensors`` and say how in ``quantization.json``; everything else (config, tokenizer,
+chat template) is the original run's. The C++ decode step reads int8/int4 blocks and bf16
+matrices as they are stored (``slmkit.decode.native``), so such a run decodes faster by default.
 ``slm generate``, ``slm chat``, ``slm eval``, ``slm export`` and ``load_run`` read it like any run:
 the blocks are unpacked to the float32 values they stand for when the checkpoint is read, so every
 decode backend runs it and the quality measured is the quantized weights' quality.
@@ -86,7 +88,9 @@ def run_cli(args: argparse.Namespace) -> int:
         before = Path(args.run_dir) / "last" / "model.safetensors"
     after = out / "last" / "model.safetensors"
     group = "per output channel" if cfg.group == 0 else f"groups of {cfg.group}"
-    print(f"quantized {args.run_dir} to int{cfg.bits} ({group}{', embeddings too' if cfg.embeddings else ''}"
-          f"{f', activation-aware scales from {cfg.calibrate} sequences' if cfg.calibrate else ''}) "
-          f"into {out}: model.safetensors {before.stat().st_size / 1e6:.2f} MB -> {after.stat().st_size / 1e6:.2f} MB")
+    how = ("bf16 (every matrix, embeddings and head included)" if cfg.bits == 16 else
+           f"int{cfg.bits} ({group}{', embeddings too' if cfg.embeddings else ''}"
+           f"{f', activation-aware scales from {cfg.calibrate} sequences' if cfg.calibrate else ''})")
+    print(f"quantized {args.run_dir} to {how} into {out}: "
+          f"model.safetensors {before.stat().st_size / 1e6:.2f} MB -> {after.stat().st_size / 1e6:.2f} MB")
     return 0
