@@ -129,6 +129,8 @@ def quality_unseen(name: str = "quality_unseen_split.jsonl", budget: str | None 
     steps = budget == "steps"
     rows = [r for r in load(name) if (r.get("max_steps") is not None if steps else
                                       budget is None or r["max_time"] == budget)]
+    if not rows:
+        return f"No rows with a {budget} budget in `bench/results/{name}` yet."
     files = {r["split"]["file"]["path"] + " " + r["split"]["file"]["range"] for r in rows if "file" in r["split"]}
     how = "--max-steps N" if steps else f"--max-time {budget or 'T'}"
     out = [source(name, rows, f"python bench/quality.py {how} --recipes [RECIPE ...] --try 'NAME: overrides'"), ""]
@@ -184,6 +186,8 @@ def eval_curves(name: str = "quality_bf16_fp32.jsonl", budget: str = "15m") -> s
     a widening gap, or a val loss that turns up, is overfitting."""
     rows = [r for r in load(name) if r.get("evals") and (r.get("max_steps") is not None if budget == "steps"
                                                           else r["max_time"] == budget)]
+    if not rows:
+        return f"No rows with a {budget} budget in `bench/results/{name}` yet."
     how = "--max-steps N" if budget == "steps" else f"--max-time {budget}"
     out = [source(name, rows, f"python bench/quality.py {how} ..."), "",
            "| recipe | dtype | step | tokens (epochs) | train loss (last 50 steps) | val loss | gap |",
