@@ -3,6 +3,7 @@
     python bench/quality.py --max-time 15m                                  # the default recipes
     python bench/quality.py --max-time 15m --nanogpt PATH/TO/nanoGPT      # + nanoGPT's own train.py
     python bench/quality.py --max-time 3m --try "lr5e-3: train.lr=5e-3"   # explore on top of cpu-15min
+    python bench/quality.py --max-steps 5713 --try "wd0.3: train.weight_decay=0.3"   # a step budget
     python bench/quality.py --smoke                                         # seconds, a tmp dir, a toy corpus
 
 **Splits.** Issue 20 found that the official TinyStories validation stories after the first 500
@@ -50,6 +51,12 @@ other rows. slmkit's GELU is the tanh form and nanoGPT's the exact erf form, so 
 checked: the loss of nanoGPT's own module and of the converted model on the same windows are both
 recorded (``loss_check``).
 
+**Step budgets** (``--max-steps N``): every recipe trains exactly N steps (``train.max_steps=N``, put
+before a try's own overrides, so a try may set its own) with no time budget, so the schedule runs
+on steps and the result does not depend on how busy the machine is: screening runs can share the
+CPU or run at low priority. N is chosen as the steps a quiet run of that recipe reaches in the
+wall-clock budget it stands for. Such rows have ``max_time`` null and ``max_steps`` N.
+
 Results are appended as JSON lines to bench/results/quality_unseen_split.jsonl (``--results``; the old split's rows are in quality_test_split.jsonl), each
 with its command, the machine, the commit and the load average before and after.
 """
@@ -82,6 +89,9 @@ SHARED = ROOT.parent / "shared" / "data" / "tinystories"
 TEST_STORIES = 500  # the last stories of train.txt that become the train-tail split
 VALID_CUT = 438  # valid.txt's stories from this one on are the test split (where its 8-gram overlap drops)
 VAL_RANGE = (1500, 1750)  # the stories of train.txt that are the val split (a low-overlap block)
+# The blocks of train.txt of the low-overlap kind (the val block in the middle of the last one is
+# held out anyway): docs/recipes.md's overlap table. --repeat-low-overlap K trains on them K times.
+LOW_OVERLAP_BLOCKS = ((0, 750), (1000, 1250), (1500, 2250))
 HELD_OUT_FILES = ("test", "valid_head", "train_tail")  # DATA/NAME.txt, scored besides the val split
 NGRAM = 8  # overlap with the training text is counted in word 8-grams
 EOT_LINE = "<|endoftext|>"
@@ -162,12 +172,15 @@ def overlap(stories: list[str], seen: set[tuple[str, ...]], n: int = NGRAM) -> d
 
 
 def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int, vocab_size: int,
-                 valid_cut: int | None = None, val_range: tuple[int, int] | None = None) -> dict:
+                 valid_cut: int | None = None, val_range: tuple[int, int] | None = None,
+                 repeat: int = 1, repeat_blocks: tuple[tuple[int, int], ...] = LOW_OVERLAP_BLOCKS) -> dict:
     """Tokenize ``train_txt`` into ``data`` without its stories ``val_range`` (DATA's val split) and
     its last ``test_stories`` (DATA/train_tail.txt); write ``valid_txt``'s stories from ``valid_cut``
     on to DATA/test.txt and those before to DATA/valid_head.txt. Kept when DATA was made from the
     same files already. A story of any held-out split that also occurs verbatim among the training
-    stories is dropped from training."""
+    stories is dropped from training. ``repeat`` > 1 puts the training stories of ``repeat_blocks``
+    (story ranges of ``train_txt``) into the training text that many times in all (the copies after
+    the rest), which weights that kind of story up; the tokenizer is learned from that text."""
     from slmkit.prepare import prepare
 
     stories, valid = read_stories(train_txt), read_stories(valid_txt)
@@ -180,6 +193,8 @@ def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int
               "valid": str(valid_txt), "valid_sha256": hashlib.sha256(valid_txt.read_bytes()).hexdigest(),
               "test_stories": test_stories, "valid_cut": valid_cut, "val_range": list(val_range),
               "vocab_size": vocab_size}
+    if repeat > 1:
+        source.update(repeat=repeat, repeat_blocks=[list(r) for r in repeat_blocks])
     split_file = data / "split.json"
     files = ("meta.json", "test.txt", "train_tail.txt", "valid_head.txt")
     if split_file.exists() and all((data / f).exists() for f in files):
@@ -192,9 +207,12 @@ def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int
     tail, val, test, head = stories[-test_stories:], stories[a:b], valid[valid_cut:], valid[:valid_cut]
     held_out = set(tail) | set(val) | set(test) | set(head)
     train = [s for s in stories[:a] + stories[b:-test_stories] if s not in held_out]
+    body = len(stories) - test_stories
+    again = [s for i, s in enumerate(stories[:body]) if any(x <= i < y for x, y in repeat_blocks)
+             and not a <= i < b and s not in held_out] * (repeat - 1)
     with tempfile.TemporaryDirectory(prefix="slm-quality-split-") as tmp:
         train_part, val_part = Path(tmp) / "train_part.txt", Path(tmp) / "val_part.txt"
-        write_stories(train_part, train)
+        write_stories(train_part, train + again)
         write_stories(val_part, val)
         prepare([str(train_part)], data, vocab_size=vocab_size, val_inputs=[str(val_part)])
     write_stories(data / "test.txt", test)
@@ -204,6 +222,7 @@ def prepare_data(data: Path, train_txt: Path, valid_txt: Path, test_stories: int
     split = {"source": source, "train_stories": len(train), "val_stories": len(val), "test_stories": len(test),
              "train_tail_stories": len(tail), "valid_head_stories": len(head),
              "held_out_duplicates_removed_from_train": len(stories) - test_stories - (b - a) - len(train),
+             "repeated_stories": len(again) // max(repeat - 1, 1), "repeat": repeat,
              "test_sha256": hashlib.sha256((data / "test.txt").read_bytes()).hexdigest(),
              "ngram_overlap": {k: overlap(v, seen)["ngram_overlap"] for k, v in
                                (("val", val), ("test", test), ("valid_head", head), ("train_tail", tail))}}
@@ -326,21 +345,25 @@ def train_dtype(overrides: list[str]) -> str:
     return str(choose_dtype(name, "cpu")[0]).removeprefix("torch.")
 
 
-def run_recipe(name: str, preset: str | None, overrides: list[str], data: Path, out: Path, max_time: str,
-               quiet: bool = True, extra: Path | None = None) -> dict:
+def run_recipe(name: str, preset: str | None, overrides: list[str], data: Path, out: Path, max_time: str | None,
+               quiet: bool = True, extra: Path | None = None, max_steps: int | None = None) -> dict:
+    """Train one recipe for ``max_time`` (wall clock), or for ``max_steps`` steps with no time budget
+    when that is given, then score its last checkpoint on every split."""
     from slmkit.train import train
 
+    if max_steps is not None:
+        max_time, overrides = None, [f"train.max_steps={max_steps}", *overrides]
     load_before, t0 = load_average(), time.time()
     summary = train(data, out / name, preset=preset, overrides=overrides, max_time=max_time, fresh=True, quiet=quiet)
     wall = time.time() - t0
-    cmd = (f"slm train --data {data} --out {out / name} --fresh --max-time {max_time}"
+    cmd = (f"slm train --data {data} --out {out / name} --fresh" + (f" --max-time {max_time}" if max_time else "")
            + (f" --preset {preset}" if preset else "") + "".join(" " + shlex.quote(o) for o in overrides)
            + " && " + eval_command(out / name, data, extra))
     from slmkit.checkpoint import load_run
 
     model, _, _ = load_run(out / name, which="last")
     return {
-        "recipe": name, "max_time": max_time, **score(out / name, data, extra), "steps": summary["steps"],
+        "recipe": name, "max_time": max_time, "max_steps": max_steps, **score(out / name, data, extra), "steps": summary["steps"],
         "tokens": summary["tokens"], "tok_per_s": summary["tok_per_s"], "mfu": summary["mfu"],
         "params": model.num_params(non_embedding=False), "wall_s": round(wall, 1), "load_before": load_before,
         "load_after": load_average(), "threads": __import__("torch").get_num_threads(),
@@ -526,13 +549,16 @@ def print_table(rows: list[dict]) -> None:
     base = rows[0]["test_bpb"]
     print("\n| recipe | budget | test bpb | val bpb | test vs first | steps | tokens | tok/s |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['max_time']} | {r['test_bpb']:.3f} | {r['val_bpb']:.3f} | "
+        print(f"| {r['recipe']} | {r['max_time'] or str(r['max_steps']) + ' steps'} | {r['test_bpb']:.3f} | {r['val_bpb']:.3f} | "
               f"{r['test_bpb'] / base:.2f}x | {r['steps']} | {r['tokens']:,} | {r['tok_per_s']:,.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-time", default="15m")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="a step budget instead of "
+                        "--max-time: every recipe trains N steps (train.max_steps=N; a try may set its own) with "
+                        "no time budget, so the run may share the CPU")
     parser.add_argument("--recipes", nargs="*", default=None, help=f"of {', '.join(RECIPES)} "
                         f"(default: {' '.join(DEFAULT_RECIPES)})")
     parser.add_argument("--try", dest="tries", action="append", default=[], metavar="'NAME: overrides'",
@@ -548,6 +574,9 @@ def main() -> None:
                         "file (TinyStories layout), e.g. the official TinyStories-valid.txt: reported as file_bpb")
     parser.add_argument("--test-range", default=None, metavar="A:B", help="which stories of --test-file (0-based, "
                         "B excluded; default all), e.g. 500:1000 for the official validation stories after valid.txt's")
+    parser.add_argument("--repeat-low-overlap", type=int, default=1, metavar="K", help="train on the stories of "
+                        "train.txt's low-overlap blocks (LOW_OVERLAP_BLOCKS, the kind val and test are) K times; "
+                        "use its own --data folder")
     parser.add_argument("--overlap", action="store_true", help="only measure the word 8-gram overlap of each split "
                         "with the training text (and of valid.txt in blocks of 25 stories); no training")
     parser.add_argument("--results", default=None, help="JSON lines to append to (default: "
@@ -585,12 +614,18 @@ def main() -> None:
         args.data, args.out, args.results = str(tmp / "data"), str(tmp / "runs"), str(tmp / "quality.jsonl")
         tiny = ["model.block_size=32", "train.batch_size=4", "train.max_steps=6", "train.eval_interval=3",
                 "train.checkpoint_interval=3", "train.eval_batches=2", "train.warmup_steps=2", "train.compile=false"]
+        if args.max_steps is not None:  # the step budget under test, not the toy one
+            tiny = [o for o in tiny if not o.startswith("train.max_steps=")]
         todo = [(n, "tiny", [o for o in ov if not o.startswith(("model.block_size", "model.n_", "train.batch_size"))]
                  + tiny) for n, _, ov in todo]
     elif not train_txt.exists():
         raise SystemExit(f"error: {train_txt} not found: the benchmark trains on the shared TinyStories files")
     data, out = Path(args.data), Path(args.out)
-    split = prepare_data(data, train_txt, valid_txt, test_stories, vocab, valid_cut, val_range)
+    if args.repeat_low_overlap < 1:
+        raise SystemExit(f"error: --repeat-low-overlap {args.repeat_low_overlap}: give 1 (no repeats) or more")
+    blocks = LOW_OVERLAP_BLOCKS if not args.smoke else ((0, 60),)
+    split = prepare_data(data, train_txt, valid_txt, test_stories, vocab, valid_cut, val_range,
+                         repeat=args.repeat_low_overlap, repeat_blocks=blocks)
     extra = None
     if args.test_file is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -618,8 +653,8 @@ def main() -> None:
               flush=True)
 
     for name, preset, overrides in todo:
-        keep(run_recipe(name, preset, overrides, data, out, args.max_time, extra=extra))
-    if args.nanogpt is not None:
+        keep(run_recipe(name, preset, overrides, data, out, args.max_time, extra=extra, max_steps=args.max_steps))
+    if args.nanogpt is not None and args.max_steps is None:
         for row in run_nanogpt(args.nanogpt.expanduser(), data, out, args.max_time, args.smoke, extra):
             keep(row)
     if rows and not math.isnan(rows[0]["test_bpb"]):

@@ -125,22 +125,35 @@ def overrides_of(command: str) -> str:
 
 def quality_unseen(name: str = "quality_unseen_split.jsonl", budget: str | None = None) -> str:
     """Rows of bench/quality.py with the low-overlap val and test splits, in run order (tries too);
-    ``budget`` keeps one wall-clock budget."""
-    rows = [r for r in load(name) if budget is None or r["max_time"] == budget]
+    ``budget`` keeps one wall-clock budget (``steps``: the step-budgeted rows, ``--max-steps``)."""
+    steps = budget == "steps"
+    rows = [r for r in load(name) if (r.get("max_steps") is not None if steps else
+                                      budget is None or r["max_time"] == budget)]
+    if not rows:
+        return f"No rows with a {budget} budget in `bench/results/{name}` yet."
     files = {r["split"]["file"]["path"] + " " + r["split"]["file"]["range"] for r in rows if "file" in r["split"]}
-    out = [source(name, rows, f"python bench/quality.py --max-time {budget or 'T'} --recipes [RECIPE ...] "
-                  "--try 'NAME: overrides'"), "",
-           "| recipe | overrides | dtype | **test bpb** | val bpb | valid-head bpb | train-tail bpb | steps "
-           "| tokens (epochs) | tok/s | load before | machine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    how = "--max-steps N" if steps else f"--max-time {budget or 'T'}"
+    out = [source(name, rows, f"python bench/quality.py {how} --recipes [RECIPE ...] --try 'NAME: overrides'"), ""]
+    if steps:
+        out += ["| recipe | overrides | dtype | **test bpb** | val bpb | valid-head bpb | train-tail bpb | step budget "
+                "| tokens (epochs) | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        out += ["| recipe | overrides | dtype | **test bpb** | val bpb | valid-head bpb | train-tail bpb | steps "
+                "| tokens (epochs) | tok/s | load before | machine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         epochs = r["tokens"] / r["train_tokens"]
-        out.append(f"| {r['recipe']} | {overrides_of(r['command'])} | {r.get('dtype', '')} | {r['test_bpb']:.3f} | "
-                   f"{r['val_bpb']:.3f} | {r['valid_head_bpb']:.3f} | {r['train_tail_bpb']:.3f} | {r['steps']:,} | "
-                   f"{r['tokens'] / 1e6:.2f}M ({epochs:.1f}) | {r['tok_per_s']:,.0f} | {r['load_before']:.1f} | "
-                   f"{r['machine']} |")
+        over = overrides_of(r["command"])
+        if r["split"].get("repeat", 1) > 1:  # a data option of bench/quality.py, not of slm train
+            over = f"`--repeat-low-overlap {r['split']['repeat']}` {over}"
+        line = (f"| {r['recipe']} | {over} | {r.get('dtype', '')} | {r['test_bpb']:.3f} | "
+                f"{r['val_bpb']:.3f} | {r['valid_head_bpb']:.3f} | {r['train_tail_bpb']:.3f} | {r['steps']:,} | "
+                f"{r['tokens'] / 1e6:.2f}M ({epochs:.1f}) | ")
+        out.append(line + (f"{r['machine']} |" if steps else
+                           f"{r['tok_per_s']:,.0f} | {r['load_before']:.1f} | {r['machine']} |"))
     sp = rows[-1]["split"]
     ov = sp["ngram_overlap"]
-    out += ["", f"{budget or 'Any'} budget. test: {sp['test_stories']} stories, 8-gram overlap with the training text "
+    out += ["", f"{'Step' if steps else budget or 'Any'} budget{'s (no time limit; the runs shared the CPU at low priority, so their speed means nothing)' if steps else ''}. "
+            f"test: {sp['test_stories']} stories, 8-gram overlap with the training text "
             f"{ov['test']:.3f}; val: {sp['val_stories']} (overlap {ov['val']:.3f}); valid-head: "
             f"{sp['valid_head_stories']} ({ov['valid_head']:.3f}); train-tail: {sp['train_tail_stories']} "
             f"({ov['train_tail']:.3f}); training text {rows[-1]['train_tokens']:,} tokens."]
@@ -171,8 +184,12 @@ def quality_dtype(name: str = "quality_bf16_fp32.jsonl") -> str:
 def eval_curves(name: str = "quality_bf16_fp32.jsonl", budget: str = "15m") -> str:
     """Training loss against val loss over each run of ``budget`` (the in-training evaluations):
     a widening gap, or a val loss that turns up, is overfitting."""
-    rows = [r for r in load(name) if r["max_time"] == budget and r.get("evals")]
-    out = [source(name, rows, f"python bench/quality.py --max-time {budget} ..."), "",
+    rows = [r for r in load(name) if r.get("evals") and (r.get("max_steps") is not None if budget == "steps"
+                                                          else r["max_time"] == budget)]
+    if not rows:
+        return f"No rows with a {budget} budget in `bench/results/{name}` yet."
+    how = "--max-steps N" if budget == "steps" else f"--max-time {budget}"
+    out = [source(name, rows, f"python bench/quality.py {how} ..."), "",
            "| recipe | dtype | step | tokens (epochs) | train loss (last 50 steps) | val loss | gap |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -407,6 +424,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "quality-dtype": quality_dtype,
     "eval-curves-dtype": eval_curves,
     "eval-curves-15m": lambda: eval_curves("quality_unseen_split.jsonl"),
+    "quality-unseen-steps": lambda: quality_unseen(budget="steps"),
+    "eval-curves-steps": lambda: eval_curves("quality_unseen_split.jsonl", budget="steps"),
     "ngram-overlap": ngram_overlap,
     "quality-intel": lambda: quality_history("quality.jsonl", "python bench/quality.py --max-time 15m"),
     "recipe-search-intel": lambda: quality_history(

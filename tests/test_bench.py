@@ -117,6 +117,30 @@ def test_quality(tmp_path: Path) -> None:
         assert check["converted_loss"] == pytest.approx(check["nanogpt_module_loss"], abs=1e-3)
 
 
+def test_quality_step_budget(tmp_path: Path) -> None:
+    """--max-steps trains exactly that many steps with no time budget, and says so in the row."""
+    smoke("quality.py", tmp_path, "--recipes", "--try", "wd: train.weight_decay=0.3", "--max-steps", "4")
+    rows = [json.loads(line) for f in tmp_path.rglob("quality.jsonl") for line in f.read_text().splitlines()]
+    assert [(r["recipe"], r["steps"], r["max_steps"], r["max_time"]) for r in rows] == [("wd", 4, 4, None)]
+    assert "--max-time" not in rows[0]["command"] and "train.max_steps=4 train.weight_decay=0.3" in rows[0]["command"]
+
+
+def test_repeat_low_overlap_weights_those_stories_up(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality
+    from slmkit.data import load_meta
+
+    train, valid = quality.smoke_corpus(tmp_path / "corpus")
+    once = quality.prepare_data(tmp_path / "once", train, valid, 5, 320, valid_cut=30, val_range=(101, 131))
+    thrice = quality.prepare_data(tmp_path / "thrice", train, valid, 5, 320, valid_cut=30, val_range=(101, 131),
+                                  repeat=3, repeat_blocks=((0, 10), (100, 110)))
+    # stories 0-9 twice more; 100 is before the val block, 101-109 are val and stay out
+    assert thrice["repeated_stories"] == 11 and thrice["train_stories"] == once["train_stories"]
+    docs = lambda d: load_meta(tmp_path / d)["train"]["documents"]  # noqa: E731
+    assert docs("thrice") == docs("once") + 22
+    assert quality.read_stories(tmp_path / "thrice" / "test.txt") == quality.read_stories(tmp_path / "once" / "test.txt")
+
+
 def test_test_split_is_disjoint_from_training(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import quality
