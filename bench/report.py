@@ -465,7 +465,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "export-int8-random": lambda: stored_table("export_int8_random_stories15m.json"),
     "quantize-260k": lambda: stored_table("quantize_stories260k.json"),
     "decode-cpu-quant": lambda: stored_table("decode_epyc_quant.json"),
-    "vs-llama2c-quant": lambda: stored_table("vs_llama2c_epyc_quant.json"),
+    "vs-llama2c-quant": lambda: stored_table("vs_llama2c_epyc_cpp.json"),  # the same run as vs-llama2c-cpp
     "finetune": lambda: stored_table("finetune.json"),
     "prune": lambda: "\n\n".join([stored_table("prune.json"), *load("prune.json")["verdict"]]),
 }
