@@ -343,10 +343,6 @@ def apply_awq(model: Any, tokens: torch.Tensor, cfg: QuantConfig, clip: bool = T
     return chosen
 
 
-__all__ = ["AWQ_GRID", "BF16_FORMAT", "BLOCKS_FORMAT", "QuantConfig", "apply_awq", "awq_search", "block_bytes", "group_for", "dequantize_blocks",
-           "dequantize_weights", "quantize_blocks", "quantize_weights", "quantized_names"]
-
-
 @dataclass(frozen=True)
 class PackedWeight:
     """A module's weight as ``slm quantize`` stored it: ``blocks`` (rows, bytes) uint8 in ``bits``
@@ -404,5 +400,7 @@ def packed_weight(module: Any) -> PackedWeight | None:
     return p if p is not None and p.matches(module.weight) else None
 
 
-__all__ = ["BF16_FORMAT", "BLOCKS_FORMAT", "PACKED", "PackedWeight", "QuantConfig", "attach_packed", "packed_weight", "quantize_model", "block_bytes", "group_for", "dequantize_blocks", "dequantize_weights", "quantize_blocks",
-           "quantize_weights", "quantized_names"]
+__all__ = ["AWQ_GRID", "BF16_FORMAT", "BLOCKS_FORMAT", "PACKED", "PackedWeight", "QuantConfig", "apply_awq",
+           "attach_packed", "awq_search", "block_bytes", "dequantize_blocks", "dequantize_weights",
+           "group_for", "packed_weight", "quantize_blocks", "quantize_model", "quantize_weights",
+           "quantized_names"]

@@ -72,6 +72,13 @@ _noted = False
 _packed_notes: set[str] = set()
 
 
+def _note_once(key: str, text: str) -> None:
+    """Print ``text`` as a note the first time ``key`` comes up in this process."""
+    if key not in _packed_notes:
+        _packed_notes.add(key)
+        print(f"note: {text}", file=sys.stderr)
+
+
 def packed_format(p: PackedWeight | None) -> int:
     """qdecode.h's format code of packed blocks (kind | group << 8), or 0: decode the float32 values.
     Blocks of ``p.group`` values are read when the group is a multiple of 32 dividing the row."""
@@ -79,18 +86,10 @@ def packed_format(p: PackedWeight | None) -> int:
         return 0
     if p.bits not in KINDS or p.group % 32 or p.shape[1] % p.group:
         why = f"int{p.bits} blocks of {p.group} values (rows of {p.shape[1]})"
-        if why not in _packed_notes:
-            _packed_notes.add(why)
-            print(f"note: the C++ decoder computes on int8/int4 blocks of multiples of 32 values, not {why}: "
-                  "this run decodes on their float32 values", file=sys.stderr)
+        _note_once(why, f"the C++ decoder computes on int8/int4 blocks of multiples of 32 values, not {why}: "
+                   "this run decodes on their float32 values")
         return 0
     return KINDS[p.bits] | p.group << 8
-
-
-def _note_once(key: str, text: str) -> None:
-    if key not in _packed_notes:
-        _packed_notes.add(key)
-        print(f"note: {text}", file=sys.stderr)
 
 
 def library_why_not() -> str | None:
@@ -255,10 +254,11 @@ def bf16_inputs(model: GPT) -> GPT:
     return out
 
 
-def bf16_arithmetic() -> str:
+def bf16_arithmetic(isa: str | None = None) -> str:
     """The format a model of bf16 values (``storage_format``) decodes in by default: "bf16-dot"
-    where this CPU has AVX512-BF16 (and SLMKIT_DECODE_ISA allows AVX-512), else "bf16"."""
-    return "bf16-dot" if os.environ.get("SLMKIT_DECODE_ISA", "auto") in ("auto", "avx512") and has_bf16_dot() else "bf16"
+    where this CPU has AVX512-BF16 and ``isa`` (default: SLMKIT_DECODE_ISA) allows AVX-512, else "bf16"."""
+    isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
+    return "bf16-dot" if isa in ("auto", "avx512") and has_bf16_dot() else "bf16"
 
 
 def best_isa() -> str:
@@ -309,7 +309,7 @@ class NativeDecoder(Decoder):
         if weights not in FORMATS:
             raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(FORMATS)}")
         isa = isa or os.environ.get("SLMKIT_DECODE_ISA", "auto")
-        if weights == "bf16-dot" and not (isa in ("auto", "avx512") and has_bf16_dot()):
+        if weights == "bf16-dot" and bf16_arithmetic(isa) != "bf16-dot":
             _note_once("bf16-dot", "this CPU (or SLMKIT_DECODE_ISA) has no AVX512-BF16 products: "
                        "bf16 weights decode with float32 arithmetic")
             weights = "bf16"
