@@ -566,6 +566,114 @@ void rotate(float* x, const float* c, const float* sn, int64_t half) {
     }
 }
 
+// The attention of one query head over n keys (rows of D floats, K and V from the row's first
+// real slot), vectorised over D. Scores come W keys at a time: per key, one vector of products
+// summed over D's chunks, then the W vectors reduced together by a tree of lane shuffles
+// (reduce_lanes: 2 shuffles and an add per level, log2 W levels) instead of one horizontal sum per
+// key. A block past the last key reads the last key again (valid memory, result dropped), so every
+// key gets the same arithmetic whatever n is. The weighted sum of the values keeps D in registers
+// (up to kChunks vectors at a time) and adds the keys in order. Nothing here depends on the batch
+// or the thread count.
+constexpr int kChunks = 4;
+constexpr int kAhead = 2;  // blocks of W keys prefetched ahead
+
+// Asks for the cache lines of n floats from p on (nothing for n <= 0).
+inline void prefetch(const float* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(p + i);
+}
+
+// Half h of the tree: lo takes the even h-lane chunks of (x, y), hi the odd ones; lo + hi holds
+// x's keys (in their order) then y's, each summed over half as many lanes as before.
+#if defined(__clang__) || __GNUC__ >= 12
+#define SLM_SHUFFLE __builtin_shufflevector
+#endif
+template <int h>
+inline vf pair_sum(vf x, vf y) {
+#if defined(SLM_SHUFFLE) && defined(__AVX512F__)  // W 16
+    if constexpr (h == 8)
+        return SLM_SHUFFLE(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + SLM_SHUFFLE(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    else if constexpr (h == 4)
+        return SLM_SHUFFLE(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + SLM_SHUFFLE(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    else if constexpr (h == 2)
+        return SLM_SHUFFLE(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + SLM_SHUFFLE(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    else
+        return SLM_SHUFFLE(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+             + SLM_SHUFFLE(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#elif defined(SLM_SHUFFLE)  // W 8
+    if constexpr (h == 4)
+        return SLM_SHUFFLE(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + SLM_SHUFFLE(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+    else if constexpr (h == 2)
+        return SLM_SHUFFLE(x, y, 0, 1, 4, 5, 8, 9, 12, 13) + SLM_SHUFFLE(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
+    else
+        return SLM_SHUFFLE(x, y, 0, 2, 4, 6, 8, 10, 12, 14) + SLM_SHUFFLE(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
+#else  // the same tree, lane by lane
+    vf z;
+    for (int i = 0; i < W; i++) {
+        const int at = 2 * (i / h) * h + i % h;  // (x, y)'s chunk 2 c, and 2 c + 1 after it
+        z[i] = at < W ? x[at] + x[at + h] : y[at - W] + y[at - W + h];
+    }
+    return z;
+#endif
+}
+
+// out[l] = the sum of v[l]'s lanes, for the W vectors v (overwritten).
+template <int h = W / 2>
+inline vf reduce_lanes(vf* v) {
+    for (int i = 0; i < h; i++) v[i] = pair_sum<h>(v[2 * i], v[2 * i + 1]);  // W / h vectors -> h
+    if constexpr (h == 1) return v[0];
+    else return reduce_lanes<h / 2>(v);
+}
+
+// scores[j] = q . K[j] * scale for j < n, then -inf up to the next multiple of W.
+void attention_scores(const float* q, const float* K, int64_t n, int64_t D, float scale, float* scores) {
+    const int64_t full = D / W * W;
+    for (int64_t j0 = 0; j0 < n; j0 += W) {
+        // the next blocks' keys from memory while this one computes (a batch's caches outgrow L2)
+        prefetch(K + (j0 + kAhead * W) * D, std::min<int64_t>(W, n - j0 - kAhead * W) * D);
+        vf acc[W];
+        for (int l = 0; l < W; l++) {
+            const float* k = K + std::min(j0 + l, n - 1) * D;
+            vf a = splat(0.f);
+            for (int64_t d = 0; d < full; d += W) a += load(q + d) * load(k + d);
+            acc[l] = a;
+        }
+        vf s = reduce_lanes(acc);
+        if (full < D)
+            for (int l = 0; l < W; l++) {
+                const float* k = K + std::min(j0 + l, n - 1) * D;
+                float t = 0.f;
+                for (int64_t d = full; d < D; d++) t += q[d] * k[d];
+                s[l] += t;
+            }
+        const vf lanes = splat((float)(n - j0)) - __builtin_convertvector(lane_index(), vf);  // > 0: a key
+        store(scores + j0, select(lanes > splat(0.f), s * splat(scale), splat(-INFINITY)));
+    }
+}
+
+// out = sum over j < n of p[j] V[j], D values, keys in order.
+void attention_values(const float* p, const float* V, int64_t n, int64_t D, float* out) {
+    const int64_t full = D / W * W;
+    for (int64_t d0 = 0; d0 < full; d0 += kChunks * W) {
+        const int c = (int)std::min<int64_t>(kChunks, (full - d0) / W);
+        vf acc[kChunks] = {};
+        for (int64_t j = 0; j < n; j++) {
+            const vf pj = splat(p[j]);
+            const float* v = V + j * D + d0;
+            for (int i = 0; i < kChunks; i++)
+                if (i < c) acc[i] += pj * load(v + i * W);
+        }
+        for (int i = 0; i < c; i++) store(out + d0 + i * W, acc[i]);
+    }
+    for (int64_t d = full; d < D; d++) {
+        float t = 0.f;
+        for (int64_t j = 0; j < n; j++) t += p[j] * V[j * D + d];
+        out[d] = t;
+    }
+}
+
 // One (row, kv head): rotate its keys and queries, store the key and value in slot S, attend.
 void attention_task(void* p, int64_t task) {
     Step& s = *(Step*)p;
@@ -585,31 +693,25 @@ void attention_task(void* p, int64_t task) {
     float *K = s.kc + base, *V = s.vc + base;
     std::copy(k, k + D, K + S * D);
     std::copy(v, v + D, V + S * D);
-    const int64_t n = S + 1 - lo;
-    float* scores = scratch((n + W) / W * W);
+    const int64_t n = S + 1 - lo, padded = (n + W - 1) / W * W;
+    float* scores = scratch(padded);
     const float scale = 1.f / std::sqrt((float)D);
+    prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);
     for (int64_t q = g * rep; q < (g + 1) * rep; q++) {
-        const float* qv = row + q * D;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            scores[j] = dot(qv, K + (lo + j) * D, D) * scale;
-            m = std::max(m, scores[j]);
-        }
-        for (int64_t j = n; j < (n + W - 1) / W * W; j++) scores[j] = -INFINITY;
+        if (q == g * rep) prefetch(V + lo * D, n * D);  // read by attention_values after the scores
+        attention_scores(row + q * D, K + lo * D, n, D, scale, scores);
+        vf mv = splat(-INFINITY);
+        for (int64_t j = 0; j < padded; j += W) mv = vmax(mv, load(scores + j));
+        const float m = hmax(mv);
         vf total = splat(0.f);
-        for (int64_t j = 0; j < n; j += W) {
+        for (int64_t j = 0; j < padded; j += W) {
             const vf e = vexp(load(scores + j) - splat(m));
             store(scores + j, e);
             total += e;
         }
-        const float inv = 1.f / hsum(total);
-        float* out = s.att + b * H * D + q * D;
-        for (int64_t d = 0; d < D; d++) out[d] = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            const float pj = scores[j] * inv;
-            const float* vj = V + (lo + j) * D;
-            for (int64_t d = 0; d < D; d++) out[d] += pj * vj[d];
-        }
+        const vf inv = splat(1.f / hsum(total));
+        for (int64_t j = 0; j < padded; j += W) store(scores + j, load(scores + j) * inv);
+        attention_values(scores, V + lo * D, n, D, s.att + b * H * D + q * D);
     }
 }
 
