@@ -8,8 +8,9 @@
 // with AVX-512 and AVX2 intrinsics (functions with target attributes, picked at run time from the
 // CPU's features, or forced by the caller) and a scalar loop elsewhere (ARM builds and runs that).
 // Threads: a small pool of our own. Work is cut into tasks (32 output rows of a product, one
-// (row, kv head) of attention) claimed from one atomic counter, so the caller never waits for a
-// worker that the OS has not scheduled: it takes the remaining tasks itself. An idle worker spins
+// (row, kv head) of attention) claimed from one atomic counter, a run of them at a time (a share of
+// what is left, shrinking to one task at the end: fewer claims on the shared line), so the caller
+// never waits for a worker that the OS has not scheduled: it takes the remaining tasks itself. An idle worker spins
 // for a short while (SLMKIT_DECODE_SPIN_US, default 100 us) and then sleeps on a condition variable:
 // no thread burns a core between tokens. Every output value is computed by one task in a fixed
 // order, so the thread count never changes a result.
@@ -71,25 +72,35 @@ class Pool {
             { std::lock_guard<std::mutex> lock(mutex_); }
             cv_.notify_all();
         }
-        work(gen_);
-        while (done_.load(std::memory_order_acquire) < n) cpu_relax();  // only tasks already claimed
+        const int64_t mine = work();
+        while (done_.load(std::memory_order_acquire) + mine < n) cpu_relax();  // only tasks already claimed
     }
 
   private:
     static constexpr uint64_t kGenMask = (1u << 24) - 1;
     static constexpr uint64_t kField = (1u << 20) - 1;
 
-    // Claims tasks of generation gen until none are left; false when it did none.
-    void work(uint64_t gen) {
+    // Claims tasks of the current job until none are left and returns how many it ran (a worker adds
+    // them to done_ once, at the end: one write to that line per thread and job, not one per task).
+    // A claim takes 1 / (2 threads) of the tasks left, at least one: a few claims per thread and
+    // job, small ones last, so the threads still finish together. A claim that lands in the next
+    // job (a worker that read the ticket, then slept while the caller finished the job and started
+    // another) takes tasks of that job like any other: they run with that job's fn_, which the
+    // ticket's release published, and the caller waits for them through done_.
+    int64_t work() {
+        int64_t did = 0;
+        const int64_t share = std::max(2, active_.load(std::memory_order_relaxed) + 1) * 2;
         uint64_t t = ticket_.load(std::memory_order_acquire);
         for (;;) {
             const uint64_t n = (t >> 20) & kField, k = t & kField;
-            if ((t >> 40) != gen || k >= n) return;
-            if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-            fn_(ctx_, (int64_t)k);  // the job cannot end (nor fn_ change) before this task is done
-            done_.fetch_add(1, std::memory_order_release);
+            if (k >= n) break;
+            const uint64_t c = std::max<uint64_t>(1, (n - k) / share);
+            if (!ticket_.compare_exchange_weak(t, t + c, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+            for (uint64_t i = k; i < k + c; i++) fn_(ctx_, (int64_t)i);
+            did += (int64_t)c;
             t = ticket_.load(std::memory_order_acquire);
         }
+        return did;
     }
 
     void loop(int id) {
@@ -110,22 +121,26 @@ class Pool {
                 }
             }
             seen = w;
-            if (id < active_.load(std::memory_order_relaxed)) work(w);
+            if (id < active_.load(std::memory_order_relaxed)) {
+                const int64_t did = work();
+                if (did) done_.fetch_add(did, std::memory_order_release);
+            }
         }
     }
 
+    // Each on its own cache line: the caller's spin on done_ and the workers' on wake_ do not take
+    // the line the claims write to.
     std::vector<char> workers_;
-    std::atomic<uint64_t> ticket_{0};  // generation (24 bits) | task count (20) | next task (20)
-    std::atomic<uint32_t> wake_{0};
-    std::atomic<int64_t> done_{0};
+    alignas(64) std::atomic<uint64_t> ticket_{0};  // generation (24 bits) | task count (20) | next task (20)
+    alignas(64) std::atomic<int64_t> done_{0};
+    alignas(64) std::atomic<uint32_t> wake_{0};
     std::atomic<int> sleepers_{0}, active_{0};
     uint64_t gen_ = 0;
     TaskFn fn_ = nullptr;
     void* ctx_ = nullptr;
-    std::mutex mutex_;
+    alignas(64) std::mutex mutex_;
     std::condition_variable cv_;
 };
-
 // --------------------------------------------------------------------------- the products
 
 // The weight matrices of the products (out x in, torch's layout) are packed once, when a decoder
@@ -575,7 +590,7 @@ void rotate(float* x, const float* c, const float* sn, int64_t half) {
 // (up to kChunks vectors at a time) and adds the keys in order. Nothing here depends on the batch
 // or the thread count.
 constexpr int kChunks = 4;
-constexpr int kAhead = 2;  // blocks of W keys prefetched ahead
+constexpr int kAhead = 4;  // blocks of W keys prefetched ahead in the scores
 
 // Asks for the cache lines of n floats from p on (nothing for n <= 0).
 inline void prefetch(const float* p, int64_t n) {
@@ -628,11 +643,15 @@ inline vf reduce_lanes(vf* v) {
 }
 
 // scores[j] = q . K[j] * scale for j < n, then -inf up to the next multiple of W.
-void attention_scores(const float* q, const float* K, int64_t n, int64_t D, float scale, float* scores) {
+// V (or null): the values, prefetched a block at a time for attention_values.
+void attention_scores(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
+                      float* scores) {
     const int64_t full = D / W * W;
     for (int64_t j0 = 0; j0 < n; j0 += W) {
-        // the next blocks' keys from memory while this one computes (a batch's caches outgrow L2)
+        // the keys kAhead blocks on, and this block's values, from memory while this block
+        // computes (a batch's caches outgrow L2; the hardware's prefetchers start late on them)
         prefetch(K + (j0 + kAhead * W) * D, std::min<int64_t>(W, n - j0 - kAhead * W) * D);
+        if (V) prefetch(V + j0 * D, std::min<int64_t>(W, n - j0) * D);
         vf acc[W];
         for (int l = 0; l < W; l++) {
             const float* k = K + std::min(j0 + l, n - 1) * D;
@@ -698,8 +717,8 @@ void attention_task(void* p, int64_t task) {
     const float scale = 1.f / std::sqrt((float)D);
     prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);
     for (int64_t q = g * rep; q < (g + 1) * rep; q++) {
-        if (q == g * rep) prefetch(V + lo * D, n * D);  // read by attention_values after the scores
-        attention_scores(row + q * D, K + lo * D, n, D, scale, scores);
+
+        attention_scores(row + q * D, K + lo * D, q == g * rep ? V + lo * D : nullptr, n, D, scale, scores);
         vf mv = splat(-INFINITY);
         for (int64_t j = 0; j < padded; j += W) mv = vmax(mv, load(scores + j));
         const float m = hmax(mv);
