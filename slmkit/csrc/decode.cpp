@@ -419,7 +419,7 @@ MatvecFn matvec_for(int isa, int64_t format) {
 // fewer than four tasks per thread. The tiling changes no result (see above), only the load balance.
 int64_t task_panels(int64_t n_panels, int threads) {
     int64_t per = 4;
-    while (per > 1 && (n_panels + per - 1) / per < 4 * threads) per /= 2;
+    while (per > 1 && (n_panels + per - 1) / per < 3 * threads) per--;
     return per;
 }
 
