@@ -643,10 +643,15 @@ inline vf reduce_lanes(vf* v) {
 }
 
 // scores[j] = q . K[j] * scale for j < n, then -inf up to the next multiple of W.
-// V (or null): the values, prefetched a block at a time for attention_values.
-void attention_scores(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
-                      float* scores) {
+// V (or null): the values, prefetched a block at a time for attention_values. NC: D / W when the
+// caller knows it at compile time (the query's vectors then stay in registers), else 0; the
+// arithmetic is the same either way.
+template <int NC>
+void attention_scores_n(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
+                        float* scores) {
     const int64_t full = D / W * W;
+    vf qv[NC ? NC : 1];
+    for (int c = 0; c < NC; c++) qv[c] = load(q + c * W);
     for (int64_t j0 = 0; j0 < n; j0 += W) {
         // the keys kAhead blocks on, and this block's values, from memory while this block
         // computes (a batch's caches outgrow L2; the hardware's prefetchers start late on them)
@@ -656,7 +661,10 @@ void attention_scores(const float* q, const float* K, const float* V, int64_t n,
         for (int l = 0; l < W; l++) {
             const float* k = K + std::min(j0 + l, n - 1) * D;
             vf a = splat(0.f);
-            for (int64_t d = 0; d < full; d += W) a += load(q + d) * load(k + d);
+            if constexpr (NC > 0)
+                for (int c = 0; c < NC; c++) a += qv[c] * load(k + c * W);
+            else
+                for (int64_t d = 0; d < full; d += W) a += load(q + d) * load(k + d);
             acc[l] = a;
         }
         vf s = reduce_lanes(acc);
@@ -672,19 +680,43 @@ void attention_scores(const float* q, const float* K, const float* V, int64_t n,
     }
 }
 
+void attention_scores(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
+                      float* scores) {
+    switch (D / W) {
+        case 1: return attention_scores_n<1>(q, K, V, n, D, scale, scores);
+        case 2: return attention_scores_n<2>(q, K, V, n, D, scale, scores);
+        case 3: return attention_scores_n<3>(q, K, V, n, D, scale, scores);
+        case 4: return attention_scores_n<4>(q, K, V, n, D, scale, scores);
+        case 6: return attention_scores_n<6>(q, K, V, n, D, scale, scores);
+        case 8: return attention_scores_n<8>(q, K, V, n, D, scale, scores);
+        default: return attention_scores_n<0>(q, K, V, n, D, scale, scores);
+    }
+}
+
+// out[d0 .. d0 + C W) = sum over j < n of p[j] V[j][d0 ..], keys in order, in C registers.
+template <int C>
+inline void weighted_values(const float* p, const float* V, int64_t n, int64_t D, int64_t d0, float* out) {
+    vf acc[C];
+    for (int i = 0; i < C; i++) acc[i] = splat(0.f);
+    for (int64_t j = 0; j < n; j++) {
+        const vf pj = splat(p[j]);
+        const float* v = V + j * D + d0;
+        for (int i = 0; i < C; i++) acc[i] += pj * load(v + i * W);
+    }
+    for (int i = 0; i < C; i++) store(out + d0 + i * W, acc[i]);
+}
+
 // out = sum over j < n of p[j] V[j], D values, keys in order.
 void attention_values(const float* p, const float* V, int64_t n, int64_t D, float* out) {
+    static_assert(kChunks == 4, "the cases below");
     const int64_t full = D / W * W;
     for (int64_t d0 = 0; d0 < full; d0 += kChunks * W) {
-        const int c = (int)std::min<int64_t>(kChunks, (full - d0) / W);
-        vf acc[kChunks] = {};
-        for (int64_t j = 0; j < n; j++) {
-            const vf pj = splat(p[j]);
-            const float* v = V + j * D + d0;
-            for (int i = 0; i < kChunks; i++)
-                if (i < c) acc[i] += pj * load(v + i * W);
+        switch (std::min<int64_t>(kChunks, (full - d0) / W)) {
+            case 1: weighted_values<1>(p, V, n, D, d0, out); break;
+            case 2: weighted_values<2>(p, V, n, D, d0, out); break;
+            case 3: weighted_values<3>(p, V, n, D, d0, out); break;
+            default: weighted_values<4>(p, V, n, D, d0, out); break;
         }
-        for (int i = 0; i < c; i++) store(out + d0 + i * W, acc[i]);
     }
     for (int64_t d = full; d < D; d++) {
         float t = 0.f;
