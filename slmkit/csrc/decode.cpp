@@ -9,11 +9,11 @@
 // CPU's features, or forced by the caller) and a scalar loop elsewhere (ARM builds and runs that).
 // Threads: a small pool of our own. Work is cut into tasks (32 output rows of a product, one
 // (row, kv head) of attention) claimed from one atomic counter, a run of them at a time (a share of
-// what is left, shrinking to one task at the end: fewer claims on the shared line), so the caller
-// never waits for a worker that the OS has not scheduled: it takes the remaining tasks itself. An idle worker spins
-// for a short while (SLMKIT_DECODE_SPIN_US, default 100 us) and then sleeps on a condition variable:
-// no thread burns a core between tokens. Every output value is computed by one task in a fixed
-// order, so the thread count never changes a result.
+// what is left, shrinking to one task at the end: fewer trips of the counter's cache line between
+// cores), so the caller never waits for a worker that the OS has not scheduled: it takes the
+// remaining tasks itself. An idle worker spins for a short while (SLMKIT_DECODE_SPIN_US, default
+// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. Every
+// output value is computed by one task in a fixed order, so the thread count never changes a result.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -141,6 +141,7 @@ class Pool {
     alignas(64) std::mutex mutex_;
     std::condition_variable cv_;
 };
+
 // --------------------------------------------------------------------------- the products
 
 // The weight matrices of the products (out x in, torch's layout) are packed once, when a decoder
@@ -416,7 +417,7 @@ MatvecFn matvec_for(int isa, int64_t format) {
 }
 
 // Panels per task of a product: as many as an AVX-512 tile holds (4), fewer where that would leave
-// fewer than four tasks per thread. The tiling changes no result (see above), only the load balance.
+// fewer than three tasks per thread (proj and down at the stories15m shape: 3-panel tiles, not 2). The tiling changes no result (see above), only the load balance.
 int64_t task_panels(int64_t n_panels, int threads) {
     int64_t per = 4;
     while (per > 1 && (n_panels + per - 1) / per < 3 * threads) per--;
