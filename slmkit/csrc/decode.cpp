@@ -585,8 +585,7 @@ void rotate(float* x, const float* c, const float* sn, int64_t half) {
 // The attention of one query head over n keys (rows of D floats, K and V from the row's first
 // real slot), vectorised over D. Scores come W keys at a time: per key, one vector of products
 // summed over D's chunks, then the W vectors reduced together by a tree of lane shuffles
-// (reduce_lanes: 2 shuffles and an add per level, log2 W levels) instead of one horizontal sum per
-// key. A block past the last key reads the last key again (valid memory, result dropped), so every
+// (key_tree: 2 shuffles and an add per pair, log2 W levels) instead of one horizontal sum per key. A block past the last key reads the last key again (valid memory, result dropped), so every
 // key gets the same arithmetic whatever n is. The weighted sum of the values keeps D in registers
 // (up to kChunks vectors at a time) and adds the keys in order. Nothing here depends on the batch
 // or the thread count.
@@ -635,15 +634,27 @@ inline vf pair_sum(vf x, vf y) {
 #endif
 }
 
-// out[l] = the sum of v[l]'s lanes, for the W vectors v (overwritten).
-template <int h = W / 2>
-inline vf reduce_lanes(vf* v) {
-    for (int i = 0; i < h; i++) v[i] = pair_sum<h>(v[2 * i], v[2 * i + 1]);  // W / h vectors -> h
-    if constexpr (h == 1) return v[0];
-    else return reduce_lanes<h / 2>(v);
+// The products of q and key j (the last key for j >= n) summed over D's whole vectors: one
+// vector, its lanes still to add. qv: q's NC vectors (NC 0: read q, D / W of them).
+template <int NC>
+inline vf key_products(const vf* qv, const float* q, const float* K, int64_t j, int64_t n, int64_t D) {
+    const float* k = K + std::min(j, n - 1) * D;
+    vf a = splat(0.f);
+    if constexpr (NC > 0)
+        for (int c = 0; c < NC; c++) a += qv[c] * load(k + c * W);
+    else
+        for (int64_t d = 0; d + W <= D; d += W) a += load(q + d) * load(k + d);
+    return a;
 }
 
-// scores[j] = q . K[j] * scale for j < n, then -inf up to the next multiple of W.
+// Keys j .. j + W / h - 1, each summed over h lanes of the result (h = 1: one score per lane).
+// Depth first, so a handful of vectors are live at a time, not W (which spilled to the stack).
+template <int h, int NC>
+inline vf key_tree(const vf* qv, const float* q, const float* K, int64_t j, int64_t n, int64_t D) {
+    if constexpr (h == W) return key_products<NC>(qv, q, K, j, n, D);
+    else return pair_sum<h>(key_tree<2 * h, NC>(qv, q, K, j, n, D), key_tree<2 * h, NC>(qv, q, K, j + W / (2 * h), n, D));
+}
+
 // V (or null): the values, prefetched a block at a time for attention_values. NC: D / W when the
 // caller knows it at compile time (the query's vectors then stay in registers), else 0; the
 // arithmetic is the same either way.
@@ -658,17 +669,7 @@ void attention_scores_n(const float* q, const float* K, const float* V, int64_t 
         // computes (a batch's caches outgrow L2; the hardware's prefetchers start late on them)
         prefetch(K + (j0 + kAhead * W) * D, std::min<int64_t>(W, n - j0 - kAhead * W) * D);
         if (V) prefetch(V + j0 * D, std::min<int64_t>(W, n - j0) * D);
-        vf acc[W];
-        for (int l = 0; l < W; l++) {
-            const float* k = K + std::min(j0 + l, n - 1) * D;
-            vf a = splat(0.f);
-            if constexpr (NC > 0)
-                for (int c = 0; c < NC; c++) a += qv[c] * load(k + c * W);
-            else
-                for (int64_t d = 0; d < full; d += W) a += load(q + d) * load(k + d);
-            acc[l] = a;
-        }
-        vf s = reduce_lanes(acc);
+        vf s = key_tree<1, NC>(qv, q, K, j0, n, D);
         if (full < D)
             for (int l = 0; l < W; l++) {
                 const float* k = K + std::min(j0 + l, n - 1) * D;
