@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from json.encoder import encode_basestring_ascii as json_str  # json.dumps of a str, without its call layers
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,9 @@ def sse_text_chunk(prefix: bytes, index: int, text: str, finish_reason: str | No
     """One server-sent event with a completion chunk without logprobs: the same bytes as
     sse-starlette's encoding of ``json.dumps({**top, "choices": [choice]})`` (tested), at a
     fraction of the cost per token."""
+    reason = b"null" if finish_reason is None else json_str(finish_reason).encode()
     return b"%s%d, \"text\": %s, \"logprobs\": null, \"finish_reason\": %s}]}\r\n\r\n" % (
-        prefix, index, json.dumps(text).encode(), json.dumps(finish_reason).encode())
+        prefix, index, json_str(text).encode(), reason)
 
 
 class EventStream(EventSourceResponse):
