@@ -197,7 +197,7 @@ def test_nucleus_rows_draw_in_one_native_call_as_each_would_alone(monkeypatch):
     model = random_model()
     cfgs = [SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=s, stop_at_eot=False)
             for s in range(4)]
-    alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]  # the reference sampler
+    alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]  # slm generate, one prompt at a time
     seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
     run(ContinuousBatch(model), {0: seqs[:3], 1: seqs[3:]})
     assert [s.tokens for s in seqs] == alone and len({tuple(t) for t in alone}) > 1

@@ -109,3 +109,29 @@ def test_beam_search_honours_stop_strings():
     model = script_model("Ha!ZQ_STOP.wxyz")
     cfg = SamplingConfig(max_new_tokens=30, beams=2, stop=["STOP"])
     assert generate(model, TOK, ["H"], cfg) == ["a!ZQ_"]
+
+
+def test_nucleus_sampling_draws_in_cpp_the_reference_tokens(monkeypatch):
+    """Nucleus sampling alone (no top-k, min-p or repetition penalty) draws through native_top_p,
+    from the numbers choose would draw: the reference processors' tokens, row by row."""
+    import slmkit.generate.generation as G
+
+    if not G.native_sampling(torch.device("cpu")):
+        pytest.skip("the C++ library is not built here")
+    calls = []
+    native = G.native_top_p
+    monkeypatch.setattr(G, "native_top_p", lambda *a: calls.append(1) or native(*a))
+    model = random_model(4, scale=3.0)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    for seed, temperature, top_p in [(0, 0.8, 0.95), (1, 1.3, 0.5), (2, 0.6, 0.99)]:
+        cfg = SamplingConfig(max_new_tokens=12, temperature=temperature, top_k=0, top_p=top_p, seed=seed,
+                             stop_at_eot=False)
+        fast, ref = Generation(model, prompts, cfg), Generation(model, prompts, cfg)
+        assert fast._native
+        ref._native = False  # the PyTorch processors and choose
+        while not fast.finished:
+            assert fast.step() == ref.step()
+        assert ref.finished
+    assert len(calls) == 3 * 12
+    cfg = SamplingConfig(max_new_tokens=4, temperature=0.8, top_k=40, top_p=0.9, seed=0)
+    assert not Generation(model, prompts, cfg)._native  # top-k: the reference pipeline

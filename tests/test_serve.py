@@ -471,3 +471,40 @@ def test_a_streamed_text_chunk_is_the_json_sse_starlette_would_write():
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
         expected = ensure_bytes({"data": json.dumps({**top, "choices": [choice]})}, "\r\n")
         assert sse_text_chunk(sse_prefix(top), index, text, reason) == expected
+
+
+def test_event_stream_sends_without_a_cancel_scope_unless_a_send_timeout_is_set(monkeypatch):
+    import asyncio
+
+    import anyio
+
+    from sse_starlette.sse import EventSourceResponse
+
+    from slmkit.serve.app import EventStream
+
+    if not hasattr(EventSourceResponse, "_send_with_timeout"):
+        pytest.skip("this sse-starlette sends without _send_with_timeout: EventStream is its plain response")
+    scopes = []
+    move_on_after = anyio.move_on_after
+    monkeypatch.setattr(anyio, "move_on_after", lambda *a, **k: scopes.append(a) or move_on_after(*a, **k))
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def body():
+        yield b"data: 1\r\n\r\n"
+
+    message = {"type": "http.response.body", "body": b"x", "more_body": True}
+    asyncio.run(EventStream(body())._send_with_timeout(send, message))
+    assert sent == [message] and scopes == []  # no timeout: sent as it is, no scope
+    asyncio.run(EventStream(body(), send_timeout=5)._send_with_timeout(send, message))
+    assert sent == [message, message] and scopes == [(5,)]  # a timeout: sse-starlette's own path
+
+    async def broken(message):
+        raise ConnectionResetError
+
+    stream = EventStream(body())
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(stream._send_with_timeout(broken, message))
+    assert stream._send_interrupted  # as sse-starlette marks a failed send

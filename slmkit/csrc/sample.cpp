@@ -3,14 +3,19 @@
 // (apply_top_p, then choose): it finds the nucleus with a topk of 64 or 512 logits, or a sort of
 // the whole vocabulary when the distribution is wide (about 200 us a row on a 4k vocabulary), then
 // draws from a float64 softmax and cumsum over the vocabulary. Here each row costs a few passes
-// over its logits and a sort of only the tokens that can be in the nucleus:
-//   1. probabilities: exp(x - max) / sum (vec.h's exp, float32 terms, a double sum);
+// over its logits and a sort of only the few tokens whose place in the nucleus is in doubt:
+//   1. the logits divided by the temperature (float32, as PyTorch divides) and their maximum; the
+//      probabilities exp(x - max) / sum (vec.h's exp, float32 terms, a double sum);
 //   2. a histogram of the probability mass over the top 11 bits of each probability's float
-//      (exponent and 3 mantissa bits: monotone in the value) finds a bound b such that the tokens
-//      in buckets >= b hold at least top_p + 1e-3 of the mass: the nucleus is among them;
-//   3. those candidates are sorted by logit (ties: the lower id first) and cut as the reference
-//      cuts: a token stays while the float32 sum of the probabilities before it (accumulated in
-//      double, as PyTorch's CPU cumsum does) is below top_p;
+//      (exponent and 3 mantissa bits: monotone in the value; a probability <= 1 falls in the
+//      lower 1024 buckets). Going down from the top bucket, the mass A(b) of buckets >= b tells
+//      each bucket's fate: while A(b) < top_p - 1e-3 every token of bucket b is in the nucleus
+//      (the mass before any of them is below the cut), once A(b + 1) >= top_p + 1e-3 none is;
+//      the buckets between (usually one or two) are in doubt;
+//   3. only the tokens in doubt are sorted by logit (ties: the lower id first) and cut as the
+//      reference cuts: a token stays while the float32 sum of the probabilities before it (the
+//      sure tokens' and then the sorted ones', accumulated in double, as PyTorch's CPU cumsum
+//      does) is below top_p;
 //   4. the draw inverts the float64 cumulative distribution of the kept tokens, in id order, at
 //      u * total, as choose does with the row's own uniform number u.
 // The result is the reference's token up to the float rounding of a sum landing exactly on a cut
@@ -30,24 +35,56 @@ struct Candidate {
     int32_t id;
 };
 
-constexpr int kBuckets = 2048;  // the top 11 bits of a positive float: 8 exponent, 3 mantissa
+constexpr int kBuckets = 1024;  // the top 11 bits of a positive float <= 1: 8 exponent, 3 mantissa
+constexpr double kMargin = 1e-3;  // how far from the cut a bucket's mass must be for its fate to be sure
 
 inline int bucket(float p) {
     uint32_t bits;
     std::memcpy(&bits, &p, sizeof bits);
-    return int(bits >> 20);
+    return std::min(int(bits >> 20), kBuckets - 1);
 }
 
-int64_t sample_row(const float* x, int64_t vocab, float top_p, double u, std::vector<float>& probs,
-                   std::vector<double>& mass, std::vector<Candidate>& cand, std::vector<int32_t>& kept) {
-    // 1. the maximum, then the probabilities
+inline float lowest(int b) {  // the smallest float in bucket b
+    const uint32_t bits = uint32_t(b) << 20;
+    float p;
+    std::memcpy(&p, &bits, sizeof p);
+    return p;
+}
+
+struct Scratch {
+    std::vector<float> x, p;
+    std::vector<double> mass, mass2, e;
+    std::vector<Candidate> doubt;
+    std::vector<int32_t> kept, ids, merged;
+    void resize(int64_t vocab) {  // a thread's buffers, kept from call to call
+        if (int64_t(x.size()) == vocab) return;
+        x.resize(vocab), p.resize(vocab), e.resize(vocab);
+        mass.resize(kBuckets), mass2.resize(kBuckets);
+        doubt.reserve(vocab), kept.reserve(vocab), ids.reserve(vocab), merged.reserve(vocab);
+    }
+};
+
+int64_t sample_row(const float* row, int64_t vocab, float temperature, float top_p, double u, Scratch& s) {
+    // 1. the scaled logits and their maximum, then the probabilities
+    float* x = s.x.data();
     vf vm = splat(-INFINITY);
     int64_t j = 0;
-    for (; j + W <= vocab; j += W) vm = vmax(vm, load(x + j));
+    if (temperature == 1.f) {
+        std::memcpy(x, row, vocab * sizeof(float));
+        for (; j + W <= vocab; j += W) vm = vmax(vm, load(x + j));
+    } else {
+        const vf t = splat(temperature);
+        for (; j + W <= vocab; j += W) {
+            const vf v = load(row + j) / t;
+            store(x + j, v);
+            vm = vmax(vm, v);
+        }
+        for (int64_t i = j; i < vocab; i++) x[i] = row[i] / temperature;
+    }
     float m = hmax(vm);
     for (; j < vocab; j++) m = std::max(m, x[j]);
     if (!(m > -INFINITY)) return 0;  // no token is possible: the reference's NaNs give token 0 too
-    float* p = probs.data();
+    float* p = s.p.data();
     double sum = 0;
     for (j = 0; j + W <= vocab; j += W) {
         const vf e = vexp(load(x + j) - splat(m));
@@ -59,53 +96,93 @@ int64_t sample_row(const float* x, int64_t vocab, float top_p, double u, std::ve
         sum += p[j];
     }
     const float inv = float(1.0 / sum);
-    for (j = 0; j < vocab; j++) p[j] *= inv;
-    // 2. the bucket bound
-    int bound = 0;
+    {
+        const vf vinv = splat(inv);
+        for (j = 0; j + W <= vocab; j += W) store(p + j, load(p + j) * vinv);
+        for (; j < vocab; j++) p[j] *= inv;
+    }
+    // 2. the fate of each bucket, which is monotone in the bucket: buckets >= sure are in the
+    // nucleus, buckets < lo out, those between in doubt (top_p = 1: every possible token is in)
+    int lo = 0, sure = 0;
     if (top_p < 1.f) {
-        std::fill(mass.begin(), mass.end(), 0.0);
-        for (j = 0; j < vocab; j++) mass[bucket(p[j])] += p[j];
-        double acc = 0;
-        for (int b = kBuckets - 1; b > 0; b--) {
-            acc += mass[b];
-            if (acc >= double(top_p) + 1e-3) {
-                bound = b;
+        double* m0 = s.mass.data();
+        double* m1 = s.mass2.data();  // two histograms: a token's add does not wait on its neighbour's
+        std::fill(m0, m0 + kBuckets, 0.0);
+        std::fill(m1, m1 + kBuckets, 0.0);
+        for (j = 0; j + 1 < vocab; j += 2) {
+            m0[bucket(p[j])] += p[j];
+            m1[bucket(p[j + 1])] += p[j + 1];
+        }
+        if (j < vocab) m0[bucket(p[j])] += p[j];
+        double above = 0;  // A(b + 1)
+        sure = kBuckets;
+        for (int b = kBuckets - 1; b >= 0; b--) {
+            if (above >= double(top_p) + kMargin) {
+                lo = b + 1;
                 break;
+            }
+            above += m0[b] + m1[b];  // A(b)
+            if (above < double(top_p) - kMargin) sure = b;
+        }
+    }
+    // 3. the sure tokens (in id order) and their mass, then the tokens in doubt, sorted and cut.
+    // A bucket's smallest float is its bits; a vector of tokens all below bucket lo is skipped.
+    const float lo_p = lowest(lo), sure_p = sure < kBuckets ? lowest(sure) : INFINITY;
+    double acc = 0;
+    s.doubt.clear();
+    s.ids.clear();
+    for (j = 0; j < vocab; j += W) {
+        const int64_t end = std::min<int64_t>(j + W, vocab);
+        if (end - j == W) {
+            const vi any = load(p + j) >= splat(lo_p);
+            bool none = true;
+            for (int l = 0; l < W; l++) none &= !any[l];
+            if (none) continue;
+        }
+        for (int64_t t = j; t < end; t++) {
+            if (!(x[t] > -INFINITY) || !(p[t] >= lo_p)) continue;
+            if (p[t] >= sure_p) {
+                acc += p[t];
+                s.ids.push_back(int32_t(t));
+            } else {
+                s.doubt.push_back({x[t], int32_t(t)});
             }
         }
     }
-    // 3. the candidates, sorted, and the cut (bound 0: every possible token is a candidate)
-    cand.clear();
-    for (j = 0; j < vocab; j++)
-        if (x[j] > -INFINITY && bucket(p[j]) >= bound) cand.push_back({x[j], int32_t(j)});
-    kept.clear();
-    if (top_p < 1.f) {
-        std::sort(cand.begin(), cand.end(),
+    s.kept.clear();
+    if (!s.doubt.empty()) {
+        std::sort(s.doubt.begin(), s.doubt.end(),
                   [](const Candidate& a, const Candidate& b) { return a.x > b.x || (a.x == b.x && a.id < b.id); });
-        double acc = 0;
-        for (const Candidate& c : cand) {
+        for (const Candidate& c : s.doubt) {
             acc += p[c.id];
-            if (float(acc) - p[c.id] < top_p) kept.push_back(c.id);
+            if (float(acc) - p[c.id] < top_p) s.kept.push_back(c.id);
         }
-        std::sort(kept.begin(), kept.end());
-    } else {
-        for (const Candidate& c : cand) kept.push_back(c.id);
+        std::sort(s.kept.begin(), s.kept.end());
     }
-    // 4. the draw: a float64 softmax over the kept tokens in id order, its running sum, and the
-    // first token whose sum exceeds u * total (never past the last kept token)
+    // 4. the draw: a float64 softmax over the kept tokens in id order (the sure ones and those
+    // kept from the doubt, merged), its running sum, and the first token whose sum exceeds
+    // u * total (never past the last kept token)
+    std::vector<int32_t>& ids = s.merged;
+    ids.resize(s.ids.size() + s.kept.size());
+    std::merge(s.ids.begin(), s.ids.end(), s.kept.begin(), s.kept.end(), ids.begin());
+    double* e = s.e.data();
+    const size_t n = ids.size();
     double total = 0;
-    for (int32_t id : kept) total += std::exp(double(x[id]) - double(m));
-    double run = 0;
-    std::vector<double>& cdf = mass;  // reused: at least as long as kept
-    for (size_t k = 0; k < kept.size(); k++) {
-        run += std::exp(double(x[kept[k]]) - double(m)) / total;
-        cdf[k] = run;
+    for (size_t k = 0; k < n; k++) {
+        e[k] = std::exp(double(x[ids[k]]) - double(m));
+        total += e[k];
     }
-    const double last = cdf[kept.size() - 1];
+    if (n == 0) return 0;
+    double run = 0;
+    for (size_t k = 0; k < n; k++) {
+        run += e[k] / total;
+        e[k] = run;
+    }
+    const double last = e[n - 1];
     const double target = std::min(u * last, std::nextafter(last, 0.0));
-    for (size_t k = 0; k < kept.size(); k++)
-        if (cdf[k] > target) return kept[k];
-    return kept.back();
+    for (size_t k = 0; k < n; k++)
+        if (e[k] > target) return ids[k];
+    return ids[n - 1];
 }
 
 }  // namespace
@@ -116,15 +193,7 @@ int64_t sample_row(const float* x, int64_t vocab, float top_p, double u, std::ve
 // top_p in (0, 1] (1: no nucleus, a plain draw from the softmax).
 extern "C" void slm_sample_rows(const float* logits, int64_t vocab, int64_t n, const int64_t* rows, float temperature,
                                 float top_p, const double* u, int64_t* out) {
-    std::vector<float> x(vocab), probs(vocab);
-    std::vector<double> mass(std::max<int64_t>(kBuckets, vocab));
-    std::vector<Candidate> cand;
-    std::vector<int32_t> kept;
-    cand.reserve(vocab);
-    kept.reserve(vocab);
-    for (int64_t r = 0; r < n; r++) {
-        const float* row = logits + rows[r] * vocab;
-        for (int64_t j = 0; j < vocab; j++) x[j] = temperature == 1.f ? row[j] : row[j] / temperature;
-        out[r] = sample_row(x.data(), vocab, top_p, u[r], probs, mass, cand, kept);
-    }
+    thread_local Scratch scratch;
+    scratch.resize(vocab);
+    for (int64_t r = 0; r < n; r++) out[r] = sample_row(logits + rows[r] * vocab, vocab, temperature, top_p, u[r], scratch);
 }

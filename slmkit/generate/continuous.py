@@ -99,6 +99,7 @@ class _Row:
             ids = torch.tensor(list(seq.logit_bias), device=device)
             self.bias = (ids, torch.tensor(list(seq.logit_bias.values()), device=device))
         self.ends = torch.tensor(seq.end_ids, device=device, dtype=torch.long) if seq.end_ids else None
+        self.tracks = self.seen is not None or self.counts is not None  # saw() has something to do
         self.pipeline = logits_pipeline(seq.cfg, self.seen)
         # No state of its own beyond the generator: rows with the same settings are processed together
         # (greedy ones by the batch's argmax).
@@ -241,9 +242,8 @@ class ContinuousBatch:
         logits = self.logits
         live = [(i, row) for i, row in enumerate(self.rows) if row is not None and not row.feed]  # riding: no logits yet
         greedy = logits.argmax(-1).tolist() if any(r.plain_greedy for _, r in live) else None
-        want = {i: r.seq.logprobs is not None for i, r in live}
-        logprobs = logits.log_softmax(-1) if any(want.values()) else None
-        picked = self._pick_groups(logits)
+        logprobs = logits.log_softmax(-1) if any(r.seq.logprobs is not None for _, r in live) else None
+        picked = self._pick_groups(logits, live)
         for i, row in live:
             seq = row.seq
             token = greedy[i] if row.plain_greedy else picked[i] if i in picked else row.pick(logits[i : i + 1])
@@ -251,11 +251,12 @@ class ContinuousBatch:
                 seq.finish_reason = "stop"
                 continue
             seq.tokens.append(token)
-            if want[i]:
+            if seq.logprobs is not None:
                 lp, top = _report(logprobs[i], token, seq.logprobs)
                 seq.token_logprobs.append(lp)
                 seq.top_logprobs.append(top)
-            row.saw(token)
+            if row.tracks:
+                row.saw(token)
             if len(seq.tokens) >= seq.max_new_tokens:
                 seq.finish_reason = "length"
         self._gone += [row.seq for _, row in live]
@@ -269,13 +270,14 @@ class ContinuousBatch:
                                    for row in self.rows], device=self.device)
             self.logits = self.decoder.step(tokens, self.cache).float()
 
-    def _pick_groups(self, logits: torch.Tensor) -> dict[int, int]:
-        """Tokens of the sampled rows without state of their own, one pass of the processors per group
-        of equal settings, each row drawing from its own generator: ``{row index: token}``. Groups
-        with nucleus sampling alone (no top-k or min-p) draw in one C++ call (``native_top_p``)."""
+    def _pick_groups(self, logits: torch.Tensor, live: list[tuple[int, _Row]]) -> dict[int, int]:
+        """Tokens of the sampled rows without state of their own among ``live`` (the rows with
+        logits: (index, row)), one pass of the processors per group of equal settings, each row
+        drawing from its own generator: ``{row index: token}``. Groups with nucleus sampling alone
+        (no top-k or min-p) draw in one C++ call (``native_top_p``)."""
         groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(self.rows):
-            if row is not None and row.group is not None and not row.plain_greedy and not row.feed:
+        for i, row in live:
+            if row.group is not None and not row.plain_greedy:
                 groups.setdefault(row.group, []).append(i)
         picked: dict[int, int] = {}
         for (temperature, _, top_p, _), rows in groups.items():

@@ -9,7 +9,9 @@ import torch
 from slmkit.errors import SlmError
 from slmkit.generate.beam import beam_search
 from slmkit.generate.runners import Path, _device_dtype, fit_context, make_runner
-from slmkit.generate.sampling import SamplingConfig, _seen_mask, choose, logits_pipeline, make_generator
+from slmkit.generate.sampling import (
+    SamplingConfig, _seen_mask, choose, logits_pipeline, make_generator, native_sampling, native_top_p,
+)
 
 class Generation:
     """A batch of prompts (token ids, any lengths) continued one token per ``step()``.
@@ -35,6 +37,11 @@ class Generation:
         self._rows = list(range(len(contexts)))  # the prompt index of each live row
         device, _ = _device_dtype(model)
         self._generator = make_generator(cfg.seed, device)
+        # Nucleus sampling alone draws in C++ (native_top_p, as a server's rows do), from the
+        # numbers choose would draw: the same tokens (tested), without a topk and a float64
+        # softmax over the vocabulary per step.
+        self._native = (cfg.temperature > 0 and not cfg.top_k and not cfg.min_p and cfg.top_p < 1
+                        and cfg.repetition_penalty == 1.0 and native_sampling(device))
         with torch.inference_mode():
             self._runner = make_runner(path, model, contexts, cfg.max_new_tokens)
             self._seen = None
@@ -56,12 +63,17 @@ class Generation:
         if not self._rows:
             return {}
         logits = self._runner.logits
-        for process in logits_pipeline(self.cfg, self._seen):
-            logits = process(logits)
-        picked = choose(logits, self.cfg.temperature, self._generator)
-        if self._seen is not None:
-            self._seen.scatter_(1, picked[:, None], True)
-        tokens, out = picked.tolist(), {}
+        if self._native and logits.dtype == torch.float32 and logits.dim() == 2:
+            u = torch.rand((logits.size(0), 1), generator=self._generator, dtype=torch.float64)  # choose's numbers
+            tokens = native_top_p(logits.contiguous(), self.cfg.temperature, self.cfg.top_p, u.view(-1).tolist())
+        else:
+            for process in logits_pipeline(self.cfg, self._seen):
+                logits = process(logits)
+            picked = choose(logits, self.cfg.temperature, self._generator)
+            if self._seen is not None:
+                self._seen.scatter_(1, picked[:, None], True)
+            tokens = picked.tolist()
+        out = {}
         for row, token in zip(self._rows, tokens):
             if token in self._ends:
                 self.done[row] = True

@@ -7,6 +7,7 @@ into a pipeline in Hugging Face's order, then greedy argmax or a seeded draw (``
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -229,26 +230,33 @@ def native_top_p(logits: torch.Tensor, temperature: float, p: float, u: list[flo
 
     Supports contiguous float32 CPU logits, ``temperature`` > 0 and ``p`` in (0, 1]; None
     elsewhere, or without the C++ library (``native_sampling``): the caller takes the reference."""
-    if not native_sampling(logits.device) or logits.dtype != torch.float32 or logits.dim() != 2 \
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 \
             or not logits.is_contiguous() or not 0 < p <= 1 or not temperature > 0:
         return None
-    from slmkit import cpu_kernels
-
+    sample_rows = _sample_rows()
+    if sample_rows is None:
+        return None
     rows = list(range(logits.size(0))) if rows is None else rows
     n = len(rows)
     out = (ctypes.c_int64 * n)()
-    cpu_kernels.library().slm_sample_rows(logits.data_ptr(), logits.size(1), n, (ctypes.c_int64 * n)(*rows),
-                                          temperature, p, (ctypes.c_double * n)(*u), out)
+    sample_rows(logits.data_ptr(), logits.size(1), n, (ctypes.c_int64 * n)(*rows), temperature, p,
+                (ctypes.c_double * n)(*u), out)
     return list(out)
+
+
+@functools.cache
+def _sample_rows() -> Callable | None:
+    """The C++ ``slm_sample_rows`` (looked up once: a server calls it every decode step), or None
+    without slmkit's C++ library."""
+    from slmkit import cpu_kernels
+
+    lib = cpu_kernels.library()
+    return None if lib is None else lib.slm_sample_rows
 
 
 def native_sampling(device: torch.device) -> bool:
     """Whether ``native_top_p`` runs on ``device`` here (a CPU, with slmkit's C++ library built)."""
-    if device.type != "cpu":
-        return False
-    from slmkit import cpu_kernels
-
-    return cpu_kernels.library() is not None
+    return device.type == "cpu" and _sample_rows() is not None
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

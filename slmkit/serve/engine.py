@@ -104,6 +104,7 @@ class Engine:
         self.loaded = threading.Event()  # set when loading ended, well or not
         self._pending: deque[Job] = deque()
         self._jobs: list[Job] = []  # admitted, not finished
+        self._owners: dict[Seq, tuple[Job, int]] = {}  # each admitted sequence's job and index in it
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="slm-engine", daemon=True)
@@ -176,12 +177,15 @@ class Engine:
                                ride=self.prefill_chunk)
 
     def _admit(self, batch: ContinuousBatch) -> None:
+        if not self._pending:
+            return
         while self._pending and batch.load < self.max_batch:
             job = self._pending.popleft()
             if job.cancelled:
                 self.metrics.add(cancelled=1)
                 continue
             self._jobs.append(job)
+            self._owners.update((seq, (job, i)) for i, seq in enumerate(job.seqs))
             try:
                 for seq in job.seqs:
                     batch.add(seq)
@@ -189,22 +193,28 @@ class Engine:
             except (ValueError, SlmError) as e:  # the protocol checks first: this is a safety net
                 job.cancel()
                 self._fail(job, str(e))
+                self._drop_finished()
         self.metrics.set(queue_depth=len(self._pending))
 
     def _publish(self, changed: list[Seq]) -> None:
-        owner = {id(seq): (job, i) for job in self._jobs for i, seq in enumerate(job.seqs)} if changed else {}
+        """Turn the new tokens of ``changed`` into text events and hand them to their jobs' loops."""
         now = time.perf_counter()
         out: list[tuple[Job, Event]] = []
         generated = 0
+        ended = False
         for seq in changed:
-            if id(seq) not in owner:
+            owner = self._owners.get(seq)
+            if owner is None:
                 continue
-            job, i = owner[id(seq)]
+            job, i = owner
             if job.closed[i]:
                 continue
             start, end = job.sent[i], len(seq.tokens)
             stream = job.streams[i]
-            text = "".join(stream.push(t) for t in seq.tokens[start:end])
+            if end == start + 1:  # the usual case: one new token
+                text = stream.push(seq.tokens[start])
+            else:
+                text = "".join(stream.push(t) for t in seq.tokens[start:end])
             if stream.stopped and not seq.done:
                 seq.finish_reason = "stop"  # a stop string: the batch drops the row before its next step
             if end > start:
@@ -213,16 +223,25 @@ class Engine:
                     job.first_token_at = now
                     self.metrics.first_token(now - job.created)
             job.sent[i] = end
-            if seq.done:
+            reason = seq.finish_reason
+            if reason is not None:
                 text += stream.finish()
                 job.closed[i] = True
-            out.append((job, Event(i, text, start, end, seq.finish_reason if seq.done else None)))
+                ended = True
+            out.append((job, Event(i, text, start, end, reason)))
         _hand_over(out)
         if generated:
             self.metrics.add(generation_tokens=generated)  # once per step: the counter's lock is not free
+        if ended:
+            self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Forget the jobs whose sequences have all ended."""
         done = [job for job in self._jobs if job.finished]
         for job in done:
             self._jobs.remove(job)
+            for seq in job.seqs:
+                self._owners.pop(seq, None)
             if job.cancelled:
                 self.metrics.add(cancelled=1)
 
@@ -238,3 +257,4 @@ class Engine:
         for job in self._jobs:
             self._fail(job, message)
         self._jobs.clear()
+        self._owners.clear()
