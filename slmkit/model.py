@@ -65,7 +65,8 @@ class ModelConfig:
         if self.kv_heads <= 0 or self.n_head % self.kv_heads:
             raise SlmError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         if self.positions == "rope" and self.head_dim % 2:
-            raise SlmError(f"rotary positions need an even head size, got {self.head_dim}")
+            raise SlmError(f"model.positions=rope needs an even head size (model.head_size, or model.n_embd / "
+                           f"model.n_head), got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise SlmError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:

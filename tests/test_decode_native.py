@@ -132,6 +132,24 @@ def test_thread_count_changes_no_bit():
         assert torch.equal(cache.k, runs[0][1].k) and torch.equal(cache.v, runs[0][1].v)
 
 
+@pytest.mark.parametrize("isa", RUNNABLE)
+def test_attention_over_many_key_blocks_and_wide_heads_is_model_forward(isa):
+    """Attention scores keys a vector's width (8 or 16) at a time and sums the values 4 vectors of
+    the head at a time: head size 72 (4 vectors and a tail of 8 with AVX-512; 4 + 4 + 1 with AVX2),
+    two query heads per kv head, rows of 70 to 19 real keys (whole blocks and a partial one, left
+    padding) against model.forward; a row alone, in the batch and on 3 threads gets the same bits."""
+    model = noisy_model(11, n_embd=144, n_head=2, n_kv_head=1, n_layer=1, block_size=80, vocab_size=50)
+    x = torch.randint(0, 50, (3, 70), generator=torch.Generator().manual_seed(12))
+    starts = [0, 51, 30]
+    with torch.inference_mode():
+        batch, _ = ragged_steps(NativeDecoder(model, isa=isa, threads=1), model, x, starts, 4)
+        alone, _ = ragged_steps(NativeDecoder(model, isa=isa, threads=3), model, x[1:2, 51:], [0], 4)
+        for b, s in enumerate(starts):
+            expected = model(x[b:b + 1, s:])[0][0, -5:]
+            torch.testing.assert_close(torch.stack([g[b] for g in batch]), expected, rtol=1e-4, atol=1e-4)
+        assert all(torch.equal(a[0], g[1]) for a, g in zip(alone[1:], batch[1:]))
+
+
 @pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
 def test_greedy_generation_past_the_context_is_the_reference(kw):
     """40 tokens past a 24-token context (the window slides, runners' rule): one prompt gives the

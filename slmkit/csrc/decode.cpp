@@ -8,11 +8,12 @@
 // with AVX-512 and AVX2 intrinsics (functions with target attributes, picked at run time from the
 // CPU's features, or forced by the caller) and a scalar loop elsewhere (ARM builds and runs that).
 // Threads: a small pool of our own. Work is cut into tasks (32 output rows of a product, one
-// (row, kv head) of attention) claimed from one atomic counter, so the caller never waits for a
-// worker that the OS has not scheduled: it takes the remaining tasks itself. An idle worker spins
-// for a short while (SLMKIT_DECODE_SPIN_US, default 100 us) and then sleeps on a condition variable:
-// no thread burns a core between tokens. Every output value is computed by one task in a fixed
-// order, so the thread count never changes a result.
+// (row, kv head) of attention) claimed from one atomic counter, a run of them at a time (a share of
+// what is left, shrinking to one task at the end: fewer trips of the counter's cache line between
+// cores), so the caller never waits for a worker that the OS has not scheduled: it takes the
+// remaining tasks itself. An idle worker spins for a short while (SLMKIT_DECODE_SPIN_US, default
+// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. Every
+// output value is computed by one task in a fixed order, so the thread count never changes a result.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -71,25 +72,35 @@ class Pool {
             { std::lock_guard<std::mutex> lock(mutex_); }
             cv_.notify_all();
         }
-        work(gen_);
-        while (done_.load(std::memory_order_acquire) < n) cpu_relax();  // only tasks already claimed
+        const int64_t mine = work();
+        while (done_.load(std::memory_order_acquire) + mine < n) cpu_relax();  // only tasks already claimed
     }
 
   private:
     static constexpr uint64_t kGenMask = (1u << 24) - 1;
     static constexpr uint64_t kField = (1u << 20) - 1;
 
-    // Claims tasks of generation gen until none are left; false when it did none.
-    void work(uint64_t gen) {
+    // Claims tasks of the current job until none are left and returns how many it ran (a worker adds
+    // them to done_ once, at the end: one write to that line per thread and job, not one per task).
+    // A claim takes 1 / (2 threads) of the tasks left, at least one: a few claims per thread and
+    // job, small ones last, so the threads still finish together. A claim that lands in the next
+    // job (a worker that read the ticket, then slept while the caller finished the job and started
+    // another) takes tasks of that job like any other: they run with that job's fn_, which the
+    // ticket's release published, and the caller waits for them through done_.
+    int64_t work() {
+        int64_t did = 0;
+        const int64_t share = std::max(2, active_.load(std::memory_order_relaxed) + 1) * 2;
         uint64_t t = ticket_.load(std::memory_order_acquire);
         for (;;) {
             const uint64_t n = (t >> 20) & kField, k = t & kField;
-            if ((t >> 40) != gen || k >= n) return;
-            if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-            fn_(ctx_, (int64_t)k);  // the job cannot end (nor fn_ change) before this task is done
-            done_.fetch_add(1, std::memory_order_release);
+            if (k >= n) break;
+            const uint64_t c = std::max<uint64_t>(1, (n - k) / share);
+            if (!ticket_.compare_exchange_weak(t, t + c, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+            for (uint64_t i = k; i < k + c; i++) fn_(ctx_, (int64_t)i);
+            did += (int64_t)c;
             t = ticket_.load(std::memory_order_acquire);
         }
+        return did;
     }
 
     void loop(int id) {
@@ -110,19 +121,24 @@ class Pool {
                 }
             }
             seen = w;
-            if (id < active_.load(std::memory_order_relaxed)) work(w);
+            if (id < active_.load(std::memory_order_relaxed)) {
+                const int64_t did = work();
+                if (did) done_.fetch_add(did, std::memory_order_release);
+            }
         }
     }
 
+    // Each on its own cache line: the caller's spin on done_ and the workers' on wake_ do not take
+    // the line the claims write to.
     std::vector<char> workers_;
-    std::atomic<uint64_t> ticket_{0};  // generation (24 bits) | task count (20) | next task (20)
-    std::atomic<uint32_t> wake_{0};
-    std::atomic<int64_t> done_{0};
+    alignas(64) std::atomic<uint64_t> ticket_{0};  // generation (24 bits) | task count (20) | next task (20)
+    alignas(64) std::atomic<int64_t> done_{0};
+    alignas(64) std::atomic<uint32_t> wake_{0};
     std::atomic<int> sleepers_{0}, active_{0};
     uint64_t gen_ = 0;
     TaskFn fn_ = nullptr;
     void* ctx_ = nullptr;
-    std::mutex mutex_;
+    alignas(64) std::mutex mutex_;
     std::condition_variable cv_;
 };
 
@@ -401,10 +417,10 @@ MatvecFn matvec_for(int isa, int64_t format) {
 }
 
 // Panels per task of a product: as many as an AVX-512 tile holds (4), fewer where that would leave
-// fewer than four tasks per thread. The tiling changes no result (see above), only the load balance.
+// fewer than three tasks per thread (proj and down at the stories15m shape: 3-panel tiles, not 2). The tiling changes no result (see above), only the load balance.
 int64_t task_panels(int64_t n_panels, int threads) {
     int64_t per = 4;
-    while (per > 1 && (n_panels + per - 1) / per < 4 * threads) per /= 2;
+    while (per > 1 && (n_panels + per - 1) / per < 3 * threads) per--;
     return per;
 }
 
@@ -566,6 +582,151 @@ void rotate(float* x, const float* c, const float* sn, int64_t half) {
     }
 }
 
+// The attention of one query head over n keys (rows of D floats, K and V from the row's first
+// real slot), vectorised over D. Scores come W keys at a time: per key, one vector of products
+// summed over D's chunks, then the W vectors reduced together by a tree of lane shuffles
+// (key_tree: 2 shuffles and an add per pair, log2 W levels) instead of one horizontal sum per key. A block past the last key reads the last key again (valid memory, result dropped), so every
+// key gets the same arithmetic whatever n is. The weighted sum of the values keeps D in registers
+// (up to kChunks vectors at a time) and adds the keys in order. Nothing here depends on the batch
+// or the thread count.
+constexpr int kChunks = 4;
+constexpr int kAhead = 4;  // blocks of W keys prefetched ahead in the scores
+
+// Asks for the cache lines of n floats from p on (nothing for n <= 0).
+inline void prefetch(const float* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(p + i);
+}
+
+// Half h of the tree: lo takes the even h-lane chunks of (x, y), hi the odd ones; lo + hi holds
+// x's keys (in their order) then y's, each summed over half as many lanes as before.
+#if defined(__clang__) || __GNUC__ >= 12
+#define SLM_SHUFFLE __builtin_shufflevector
+#endif
+template <int h>
+inline vf pair_sum(vf x, vf y) {
+#if defined(SLM_SHUFFLE) && defined(__AVX512F__)  // W 16
+    if constexpr (h == 8)
+        return SLM_SHUFFLE(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + SLM_SHUFFLE(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    else if constexpr (h == 4)
+        return SLM_SHUFFLE(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + SLM_SHUFFLE(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    else if constexpr (h == 2)
+        return SLM_SHUFFLE(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + SLM_SHUFFLE(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    else
+        return SLM_SHUFFLE(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+             + SLM_SHUFFLE(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#elif defined(SLM_SHUFFLE)  // W 8
+    if constexpr (h == 4)
+        return SLM_SHUFFLE(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + SLM_SHUFFLE(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+    else if constexpr (h == 2)
+        return SLM_SHUFFLE(x, y, 0, 1, 4, 5, 8, 9, 12, 13) + SLM_SHUFFLE(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
+    else
+        return SLM_SHUFFLE(x, y, 0, 2, 4, 6, 8, 10, 12, 14) + SLM_SHUFFLE(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
+#else  // the same tree, lane by lane
+    vf z;
+    for (int i = 0; i < W; i++) {
+        const int at = 2 * (i / h) * h + i % h;  // (x, y)'s chunk 2 c, and 2 c + 1 after it
+        z[i] = at < W ? x[at] + x[at + h] : y[at - W] + y[at - W + h];
+    }
+    return z;
+#endif
+}
+
+// The products of q and key j (the last key for j >= n) summed over D's whole vectors: one
+// vector, its lanes still to add. qv: q's NC vectors (NC 0: read q, D / W of them).
+template <int NC>
+inline vf key_products(const vf* qv, const float* q, const float* K, int64_t j, int64_t n, int64_t D) {
+    const float* k = K + std::min(j, n - 1) * D;
+    vf a = splat(0.f);
+    if constexpr (NC > 0)
+        for (int c = 0; c < NC; c++) a += qv[c] * load(k + c * W);
+    else
+        for (int64_t d = 0; d + W <= D; d += W) a += load(q + d) * load(k + d);
+    return a;
+}
+
+// Keys j .. j + W / h - 1, each summed over h lanes of the result (h = 1: one score per lane).
+// Depth first, so a handful of vectors are live at a time, not W (which spilled to the stack).
+template <int h, int NC>
+inline vf key_tree(const vf* qv, const float* q, const float* K, int64_t j, int64_t n, int64_t D) {
+    if constexpr (h == W) return key_products<NC>(qv, q, K, j, n, D);
+    else return pair_sum<h>(key_tree<2 * h, NC>(qv, q, K, j, n, D), key_tree<2 * h, NC>(qv, q, K, j + W / (2 * h), n, D));
+}
+
+// V (or null): the values, prefetched a block at a time for attention_values. NC: D / W when the
+// caller knows it at compile time (the query's vectors then stay in registers), else 0; the
+// arithmetic is the same either way.
+template <int NC>
+void attention_scores_n(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
+                        float* scores) {
+    const int64_t full = D / W * W;
+    vf qv[NC ? NC : 1];
+    for (int c = 0; c < NC; c++) qv[c] = load(q + c * W);
+    for (int64_t j0 = 0; j0 < n; j0 += W) {
+        // the keys kAhead blocks on, and this block's values, from memory while this block
+        // computes (a batch's caches outgrow L2; the hardware's prefetchers start late on them)
+        prefetch(K + (j0 + kAhead * W) * D, std::min<int64_t>(W, n - j0 - kAhead * W) * D);
+        if (V) prefetch(V + j0 * D, std::min<int64_t>(W, n - j0) * D);
+        vf s = key_tree<1, NC>(qv, q, K, j0, n, D);
+        if (full < D)
+            for (int l = 0; l < W; l++) {
+                const float* k = K + std::min(j0 + l, n - 1) * D;
+                float t = 0.f;
+                for (int64_t d = full; d < D; d++) t += q[d] * k[d];
+                s[l] += t;
+            }
+        const vf lanes = splat((float)(n - j0)) - __builtin_convertvector(lane_index(), vf);  // > 0: a key
+        store(scores + j0, select(lanes > splat(0.f), s * splat(scale), splat(-INFINITY)));
+    }
+}
+
+void attention_scores(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
+                      float* scores) {
+    switch (D / W) {
+        case 1: return attention_scores_n<1>(q, K, V, n, D, scale, scores);
+        case 2: return attention_scores_n<2>(q, K, V, n, D, scale, scores);
+        case 3: return attention_scores_n<3>(q, K, V, n, D, scale, scores);
+        case 4: return attention_scores_n<4>(q, K, V, n, D, scale, scores);
+        case 6: return attention_scores_n<6>(q, K, V, n, D, scale, scores);
+        case 8: return attention_scores_n<8>(q, K, V, n, D, scale, scores);
+        default: return attention_scores_n<0>(q, K, V, n, D, scale, scores);
+    }
+}
+
+// out[d0 .. d0 + C W) = sum over j < n of p[j] V[j][d0 ..], keys in order, in C registers.
+template <int C>
+inline void weighted_values(const float* p, const float* V, int64_t n, int64_t D, int64_t d0, float* out) {
+    vf acc[C];
+    for (int i = 0; i < C; i++) acc[i] = splat(0.f);
+    for (int64_t j = 0; j < n; j++) {
+        const vf pj = splat(p[j]);
+        const float* v = V + j * D + d0;
+        for (int i = 0; i < C; i++) acc[i] += pj * load(v + i * W);
+    }
+    for (int i = 0; i < C; i++) store(out + d0 + i * W, acc[i]);
+}
+
+// out = sum over j < n of p[j] V[j], D values, keys in order.
+void attention_values(const float* p, const float* V, int64_t n, int64_t D, float* out) {
+    static_assert(kChunks == 4, "the cases below");
+    const int64_t full = D / W * W;
+    for (int64_t d0 = 0; d0 < full; d0 += kChunks * W) {
+        switch (std::min<int64_t>(kChunks, (full - d0) / W)) {
+            case 1: weighted_values<1>(p, V, n, D, d0, out); break;
+            case 2: weighted_values<2>(p, V, n, D, d0, out); break;
+            case 3: weighted_values<3>(p, V, n, D, d0, out); break;
+            default: weighted_values<4>(p, V, n, D, d0, out); break;
+        }
+    }
+    for (int64_t d = full; d < D; d++) {
+        float t = 0.f;
+        for (int64_t j = 0; j < n; j++) t += p[j] * V[j * D + d];
+        out[d] = t;
+    }
+}
+
 // One (row, kv head): rotate its keys and queries, store the key and value in slot S, attend.
 void attention_task(void* p, int64_t task) {
     Step& s = *(Step*)p;
@@ -585,31 +746,25 @@ void attention_task(void* p, int64_t task) {
     float *K = s.kc + base, *V = s.vc + base;
     std::copy(k, k + D, K + S * D);
     std::copy(v, v + D, V + S * D);
-    const int64_t n = S + 1 - lo;
-    float* scores = scratch((n + W) / W * W);
+    const int64_t n = S + 1 - lo, padded = (n + W - 1) / W * W;
+    float* scores = scratch(padded);
     const float scale = 1.f / std::sqrt((float)D);
+    prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);
     for (int64_t q = g * rep; q < (g + 1) * rep; q++) {
-        const float* qv = row + q * D;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            scores[j] = dot(qv, K + (lo + j) * D, D) * scale;
-            m = std::max(m, scores[j]);
-        }
-        for (int64_t j = n; j < (n + W - 1) / W * W; j++) scores[j] = -INFINITY;
+
+        attention_scores(row + q * D, K + lo * D, q == g * rep ? V + lo * D : nullptr, n, D, scale, scores);
+        vf mv = splat(-INFINITY);
+        for (int64_t j = 0; j < padded; j += W) mv = vmax(mv, load(scores + j));
+        const float m = hmax(mv);
         vf total = splat(0.f);
-        for (int64_t j = 0; j < n; j += W) {
+        for (int64_t j = 0; j < padded; j += W) {
             const vf e = vexp(load(scores + j) - splat(m));
             store(scores + j, e);
             total += e;
         }
-        const float inv = 1.f / hsum(total);
-        float* out = s.att + b * H * D + q * D;
-        for (int64_t d = 0; d < D; d++) out[d] = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            const float pj = scores[j] * inv;
-            const float* vj = V + (lo + j) * D;
-            for (int64_t d = 0; d < D; d++) out[d] += pj * vj[d];
-        }
+        const vf inv = splat(1.f / hsum(total));
+        for (int64_t j = 0; j < padded; j += W) store(scores + j, load(scores + j) * inv);
+        attention_values(scores, V + lo * D, n, D, s.att + b * H * D + q * D);
     }
 }
 
