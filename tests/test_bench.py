@@ -4,6 +4,7 @@ results in a temporary folder, bench/results/ untouched."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -194,8 +195,14 @@ def test_serve(tmp_path: Path) -> None:
     smoke("serve.py", tmp_path)
     d = written_json(tmp_path, "serve.json")
     assert [s["clients"] for s in d["summary"]] == [1, 4] and d["machine"] and d["commit"]
-    for s in d["summary"]:
-        assert s["tok_per_s"] > 0 and 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["itl_p50_s"] <= s["itl_p99_s"]
+    for s, load in zip(d["summary"], d["rounds"][0]["loads"]):
+        assert s["tok_per_s"] > 0 and 0 < s["ttft_p50_s"] <= s["ttft_p99_s"]
+        # A busy server merges the chunks that queued up while it wrote, and the smoke's random model
+        # is fast: a request may arrive as one chunk, which has no inter-token gap (NaN, not 0).
+        if load["chunks"] > load["requests"]:
+            assert s["itl_p50_s"] <= s["itl_p99_s"]
+        else:
+            assert math.isnan(s["itl_p50_s"]) and math.isnan(s["itl_p99_s"])
     assert d["rounds"][0]["generate_batch1_tok_per_s"] > 0 and d["table"][0].startswith("| clients")
 
 
