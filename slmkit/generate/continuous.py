@@ -329,8 +329,10 @@ class ContinuousBatch:
                     budget -= used
                     continue
                 seq = self.waiting.popleft()
+                # a scored prompt's log-probabilities are the model's (slm eval's): its prefill keeps
+                # float32 keys and values; joining the batch rounds them into its cache (fill, admit)
                 cache = KVCache.empty(self.model.config, 1, max_len=self.block_size, device=self.device,
-                                      dtype=self.kv_dtype)
+                                      dtype=self.dtype if seq.prompt_logprobs else self.kv_dtype)
                 self._prefill = (seq, cache, 0)
             seq, cache, done = self._prefill
             if seq.cancelled:
@@ -448,6 +450,8 @@ class ContinuousBatch:
         """The prefilled ``seq`` joins the batch: into the oldest hole, else as a new row."""
         row = _Row(seq, self.vocab, self.device)
         if self.cache is None:
+            if cache.k.dtype != self.kv_dtype:  # a scored prompt's float32 cache
+                cache.k, cache.v = cache.k.to(self.kv_dtype), cache.v.to(self.kv_dtype)
             self.cache, self.logits = cache, logits
             self.rows.append(row)
         elif self._holes:
