@@ -611,9 +611,10 @@ inline float value(const uint16_t* p) { return from_bf16(*p); }
 inline vf loadw(const float* p) { return load(p); }
 inline vf loadw(const uint16_t* p) {
     typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+    typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
     vh h;
     std::memcpy(&h, p, sizeof h);
-    return (vf)(__builtin_convertvector(h, vi) << 16);
+    return (vf)(__builtin_convertvector(h, vu) << 16);  // unsigned: the shift into bit 31 is defined
 }
 inline void put(float* p, float x) { *p = x; }
 inline void put(uint16_t* p, float x) { *p = to_bf16(x); }

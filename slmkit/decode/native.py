@@ -5,7 +5,8 @@ matrix-vector products run at the speed of the CPU vendor's BLAS through PyTorch
 MKL on an AMD EPYC, issue 19). ``NativeDecoder`` makes one ctypes call per step: embeddings, norms,
 rotary or learned positions, attention over the ``KVCache`` (grouped query heads, each row from its
 own first real slot: left padding), GELU or SwiGLU, biases and the tied or untied head, for every
-row of the batch. The products are AVX-512 or AVX2 code picked from the CPU at run time (scalar
+row of the batch (the cache's keys and values float32, or bf16: ``KV_TYPES``, half the bytes
+attention reads, ``slm serve --kv-cache``). The products are AVX-512 or AVX2 code picked from the CPU at run time (scalar
 elsewhere, ARM included), threaded over ``torch.get_num_threads()`` cores by a pool whose idle
 threads sleep after a short spin. Their weight matrices are packed here, once, into the layout
 the kernels read (``pack``): float32, or bf16 (half the bytes per token); a step reads each weight
