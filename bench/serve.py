@@ -238,6 +238,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds: stories260k shape, 1 and 4 clients, 32 tokens, "
                         "1 round, written to a temporary file (not bench/results)")
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/serve.json)")
+    parser.add_argument("--kv-cache", default=None, choices=["fp32", "bf16"],
+                        help="the server's --kv-cache (default: the server's default)")
     args = parser.parse_args()
     if args.smoke:
         # 32 tokens: random weights often sample a byte that is part of a character, and the text
@@ -274,7 +276,9 @@ def main() -> int:
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", str(run), "--port", str(port),
                                "--threads", str(args.threads), "--max-batch", str(max_batch),
-                               "--max-queue", str(4 * max_batch)], stdout=log, stderr=log, cwd=ROOT)
+                               "--max-queue", str(4 * max_batch),
+                               *(["--kv-cache", args.kv_cache] if args.kv_cache else [])],
+                              stdout=log, stderr=log, cwd=ROOT)
     try:
         import httpx
 
@@ -342,7 +346,8 @@ def main() -> int:
     command = " ".join(["python bench/serve.py", *argv])
     result = {**machine_info(), "bench_command": command,
               "preset": args.preset, "vocab": model_info["vocab"], "model": model_info, "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests_per_client, "threads": args.threads, "rounds": rounds,
+              "requests_per_client": args.requests_per_client, "threads": args.threads, "kv_cache": args.kv_cache,
+              "rounds": rounds,
               "summary": summary, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

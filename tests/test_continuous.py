@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from generation_models import one_thread, random_model  # noqa: F401 - one_thread is an autouse fixture
 
+from slmkit import cpu_kernels
 from slmkit.decode import KVCache
 from slmkit.generate import SamplingConfig, generate_tokens
 from slmkit.generate.continuous import ContinuousBatch, Seq
@@ -95,6 +96,15 @@ def test_prompt_scoring_is_the_forward_pass_log_softmax():
     with torch.no_grad():
         expected = model(torch.tensor([prompt]))[0][0].log_softmax(-1)
     want = [None] + [float(expected[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    if cpu_kernels.built() is None:  # a batch with a bf16 KV cache scores in float32 all the same
+        again = Seq(prompt, GREEDY, 3, logprobs=2, prompt_logprobs=True)
+        batch = ContinuousBatch(model, prefill_chunk=3, kv_dtype=torch.bfloat16)
+        batch.add(again)
+        while batch.cache is None:
+            batch.step()
+        assert batch.cache.k.dtype == torch.bfloat16  # it joined the batch rounded
+        run(batch, {0: []})
+        assert again.prompt_token_logprobs == seq.prompt_token_logprobs and len(again.tokens) == 3
     assert seq.prompt_token_logprobs[0] is None
     assert torch.allclose(torch.tensor(seq.prompt_token_logprobs[1:]), torch.tensor(want[1:]), atol=1e-5)
     assert [len(t) for t in seq.prompt_top_logprobs[1:]] == [2] * (len(prompt) - 1)
@@ -222,3 +232,33 @@ def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens(
     assert [s.tokens for s in seqs] == solo
     assert prefilled == [3, 4, 4, 4, 4, 4]  # the first prompt alone, the long one in chunks: the rest rode
     assert max(fed) == 3 and batch.cache is None
+
+
+def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():
+    """With a bf16 KV cache (the C++ step's option) the rows that join (prefilled in chunks or
+    riding the decode steps), leave, compact and fill holes get the greedy tokens each gets run
+    alone over a bf16 cache: the cache operations copy the rounded keys and values as they are."""
+    if cpu_kernels.built() is not None:
+        import pytest
+
+        pytest.skip(f"no C++ library: {cpu_kernels.built()}")
+    model = random_model(block_size=32)
+    prompts = [[1, 2, 3], [5] * 9, [7, 8], list(range(10, 30)), [4], [9, 9, 9, 9, 9, 9]]
+    news = [20, 12, 25, 10, 30, 17]
+    bf16 = torch.bfloat16
+
+    def solo(p: list[int], n: int) -> list[int]:
+        seq = Seq(p, GREEDY, n)
+        run(ContinuousBatch(model, kv_dtype=bf16), {0: [seq]})
+        return seq.tokens
+
+    alone = [solo(p, n) for p, n in zip(prompts, news)]
+    for ride in (0, 4):
+        seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+        batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=ride, kv_dtype=bf16)
+        seen = []
+        step = batch.decoder.step
+        batch.decoder.step = lambda ids, cache: (seen.append(cache.k.dtype), step(ids, cache))[1]
+        run(batch, {0: seqs[:1], 3: seqs[1:3], 5: seqs[3:5], 20: seqs[5:]})
+        assert [s.tokens for s in seqs] == alone
+        assert seen and set(seen) == {bf16}

@@ -248,3 +248,43 @@ def test_bf16_dot_falls_back_to_float_arithmetic_where_the_cpu_lacks_it(capsys):
     NativeDecoder(model, isa="scalar", weights="bf16-dot")
     NativeDecoder(model, isa="scalar", weights="bf16-dot")
     assert capsys.readouterr().err.count("no AVX512-BF16") == 1
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
+def test_bf16_kv_cache_gives_the_logits_of_the_model_over_a_bf16_cache(kw, isa):
+    """A bf16 KV cache (keys and values rounded to bf16 when stored, widened when read), on a ragged
+    batch, every instruction set (AVX2 forced included): the logits of model.forward run token by
+    token over a bf16 ``KVCache`` (which stores the same rounding): most of them (the median) to
+    1e-5, as the fp32 paths agree, and all to 1e-2 on logits of ~15-20. Not all to 1e-5: the two float32 paths
+    differ in their last bits, so a key now and then rounds to the other bf16 neighbour (one bf16
+    step, 2^-8 relative), and later tokens carry that on. The bf16 cache moves the logits from the
+    fp32 cache's by 1e-1 and more (8 mantissa bits: ~4e-3 relative per value), which the last
+    assert sees: the tolerances are 10-100x below the effect of the rounding itself."""
+    model = noisy_model(2, **kw)
+    g = torch.Generator().manual_seed(5)
+    lengths, starts = [16, 11, 14], [0, 5, 2]
+    rows = [torch.randint(0, 61, (n,), generator=g) for n in lengths]
+    x = torch.stack([torch.cat([torch.zeros(s, dtype=torch.long), r]) for s, r in zip(starts, rows)])
+    with torch.inference_mode():
+        out = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = KVCache.empty(model.config, 3, start=torch.tensor(starts), dtype=dtype)
+            d = NativeDecoder(model, isa=isa)
+            out[dtype] = torch.stack([d.prefill(x[:, :8], cache)] + [d.step(x[:, t], cache) for t in range(8, 16)], 1)
+            assert cache.k.dtype == dtype
+        ref = KVCache.empty(model.config, 3, start=torch.tensor(starts), dtype=torch.bfloat16)
+        want = torch.stack([model(x[:, :8], cache=ref)[0][:, -1]]
+                           + [model(x[:, t : t + 1], cache=ref)[0][:, -1] for t in range(8, 16)], 1)
+        fp32 = torch.stack([model(r[None])[0][0, -9:] for r in rows])
+    off = (out[torch.bfloat16] - want).abs()
+    assert float(off.max()) < 1e-2 and float(off.median()) < 1e-5
+    torch.testing.assert_close(out[torch.float32], fp32, rtol=1e-4, atol=1e-4)  # the fp32 cache: unchanged
+    assert (out[torch.bfloat16] - out[torch.float32]).abs().max() > 5e-2  # the rounding shows
+
+
+def test_a_kv_cache_of_another_dtype_is_refused():
+    model = random_model(9)
+    cache = KVCache.empty(model.config, 1, dtype=torch.float16)
+    with torch.inference_mode(), pytest.raises(ValueError, match="float32 or bfloat16 KV caches"):
+        NativeDecoder(model).step(torch.tensor([1]), cache)

@@ -508,3 +508,28 @@ def test_event_stream_sends_without_a_cancel_scope_unless_a_send_timeout_is_set(
     with pytest.raises(ConnectionResetError):
         asyncio.run(stream._send_with_timeout(broken, message))
     assert stream._send_interrupted  # as sse-starlette marks a failed send
+
+
+def test_kv_cache_setting_reaches_the_batch_or_falls_back_with_a_warning(monkeypatch, caplog):
+    """--kv-cache bf16 (the default) gives the engine's batch bf16 KV caches where the C++ step runs;
+    fp32 the model's dtype; a decoder that reads only its model's dtype keeps that, with a warning."""
+    from generation_models import random_model
+
+    from slmkit import cpu_kernels
+    from slmkit.decode.native import NativeDecoder
+    from slmkit.serve.config import ServeConfig
+    from slmkit.serve.engine import Engine
+
+    if cpu_kernels.built() is not None:
+        pytest.skip(f"no C++ library: {cpu_kernels.built()}")
+    assert ServeConfig().kv_cache == "bf16"
+    engine = Engine(lambda: None, max_batch=2, max_queue=1, prefill_chunk=8, kv_cache="bf16")
+    engine.model = random_model()
+    assert engine._batch().kv_dtype == torch.bfloat16
+    engine.kv_cache = "fp32"
+    assert engine._batch().kv_dtype == torch.float32
+    engine.kv_cache = "bf16"
+    monkeypatch.setattr(NativeDecoder, "kv_dtypes", ())
+    with caplog.at_level("WARNING", logger="slmkit.serve"):
+        assert engine._batch().kv_dtype == torch.float32
+    assert "--kv-cache bf16 is off" in caplog.text

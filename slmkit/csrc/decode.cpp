@@ -480,9 +480,15 @@ void activate(float* gate, const float* up, int64_t n, bool swiglu) {
 
 // --------------------------------------------------------------------------- the step
 
-// cfg: vocab, n_layer, n_head, n_kv_head, head_dim, n_embd, hidden, layernorm, rope, swiglu, and
-// the format of the packed weight matrices (qkv, proj, up, down, head; see "the products")
-enum { kVocab, kLayers, kHeads, kKV, kHeadDim, kEmbd, kHidden, kLayerNorm, kRope, kSwiGLU, kFormat, kCfg };
+// cfg: vocab, n_layer, n_head, n_kv_head, head_dim, n_embd, hidden, layernorm, rope, swiglu, the
+// format of the packed weight matrices (qkv, proj, up, down, head; see "the products") and the
+// element type of the KV cache (KVType)
+enum { kVocab, kLayers, kHeads, kKV, kHeadDim, kEmbd, kHidden, kLayerNorm, kRope, kSwiGLU, kFormat, kKVType, kCfg };
+// The KV cache's elements: float32, or bf16 (uint16, the top half of a float32: a key or value is
+// rounded to nearest even when stored, as torch's .to(torch.bfloat16), and widened back, exactly,
+// when read). bf16 halves the bytes attention reads per step, which at a batch of 16 rows is as
+// much as the weights; the arithmetic stays float32.
+enum KVType { kKVF32 = 0, kKVBF16 = 1 };
 // w: tok_emb, pos_emb, rope_cos, rope_sin, norm_w, norm_b, head_w, head_b, then per layer (the
 // matrices packed by slm_decode_pack; a SwiGLU up matrix as its gate rows packed, then its up rows):
 enum { kTokEmb, kPosEmb, kCos, kSin, kNormW, kNormB, kHeadW, kHeadB, kGlobal };
@@ -494,7 +500,7 @@ struct Step {
     float eps;
     const int64_t* start;
     int64_t B, S, max_len;
-    float *kc, *vc;
+    void *kc, *vc;  // KVType elements
     int threads;
     MatvecFn matvec;
     float *x, *h, *qkv, *att, *act, *logits;
@@ -592,10 +598,26 @@ void rotate(float* x, const float* c, const float* sn, int64_t half) {
 constexpr int kChunks = 4;
 constexpr int kAhead = 4;  // blocks of W keys prefetched ahead in the scores
 
-// Asks for the cache lines of n floats from p on (nothing for n <= 0).
-inline void prefetch(const float* p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(p + i);
+// Asks for the cache lines of n elements from p on (nothing for n <= 0).
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i);
 }
+
+// A cache element as a float, and W of them as a vector: bf16 (uint16) widened by a shift, exactly
+// (vpmovzxwd + vpslld with AVX-512 or AVX2, whichever the library is built for).
+inline float value(const float* p) { return *p; }
+inline float value(const uint16_t* p) { return from_bf16(*p); }
+inline vf loadw(const float* p) { return load(p); }
+inline vf loadw(const uint16_t* p) {
+    typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+    typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);  // unsigned: the shift into bit 31 is defined
+}
+inline void put(float* p, float x) { *p = x; }
+inline void put(uint16_t* p, float x) { *p = to_bf16(x); }
 
 // Half h of the tree: lo takes the even h-lane chunks of (x, y), hi the odd ones; lo + hi holds
 // x's keys (in their order) then y's, each summed over half as many lanes as before.
@@ -636,21 +658,21 @@ inline vf pair_sum(vf x, vf y) {
 
 // The products of q and key j (the last key for j >= n) summed over D's whole vectors: one
 // vector, its lanes still to add. qv: q's NC vectors (NC 0: read q, D / W of them).
-template <int NC>
-inline vf key_products(const vf* qv, const float* q, const float* K, int64_t j, int64_t n, int64_t D) {
-    const float* k = K + std::min(j, n - 1) * D;
+template <int NC, typename T>
+inline vf key_products(const vf* qv, const float* q, const T* K, int64_t j, int64_t n, int64_t D) {
+    const T* k = K + std::min(j, n - 1) * D;
     vf a = splat(0.f);
     if constexpr (NC > 0)
-        for (int c = 0; c < NC; c++) a += qv[c] * load(k + c * W);
+        for (int c = 0; c < NC; c++) a += qv[c] * loadw(k + c * W);
     else
-        for (int64_t d = 0; d + W <= D; d += W) a += load(q + d) * load(k + d);
+        for (int64_t d = 0; d + W <= D; d += W) a += load(q + d) * loadw(k + d);
     return a;
 }
 
 // Keys j .. j + W / h - 1, each summed over h lanes of the result (h = 1: one score per lane).
 // Depth first, so a handful of vectors are live at a time, not W (which spilled to the stack).
-template <int h, int NC>
-inline vf key_tree(const vf* qv, const float* q, const float* K, int64_t j, int64_t n, int64_t D) {
+template <int h, int NC, typename T>
+inline vf key_tree(const vf* qv, const float* q, const T* K, int64_t j, int64_t n, int64_t D) {
     if constexpr (h == W) return key_products<NC>(qv, q, K, j, n, D);
     else return pair_sum<h>(key_tree<2 * h, NC>(qv, q, K, j, n, D), key_tree<2 * h, NC>(qv, q, K, j + W / (2 * h), n, D));
 }
@@ -658,8 +680,8 @@ inline vf key_tree(const vf* qv, const float* q, const float* K, int64_t j, int6
 // V (or null): the values, prefetched a block at a time for attention_values. NC: D / W when the
 // caller knows it at compile time (the query's vectors then stay in registers), else 0; the
 // arithmetic is the same either way.
-template <int NC>
-void attention_scores_n(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
+template <int NC, typename T>
+void attention_scores_n(const float* q, const T* K, const T* V, int64_t n, int64_t D, float scale,
                         float* scores) {
     const int64_t full = D / W * W;
     vf qv[NC ? NC : 1];
@@ -672,9 +694,9 @@ void attention_scores_n(const float* q, const float* K, const float* V, int64_t 
         vf s = key_tree<1, NC>(qv, q, K, j0, n, D);
         if (full < D)
             for (int l = 0; l < W; l++) {
-                const float* k = K + std::min(j0 + l, n - 1) * D;
+                const T* k = K + std::min(j0 + l, n - 1) * D;
                 float t = 0.f;
-                for (int64_t d = full; d < D; d++) t += q[d] * k[d];
+                for (int64_t d = full; d < D; d++) t += q[d] * value(k + d);
                 s[l] += t;
             }
         const vf lanes = splat((float)(n - j0)) - __builtin_convertvector(lane_index(), vf);  // > 0: a key
@@ -682,53 +704,56 @@ void attention_scores_n(const float* q, const float* K, const float* V, int64_t 
     }
 }
 
-void attention_scores(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale,
+template <typename T>
+void attention_scores(const float* q, const T* K, const T* V, int64_t n, int64_t D, float scale,
                       float* scores) {
     switch (D / W) {
-        case 1: return attention_scores_n<1>(q, K, V, n, D, scale, scores);
-        case 2: return attention_scores_n<2>(q, K, V, n, D, scale, scores);
-        case 3: return attention_scores_n<3>(q, K, V, n, D, scale, scores);
-        case 4: return attention_scores_n<4>(q, K, V, n, D, scale, scores);
-        case 6: return attention_scores_n<6>(q, K, V, n, D, scale, scores);
-        case 8: return attention_scores_n<8>(q, K, V, n, D, scale, scores);
-        default: return attention_scores_n<0>(q, K, V, n, D, scale, scores);
+        case 1: return attention_scores_n<1, T>(q, K, V, n, D, scale, scores);
+        case 2: return attention_scores_n<2, T>(q, K, V, n, D, scale, scores);
+        case 3: return attention_scores_n<3, T>(q, K, V, n, D, scale, scores);
+        case 4: return attention_scores_n<4, T>(q, K, V, n, D, scale, scores);
+        case 6: return attention_scores_n<6, T>(q, K, V, n, D, scale, scores);
+        case 8: return attention_scores_n<8, T>(q, K, V, n, D, scale, scores);
+        default: return attention_scores_n<0, T>(q, K, V, n, D, scale, scores);
     }
 }
 
 // out[d0 .. d0 + C W) = sum over j < n of p[j] V[j][d0 ..], keys in order, in C registers.
-template <int C>
-inline void weighted_values(const float* p, const float* V, int64_t n, int64_t D, int64_t d0, float* out) {
+template <int C, typename T>
+inline void weighted_values(const float* p, const T* V, int64_t n, int64_t D, int64_t d0, float* out) {
     vf acc[C];
     for (int i = 0; i < C; i++) acc[i] = splat(0.f);
     for (int64_t j = 0; j < n; j++) {
         const vf pj = splat(p[j]);
-        const float* v = V + j * D + d0;
-        for (int i = 0; i < C; i++) acc[i] += pj * load(v + i * W);
+        const T* v = V + j * D + d0;
+        for (int i = 0; i < C; i++) acc[i] += pj * loadw(v + i * W);
     }
     for (int i = 0; i < C; i++) store(out + d0 + i * W, acc[i]);
 }
 
 // out = sum over j < n of p[j] V[j], D values, keys in order.
-void attention_values(const float* p, const float* V, int64_t n, int64_t D, float* out) {
+template <typename T>
+void attention_values(const float* p, const T* V, int64_t n, int64_t D, float* out) {
     static_assert(kChunks == 4, "the cases below");
     const int64_t full = D / W * W;
     for (int64_t d0 = 0; d0 < full; d0 += kChunks * W) {
         switch (std::min<int64_t>(kChunks, (full - d0) / W)) {
-            case 1: weighted_values<1>(p, V, n, D, d0, out); break;
-            case 2: weighted_values<2>(p, V, n, D, d0, out); break;
-            case 3: weighted_values<3>(p, V, n, D, d0, out); break;
-            default: weighted_values<4>(p, V, n, D, d0, out); break;
+            case 1: weighted_values<1, T>(p, V, n, D, d0, out); break;
+            case 2: weighted_values<2, T>(p, V, n, D, d0, out); break;
+            case 3: weighted_values<3, T>(p, V, n, D, d0, out); break;
+            default: weighted_values<4, T>(p, V, n, D, d0, out); break;
         }
     }
     for (int64_t d = full; d < D; d++) {
         float t = 0.f;
-        for (int64_t j = 0; j < n; j++) t += p[j] * V[j * D + d];
+        for (int64_t j = 0; j < n; j++) t += p[j] * value(V + j * D + d);
         out[d] = t;
     }
 }
 
-// One (row, kv head): rotate its keys and queries, store the key and value in slot S, attend.
-void attention_task(void* p, int64_t task) {
+// One (row, kv head): rotate its keys and queries, store the key and value in slot S (as T), attend.
+template <typename T>
+void attention_task_t(void* p, int64_t task) {
     Step& s = *(Step*)p;
     const int64_t H = s.cfg[kHeads], KV = s.cfg[kKV], D = s.cfg[kHeadDim], rep = H / KV;
     const int64_t b = task / KV, g = task % KV, S = s.S;
@@ -743,9 +768,8 @@ void attention_task(void* p, int64_t task) {
         for (int64_t q = g * rep; q < (g + 1) * rep; q++) rotate(row + q * D, c, sn, half);
     }
     const int64_t base = (((s.layer * s.B + b) * KV + g) * s.max_len) * D;
-    float *K = s.kc + base, *V = s.vc + base;
-    std::copy(k, k + D, K + S * D);
-    std::copy(v, v + D, V + S * D);
+    T *K = (T*)s.kc + base, *V = (T*)s.vc + base;
+    for (int64_t d = 0; d < D; d++) put(K + S * D + d, k[d]), put(V + S * D + d, v[d]);
     const int64_t n = S + 1 - lo, padded = (n + W - 1) / W * W;
     float* scores = scratch(padded);
     const float scale = 1.f / std::sqrt((float)D);
@@ -766,6 +790,11 @@ void attention_task(void* p, int64_t task) {
         for (int64_t j = 0; j < padded; j += W) store(scores + j, load(scores + j) * inv);
         attention_values(scores, V + lo * D, n, D, s.att + b * H * D + q * D);
     }
+}
+
+void attention_task(void* p, int64_t task) {
+    if (((Step*)p)->cfg[kKVType] == kKVBF16) attention_task_t<uint16_t>(p, task);
+    else attention_task_t<float>(p, task);
 }
 
 Pool& pool() {
@@ -843,17 +872,18 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 }
 
 // One token per row: ids (B,), start (B,) the first real slot of each row, S the slots filled so
-// far; keys and values (n_layer, B, KV, max_len, D) get slot S; logits (B, vocab). isa 0 picks the
+// far; keys and values (n_layer, B, KV, max_len, D; float32 or bf16 as cfg[kKVType]) get slot S; logits (B, vocab). isa 0 picks the
 // best. fmt: null, or one int64 per tensor of w: 0 for the model's float format (cfg[kFormat],
 // packed by slm_decode_pack), else int8/int4 blocks (qdecode.h's kind | group << 8; tok_emb, the
 // head and the matrices of the products). Returns 0, or 1 for a token id outside the vocabulary,
-// 2 for an isa this CPU lacks or an unknown weight format.
+// 2 for an isa this CPU lacks, an unknown weight format or an unknown KV type.
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
-                    int64_t B, int64_t S, int64_t max_len, float* kc, float* vc, float* logits, int threads, int isa,
+                    int64_t B, int64_t S, int64_t max_len, void* kc, void* vc, float* logits, int threads, int isa,
                     const int64_t* fmt) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar || !known_format(cfg[kFormat]) || !matvec_for(isa, cfg[kFormat])) return 2;
+    if (cfg[kKVType] != kKVF32 && cfg[kKVType] != kKVBF16) return 2;
     if (fmt)
         for (int64_t i = 0; i < kGlobal + cfg[kLayers] * kPerLayer; i++)
             if (fmt[i] && !slmq::quantized(fmt[i])) return 2;

@@ -64,6 +64,8 @@ class Decoder:
     dtypes: ClassVar[Collection[torch.dtype]] = ANY
     handles: ClassVar[Mapping[str, Collection]] = {}  # ModelConfig field -> values handled (see above)
     plain_linears: ClassVar[bool] = True  # needs reads_float_weights(model)
+    # KV cache element types its steps read besides the model's own dtype (native: bfloat16)
+    kv_dtypes: ClassVar[Collection[torch.dtype]] = ()
 
     def __init__(self, model: GPT) -> None:
         self.model = model

@@ -68,11 +68,16 @@ class KVCache:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys and values (B, n_kv, T, head_dim) after the filled slots and
         return that layer's keys and values for all slots so far. ``length`` is advanced by the
-        model once every layer has stored."""
+        model once every layer has stored. A cache of another dtype than ``k``'s (a bf16 cache of
+        a float32 model: ``NativeDecoder`` reads it) stores them rounded to its dtype and returns
+        them widened back to ``k``'s, so the model attends to what the cache holds."""
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if keys.dtype != k.dtype:
+            keys, values = keys.to(k.dtype), values.to(k.dtype)
+        return keys, values
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows ``rows`` (in that order, repeats allowed): beam search follows its beams."""

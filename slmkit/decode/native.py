@@ -5,7 +5,8 @@ matrix-vector products run at the speed of the CPU vendor's BLAS through PyTorch
 MKL on an AMD EPYC, issue 19). ``NativeDecoder`` makes one ctypes call per step: embeddings, norms,
 rotary or learned positions, attention over the ``KVCache`` (grouped query heads, each row from its
 own first real slot: left padding), GELU or SwiGLU, biases and the tied or untied head, for every
-row of the batch. The products are AVX-512 or AVX2 code picked from the CPU at run time (scalar
+row of the batch (the cache's keys and values float32, or bf16: ``KV_TYPES``, half the bytes
+attention reads, ``slm serve --kv-cache``). The products are AVX-512 or AVX2 code picked from the CPU at run time (scalar
 elsewhere, ARM included), threaded over ``torch.get_num_threads()`` cores by a pool whose idle
 threads sleep after a short spin. Their weight matrices are packed here, once, into the layout
 the kernels read (``pack``): float32, or bf16 (half the bytes per token); a step reads each weight
@@ -66,6 +67,10 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 # rounded to bf16 too (so its logits are those of ``bf16_inputs(rounded(model, "bf16"))``); on a
 # CPU without it, "bf16" runs instead (one note).
 FORMATS = {"fp32": 0, "bf16": 1, "bf16-dot": 2}
+# The element types of the KV cache the step reads and writes (csrc/decode.cpp's KVType): a bf16
+# cache (``KVCache.empty(..., dtype=torch.bfloat16)``) holds each key and value rounded to bf16 as
+# it is stored (by the step, or by ``KVCache.store`` in the prefill) and is widened when read.
+KV_TYPES = {torch.float32: 0, torch.bfloat16: 1}
 ROUNDING = {"fp32": None, "bf16": torch.bfloat16, "bf16-dot": torch.bfloat16}
 KINDS = {8: 1, 4: 2}  # bits -> qdecode.h's kind
 _noted = False
@@ -283,6 +288,7 @@ class NativeDecoder(Decoder):
     name = "cpp"
     devices = {"cpu"}
     dtypes = {torch.float32}
+    kv_dtypes = tuple(KV_TYPES)
     handles = {**SIZES, "norm": {"layernorm", "rmsnorm"}, "positions": {"learned", "rope"},
                "activation": {"gelu", "swiglu"}, "n_kv_head": ANY, "bias": {False, True},
                "tie_embeddings": {False, True}}
@@ -328,7 +334,8 @@ class NativeDecoder(Decoder):
         hidden = model.blocks[0].mlp.down.in_features
         self.cfg = torch.tensor([c.vocab_size, c.n_layer, c.n_head, c.kv_heads, c.head_dim, c.n_embd, hidden,
                                  c.norm == "layernorm", c.positions == "rope", c.activation == "swiglu",
-                                 FORMATS[weights]], dtype=torch.int64)
+                                 FORMATS[weights], 0], dtype=torch.int64)
+        self.kv_dtype = torch.float32  # the cache element type cfg[-1] says
         self.pointers = (ctypes.c_void_p * len(self.tensors))(*(0 if t is None else t.data_ptr() for t in self.tensors))
         self.eps, self.vocab = c.norm_eps, c.vocab_size
         self.cfg_ptr, self.formats_ptr = self.cfg.data_ptr(), self.formats.data_ptr()
@@ -340,7 +347,8 @@ class NativeDecoder(Decoder):
         return sum(t.numel() for t in self.tensors[1:] if t is not None and t.dtype == torch.uint8)
 
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``."""
+        """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``
+        (the cache's keys and values float32 or bf16: ``KV_TYPES``)."""
         # (a step of the stories15m shape in int4 takes ~80 us: the checks and conversions here
         # skip what is already so; together they were ~5 us)
         B, S, max_len = idx.size(0), cache.length, cache.k.size(3)
@@ -348,6 +356,11 @@ class NativeDecoder(Decoder):
             raise ValueError(f"KV cache full: {S} + 1 tokens > {max_len} slots")
         if not (cache.k.is_contiguous() and cache.v.is_contiguous()):
             cache.k, cache.v = cache.k.contiguous(), cache.v.contiguous()
+        if cache.k.dtype is not self.kv_dtype or cache.v.dtype is not self.kv_dtype:
+            if cache.k.dtype not in KV_TYPES or cache.v.dtype is not cache.k.dtype:
+                raise ValueError(f"the C++ decoder reads float32 or bfloat16 KV caches, not {cache.k.dtype}/{cache.v.dtype}")
+            self.kv_dtype = cache.k.dtype
+            self.cfg[-1] = KV_TYPES[cache.k.dtype]
         ids = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.to(torch.int64).contiguous()
         start = cache.start.contiguous()
         logits = torch.empty(B, self.vocab)

@@ -144,7 +144,7 @@ class ContinuousBatch:
     run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``."""
 
     def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
-                 hole_steps: int = 8, ride: int = 64) -> None:
+                 hole_steps: int = 8, ride: int = 64, kv_dtype: torch.dtype | None = None) -> None:
         if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0:
             raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps and ride at least 0")
         self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
@@ -154,6 +154,14 @@ class ContinuousBatch:
         self.device, self.dtype = p.device, p.dtype
         self.vocab = model.config.vocab_size
         self.decoder = make_decoder(model, DECODERS.get(path, path))
+        # the KV caches' element type: the model's, or kv_dtype where the decoder's steps read it
+        # (NativeDecoder: bf16, half the bytes its attention reads per step)
+        self.kv_dtype = self.dtype
+        if kv_dtype is not None and kv_dtype != self.dtype:
+            if kv_dtype not in self.decoder.kv_dtypes:
+                raise ValueError(f"the {self.decoder.name!r} decoder reads {str(self.dtype).removeprefix('torch.')} "
+                                 f"KV caches, not {str(kv_dtype).removeprefix('torch.')}")
+            self.kv_dtype = kv_dtype
         self.waiting: deque[Seq] = deque()
         self.rows: list[_Row | None] = []  # the cache's rows in order: a running row, or None (a hole)
         self.cache: KVCache | None = None
@@ -321,8 +329,10 @@ class ContinuousBatch:
                     budget -= used
                     continue
                 seq = self.waiting.popleft()
+                # a scored prompt's log-probabilities are the model's (slm eval's): its prefill keeps
+                # float32 keys and values; joining the batch rounds them into its cache (fill, admit)
                 cache = KVCache.empty(self.model.config, 1, max_len=self.block_size, device=self.device,
-                                      dtype=self.dtype)
+                                      dtype=self.dtype if seq.prompt_logprobs else self.kv_dtype)
                 self._prefill = (seq, cache, 0)
             seq, cache, done = self._prefill
             if seq.cancelled:
@@ -404,7 +414,7 @@ class ContinuousBatch:
         for seq in group:
             self.waiting.remove(seq)
         cache = KVCache.empty(self.model.config, len(group), max_len=self.block_size, device=self.device,
-                              dtype=self.dtype)
+                              dtype=self.kv_dtype)
         last = self.decoder.prefill(torch.tensor([s.prompt for s in group], device=self.device), cache).float()
         self._gone += group
         if self.cache is None:  # the group is the batch
@@ -440,6 +450,8 @@ class ContinuousBatch:
         """The prefilled ``seq`` joins the batch: into the oldest hole, else as a new row."""
         row = _Row(seq, self.vocab, self.device)
         if self.cache is None:
+            if cache.k.dtype != self.kv_dtype:  # a scored prompt's float32 cache
+                cache.k, cache.v = cache.k.to(self.kv_dtype), cache.v.to(self.kv_dtype)
             self.cache, self.logits = cache, logits
             self.rows.append(row)
         elif self._holes:

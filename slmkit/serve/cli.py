@@ -59,7 +59,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return model.eval(), tokenizer
 
     engine = Engine(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
-                    threads=cfg.threads)
+                    threads=cfg.threads, kv_cache=cfg.kv_cache)
     name = cfg.model_name or run_dir.resolve().name
     app = create_app(engine, cfg, name)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",

@@ -94,10 +94,11 @@ class Engine:
     """Loads the run (``load()`` returns ``(model, tokenizer)``) and serves jobs from one thread."""
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_batch: int, max_queue: int, prefill_chunk: int,
-                 metrics: Metrics | None = None, threads: int | None = None) -> None:
+                 metrics: Metrics | None = None, threads: int | None = None, kv_cache: str = "fp32") -> None:
         self._load, self.max_batch, self.max_queue, self.prefill_chunk = load, max_batch, max_queue, prefill_chunk
         self.metrics = metrics or Metrics()
         self.threads = threads
+        self.kv_cache = kv_cache  # "fp32" (the model's dtype) or "bf16" where the decoder reads it
         self.model = self.tokenizer = None
         self.ready = False
         self.load_error: str | None = None
@@ -172,9 +173,20 @@ class Engine:
             self.metrics.set(running=batch.running, running_requests=len(self._jobs))
 
     def _batch(self) -> ContinuousBatch:
-        """A prompt that fits one prefill chunk rides the running batch's decode steps (``ride``)."""
-        return ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                               ride=self.prefill_chunk)
+        """A prompt that fits one prefill chunk rides the running batch's decode steps (``ride``).
+        A bf16 KV cache where the decoder reads one (the C++ step), else the model's dtype (one warning)."""
+        def make(kv_dtype: torch.dtype | None) -> ContinuousBatch:
+            return ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
+                                   ride=self.prefill_chunk, kv_dtype=kv_dtype)
+
+        if self.kv_cache == "bf16":
+            try:
+                return make(torch.bfloat16)
+            except ValueError as e:
+                if not getattr(self, "_kv_warned", False):
+                    self._kv_warned = True
+                    log.warning("--kv-cache bf16 is off: %s", e)
+        return make(None)
 
     def _admit(self, batch: ContinuousBatch) -> None:
         if not self._pending:
