@@ -271,13 +271,16 @@ def main() -> int:
     tok = load_tokenizer(run / "tokenizer")
     prompts = [tok.decode(tok.encode(s)[: args.prompt_tokens]) for s in stories(200)]
     max_batch = max(args.clients)
+    from slmkit.serve.config import ServeConfig
+
+    args.kv_cache = args.kv_cache or ServeConfig.kv_cache  # recorded as what the server ran with
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", str(run), "--port", str(port),
                                "--threads", str(args.threads), "--max-batch", str(max_batch),
                                "--max-queue", str(4 * max_batch),
-                               *(["--kv-cache", args.kv_cache] if args.kv_cache else [])],
+                               "--kv-cache", args.kv_cache],
                               stdout=log, stderr=log, cwd=ROOT)
     try:
         import httpx
@@ -332,7 +335,7 @@ def main() -> int:
                   f"`slm generate` in-process {gen:,.0f} tokens/s. {args.preset} shape ({what}, vocab "
                   f"{model_info['vocab']}), prompts of about {args.prompt_tokens} tokens, {args.max_tokens} new tokens per "
                   f"request, {args.requests_per_client} requests per client, server --threads {args.threads} "
-                  f"--max-batch {max_batch}, {args.rounds} rounds; clients (asyncio streams on one event loop in the "
+                  f"--max-batch {max_batch} --kv-cache {args.kv_cache}, {args.rounds} rounds; clients (asyncio streams on one event loop in the "
                   f"benchmark's process, one keep-alive connection each) and server share the machine."]
     goal = {s["clients"]: s for s in summary}
     if 1 in goal and 16 in goal:  # issue 17's goal: 16 clients >= 4x one client, p99 TTFT < 1 s
