@@ -38,16 +38,22 @@ def ragged_steps(decoder: NativeDecoder, model, x: torch.Tensor, starts: list[in
     return out, cache
 
 
+def ragged_batch() -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
+    """Three rows of 16, 11 and 14 tokens, left-padded by 0, 5 and 2 slots into one (3, 16) batch."""
+    g = torch.Generator().manual_seed(5)
+    lengths, starts = [16, 11, 14], [0, 5, 2]
+    rows = [torch.randint(0, 61, (n,), generator=g) for n in lengths]
+    x = torch.stack([torch.cat([torch.zeros(s, dtype=torch.long), r]) for s, r in zip(starts, rows)])
+    return rows, starts, x
+
+
 @pytest.mark.parametrize("isa", RUNNABLE)
 @pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
 def test_every_instruction_set_gives_the_logits_of_model_forward(kw, isa):
     """Three rows, left-padded by 0, 5 and 2 slots, 8 steps each: every row's logits are those of
     the model run on that row alone, whatever the instruction set of the products."""
     model = noisy_model(2, **kw)
-    g = torch.Generator().manual_seed(5)
-    lengths, starts = [16, 11, 14], [0, 5, 2]
-    rows = [torch.randint(0, 61, (n,), generator=g) for n in lengths]
-    x = torch.stack([torch.cat([torch.zeros(s, dtype=torch.long), r]) for s, r in zip(starts, rows)])
+    rows, starts, x = ragged_batch()
     with torch.inference_mode():
         got, _ = ragged_steps(NativeDecoder(model, isa=isa), model, x, starts, 8)
         for b, row in enumerate(rows):
@@ -262,10 +268,7 @@ def test_bf16_kv_cache_gives_the_logits_of_the_model_over_a_bf16_cache(kw, isa):
     fp32 cache's by 1e-1 and more (8 mantissa bits: ~4e-3 relative per value), which the last
     assert sees: the tolerances are 10-100x below the effect of the rounding itself."""
     model = noisy_model(2, **kw)
-    g = torch.Generator().manual_seed(5)
-    lengths, starts = [16, 11, 14], [0, 5, 2]
-    rows = [torch.randint(0, 61, (n,), generator=g) for n in lengths]
-    x = torch.stack([torch.cat([torch.zeros(s, dtype=torch.long), r]) for s, r in zip(starts, rows)])
+    rows, starts, x = ragged_batch()
     with torch.inference_mode():
         out = {}
         for dtype in (torch.float32, torch.bfloat16):
