@@ -99,6 +99,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.threads = threads
         self.kv_cache = kv_cache  # "fp32" (the model's dtype) or "bf16" where the decoder reads it
+        self._kv_warned = False  # the fallback from bf16 is said once
         self.model = self.tokenizer = None
         self.ready = False
         self.load_error: str | None = None
@@ -183,7 +184,7 @@ class Engine:
             try:
                 return make(torch.bfloat16)
             except ValueError as e:
-                if not getattr(self, "_kv_warned", False):
+                if not self._kv_warned:
                     self._kv_warned = True
                     log.warning("--kv-cache bf16 is off: %s", e)
         return make(None)
