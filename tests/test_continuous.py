@@ -289,21 +289,26 @@ def test_prefix_cache_hits_keep_each_rows_solo_greedy_tokens(monkeypatch):
 
 
 def test_waiting_prompts_with_cached_prefixes_of_different_lengths_are_prefilled_together(monkeypatch):
+    """Prompts that arrive together go through one pass whatever their cached prefixes: each runs
+    the most any of them has uncached, its other tokens from the cache."""
     from slmkit.generate.prefix import PrefixCache
 
     model = random_model(block_size=32)
     base = [3, 1, 4, 1, 5, 9, 2, 6]
-    prompts = [base[:6] + [7, 8, 9], base + [10, 11, 12], [13, 14, 15]]  # cached 6, 8 and 0: 3 to run each
+    prompts = [base[:6] + [7, 8, 9], base + [10, 11, 12], [13, 14, 15, 16, 17]]  # cached 6, 8 and 0 tokens
     solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eot=False))[0]
             for p in prompts]
-    batch = ContinuousBatch(model, prefixes=PrefixCache(1 << 20))
+    store = PrefixCache(1 << 20)
+    batch = ContinuousBatch(model, prefixes=store)
     run(batch, {0: [Seq(base, GREEDY, 2)]})
     passes = []
     real = batch.decoder.prefill
     monkeypatch.setattr(batch.decoder, "prefill", lambda ids, cache: (passes.append(tuple(ids.shape)), real(ids, cache))[1])
     seqs = [Seq(p, GREEDY, 6) for p in prompts]
+    hits = store.hit_tokens
     run(batch, {0: seqs})
-    assert passes == [(3, 3)] and [s.tokens for s in seqs] == solo
+    assert passes == [(3, 5)] and [s.tokens for s in seqs] == solo
+    assert store.hit_tokens - hits == (9 - 5) + (11 - 5)  # the last five tokens of each ran
 
 
 def test_a_prompt_cancelled_before_its_end_is_not_cached():

@@ -418,21 +418,30 @@ class ContinuousBatch:
         (bigger matrix products: several short prompts cost little more than one), if it fits in
         ``budget`` tokens whole and needs no prompt log-probabilities. With no rows running nobody
         waits on the pass, so it may take as many prompts as free rows; else at most ``budget``
-        tokens. The rows join the batch; returns the tokens run (0: nothing done here)."""
+        tokens. The rows join the batch; returns the tokens run (0: nothing done here).
+
+        With a prefix cache, each prompt runs the same number ``T`` of its last tokens, the rest
+        from the cache: ``T`` is the most any of them has uncached (at most the first prompt's
+        length), and the group is every prompt with at most ``T`` uncached of at least ``T``
+        tokens. (Grouping by equal uncached lengths instead would split prompts that arrived
+        together by how much of each was cached, and all but one group would ride the decode
+        steps, a row of a step per token: measured slower than the pass they save.)"""
         head = self.waiting[0]
         if head.prompt_logprobs or head.max_new_tokens == 0:
             return 0
-        n = self._uncached(head)
-        if n > budget:
+        todo = {head: self._uncached(head)}  # uncached prompt tokens of the prompts that could join
+        if todo[head] > budget:
             return 0
+        todo.update((s, self._uncached(s)) for s in self.waiting
+                    if s is not head and not s.prompt_logprobs and s.max_new_tokens and not s.cancelled)
+        n = max(r for r in todo.values() if r <= min(budget, len(head.prompt)))  # without a cache: head's length
         room = self.max_batch - self.running
         if self.running:
             room = min(room, budget // n)
-        group = [s for s in self.waiting if not s.prompt_logprobs and s.max_new_tokens and not s.cancelled
-                 and self._uncached(s) == n][:room]
+        group = [s for s, r in todo.items() if r <= n <= len(s.prompt)][:room]
         for seq in group:
             self.waiting.remove(seq)
-        found = [self._lookup(seq) for seq in group]
+        found = [self._lookup(seq, len(seq.prompt) - n) for seq in group]
         cache = self._seeded(found, self.block_size)
         ids = torch.tensor([s.prompt[p:] for s, (p, _, _) in zip(group, found)], device=self.device)
         last = self.decoder.prefill(ids, cache).float()
@@ -454,11 +463,12 @@ class ContinuousBatch:
         """Prompt tokens ``seq`` would run: those after its longest cached prefix."""
         return len(seq.prompt) - (self.prefixes.match(seq.prompt) if self.prefixes is not None else 0)
 
-    def _lookup(self, seq: Seq) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
-        """``seq``'s longest cached prefix and its keys and values: ``(p, k, v)``, (0, None, None) for none."""
+    def _lookup(self, seq: Seq, limit: int | None = None) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """``seq``'s longest cached prefix (at most ``limit`` tokens) and its keys and values:
+        ``(p, k, v)``, (0, None, None) for none."""
         if self.prefixes is None:
             return 0, None, None
-        return self.prefixes.lookup(seq.prompt)
+        return self.prefixes.lookup(seq.prompt, limit)
 
     def _seeded(self, found: list[tuple[int, torch.Tensor | None, torch.Tensor | None]], max_len: int) -> KVCache:
         """A cache of one row per ``(p, k, v)`` in ``found``, each row's ``p`` slots of keys and values
