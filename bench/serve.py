@@ -26,6 +26,8 @@ No two requests of a run send the same opening (valid.txt's stories, then train.
 server's prefix cache (``--prefix-cache-mb``) a repeated prompt would cost only its last token. Openings
 still share their first words ("Once upon a time, there was a"), as real prompts share a system
 prompt; the share of prompt tokens the prefix cache held is read from ``/metrics`` per load.
+``--shared-prefix-tokens N`` puts the same N-token preamble before every opening, as a chat's
+system prompt is before every conversation.
 """
 
 from __future__ import annotations
@@ -69,13 +71,16 @@ class Openings:
     """Story openings of about ``tokens`` tokens, each handed out once: no request of a run repeats
     another's prompt (the server's prefix cache would make it all but free)."""
 
-    def __init__(self, tok, tokens: int, count: int) -> None:
+    def __init__(self, tok, tokens: int, count: int, preamble: int = 0) -> None:
         seen, self.texts = set(), []
-        for story in stories(20 * count):  # some stories open alike: more to choose from
+        candidates = stories(20 * count)  # some stories open alike: more to choose from
+        # a story from the end of those, far from the openings used, cut to ``preamble`` tokens
+        pre = tok.decode(tok.encode(candidates[-1])[:preamble]) + " " if preamble else ""
+        for story in candidates:
             text = tok.decode(tok.encode(story[: 12 * tokens])[:tokens])  # ~4 characters a token: no need to encode it all
             if text not in seen:
                 seen.add(text)
-                self.texts.append(text)
+                self.texts.append(pre + text)
                 if len(self.texts) == count:
                     break
         self.used = 0
@@ -291,6 +296,8 @@ def main() -> int:
                         help="the server's --kv-cache (default: the server's default)")
     parser.add_argument("--prefix-cache-mb", type=int, default=None,
                         help="the server's --prefix-cache-mb (default: the server's default; 0: off)")
+    parser.add_argument("--shared-prefix-tokens", type=int, default=0,
+                        help="the same preamble of this many tokens before every opening (a system prompt)")
     args = parser.parse_args()
     if args.smoke:
         # 32 tokens: random weights often sample a byte that is part of a character, and the text
@@ -322,7 +329,8 @@ def main() -> int:
     tok = load_tokenizer(run / "tokenizer")
     seq_requests = max(4, min(8, max(args.clients)))
     openings = Openings(tok, args.prompt_tokens,
-                        1 + args.rounds * (seq_requests + args.requests_per_client * sum(args.clients)))
+                        1 + args.rounds * (seq_requests + args.requests_per_client * sum(args.clients)),
+                        args.shared_prefix_tokens)
     max_batch = max(args.clients)
     from slmkit.serve.config import ServeConfig
 
@@ -395,7 +403,9 @@ def main() -> int:
     gen = med([row["generate_batch1_tok_per_s"] for row in rounds])
     table += ["", f"Baselines (medians): the same requests one at a time over HTTP {seq:,.0f} tokens/s; batch-1 "
                   f"`slm generate` in-process {gen:,.0f} tokens/s. {args.preset} shape ({what}, vocab "
-                  f"{model_info['vocab']}), prompts of about {args.prompt_tokens} tokens, {args.max_tokens} new tokens per "
+                  f"{model_info['vocab']}), prompts of about {args.prompt_tokens} tokens"
+                  + (f" after a shared preamble of {args.shared_prefix_tokens}" if args.shared_prefix_tokens else "")
+                  + f", {args.max_tokens} new tokens per "
                   f"request, {args.requests_per_client} requests per client, server --threads {args.threads} "
                   f"--max-batch {max_batch} --kv-cache {args.kv_cache} --prefix-cache-mb {args.prefix_cache_mb}, "
                   f"{args.rounds} rounds, every request a different story opening"
@@ -416,6 +426,7 @@ def main() -> int:
               "preset": args.preset, "vocab": model_info["vocab"], "model": model_info, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests_per_client, "threads": args.threads, "kv_cache": args.kv_cache,
               "prefix_cache_mb": args.prefix_cache_mb, "prefix_hit_rate": overall,
+              "shared_prefix_tokens": args.shared_prefix_tokens,
               "rounds": rounds,
               "summary": summary, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
