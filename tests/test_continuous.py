@@ -286,6 +286,9 @@ def test_prefix_cache_hits_keep_each_rows_solo_greedy_tokens(monkeypatch):
         assert [s.tokens for s in seqs] == solo, (ride, chunk)
         assert store.hit_tokens >= 5 + 8 + 8, (ride, chunk)  # at least prompts 2, 5 and 7 found theirs
         assert store.query_tokens == sum(map(len, prompts))
+        scored = Seq(base + [5, 3], GREEDY, 0)  # nothing to generate: runs whole (its prefix is cached)
+        run(batch, {0: [scored]})
+        assert scored.finish_reason == "length" and scored.tokens == [] and store.query_tokens == sum(map(len, prompts))
 
 
 def test_waiting_prompts_with_cached_prefixes_of_different_lengths_are_prefilled_together(monkeypatch):

@@ -359,11 +359,11 @@ class ContinuousBatch:
                     budget -= used
                     continue
                 seq = self.waiting.popleft()
-                if seq.prompt_logprobs:
+                if seq.prompt_logprobs or not seq.max_new_tokens:  # scored: run whole, nothing to reuse for
                     # a scored prompt's log-probabilities are the model's (slm eval's): its prefill keeps
                     # float32 keys and values; joining the batch rounds them into its cache (fill, admit)
                     cache = KVCache.empty(self.model.config, 1, max_len=self.block_size, device=self.device,
-                                          dtype=self.dtype)
+                                          dtype=self.dtype if seq.prompt_logprobs else self.kv_dtype)
                     self._prefill = (seq, cache, 0)
                 else:
                     cache = self._seeded([self._lookup(seq)], self.block_size)
