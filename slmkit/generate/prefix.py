@@ -123,10 +123,6 @@ class PrefixCache:
         node.used = tick
         self._evict()
 
-    def clear(self) -> None:
-        """Forget every prefix (the counts stay)."""
-        self._root, self.nbytes = _Node((), None, None, None), 0
-
     def _walk(self, tokens: list[int], cap: int) -> list[tuple[_Node, int]]:
         """The nodes along the longest cached prefix of ``tokens[:cap]`` and how many tokens of each match."""
         path, node, i = [], self._root, 0
