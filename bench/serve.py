@@ -294,6 +294,8 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/serve.json)")
     parser.add_argument("--kv-cache", default=None, choices=["fp32", "bf16"],
                         help="the server's --kv-cache (default: the server's default)")
+    parser.add_argument("--weights", default=None, choices=["fp32", "bf16"],
+                        help="the server's --weights (default: the server's default)")
     parser.add_argument("--prefix-cache-mb", type=int, default=None,
                         help="the server's --prefix-cache-mb (default: the server's default; 0: off)")
     parser.add_argument("--shared-prefix-tokens", type=int, default=0,
@@ -335,6 +337,7 @@ def main() -> int:
     from slmkit.serve.config import ServeConfig
 
     args.kv_cache = args.kv_cache or ServeConfig.kv_cache  # recorded as what the server ran with
+    args.weights = args.weights or ServeConfig.weights
     if args.prefix_cache_mb is None:
         args.prefix_cache_mb = ServeConfig.prefix_cache_mb
     port = free_port()
@@ -343,7 +346,8 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", str(run), "--port", str(port),
                                "--threads", str(args.threads), "--max-batch", str(max_batch),
                                "--max-queue", str(4 * max_batch),
-                               "--kv-cache", args.kv_cache, "--prefix-cache-mb", str(args.prefix_cache_mb)],
+                               "--kv-cache", args.kv_cache, "--weights", args.weights,
+                               "--prefix-cache-mb", str(args.prefix_cache_mb)],
                               stdout=log, stderr=log, cwd=ROOT)
     try:
         import httpx
@@ -407,7 +411,8 @@ def main() -> int:
                   + (f" after a shared preamble of {args.shared_prefix_tokens}" if args.shared_prefix_tokens else "")
                   + f", {args.max_tokens} new tokens per "
                   f"request, {args.requests_per_client} requests per client, server --threads {args.threads} "
-                  f"--max-batch {max_batch} --kv-cache {args.kv_cache} --prefix-cache-mb {args.prefix_cache_mb}, "
+                  f"--max-batch {max_batch} --kv-cache {args.kv_cache} --weights {args.weights} "
+                  f"--prefix-cache-mb {args.prefix_cache_mb}, "
                   f"{args.rounds} rounds, every request a different story opening"
                   + ("" if overall is None else f" (the prefix cache held {overall:.0%} of all prompt tokens)")
                   + "; clients (asyncio streams on one event loop in the "
@@ -425,6 +430,7 @@ def main() -> int:
     result = {**machine_info(), "bench_command": command,
               "preset": args.preset, "vocab": model_info["vocab"], "model": model_info, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests_per_client, "threads": args.threads, "kv_cache": args.kv_cache,
+              "weights": args.weights,
               "prefix_cache_mb": args.prefix_cache_mb, "prefix_hit_rate": overall,
               "shared_prefix_tokens": args.shared_prefix_tokens,
               "rounds": rounds,

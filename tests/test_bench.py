@@ -206,6 +206,7 @@ def test_serve(tmp_path: Path) -> None:
     assert d["rounds"][0]["generate_batch1_tok_per_s"] > 0 and d["table"][0].startswith("| clients")
     # every request a new story opening; those still share first words, which the server's prefix cache holds
     assert d["prefix_cache_mb"] > 0 and 0 < d["prefix_hit_rate"] < 1
+    assert d["weights"] == "bf16" and "--weights bf16" in d["table"][-1]  # the server's default, recorded
 
 
 def test_finetune(tmp_path: Path) -> None:

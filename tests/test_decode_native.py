@@ -222,6 +222,18 @@ def test_a_model_of_bf16_values_is_read_as_bf16_with_the_same_bits():
     assert native.storage_format(model) == "fp32" and NativeDecoder(model).weights == "fp32"
 
 
+def test_half_weights_rounds_float_runs_only():
+    """``half_weights`` (``slm serve --weights bf16``): a float32 model decodes in the CPU's bf16
+    arithmetic; a model of bf16 values or with int8 blocks keeps NativeDecoder's default (None)."""
+    from slmkit.quant import QuantConfig, quantize_model
+
+    assert native.half_weights(noisy_model(2, **ODD[1])) == native.bf16_arithmetic()
+    for bits in (16, 8):
+        model = noisy_model(2, **ODD[1])
+        quantize_model(model, QuantConfig(bits=bits, group=0))
+        assert native.half_weights(model) is None
+
+
 @pytest.mark.skipif(not RUNNABLE or not native.has_bf16_dot(), reason="this CPU has no AVX512-BF16")
 @pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
 def test_bf16_dot_products_give_the_logits_of_the_model_with_bf16_inputs(kw):

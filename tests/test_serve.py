@@ -564,3 +564,69 @@ def test_kv_cache_setting_reaches_the_batch_or_falls_back_with_a_warning(monkeyp
     with caplog.at_level("WARNING", logger="slmkit.serve"):
         assert engine._batch().kv_dtype == torch.float32
     assert "--kv-cache bf16 is off" in caplog.text
+
+
+def test_weights_setting_gives_the_tokens_of_its_decoder_or_falls_back_with_a_warning(monkeypatch, caplog):
+    """--weights bf16 (the default) decodes the run's float32 matrices rounded to bf16, with bf16
+    products where the CPU has them: the engine's batch gives the greedy tokens and log-probabilities
+    of that NativeDecoder; fp32 those of the float32 one. Where the C++ step cannot run the model,
+    the batch's own decoder, after one warning. A bad value is one line naming the flag."""
+    from generation_models import random_model
+
+    from slmkit import cpu_kernels
+    from slmkit.decode import KVCache
+    from slmkit.decode.native import NativeDecoder, bf16_arithmetic
+    from slmkit.errors import SlmError
+    from slmkit.generate.continuous import Seq
+    from slmkit.generate.sampling import SamplingConfig
+    from slmkit.serve.cli import make_engine
+    from slmkit.serve.config import ServeConfig
+
+    with pytest.raises(SlmError, match="--weights must be fp32 or bf16, got 'fp16'"):
+        ServeConfig(weights="fp16").validate()
+    if cpu_kernels.built() is not None:
+        pytest.skip(f"no C++ library: {cpu_kernels.built()}")
+    assert ServeConfig().weights == "bf16"
+    model = random_model(block_size=48)
+    prompts, n = [[1, 2, 3], [5] * 9, [7, 8, 9, 10, 11]], 30
+
+    def alone(decoder: NativeDecoder) -> tuple[list[list[int]], list[float]]:
+        """Greedy tokens and their log-probabilities of ``decoder`` over a bf16 KV cache (the server's default)."""
+        tokens, logprobs = [], []
+        for prompt in prompts:
+            cache = KVCache.empty(model.config, 1, max_len=len(prompt) + n, dtype=torch.bfloat16)
+            logits, out = decoder.prefill(torch.tensor([prompt]), cache), []
+            while True:
+                out.append(int(logits[0].argmax()))
+                logprobs.append(float(logits[0].log_softmax(-1).max()))
+                if len(out) == n:
+                    break
+                logits = decoder.step(torch.tensor(out[-1:]), cache)
+            tokens.append(out)
+        return tokens, logprobs
+
+    def served(weights: str) -> tuple[str, list[list[int]], list[float]]:
+        engine = make_engine(ServeConfig(weights=weights, prefix_cache_mb=0), lambda: None)
+        engine.model = model
+        batch = engine._batch()
+        seqs = [Seq(p, SamplingConfig(temperature=0.0, stop_at_eot=False), n, logprobs=0) for p in prompts]
+        for seq in seqs:  # one at a time: each prefilled, as alone()
+            batch.add(seq)
+            while not seq.done:
+                batch.step()
+        return batch.decoder.weights, [s.tokens for s in seqs], [lp for s in seqs for lp in s.token_logprobs]
+
+    with torch.inference_mode():
+        (half, half_tokens, half_lps), (full, fp32_tokens, fp32_lps) = served("bf16"), served("fp32")
+        want_half, want_fp32 = alone(NativeDecoder(model, weights=bf16_arithmetic())), alone(NativeDecoder(model))
+    assert (half, full) == (bf16_arithmetic(), "fp32")
+    assert half_tokens == want_half[0] and fp32_tokens == want_fp32[0]
+    assert half_lps == pytest.approx(want_half[1], abs=1e-6) and fp32_lps == pytest.approx(want_fp32[1], abs=1e-6)
+    assert max(abs(a - b) for a, b in zip(half_lps, fp32_lps)) > 1e-4  # the rounding reaches the step
+    monkeypatch.setattr(NativeDecoder, "why_not", classmethod(lambda cls, *a: "no C++ library here"))
+    engine = make_engine(ServeConfig(), lambda: None)
+    engine.model = model
+    with caplog.at_level("WARNING", logger="slmkit.serve"):
+        assert not isinstance(engine._batch().decoder, NativeDecoder)
+        engine._batch()
+    assert caplog.text.count("--weights bf16 is off") == 1 and "no C++ library here" in caplog.text

@@ -266,6 +266,16 @@ def bf16_arithmetic(isa: str | None = None) -> str:
     return "bf16-dot" if isa in ("auto", "avx512") and has_bf16_dot() else "bf16"
 
 
+def half_weights(model: GPT) -> str | None:
+    """The format ``slm serve --weights bf16`` decodes ``model`` in: ``bf16_arithmetic()`` ("bf16-dot"
+    where the CPU has it, else "bf16") for float32 matrices; None, ``NativeDecoder``'s default, for a
+    run whose matrices hold bf16 values already (``storage_format``) or whose step reads int8/int4
+    blocks (``slm quantize``): those decode as they always do."""
+    if storage_format(model) == "bf16" or any(packed_weight(m) is not None for m in model.modules()):
+        return None
+    return bf16_arithmetic()
+
+
 def best_isa() -> str:
     """The instruction set the products use on this CPU by default: avx512, avx2 or scalar."""
     lib = cpu_kernels.library()

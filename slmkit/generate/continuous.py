@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slmkit.decode import KVCache, make_decoder
+from slmkit.decode import Decoder, KVCache, make_decoder
 from slmkit.generate.prefix import PrefixCache
 from slmkit.generate.runners import DECODERS, Path
 from slmkit.generate.sampling import (
@@ -169,11 +169,13 @@ class ContinuousBatch:
 
     ``add(seq)`` queues a sequence; each ``step()`` decodes one token for every running row and
     prefills up to ``prefill_chunk`` prompt tokens of the waiting ones (at most ``max_batch`` rows
-    run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``."""
+    run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``.
+    ``decoder`` (default: ``make_decoder(model, path)``) runs the prefills and steps; prompts scored
+    with ``prompt_logprobs`` run through ``model`` itself."""
 
     def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
                  hole_steps: int = 8, ride: int = 64, kv_dtype: torch.dtype | None = None,
-                 prefixes: PrefixCache | None = None) -> None:
+                 prefixes: PrefixCache | None = None, decoder: Decoder | None = None) -> None:
         if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0:
             raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps and ride at least 0")
         self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
@@ -182,7 +184,7 @@ class ContinuousBatch:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.vocab = model.config.vocab_size
-        self.decoder = make_decoder(model, DECODERS.get(path, path))
+        self.decoder = decoder if decoder is not None else make_decoder(model, DECODERS.get(path, path))
         # the KV caches' element type: the model's, or kv_dtype where the decoder's steps read it
         # (NativeDecoder: bf16, half the bytes its attention reads per step)
         self.kv_dtype = self.dtype

@@ -48,7 +48,8 @@ def make_engine(cfg: ServeConfig, load: Callable[[], tuple[Any, Any]]) -> Engine
 
     prefixes = PrefixCache(cfg.prefix_cache_mb << 20) if cfg.prefix_cache_mb else None
     return Engine(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
-                  threads=cfg.threads, kv_cache=cfg.kv_cache, prefixes=prefixes)
+                  threads=cfg.threads, kv_cache=cfg.kv_cache, prefixes=prefixes,
+                  weights=cfg.weights)
 
 
 def run_cli(args: argparse.Namespace) -> int:

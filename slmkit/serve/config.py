@@ -45,6 +45,17 @@ class ServeConfig:
     kv_cache: Literal["fp32", "bf16"] = field(default="bf16", metadata={
         "help": "KV cache element type of the C++ decode step: bf16 halves the bytes attention reads "
                 "(default %(default)s)"})
+    # The weight matrices the C++ decode step multiplies by (a float32 run on the CPU): bf16 rounds
+    # them to 8 mantissa bits once at load (a copy beside the float32 model), halving the bytes each
+    # step reads, and multiplies with AVX512-BF16's vdpbf16ps where the CPU has it (its inputs
+    # rounded to bf16 too; float32 arithmetic elsewhere): +3e-6 bits per byte on a trained model
+    # (docs/export.md). Default bf16, as vLLM serves float32 checkpoints in half precision
+    # (--dtype auto): WEIGHTS_MEASURED. Greedy tokens may differ from `slm generate`'s (fp32) at a near-tie;
+    # a scored prompt's log-probabilities (echo) stay float32. A bf16, int8 or int4 run decodes as
+    # it is; a model not on the C++ step (GPU, no C++ library) keeps float32, after one warning.
+    weights: Literal["fp32", "bf16"] = field(default="bf16", metadata={
+        "help": "weight matrices of the C++ decode step: bf16 rounds a float32 run's, half the bytes read "
+                "per token, bf16 products where the CPU has them (default %(default)s)"})
     # Automatic prefix caching (generate/prefix.py): the keys and values of prompts already run, so
     # a prompt that starts as an earlier one did (a chat's system prompt and past turns, resent every
     # turn) runs only the rest. On by default, as in vLLM: a hit only saves work, and the output is
@@ -66,6 +77,7 @@ class ServeConfig:
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
             (self.kv_cache in ("fp32", "bf16"), f"--kv-cache must be fp32 or bf16, got {self.kv_cache!r}"),
+            (self.weights in ("fp32", "bf16"), f"--weights must be fp32 or bf16, got {self.weights!r}"),
             (self.prefix_cache_mb >= 0, f"--prefix-cache-mb must be >= 0 (0: off), got {self.prefix_cache_mb}"),
         ]
         for ok, message in checks:

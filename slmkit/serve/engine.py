@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from slmkit.decode import Decoder, placement
+from slmkit.decode.native import NativeDecoder, half_weights
 from slmkit.errors import SlmError
 from slmkit.generate.continuous import ContinuousBatch, Seq
 from slmkit.generate.prefix import PrefixCache
@@ -96,12 +98,14 @@ class Engine:
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_batch: int, max_queue: int, prefill_chunk: int,
                  metrics: Metrics | None = None, threads: int | None = None, kv_cache: str = "fp32",
-                 prefixes: PrefixCache | None = None) -> None:
+                 prefixes: PrefixCache | None = None, weights: str = "fp32") -> None:
         self._load, self.max_batch, self.max_queue, self.prefill_chunk = load, max_batch, max_queue, prefill_chunk
         self.metrics = metrics or Metrics()
         self.threads = threads
         self.kv_cache = kv_cache  # "fp32" (the model's dtype) or "bf16" where the decoder reads it
         self._kv_warned = False  # the fallback from bf16 is said once
+        self.weights = weights  # "fp32" (as the run holds them) or "bf16" (rounded) where the C++ step runs
+        self._weights_warned = False
         self.prefixes = prefixes  # the prefix cache every batch of this engine uses (None: off)
         self.model = self.tokenizer = None
         self.ready = False
@@ -182,10 +186,13 @@ class Engine:
     def _batch(self) -> ContinuousBatch:
         """A prompt that fits one prefill chunk rides the running batch's decode steps (``ride``).
         A bf16 KV cache where the decoder reads one (the C++ step), else the model's dtype (one warning).
-        The engine's prefix cache, if any, outlives a batch (a new one after a failed step)."""
+        The engine's prefix cache, if any, outlives a batch (a new one after a failed step).
+        Its decoder: ``_decoder``."""
+        decoder = self._decoder()
+
         def make(kv_dtype: torch.dtype | None) -> ContinuousBatch:
             return ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                                   ride=self.prefill_chunk, kv_dtype=kv_dtype, prefixes=self.prefixes)
+                                   ride=self.prefill_chunk, kv_dtype=kv_dtype, prefixes=self.prefixes, decoder=decoder)
 
         if self.kv_cache == "bf16":
             try:
@@ -195,6 +202,22 @@ class Engine:
                     self._kv_warned = True
                     log.warning("--kv-cache bf16 is off: %s", e)
         return make(None)
+
+    def _decoder(self) -> Decoder | None:
+        """For ``weights="bf16"`` the C++ step on the run's float32 matrices rounded to bf16
+        (``native.half_weights``: bf16 products where the CPU has them; a bf16 or int8/int4 run as
+        it is); where that step cannot run the model (a GPU, no C++ library), None after one
+        warning. None (the batch's default, the fastest decoder) for "fp32"."""
+        if self.weights != "bf16":
+            return None
+        why = NativeDecoder.why_not(self.model, *placement(self.model))
+        if why is None:
+            return NativeDecoder(self.model, weights=half_weights(self.model))
+        if not self._weights_warned:
+            self._weights_warned = True
+            log.warning("--weights bf16 is off: the C++ decode step cannot run this model (%s); it decodes "
+                        "as the run holds its weights", why)
+        return None
 
     def _admit(self, batch: ContinuousBatch) -> None:
         if not self._pending:
