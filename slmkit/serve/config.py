@@ -50,9 +50,12 @@ class ServeConfig:
     # step reads, and multiplies with AVX512-BF16's vdpbf16ps where the CPU has it (its inputs
     # rounded to bf16 too; float32 arithmetic elsewhere): +3e-6 bits per byte on a trained model
     # (docs/export.md). Default bf16, as vLLM serves float32 checkpoints in half precision
-    # (--dtype auto): WEIGHTS_MEASURED. Greedy tokens may differ from `slm generate`'s (fp32) at a near-tie;
-    # a scored prompt's log-probabilities (echo) stay float32. A bf16, int8 or int4 run decodes as
-    # it is; a model not on the C++ step (GPU, no C++ library) keeps float32, after one warning.
+    # (--dtype auto), and faster: bench/serve.py on 2 cores (stories15m shape, three alternating pairs
+    # of runs) gave 16 clients 7,856-8,443 tokens/s with bf16 and 6,008-7,117 with fp32, one client
+    # 2,341-2,954 and 1,630-1,855 (docs/serving.md). Greedy tokens may differ from `slm generate`'s
+    # (fp32) at a near-tie; a scored prompt's log-probabilities (echo) stay float32. A bf16, int8 or
+    # int4 run decodes as it is; a model not on the C++ step (GPU, no C++ library) keeps its weights,
+    # after one warning.
     weights: Literal["fp32", "bf16"] = field(default="bf16", metadata={
         "help": "weight matrices of the C++ decode step: bf16 rounds a float32 run's, half the bytes read "
                 "per token, bf16 products where the CPU has them (default %(default)s)"})
