@@ -8,6 +8,7 @@ queue of 1: chat, streaming, cancellation, overload, a kill).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -533,3 +534,21 @@ def test_kv_cache_setting_reaches_the_batch_or_falls_back_with_a_warning(monkeyp
     with caplog.at_level("WARNING", logger="slmkit.serve"):
         assert engine._batch().kv_dtype == torch.float32
     assert "--kv-cache bf16 is off" in caplog.text
+
+
+def test_the_server_sets_openmp_passive_before_torch_loads_unless_the_user_chose():
+    """OpenMP reads OMP_WAIT_POLICY once, when PyTorch loads: after passive_openmp() and then
+    ``import torch`` libgomp reports (OMP_DISPLAY_ENV) a spin count of 0, not its default 300000;
+    a user's own choice (active) stays."""
+    def spin_count(preset: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(OMP_DISPLAY_ENV="verbose", **({"OMP_WAIT_POLICY": preset} if preset else {}))
+        code = "from slmkit.serve.cli import passive_openmp; passive_openmp(); import torch"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        shown = [line for line in (out.stdout + out.stderr).splitlines() if "GOMP_SPINCOUNT" in line]
+        if not shown:
+            pytest.skip("this PyTorch's OpenMP runtime is not libgomp or does not show its settings")
+        return shown[0].split("=")[1].strip()
+
+    assert spin_count(None) == "'0'"
+    assert spin_count("active") not in ("'0'", "'300000'")  # active spins far longer
