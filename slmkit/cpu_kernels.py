@@ -148,7 +148,7 @@ def _build(isa: str) -> ctypes.CDLL:
     # server's event loop for that loop's whole turn in the middle of a decode step.
     handle.slm_sample_rows = ctypes.PyDLL(str(lib)).slm_sample_rows
     handle.slm_sample_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                       ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+                                       ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     handle.slm_sample_rows.restype = None
     return handle
 

@@ -845,6 +845,13 @@ void product(Step& s, int64_t i, const float* bias, const float* X, int64_t in, 
 
 }  // namespace
 
+// Runs fn(ctx, t) for t in [0, n) on up to `threads` threads of the steps' pool, for callers
+// outside a step (sample.cpp's rows); one at a time with the steps, which share the pool.
+void slm_pool_for(int threads, int64_t n, void (*fn)(void*, int64_t), void* ctx) {
+    std::lock_guard<std::mutex> lock(step_mutex);
+    pool().run(std::max(threads, 1), n, fn, ctx);
+}
+
 extern "C" {
 
 // The best instruction set for the products on this CPU: 1 scalar, 2 AVX2, 3 AVX-512.
