@@ -12,8 +12,11 @@
 // what is left, shrinking to one task at the end: fewer trips of the counter's cache line between
 // cores), so the caller never waits for a worker that the OS has not scheduled: it takes the
 // remaining tasks itself. An idle worker spins for a short while (SLMKIT_DECODE_SPIN_US, default
-// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. Every
-// output value is computed by one task in a fixed order, so the thread count never changes a result.
+// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. At the
+// end of a step the workers sleep at once (Pool::rest): the caller's Python runs next (sampling,
+// streaming the tokens), for longer than the spin at a server's batch, and a spinning worker took
+// a core from it, the event loop and the clients. Every output value is computed by one task in
+// a fixed order, so the thread count never changes a result.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -61,6 +64,7 @@ class Pool {
             workers_.emplace_back(1);
             std::thread([this, id] { loop(id); }).detach();  // lives as long as the process
         }
+        resting_.store(false, std::memory_order_relaxed);
         active_.store(threads - 1, std::memory_order_relaxed);
         fn_ = fn;
         ctx_ = ctx;
@@ -75,6 +79,10 @@ class Pool {
         const int64_t mine = work();
         while (done_.load(std::memory_order_acquire) + mine < n) cpu_relax();  // only tasks already claimed
     }
+
+    // Idle workers sleep at once rather than spin until the next run(): the caller has work of its
+    // own to do first (a decode step's end: the caller's Python sampling, publishing and prompts).
+    void rest() { resting_.store(true, std::memory_order_relaxed); }
 
   private:
     static constexpr uint64_t kGenMask = (1u << 24) - 1;
@@ -112,7 +120,7 @@ class Pool {
             uint32_t w;
             for (int i = 1; (w = wake_.load(std::memory_order_acquire)) == seen; i++) {
                 cpu_relax();
-                if (i % 256 == 0 && std::chrono::steady_clock::now() - t0 > spin) {
+                if (i % 256 == 0 && (resting_.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() - t0 > spin)) {
                     std::unique_lock<std::mutex> lock(mutex_);
                     sleepers_.fetch_add(1);
                     cv_.wait(lock, [&] { return wake_.load() != seen; });
@@ -135,6 +143,7 @@ class Pool {
     alignas(64) std::atomic<int64_t> done_{0};
     alignas(64) std::atomic<uint32_t> wake_{0};
     std::atomic<int> sleepers_{0}, active_{0};
+    std::atomic<bool> resting_{false};
     uint64_t gen_ = 0;
     TaskFn fn_ = nullptr;
     void* ctx_ = nullptr;
@@ -944,9 +953,11 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
         norm(s.x + b * C, w[kNormW], w[kNormB], C, eps, ln, s.h + (int64_t)head_rows.size() * C);
         head_rows.push_back(b);
     }
-    if (head_rows.empty()) return 0;
-    s.B = (int64_t)head_rows.size();
-    product(s, kHeadW, w[kHeadB], s.h, C, V, logits, V, false, head_rows.data());
+    if (!head_rows.empty()) {
+        s.B = (int64_t)head_rows.size();
+        product(s, kHeadW, w[kHeadB], s.h, C, V, logits, V, false, head_rows.data());
+    }
+    pool().rest();  // the Python side runs next: its sampler wakes the pool again
     return 0;
 }
 
