@@ -526,7 +526,9 @@ def test_kv_cache_setting_reaches_the_batch_or_falls_back_with_a_warning(monkeyp
     assert ServeConfig().kv_cache == "bf16"
     engine = Engine(lambda: None, max_batch=2, max_queue=1, prefill_chunk=8, kv_cache="bf16")
     engine.model = random_model()
-    assert engine._batch().kv_dtype == torch.bfloat16
+    batch = engine._batch()
+    assert batch.kv_dtype == torch.bfloat16
+    assert batch.decoder.rest and not NativeDecoder(engine.model).rest  # the server's steps let the pool sleep
     engine.kv_cache = "fp32"
     assert engine._batch().kv_dtype == torch.float32
     engine.kv_cache = "bf16"

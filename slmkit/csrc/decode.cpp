@@ -12,10 +12,10 @@
 // what is left, shrinking to one task at the end: fewer trips of the counter's cache line between
 // cores), so the caller never waits for a worker that the OS has not scheduled: it takes the
 // remaining tasks itself. An idle worker spins for a short while (SLMKIT_DECODE_SPIN_US, default
-// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. At the
-// end of a step the workers sleep at once (Pool::rest): the caller's Python runs next (sampling,
-// streaming the tokens), for longer than the spin at a server's batch, and a spinning worker took
-// a core from it, the event loop and the clients. Every output value is computed by one task in
+// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. A caller
+// may ask them to sleep at once after a step (Pool::rest; slm serve: its Python between steps
+// outlasts the spin, and a spinning worker took a core from it, the event loop and the clients).
+// Every output value is computed by one task in
 // a fixed order, so the thread count never changes a result.
 #include <algorithm>
 #include <atomic>
@@ -80,8 +80,8 @@ class Pool {
         while (done_.load(std::memory_order_acquire) + mine < n) cpu_relax();  // only tasks already claimed
     }
 
-    // Idle workers sleep at once rather than spin until the next run(): the caller has work of its
-    // own to do first (a decode step's end: the caller's Python sampling, publishing and prompts).
+    // Idle workers sleep at once rather than spin until the next run(): the caller has long work of
+    // its own to do first (slm_decode_step's rest).
     void rest() { resting_.store(true, std::memory_order_relaxed); }
 
   private:
@@ -899,10 +899,11 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 // 2 for an isa this CPU lacks, an unknown weight format or an unknown KV type. need: null, or one
 // byte per row, 0 where nobody reads the row's logits (a riding prompt's row before its last
 // token, a hole): its final norm and head product are skipped and its logits are zeros; the
-// other rows' logits are the same bits either way.
+// other rows' logits are the same bits either way. rest: the pool's workers sleep at once after
+// this step instead of spinning (Pool::rest; the caller's own work before its next step is long).
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
                     int64_t B, int64_t S, int64_t max_len, void* kc, void* vc, float* logits, int threads, int isa,
-                    const int64_t* fmt, const uint8_t* need) {
+                    const int64_t* fmt, const uint8_t* need, int rest) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar || !known_format(cfg[kFormat]) || !matvec_for(isa, cfg[kFormat])) return 2;
@@ -957,7 +958,7 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
         s.B = (int64_t)head_rows.size();
         product(s, kHeadW, w[kHeadB], s.h, C, V, logits, V, false, head_rows.data());
     }
-    pool().rest();  // the Python side runs next: its sampler wakes the pool again
+    if (rest) pool().rest();
     return 0;
 }
 

@@ -339,6 +339,9 @@ class NativeDecoder(Decoder):
         self.kv_dtype = torch.float32  # the cache element type cfg[-1] says
         self.pointers = (ctypes.c_void_p * len(self.tensors))(*(0 if t is None else t.data_ptr() for t in self.tensors))
         self.eps, self.vocab = c.norm_eps, c.vocab_size
+        # The pool's threads sleep right after each step instead of spinning for the next one: for
+        # a caller whose work between steps is long and shares the cores (slm serve's engine)
+        self.rest = False
         self.cfg_ptr, self.formats_ptr = self.cfg.data_ptr(), self.formats.data_ptr()
 
     def weight_bytes(self) -> int:
@@ -372,7 +375,8 @@ class NativeDecoder(Decoder):
         threads = self.threads or torch.get_num_threads()
         rc = self.lib.slm_decode_step(self.cfg_ptr, self.pointers, self.eps, ids.data_ptr(), start.data_ptr(),
                                       B, S, max_len, cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
-                                      threads, self.isa, self.formats_ptr, None if need is None else need.data_ptr())
+                                      threads, self.isa, self.formats_ptr, None if need is None else need.data_ptr(),
+                                      self.rest)
         if rc == 1:
             raise IndexError(f"token ids must be in [0, {self.model.config.vocab_size}), got {ids.tolist()}")
         if rc == 2:
