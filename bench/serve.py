@@ -21,6 +21,13 @@ reports (checked: ``max_tokens`` for every request). Per load: aggregate tokens/
 in the same round: the same kind of requests sent one at a time ("sequential"), and batch-1
 ``slm generate`` in this process (``generate_tokens``, no HTTP) while the server is idle. Every round
 runs every load, alternating; the table shows medians over rounds, ratios per round.
+
+No two requests of a run send the same opening (valid.txt's stories, then train.txt's): with the
+server's prefix cache (``--prefix-cache-mb``) a repeated prompt would cost only its last token. Openings
+still share their first words ("Once upon a time, there was a"), as real prompts share a system
+prompt; the share of prompt tokens the prefix cache held is read from ``/metrics`` per load.
+``--shared-prefix-tokens N`` puts the same N-token preamble before every opening, as a chat's
+system prompt is before every conversation.
 """
 
 from __future__ import annotations
@@ -48,13 +55,45 @@ STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"
 
 
 def stories(n: int) -> list[str]:
-    """The first ``n`` TinyStories documents of the shared sample (or made-up ones without it)."""
-    if STORIES.exists():
-        docs = [d.strip() for d in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
-        if len(docs) >= 10:
-            return docs[:n]
-    return [f"Once upon a time there was a little {w} who liked to play in the park with friends." for w in
-            ("girl", "boy", "dog", "cat", "bird", "fish", "bear", "frog", "duck", "fox")] * (n // 10 + 1)
+    """The first ``n`` TinyStories documents of the shared sample, valid.txt's then train.txt's (or
+    made-up ones, each different, without it)."""
+    docs = []
+    for path in (STORIES, STORIES.with_name("train.txt")):
+        if path.exists() and len(docs) < n:
+            docs += [d.strip() for d in path.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
+    if len(docs) >= 10:
+        return docs[:n]
+    return [f"Once upon a time there was a little {w} number {i} who liked to play in the park with friends."
+            for i in range(n // 10 + 1) for w in ("girl", "boy", "dog", "cat", "bird", "fish", "bear", "frog", "duck", "fox")][:n]
+
+
+class Openings:
+    """Story openings of about ``tokens`` tokens, each handed out once: no request of a run repeats
+    another's prompt (the server's prefix cache would make it all but free)."""
+
+    def __init__(self, tok, tokens: int, count: int, preamble: int = 0) -> None:
+        seen, self.texts = set(), []
+        candidates = stories(20 * count)  # some stories open alike: more to choose from
+        # a story from the end of those, far from the openings used, cut to ``preamble`` tokens
+        pre = tok.decode(tok.encode(candidates[-1])[:preamble]) + " " if preamble else ""
+        for story in candidates:
+            text = tok.decode(tok.encode(story[: 12 * tokens])[:tokens])  # ~4 characters a token: no need to encode it all
+            if text not in seen:
+                seen.add(text)
+                self.texts.append(pre + text)
+                if len(self.texts) == count:
+                    break
+        self.used = 0
+        if len(self.texts) < count:
+            raise SystemExit(f"only {len(self.texts)} different story openings for {count} requests: "
+                             "fewer rounds, clients or requests per client")
+
+    def take(self, n: int) -> list[str]:
+        """The next ``n`` openings, never handed out before."""
+        if self.used + n > len(self.texts):
+            raise SystemExit(f"out of story openings after {self.used}")
+        self.used += n
+        return self.texts[self.used - n : self.used]
 
 
 def train_run(work: Path, preset: str, vocab: int, minutes: float) -> Path:
@@ -177,8 +216,8 @@ async def load(url: str, clients: int, per_client: int, prompts: list[str], max_
     async def run(c: int) -> list[dict]:
         conn = Connection(host, int(port))
         try:
-            return [await one_request(conn, prompts[(c * per_client + i) % len(prompts)], max_tokens,
-                                      seed=c * per_client + i) for i in range(per_client)]
+            return [await one_request(conn, prompts[c * per_client + i], max_tokens, seed=c * per_client + i)
+                    for i in range(per_client)]
         finally:
             conn.close()
 
@@ -196,15 +235,30 @@ async def load(url: str, clients: int, per_client: int, prompts: list[str], max_
             "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99)}
 
 
-def run_load(*args) -> dict:
-    """``load(*args)`` on uvloop's event loop where it is installed (as a load generator would), else asyncio's."""
+def prefix_counts(url: str) -> tuple[float, float]:
+    """The server's prefix-cache hit and looked-up prompt tokens so far (from /metrics)."""
+    import httpx
+
+    from slmkit.serve.metrics import parse
+
+    m = parse(httpx.get(f"{url}/metrics").text)
+    return m.get("slm_prefix_cache_hits_total", 0.0), m.get("slm_prefix_cache_queries_total", 0.0)
+
+
+def run_load(url: str, clients: int, per_client: int, openings: Openings, max_tokens: int) -> dict:
+    """``load`` with fresh openings on uvloop's event loop where it is installed (as a load generator
+    would), else asyncio's; with the share of its prompt tokens the server's prefix cache held."""
     try:
         import uvloop
         factory = uvloop.new_event_loop
     except ImportError:
         factory = None
+    hits0, queries0 = prefix_counts(url)
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(load(*args))
+        out = runner.run(load(url, clients, per_client, openings.take(clients * per_client), max_tokens))
+    hits, queries = prefix_counts(url)
+    out.update(prefix_hit_tokens=hits - hits0, prefix_query_tokens=queries - queries0)
+    return out
 
 
 def generate_speed(run: Path, prompt: str, max_tokens: int, threads: int) -> float:
@@ -240,6 +294,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="JSON result path (default bench/results/serve.json)")
     parser.add_argument("--kv-cache", default=None, choices=["fp32", "bf16"],
                         help="the server's --kv-cache (default: the server's default)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=None,
+                        help="the server's --prefix-cache-mb (default: the server's default; 0: off)")
+    parser.add_argument("--shared-prefix-tokens", type=int, default=0,
+                        help="the same preamble of this many tokens before every opening (a system prompt)")
     args = parser.parse_args()
     if args.smoke:
         # 32 tokens: random weights often sample a byte that is part of a character, and the text
@@ -269,18 +327,23 @@ def main() -> int:
     from slmkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(run / "tokenizer")
-    prompts = [tok.decode(tok.encode(s)[: args.prompt_tokens]) for s in stories(200)]
+    seq_requests = max(4, min(8, max(args.clients)))
+    openings = Openings(tok, args.prompt_tokens,
+                        1 + args.rounds * (seq_requests + args.requests_per_client * sum(args.clients)),
+                        args.shared_prefix_tokens)
     max_batch = max(args.clients)
     from slmkit.serve.config import ServeConfig
 
     args.kv_cache = args.kv_cache or ServeConfig.kv_cache  # recorded as what the server ran with
+    if args.prefix_cache_mb is None:
+        args.prefix_cache_mb = ServeConfig.prefix_cache_mb
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", str(run), "--port", str(port),
                                "--threads", str(args.threads), "--max-batch", str(max_batch),
                                "--max-queue", str(4 * max_batch),
-                               "--kv-cache", args.kv_cache],
+                               "--kv-cache", args.kv_cache, "--prefix-cache-mb", str(args.prefix_cache_mb)],
                               stdout=log, stderr=log, cwd=ROOT)
     try:
         import httpx
@@ -295,13 +358,12 @@ def main() -> int:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the server did not start: {(work / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
-        run_load(url, 1, 1, prompts, args.max_tokens)  # warm up
+        run_load(url, 1, 1, openings, args.max_tokens)  # warm up
         rounds = []
-        seq_requests = max(4, min(8, max(args.clients)))
         for r in range(args.rounds):
-            row = {"generate_batch1_tok_per_s": generate_speed(run, prompts[0], args.max_tokens, args.threads)}
-            row["sequential"] = run_load(url, 1, seq_requests, prompts, args.max_tokens)
-            row["loads"] = [run_load(url, c, args.requests_per_client, prompts, args.max_tokens)
+            row = {"generate_batch1_tok_per_s": generate_speed(run, openings.texts[0], args.max_tokens, args.threads)}
+            row["sequential"] = run_load(url, 1, seq_requests, openings, args.max_tokens)
+            row["loads"] = [run_load(url, c, args.requests_per_client, openings, args.max_tokens)
                             for c in args.clients]
             rounds.append(row)
             print(f"round {r + 1}: generate {row['generate_batch1_tok_per_s']:.0f} tok/s, sequential "
@@ -315,8 +377,13 @@ def main() -> int:
     def med(values: list[float]) -> float:
         return statistics.median(values)
 
+    def hit_rate(loads: list[dict]) -> float | None:
+        """The share of these loads' prompt tokens the prefix cache held (None: it was off)."""
+        queries = sum(x["prefix_query_tokens"] for x in loads)
+        return sum(x["prefix_hit_tokens"] for x in loads) / queries if queries else None
+
     table = ["| clients | aggregate tokens/s | vs sequential | vs 1 client | vs batch-1 slm generate | TTFT p50 | "
-             "TTFT p99 | ITL p50 | ITL p99 |", "|---|---|---|---|---|---|---|---|---|"]
+             "TTFT p99 | ITL p50 | ITL p99 | prefix cache hits |", "|---|---|---|---|---|---|---|---|---|---|"]
     summary = []
     for i, c in enumerate(args.clients):
         per = [row["loads"][i] for row in rounds]
@@ -324,18 +391,26 @@ def main() -> int:
              "vs_sequential": med([row["loads"][i]["tok_per_s"] / row["sequential"]["tok_per_s"] for row in rounds]),
              "vs_one_client": med([row["loads"][i]["tok_per_s"] / row["loads"][0]["tok_per_s"] for row in rounds]),
              "vs_generate": med([row["loads"][i]["tok_per_s"] / row["generate_batch1_tok_per_s"] for row in rounds]),
-             **{k: med([x[k] for x in per]) for k in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")}}
+             **{k: med([x[k] for x in per]) for k in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")},
+             "prefix_hit_rate": hit_rate(per)}
         summary.append(s)
+        hits = "off" if s["prefix_hit_rate"] is None else f"{s['prefix_hit_rate']:.0%}"
         table.append(f"| {c} | {s['tok_per_s']:,.0f} | {s['vs_sequential']:.2f}x | {s['vs_one_client']:.2f}x | "
                      f"{s['vs_generate']:.2f}x | {s['ttft_p50_s'] * 1000:.0f} ms | {s['ttft_p99_s'] * 1000:.0f} ms | "
-                     f"{s['itl_p50_s'] * 1000:.1f} ms | {s['itl_p99_s'] * 1000:.1f} ms |")
+                     f"{s['itl_p50_s'] * 1000:.1f} ms | {s['itl_p99_s'] * 1000:.1f} ms | {hits} |")
+    overall = hit_rate([row["sequential"] for row in rounds] + [x for row in rounds for x in row["loads"]])
     seq = med([row["sequential"]["tok_per_s"] for row in rounds])
     gen = med([row["generate_batch1_tok_per_s"] for row in rounds])
     table += ["", f"Baselines (medians): the same requests one at a time over HTTP {seq:,.0f} tokens/s; batch-1 "
                   f"`slm generate` in-process {gen:,.0f} tokens/s. {args.preset} shape ({what}, vocab "
-                  f"{model_info['vocab']}), prompts of about {args.prompt_tokens} tokens, {args.max_tokens} new tokens per "
+                  f"{model_info['vocab']}), prompts of about {args.prompt_tokens} tokens"
+                  + (f" after a shared preamble of {args.shared_prefix_tokens}" if args.shared_prefix_tokens else "")
+                  + f", {args.max_tokens} new tokens per "
                   f"request, {args.requests_per_client} requests per client, server --threads {args.threads} "
-                  f"--max-batch {max_batch} --kv-cache {args.kv_cache}, {args.rounds} rounds; clients (asyncio streams on one event loop in the "
+                  f"--max-batch {max_batch} --kv-cache {args.kv_cache} --prefix-cache-mb {args.prefix_cache_mb}, "
+                  f"{args.rounds} rounds, every request a different story opening"
+                  + ("" if overall is None else f" (the prefix cache held {overall:.0%} of all prompt tokens)")
+                  + "; clients (asyncio streams on one event loop in the "
                   f"benchmark's process, one keep-alive connection each) and server share the machine."]
     goal = {s["clients"]: s for s in summary}
     if 1 in goal and 16 in goal:  # issue 17's goal: 16 clients >= 4x one client, p99 TTFT < 1 s
@@ -350,6 +425,8 @@ def main() -> int:
     result = {**machine_info(), "bench_command": command,
               "preset": args.preset, "vocab": model_info["vocab"], "model": model_info, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests_per_client, "threads": args.threads, "kv_cache": args.kv_cache,
+              "prefix_cache_mb": args.prefix_cache_mb, "prefix_hit_rate": overall,
+              "shared_prefix_tokens": args.shared_prefix_tokens,
               "rounds": rounds,
               "summary": summary, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

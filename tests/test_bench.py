@@ -204,6 +204,8 @@ def test_serve(tmp_path: Path) -> None:
         else:
             assert math.isnan(s["itl_p50_s"]) and math.isnan(s["itl_p99_s"])
     assert d["rounds"][0]["generate_batch1_tok_per_s"] > 0 and d["table"][0].startswith("| clients")
+    # every request a new story opening; those still share first words, which the server's prefix cache holds
+    assert d["prefix_cache_mb"] > 0 and 0 < d["prefix_hit_rate"] < 1
 
 
 def test_finetune(tmp_path: Path) -> None:

@@ -267,3 +267,72 @@ def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():
         run(batch, {0: seqs[:1], 3: seqs[1:3], 5: seqs[3:5], 20: seqs[5:]})
         assert [s.tokens for s in seqs] == alone
         assert seen and set(seen) == {bf16}
+
+
+def test_prefix_cache_hits_keep_each_rows_solo_greedy_tokens(monkeypatch):
+    """Prompts that share openings start from the cached keys and values of earlier prompts, riding
+    (into holes, appended, across a compaction) or prefilled (in chunks, or together in one pass with
+    prefixes of different lengths), and still get their solo greedy tokens, the same as without a cache."""
+    from slmkit.generate.prefix import PrefixCache
+
+    model = random_model(block_size=32)
+    base = [3, 1, 4, 1, 5, 9, 2, 6]
+    prompts = [base, base + [5, 3], base[:5] + [8, 9, 7], [2, 7], base + [5, 3, 5, 8, 9, 7, 9, 3, 2, 3],
+               base[:3] + [11, 12, 13, 14, 15], base + [5, 3, 5], [20, 21, 22]]
+    news = [14, 6, 9, 20, 5, 8, 7, 6]
+    solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
+            for p, n in zip(prompts, news)]
+    joins = {0: [0], 2: [1, 2, 3], 9: [4], 12: [5], 26: [6], 40: [7]}
+    for ride, chunk in ((16, 4), (0, 4), (0, 32)):  # riding; chunked prefill; prefill together
+        store = PrefixCache(1 << 20)
+        seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+        batch = ContinuousBatch(model, max_batch=3, prefill_chunk=chunk, ride=ride, hole_steps=3, prefixes=store)
+        run(batch, {step: [seqs[i] for i in ids] for step, ids in joins.items()})
+        assert [s.tokens for s in seqs] == solo, (ride, chunk)
+        assert store.hit_tokens >= 5 + 8 + 8, (ride, chunk)  # at least prompts 2, 5 and 7 found theirs
+        assert store.query_tokens == sum(map(len, prompts))
+        scored = Seq(base + [5, 3], GREEDY, 0)  # nothing to generate: runs whole (its prefix is cached)
+        run(batch, {0: [scored]})
+        assert scored.finish_reason == "length" and scored.tokens == [] and store.query_tokens == sum(map(len, prompts))
+
+
+def test_waiting_prompts_with_cached_prefixes_of_different_lengths_are_prefilled_together(monkeypatch):
+    """Prompts that arrive together go through one pass whatever their cached prefixes: each runs
+    the most any of them has uncached, its other tokens from the cache."""
+    from slmkit.generate.prefix import PrefixCache
+
+    model = random_model(block_size=32)
+    base = [3, 1, 4, 1, 5, 9, 2, 6]
+    prompts = [base[:6] + [7, 8, 9], base + [10, 11, 12], [13, 14, 15, 16, 17]]  # cached 6, 8 and 0 tokens
+    solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eot=False))[0]
+            for p in prompts]
+    store = PrefixCache(1 << 20)
+    batch = ContinuousBatch(model, prefixes=store)
+    run(batch, {0: [Seq(base, GREEDY, 2)]})
+    passes = []
+    real = batch.decoder.prefill
+    monkeypatch.setattr(batch.decoder, "prefill", lambda ids, cache: (passes.append(tuple(ids.shape)), real(ids, cache))[1])
+    seqs = [Seq(p, GREEDY, 6) for p in prompts]
+    hits = store.hit_tokens
+    run(batch, {0: seqs})
+    assert passes == [(3, 5)] and [s.tokens for s in seqs] == solo
+    assert store.hit_tokens - hits == (9 - 5) + (11 - 5)  # the last five tokens of each ran
+
+
+def test_a_prompt_cancelled_before_its_end_is_not_cached():
+    from slmkit.generate.prefix import PrefixCache
+
+    model = random_model(block_size=40)
+    for ride, chunk in ((16, 4), (0, 4)):  # riding the decode steps; prefilled in chunks
+        store = PrefixCache(1 << 20)
+        batch = ContinuousBatch(model, prefill_chunk=chunk, ride=ride, prefixes=store)
+        batch.add(Seq([1, 2], GREEDY, 30))
+        batch.step()
+        held = store.nbytes
+        gone = Seq(list(range(10, 22)), GREEDY, 5)
+        batch.add(gone)
+        batch.step()
+        batch.step()
+        gone.cancelled = True
+        run(batch, {0: []})
+        assert gone.finish_reason == "cancelled" and store.nbytes == held and store.match(gone.prompt) == 0

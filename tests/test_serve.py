@@ -255,6 +255,37 @@ def test_models_health_tokenize_and_metrics(plain, run_dir):
     assert m["slm_generation_tokens_total"] > 0 and m["slm_time_to_first_token_seconds_count"] > 0
 
 
+def test_prompts_that_share_an_opening_hit_the_prefix_cache(plain):
+    c = client(plain)
+    ask = dict(model="m", max_tokens=4, temperature=0)
+    before = metrics(plain)
+    c.completions.create(prompt="Pam had a red hat", **ask)
+    after_one = metrics(plain)
+    c.completions.create(prompt="Pam had a red dog", **ask)
+    after_two = metrics(plain)
+    hits = [m["slm_prefix_cache_hits_total"] - before["slm_prefix_cache_hits_total"] for m in (after_one, after_two)]
+    looked_up = after_two["slm_prefix_cache_queries_total"] - before["slm_prefix_cache_queries_total"]
+    assert hits[0] == 0 < hits[1] and looked_up == after_two["slm_prompt_tokens_total"] - before["slm_prompt_tokens_total"]
+    assert after_two["slm_prefix_cache_bytes"] > 0
+
+
+def test_prefix_cache_mb_sizes_the_engines_cache_and_0_turns_it_off():
+    from generation_models import random_model
+
+    from slmkit.errors import SlmError
+    from slmkit.serve.cli import make_engine
+    from slmkit.serve.config import ServeConfig
+
+    on = make_engine(ServeConfig(), lambda: None)
+    assert on.prefixes is not None and on.prefixes.budget == ServeConfig().prefix_cache_mb << 20 > 0
+    off = make_engine(ServeConfig(prefix_cache_mb=0), lambda: None)
+    off.model = on.model = random_model()
+    assert off.prefixes is None and off._batch().prefixes is None and on._batch().prefixes is on.prefixes
+    assert "slm_prefix_cache_hits_total 0" in off.metrics.render()
+    with pytest.raises(SlmError, match="--prefix-cache-mb must be >= 0"):
+        ServeConfig(prefix_cache_mb=-1).validate()
+
+
 def test_health_is_503_while_loading():
     from starlette.testclient import TestClient
 

@@ -14,7 +14,9 @@ Read in this order:
 6. ``conversation``: a chat model's reply to ``(role, content)`` turns with the run's chat template
    (``ChatSession`` renders and fits the turns to the context, ``stream_reply``/``reply`` generate
    up to the end-of-turn token).
-7. ``cli``: ``slm generate`` and ``slm chat``.
+7. ``prefix`` and ``continuous``: ``PrefixCache`` (keys and values of prompt prefixes, found again by
+   their tokens) and ``ContinuousBatch`` (sequences join and leave a running batch: ``slm serve``).
+8. ``cli``: ``slm generate`` and ``slm chat``.
 """
 
 from slmkit.generate.beam import beam_search

@@ -6,11 +6,16 @@ import argparse
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from slmkit.config import RUN_SECTIONS, add_section_arguments, check_sections, load_toml, section_from_args
 from slmkit.errors import SlmError
 from slmkit.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from slmkit.serve.engine import Engine
 
 # How long a thread that wants the GIL waits before it asks the holder to let go (Python's
 # default: 5 ms). The engine's worker needs it back the moment each C++ decode step returns, while
@@ -48,6 +53,16 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return section_from_args(ServeConfig, args, "serve", table)
 
 
+def make_engine(cfg: ServeConfig, load: Callable[[], tuple[Any, Any]]) -> Engine:
+    """The engine ``cfg`` asks for, serving what ``load()`` returns, with its prefix cache (None at 0 MB)."""
+    from slmkit.generate.prefix import PrefixCache
+    from slmkit.serve.engine import Engine
+
+    prefixes = PrefixCache(cfg.prefix_cache_mb << 20) if cfg.prefix_cache_mb else None
+    return Engine(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
+                  threads=cfg.threads, kv_cache=cfg.kv_cache, prefixes=prefixes)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C; 2 with one line if the run cannot be loaded."""
     passive_openmp()
@@ -63,7 +78,6 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SlmError(f"slm serve needs its extra ({e.name} is missing): pip install 'slmkit[serve]'") from None
     from slmkit.checkpoint import load_run
     from slmkit.runtime import resolve_device
-    from slmkit.serve.engine import Engine
 
     device = resolve_device(cfg.device)
 
@@ -71,8 +85,7 @@ def run_cli(args: argparse.Namespace) -> int:
         model, tokenizer, _ = load_run(run_dir, device=device, which=cfg.which)
         return model.eval(), tokenizer
 
-    engine = Engine(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
-                    threads=cfg.threads, kv_cache=cfg.kv_cache)
+    engine = make_engine(cfg, load)
     name = cfg.model_name or run_dir.resolve().name
     app = create_app(engine, cfg, name)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",

@@ -26,6 +26,7 @@ import torch
 from slmkit.decode import NativeDecoder
 from slmkit.errors import SlmError
 from slmkit.generate.continuous import ContinuousBatch, Seq
+from slmkit.generate.prefix import PrefixCache
 from slmkit.generate.text import TextStream
 from slmkit.serve.metrics import Metrics
 
@@ -95,12 +96,14 @@ class Engine:
     """Loads the run (``load()`` returns ``(model, tokenizer)``) and serves jobs from one thread."""
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_batch: int, max_queue: int, prefill_chunk: int,
-                 metrics: Metrics | None = None, threads: int | None = None, kv_cache: str = "fp32") -> None:
+                 metrics: Metrics | None = None, threads: int | None = None, kv_cache: str = "fp32",
+                 prefixes: PrefixCache | None = None) -> None:
         self._load, self.max_batch, self.max_queue, self.prefill_chunk = load, max_batch, max_queue, prefill_chunk
         self.metrics = metrics or Metrics()
         self.threads = threads
         self.kv_cache = kv_cache  # "fp32" (the model's dtype) or "bf16" where the decoder reads it
         self._kv_warned = False  # the fallback from bf16 is said once
+        self.prefixes = prefixes  # the prefix cache every batch of this engine uses (None: off)
         self.model = self.tokenizer = None
         self.ready = False
         self.load_error: str | None = None
@@ -172,14 +175,18 @@ class Engine:
                 continue
             self._publish(changed)
             self.metrics.add(steps=1)
-            self.metrics.set(running=batch.running, running_requests=len(self._jobs))
+            p = self.prefixes
+            cached = {} if p is None else dict(prefix_hit_tokens=p.hit_tokens, prefix_query_tokens=p.query_tokens,
+                                               prefix_cache_bytes=p.nbytes)
+            self.metrics.set(running=batch.running, running_requests=len(self._jobs), **cached)  # one lock a step
 
     def _batch(self) -> ContinuousBatch:
         """A prompt that fits one prefill chunk rides the running batch's decode steps (``ride``).
-        A bf16 KV cache where the decoder reads one (the C++ step), else the model's dtype (one warning)."""
+        A bf16 KV cache where the decoder reads one (the C++ step), else the model's dtype (one warning).
+        The engine's prefix cache, if any, outlives a batch (a new one after a failed step)."""
         def make(kv_dtype: torch.dtype | None) -> ContinuousBatch:
             return ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                                   ride=self.prefill_chunk, kv_dtype=kv_dtype)
+                                   ride=self.prefill_chunk, kv_dtype=kv_dtype, prefixes=self.prefixes)
 
         batch = None
         if self.kv_cache == "bf16":

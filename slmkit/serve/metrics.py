@@ -23,6 +23,9 @@ class Metrics:
         self.queue_depth = 0  # requests waiting for a place in the batch
         self.running = 0  # sequences in the decode batch
         self.running_requests = 0  # requests admitted and not finished
+        self.prefix_hit_tokens = 0  # prompt tokens whose keys and values the prefix cache had (not run)
+        self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_bytes = 0
         self.ttft_counts = [0] * len(TTFT_BUCKETS)
         self.ttft_sum = 0.0
         self.ttft_count = 0
@@ -65,6 +68,11 @@ class Metrics:
                 ("slm_queue_depth", "gauge", self.queue_depth, "Requests waiting for a place in the batch."),
                 ("slm_batch_size", "gauge", self.running, "Sequences in the running decode batch."),
                 ("slm_requests_running", "gauge", self.running_requests, "Requests being prefilled or decoded."),
+                ("slm_prefix_cache_queries_total", "counter", self.prefix_query_tokens,
+                 "Prompt tokens looked up in the prefix cache (0 with --prefix-cache-mb 0)."),
+                ("slm_prefix_cache_hits_total", "counter", self.prefix_hit_tokens,
+                 "Prompt tokens whose keys and values came from the prefix cache instead of the model."),
+                ("slm_prefix_cache_bytes", "gauge", self.prefix_cache_bytes, "Bytes of keys and values in the prefix cache."),
             ):
                 out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
             out += ["# HELP slm_time_to_first_token_seconds Time from a request's arrival to its first token.",
