@@ -15,8 +15,8 @@
 // 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. A caller
 // may ask them to sleep at once after a step (Pool::rest; slm serve: its Python between steps
 // outlasts the spin, and a spinning worker took a core from it, the event loop and the clients).
-// Every output value is computed by one task in
-// a fixed order, so the thread count never changes a result.
+// Every output value is computed by one task in a fixed order, so the thread count never changes
+// a result.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
