@@ -127,7 +127,8 @@ def _build(isa: str) -> ctypes.CDLL:
         f.restype = None
     # decode.cpp, the C++ decode step (slmkit/decode/native.py)
     handle.slm_decode_step.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + \
-        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                                                      ctypes.c_int]
     handle.slm_decode_step.restype = ctypes.c_int
     handle.slm_decode_isa.argtypes = []
     handle.slm_decode_isa.restype = ctypes.c_int
@@ -148,7 +149,7 @@ def _build(isa: str) -> ctypes.CDLL:
     # server's event loop for that loop's whole turn in the middle of a decode step.
     handle.slm_sample_rows = ctypes.PyDLL(str(lib)).slm_sample_rows
     handle.slm_sample_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                       ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+                                       ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     handle.slm_sample_rows.restype = None
     return handle
 

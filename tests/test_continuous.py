@@ -227,11 +227,16 @@ def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens(
     prefill = batch.decoder.prefill
     batch.decoder.prefill = lambda ids, cache: prefilled.append(ids.size(1)) or prefill(ids, cache)
     step = batch.decoder.step
-    batch.decoder.step = lambda ids, cache: fed.append(ids.size(0)) or step(ids, cache)
+    skipped = []  # rows per step whose logits the step was told nobody reads
+    batch.decoder.step = lambda ids, cache, need=None: fed.append(ids.size(0)) or skipped.append(
+        0 if need is None else int((~need).sum())) or step(ids, cache, need)
     run(batch, {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:]})
     assert [s.tokens for s in seqs] == solo
     assert prefilled == [3, 4, 4, 4, 4, 4]  # the first prompt alone, the long one in chunks: the rest rode
     assert max(fed) == 3 and batch.cache is None
+    # a rider's row gets no logits before its last prompt token (the C++ step skips its head)
+    riding = 8 + 1 + 5  # the tokens before the last of the riding prompts of 9, 2 and 6 tokens
+    assert sum(skipped) >= riding if batch.decoder.skips_logits else not any(skipped)
 
 
 def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():
@@ -258,7 +263,7 @@ def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():
         batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=ride, kv_dtype=bf16)
         seen = []
         step = batch.decoder.step
-        batch.decoder.step = lambda ids, cache: (seen.append(cache.k.dtype), step(ids, cache))[1]
+        batch.decoder.step = lambda ids, cache, need=None: (seen.append(cache.k.dtype), step(ids, cache, need))[1]
         run(batch, {0: seqs[:1], 3: seqs[1:3], 5: seqs[3:5], 20: seqs[5:]})
         assert [s.tokens for s in seqs] == alone
         assert seen and set(seen) == {bf16}

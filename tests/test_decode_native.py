@@ -126,13 +126,49 @@ def test_packed_weights_are_kept_per_model_until_they_change():
     assert gone() is None
 
 
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "bf16-dot", "int8"])
+def test_rows_that_need_no_logits_skip_the_head_and_the_others_keep_their_bits(weights):
+    """``need``: the rows marked get the logits of the step without it, bit for bit (float or bf16
+    panels, vdpbf16ps, int8 blocks whose activations are quantized per row), at 1 and 2 threads; the
+    unmarked rows get zeros; every row's keys and values are stored alike (the next steps agree)."""
+    model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
+    if weights == "int8":
+        from slmkit.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(8, 32, True))  # the head too (tied: the embedding's blocks)
+    fmt = "fp32" if weights == "int8" else weights
+    if weights == "bf16-dot" and not native.has_bf16_dot():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    x = torch.randint(0, 200, (9, 12), generator=torch.Generator().manual_seed(3))
+    starts = [0, 2, 0, 5, 1, 0, 0, 3, 0]
+    g = torch.Generator().manual_seed(4)
+    needs = [torch.rand(9, generator=g) < 0.5 for _ in range(5)] + [torch.zeros(9, dtype=torch.bool)]
+    with torch.inference_mode():
+        for threads in (1, 2):
+            decoder = NativeDecoder(model, threads=threads, weights=fmt)
+            assert decoder.packed == (weights == "int8")
+            plain, skipping = (KVCache.empty(model.config, 9, start=torch.tensor(starts)) for _ in range(2))
+            decoder.prefill(x[:, :6], plain)
+            decoder.prefill(x[:, :6], skipping)
+            for t, need in zip(range(6, 12), needs):
+                want, got = decoder.step(x[:, t], plain), decoder.step(x[:, t], skipping, need)
+                assert torch.equal(got[need], want[need]) and not got[~need].any()
+                assert torch.equal(skipping.k, plain.k) and torch.equal(skipping.v, plain.v)
+
+
 def test_thread_count_changes_no_bit():
     """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
     model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
     x = torch.randint(0, 200, (5, 20), generator=torch.Generator().manual_seed(6))
     starts = [0, 3, 1, 7, 0]
+    def decoder(threads: int, rest: bool = False) -> NativeDecoder:
+        d = NativeDecoder(model, threads=threads)
+        d.rest = rest  # the pool's threads sleep after every step (slm serve): no bit changes either
+        return d
+
     with torch.inference_mode():
-        runs = [ragged_steps(NativeDecoder(model, threads=t), model, x, starts, 10) for t in (1, 2, 3, 8)]
+        runs = [ragged_steps(decoder(t), model, x, starts, 10) for t in (1, 2, 3, 8)]
+        runs.append(ragged_steps(decoder(2, rest=True), model, x, starts, 10))
     for logits, cache in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(logits, runs[0][0]))
         assert torch.equal(cache.k, runs[0][1].k) and torch.equal(cache.v, runs[0][1].v)

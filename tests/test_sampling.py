@@ -178,6 +178,10 @@ def test_native_top_p_draws_the_reference_tokens(vocab):
         u = _uniforms(_generators(len(rows)))
         expected = G.choose(apply_top_p(x[rows], p), temperature, _generators(len(rows))).tolist()
         assert G.native_top_p(logits, temperature, p, u, rows) == expected
+        # the rows run on the decode step's pool: no thread count changes a token
+        u = _uniforms(_generators(24))
+        alone = G.native_top_p(logits, temperature, p, u, threads=1)
+        assert all(G.native_top_p(logits, temperature, p, u, threads=t) == alone for t in (2, 3))
 
 
 @native

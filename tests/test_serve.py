@@ -8,6 +8,7 @@ queue of 1: chat, streaming, cancellation, overload, a kill).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -556,7 +557,9 @@ def test_kv_cache_setting_reaches_the_batch_or_falls_back_with_a_warning(monkeyp
     assert ServeConfig().kv_cache == "bf16"
     engine = Engine(lambda: None, max_batch=2, max_queue=1, prefill_chunk=8, kv_cache="bf16")
     engine.model = random_model()
-    assert engine._batch().kv_dtype == torch.bfloat16
+    batch = engine._batch()
+    assert batch.kv_dtype == torch.bfloat16
+    assert batch.decoder.rest and not NativeDecoder(engine.model).rest  # the server's steps let the pool sleep
     engine.kv_cache = "fp32"
     assert engine._batch().kv_dtype == torch.float32
     engine.kv_cache = "bf16"
@@ -630,3 +633,21 @@ def test_weights_setting_gives_the_tokens_of_its_decoder_or_falls_back_with_a_wa
         assert not isinstance(engine._batch().decoder, NativeDecoder)
         engine._batch()
     assert caplog.text.count("--weights bf16 is off") == 1 and "no C++ library here" in caplog.text
+
+
+def test_the_server_sets_openmp_passive_before_torch_loads_unless_the_user_chose():
+    """OpenMP reads OMP_WAIT_POLICY once, when PyTorch loads: after passive_openmp() and then
+    ``import torch`` libgomp reports (OMP_DISPLAY_ENV) a spin count of 0, not its default 300000;
+    a user's own choice (active) stays."""
+    def spin_count(preset: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(OMP_DISPLAY_ENV="verbose", **({"OMP_WAIT_POLICY": preset} if preset else {}))
+        code = "from slmkit.serve.cli import passive_openmp; passive_openmp(); import torch"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        shown = [line for line in (out.stdout + out.stderr).splitlines() if "GOMP_SPINCOUNT" in line]
+        if not shown:
+            pytest.skip("this PyTorch's OpenMP runtime is not libgomp or does not show its settings")
+        return shown[0].split("=")[1].strip()
+
+    assert spin_count(None) == "'0'"
+    assert spin_count("active") not in ("'0'", "'300000'")  # active spins far longer

@@ -12,8 +12,11 @@
 // what is left, shrinking to one task at the end: fewer trips of the counter's cache line between
 // cores), so the caller never waits for a worker that the OS has not scheduled: it takes the
 // remaining tasks itself. An idle worker spins for a short while (SLMKIT_DECODE_SPIN_US, default
-// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. Every
-// output value is computed by one task in a fixed order, so the thread count never changes a result.
+// 100 us) and then sleeps on a condition variable: no thread burns a core between tokens. A caller
+// may ask them to sleep at once after a step (Pool::rest; slm serve: its Python between steps
+// outlasts the spin, and a spinning worker took a core from it, the event loop and the clients).
+// Every output value is computed by one task in a fixed order, so the thread count never changes
+// a result.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -61,6 +64,7 @@ class Pool {
             workers_.emplace_back(1);
             std::thread([this, id] { loop(id); }).detach();  // lives as long as the process
         }
+        resting_.store(false, std::memory_order_relaxed);
         active_.store(threads - 1, std::memory_order_relaxed);
         fn_ = fn;
         ctx_ = ctx;
@@ -75,6 +79,10 @@ class Pool {
         const int64_t mine = work();
         while (done_.load(std::memory_order_acquire) + mine < n) cpu_relax();  // only tasks already claimed
     }
+
+    // Idle workers sleep at once rather than spin until the next run(): the caller has long work of
+    // its own to do first (slm_decode_step's rest).
+    void rest() { resting_.store(true, std::memory_order_relaxed); }
 
   private:
     static constexpr uint64_t kGenMask = (1u << 24) - 1;
@@ -112,7 +120,7 @@ class Pool {
             uint32_t w;
             for (int i = 1; (w = wake_.load(std::memory_order_acquire)) == seen; i++) {
                 cpu_relax();
-                if (i % 256 == 0 && std::chrono::steady_clock::now() - t0 > spin) {
+                if (i % 256 == 0 && (resting_.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() - t0 > spin)) {
                     std::unique_lock<std::mutex> lock(mutex_);
                     sleepers_.fetch_add(1);
                     cv_.wait(lock, [&] { return wake_.load() != seen; });
@@ -135,6 +143,7 @@ class Pool {
     alignas(64) std::atomic<int64_t> done_{0};
     alignas(64) std::atomic<uint32_t> wake_{0};
     std::atomic<int> sleepers_{0}, active_{0};
+    std::atomic<bool> resting_{false};
     uint64_t gen_ = 0;
     TaskFn fn_ = nullptr;
     void* ctx_ = nullptr;
@@ -510,6 +519,7 @@ struct Step {
     const float *bias, *X;
     int64_t in, out, ldx, ldy, rows;  // rows: output rows per task (whole panels)
     float* Y;
+    const int64_t* yrow;  // the row of Y that row b of X writes (null: row b)
     bool add;
     // int8/int4 weights (qdecode.h): each tensor's format (null: none), the instruction set, the
     // current product's weight format (0: the model's float format) and its activations quantized
@@ -546,7 +556,7 @@ void product_task(void* p, int64_t task) {
     float* dots = scratch(s.B * s.rows);
     matvec_any(s, s.W, s.wfmt, s.in, s.X, s.ldx, j0, j1, dots, s.rows);
     for (int64_t b = 0; b < s.B; b++) {
-        float* y = s.Y + b * s.ldy + j0;
+        float* y = s.Y + (s.yrow ? s.yrow[b] : b) * s.ldy + j0;
         const float* d = dots + b * s.rows;
         for (int64_t r = 0; r < R; r++) {
             const float v = d[r] + (s.bias ? s.bias[j0 + r] : 0.f);
@@ -805,6 +815,7 @@ Pool& pool() {
 std::mutex step_mutex;  // one step at a time (ctypes releases the GIL)
 std::vector<float> workspace;
 std::vector<char> xq_buffer;
+std::vector<int64_t> head_rows;  // the rows whose logits a step computes
 
 // Sets up the products of weight i (index into w) on the B rows of X: its format, and X rounded to
 // int8 blocks (once per product) when the weight is int8/int4.
@@ -831,15 +842,24 @@ void prepare(Step& s, int64_t i, const float* X, int64_t in) {
 
 // Y[b] (+)= W X[b] + bias for the B rows, W = weight i: the one entry point of the products,
 // whatever the weight's format (the model's float panels, s.matvec, or its int8/int4 blocks).
+// yrow: null, or the row of Y each row of X writes.
 void product(Step& s, int64_t i, const float* bias, const float* X, int64_t in, int64_t out,
-             float* Y, int64_t ldy, bool add) {
+             float* Y, int64_t ldy, bool add, const int64_t* yrow = nullptr) {
     prepare(s, i, X, in);
-    s.W = s.w[i], s.bias = bias, s.X = X, s.in = in, s.out = out, s.ldx = in, s.Y = Y, s.ldy = ldy, s.add = add;
+    s.W = s.w[i], s.bias = bias, s.X = X, s.in = in, s.out = out, s.ldx = in, s.Y = Y, s.ldy = ldy, s.yrow = yrow,
+        s.add = add;
     s.rows = task_panels(panels(out), s.threads) * kPanel;
     pool().run(s.threads, (out + s.rows - 1) / s.rows, product_task, &s);
 }
 
 }  // namespace
+
+// Runs fn(ctx, t) for t in [0, n) on up to `threads` threads of the steps' pool, for callers
+// outside a step (sample.cpp's rows); one at a time with the steps, which share the pool.
+void slm_pool_for(int threads, int64_t n, void (*fn)(void*, int64_t), void* ctx) {
+    std::lock_guard<std::mutex> lock(step_mutex);
+    pool().run(std::max(threads, 1), n, fn, ctx);
+}
 
 extern "C" {
 
@@ -876,10 +896,14 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 // best. fmt: null, or one int64 per tensor of w: 0 for the model's float format (cfg[kFormat],
 // packed by slm_decode_pack), else int8/int4 blocks (qdecode.h's kind | group << 8; tok_emb, the
 // head and the matrices of the products). Returns 0, or 1 for a token id outside the vocabulary,
-// 2 for an isa this CPU lacks, an unknown weight format or an unknown KV type.
+// 2 for an isa this CPU lacks, an unknown weight format or an unknown KV type. need: null, or one
+// byte per row, 0 where nobody reads the row's logits (a riding prompt's row before its last
+// token, a hole): its final norm and head product are skipped and its logits are zeros; the
+// other rows' logits are the same bits either way. rest: the pool's workers sleep at once after
+// this step instead of spinning (Pool::rest; the caller's own work before its next step is long).
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
                     int64_t B, int64_t S, int64_t max_len, void* kc, void* vc, float* logits, int threads, int isa,
-                    const int64_t* fmt) {
+                    const int64_t* fmt, const uint8_t* need, int rest) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar || !known_format(cfg[kFormat]) || !matvec_for(isa, cfg[kFormat])) return 2;
@@ -919,8 +943,22 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
         pool().run(s.threads, (hidden + s.rows - 1) / s.rows, up_task, &s);
         product(s, li + kDownW, lw[kDownB], s.act, hidden, C, s.x, C, true);
     }
-    for (int64_t b = 0; b < B; b++) norm(s.x + b * C, w[kNormW], w[kNormB], C, eps, ln, s.h + b * C);
-    product(s, kHeadW, w[kHeadB], s.h, C, V, logits, V, false);
+    // The head reads the needed rows' normed states packed together and writes each to its own
+    // row of logits (a row's products do not depend on the batch it is in, so its bits are the same).
+    head_rows.clear();
+    for (int64_t b = 0; b < B; b++) {
+        if (need && !need[b]) {
+            std::fill(logits + b * V, logits + (b + 1) * V, 0.f);
+            continue;
+        }
+        norm(s.x + b * C, w[kNormW], w[kNormB], C, eps, ln, s.h + (int64_t)head_rows.size() * C);
+        head_rows.push_back(b);
+    }
+    if (!head_rows.empty()) {
+        s.B = (int64_t)head_rows.size();
+        product(s, kHeadW, w[kHeadB], s.h, C, V, logits, V, false, head_rows.data());
+    }
+    if (rest) pool().rest();
     return 0;
 }
 

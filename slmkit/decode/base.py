@@ -66,6 +66,8 @@ class Decoder:
     plain_linears: ClassVar[bool] = True  # needs reads_float_weights(model)
     # KV cache element types its steps read besides the model's own dtype (native: bfloat16)
     kv_dtypes: ClassVar[Collection[torch.dtype]] = ()
+    # step(..., need=) skips the head of the rows whose logits nobody reads (else all rows get them)
+    skips_logits: ClassVar[bool] = False
 
     def __init__(self, model: GPT) -> None:
         self.model = model
@@ -114,6 +116,8 @@ class Decoder:
         """Run T new tokens per row (B, T) after the cached ones; the last position's logits (B, vocab)."""
         return self.model(ids, last_only=True, cache=cache)[0][:, -1]
 
-    def step(self, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One new token per row, ids (B,) -> next-token logits (B, vocab)."""
+    def step(self, ids: torch.Tensor, cache: Cache, need: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row, ids (B,) -> next-token logits (B, vocab). ``need``: None, or a bool
+        (B,) marking the rows whose logits the caller reads; a backend that ``skips_logits`` leaves
+        the others' out (zeros), the rest compute them all. Every row's keys and values are stored."""
         raise NotImplementedError

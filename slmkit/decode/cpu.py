@@ -195,7 +195,7 @@ class CPUDecoder(Decoder):
         self.rotations = _Rotations(model.rope_cos, model.rope_sin) if model.rope_cos is not None else None
         self.buffers: dict[int, _Buffers] = {}
 
-    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, idx: torch.Tensor, cache: KVCache, need: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``."""
         B, S = idx.size(0), cache.length
         if B * (S + 1) * self.config.n_embd > self.max_work:

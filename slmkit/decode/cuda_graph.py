@@ -57,7 +57,7 @@ class GraphDecoder(Decoder):
         self.replays = 0  # steps served by a graph (tests read it)
 
     @torch.no_grad()  # also when called outside inference mode: no autograd history through the cache
-    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, idx: torch.Tensor, cache: KVCache, need: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab); fills one cache slot."""
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache full: {cache.length} + 1 tokens > {cache.max_len} slots")

@@ -299,6 +299,7 @@ class NativeDecoder(Decoder):
     devices = {"cpu"}
     dtypes = {torch.float32}
     kv_dtypes = tuple(KV_TYPES)
+    skips_logits = True
     handles = {**SIZES, "norm": {"layernorm", "rmsnorm"}, "positions": {"learned", "rope"},
                "activation": {"gelu", "swiglu"}, "n_kv_head": ANY, "bias": {False, True},
                "tie_embeddings": {False, True}}
@@ -348,6 +349,9 @@ class NativeDecoder(Decoder):
         self.kv_dtype = torch.float32  # the cache element type cfg[-1] says
         self.pointers = (ctypes.c_void_p * len(self.tensors))(*(0 if t is None else t.data_ptr() for t in self.tensors))
         self.eps, self.vocab = c.norm_eps, c.vocab_size
+        # The pool's threads sleep right after each step instead of spinning for the next one: for
+        # a caller whose work between steps is long and shares the cores (slm serve's engine)
+        self.rest = False
         self.cfg_ptr, self.formats_ptr = self.cfg.data_ptr(), self.formats.data_ptr()
 
     def weight_bytes(self) -> int:
@@ -356,9 +360,11 @@ class NativeDecoder(Decoder):
         all rows of its batch."""
         return sum(t.numel() for t in self.tensors[1:] if t is not None and t.dtype == torch.uint8)
 
-    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, idx: torch.Tensor, cache: KVCache, need: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``
-        (the cache's keys and values float32 or bf16: ``KV_TYPES``)."""
+        (the cache's keys and values float32 or bf16: ``KV_TYPES``). ``need`` (bool (B,)): only
+        those rows get logits (the others zeros: no final norm or head product for them), the same
+        bits as without it."""
         # (a step of the stories15m shape in int4 takes ~80 us: the checks and conversions here
         # skip what is already so; together they were ~5 us)
         B, S, max_len = idx.size(0), cache.length, cache.k.size(3)
@@ -373,11 +379,14 @@ class NativeDecoder(Decoder):
             self.cfg[-1] = KV_TYPES[cache.k.dtype]
         ids = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.to(torch.int64).contiguous()
         start = cache.start.contiguous()
+        if need is not None and (need.dtype is not torch.bool or need.shape != (B,) or not need.is_contiguous()):
+            need = need.to(torch.bool).contiguous().view(B)  # one byte per row, 0 or 1
         logits = torch.empty(B, self.vocab)
         threads = self.threads or torch.get_num_threads()
         rc = self.lib.slm_decode_step(self.cfg_ptr, self.pointers, self.eps, ids.data_ptr(), start.data_ptr(),
                                       B, S, max_len, cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
-                                      threads, self.isa, self.formats_ptr)
+                                      threads, self.isa, self.formats_ptr, None if need is None else need.data_ptr(),
+                                      self.rest)
         if rc == 1:
             raise IndexError(f"token ids must be in [0, {self.model.config.vocab_size}), got {ids.tolist()}")
         if rc == 2:

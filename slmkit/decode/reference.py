@@ -21,6 +21,6 @@ class ModuleDecoder(Decoder):
     def why_not(cls, model, device=None, dtype=None) -> str | None:  # noqa: ANN001
         return None  # the reference implements everything model.py does
 
-    def step(self, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, cache: Cache, need: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(ids[:, None], last_only=True, cache=cache)[0][:, -1]
 

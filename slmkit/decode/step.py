@@ -150,7 +150,7 @@ class StepDecoder(Decoder):
         super().__init__(model)
         self.weights = decode_weights(model)  # looked up once per generation, not per step
 
-    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, idx: torch.Tensor, cache: KVCache, need: torch.Tensor | None = None) -> torch.Tensor:
         B, S = idx.size(0), cache.length
         if S >= cache.max_len:
             raise ValueError(f"KV cache full: {S} + 1 tokens > {cache.max_len} slots")

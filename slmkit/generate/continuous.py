@@ -308,7 +308,10 @@ class ContinuousBatch:
                 self.cache.compact()
             tokens = torch.tensor([0 if row is None else row.feed.popleft() if row.feed else row.seq.tokens[-1]
                                    for row in self.rows], device=self.device)
-            self.logits = self.decoder.step(tokens, self.cache).float()
+            # the rows whose logits the next step reads: not holes, nor riders with prompt still to feed
+            need = [row is not None and not row.feed for row in self.rows]
+            need = None if all(need) or not self.decoder.skips_logits else torch.tensor(need, device=self.device)
+            self.logits = self.decoder.step(tokens, self.cache, need).float()
 
     def _pick_groups(self, logits: torch.Tensor, live: list[tuple[int, _Row]]) -> dict[int, int]:
         """Tokens of the sampled rows without state of their own among ``live`` (the rows with

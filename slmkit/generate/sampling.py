@@ -216,7 +216,7 @@ def choose(logits: torch.Tensor, temperature: float,
 
 
 def native_top_p(logits: torch.Tensor, temperature: float, p: float, u: list[float],
-                 rows: list[int] | None = None) -> list[int] | None:
+                 rows: list[int] | None = None, threads: int | None = None) -> list[int] | None:
     """``choose(apply_top_p(apply_temperature(logits[rows], temperature), p), temperature, gens)``
     in one C++ call for the whole batch (``csrc/sample.cpp``): ``u`` holds the float64 number each
     row's generator gives ``choose`` (``torch.rand((1, 1), generator=g, dtype=torch.float64)``;
@@ -226,7 +226,9 @@ def native_top_p(logits: torch.Tensor, temperature: float, p: float, u: list[flo
     the nucleus's edge (the lower id stays; ``topk``'s order is unspecified). A serving step's
     sampling went from a ``topk`` (a sort of the vocabulary for wide rows, about 200 us a row)
     and a float64 softmax per step to a few microseconds a row, with no PyTorch call (each lets
-    go of the GIL, which a server's event loop then holds for its whole turn).
+    go of the GIL, which a server's event loop then holds for its whole turn). The rows run on
+    ``threads`` threads (default ``torch.get_num_threads()``; the C++ decode step's pool), which
+    change no token.
 
     Supports contiguous float32 CPU logits, ``temperature`` > 0 and ``p`` in (0, 1]; None
     elsewhere, or without the C++ library (``native_sampling``): the caller takes the reference."""
@@ -240,7 +242,7 @@ def native_top_p(logits: torch.Tensor, temperature: float, p: float, u: list[flo
     n = len(rows)
     out = (ctypes.c_int64 * n)()
     sample_rows(logits.data_ptr(), logits.size(1), n, (ctypes.c_int64 * n)(*rows), temperature, p,
-                (ctypes.c_double * n)(*u), out)
+                (ctypes.c_double * n)(*u), out, threads or torch.get_num_threads())
     return list(out)
 
 
