@@ -30,6 +30,9 @@
 
 namespace {
 
+typedef float vh __attribute__((vector_size(W / 2 * sizeof(float))));  // half a vector of floats
+typedef double vd __attribute__((vector_size(W / 2 * sizeof(double))));  // ... widened to doubles
+
 struct Candidate {
     float x;
     int32_t id;
@@ -85,12 +88,20 @@ int64_t sample_row(const float* row, int64_t vocab, float temperature, float top
     for (; j < vocab; j++) m = std::max(m, x[j]);
     if (!(m > -INFINITY)) return 0;  // no token is possible: the reference's NaNs give token 0 too
     float* p = s.p.data();
-    double sum = 0;
+    // The sum in double lanes, each vector's halves widened and added: no horizontal sum per
+    // vector (a chain of shuffles and scalar adds): 16 rows of a trained model, 4096 tokens, 108 -> 96 us
+    vd acc0{}, acc1{};
     for (j = 0; j + W <= vocab; j += W) {
         const vf e = vexp(load(x + j) - splat(m));
         store(p + j, e);
-        sum += hsum(e);
+        vh lo, hi;  // (memcpy, not __builtin_shufflevector: GCC has that only from 12)
+        std::memcpy(&lo, &e, sizeof lo);
+        std::memcpy(&hi, reinterpret_cast<const char*>(&e) + sizeof lo, sizeof hi);
+        acc0 += __builtin_convertvector(lo, vd);
+        acc1 += __builtin_convertvector(hi, vd);
     }
+    double sum = 0;
+    for (int l = 0; l < W / 2; l++) sum += acc0[l] + acc1[l];
     for (; j < vocab; j++) {
         p[j] = x[j] - m < -80.f ? 0.f : std::exp(x[j] - m);
         sum += p[j];
