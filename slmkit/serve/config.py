@@ -50,9 +50,8 @@ class ServeConfig:
     # step reads, and multiplies with AVX512-BF16's vdpbf16ps where the CPU has it (its inputs
     # rounded to bf16 too; float32 arithmetic elsewhere): +3e-6 bits per byte on a trained model
     # (docs/export.md). Default bf16, as vLLM serves float32 checkpoints in half precision
-    # (--dtype auto), and faster: bench/serve.py on 2 cores (stories15m shape, two alternating pairs
-    # of runs) gave 16 clients 8,764-9,869 tokens/s with bf16 and 6,204-6,835 with fp32, one client
-    # 2,733-2,862 and 1,821-1,846 (docs/serving.md). Greedy tokens may differ from `slm generate`'s
+    # (--dtype auto), and faster at every load (bench/serve.py's tables with and without it are in
+    # docs/serving.md, "Where it stands"). Greedy tokens may differ from `slm generate`'s
     # (fp32) at a near-tie; a scored prompt's log-probabilities (echo) stay float32. A bf16, int8 or
     # int4 run decodes as it is; a model not on the C++ step (GPU, no C++ library) keeps its weights,
     # after one warning.
