@@ -193,6 +193,22 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's .to(tor
     return (uint16_t)(u >> 16);
 }
 
+// dst[k] = to_bf16(x[k]) for k < n, a vector at a time (the same integer rounding, so the same bits),
+// and a zero after an odd n: a row of kBF16Dot's activation pairs.
+void to_bf16_row(const float* x, int64_t n, uint16_t* dst) {
+    typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+    typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+    int64_t k = 0;
+    for (; k + W <= n; k += W) {
+        vu u;
+        std::memcpy(&u, x + k, sizeof u);
+        const vh h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vh);
+        std::memcpy(dst + k, &h, sizeof h);
+    }
+    for (; k < n; k++) dst[k] = to_bf16(x[k]);
+    if (n % 2) dst[n] = 0;
+}
+
 inline float from_bf16(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;
     float f;
@@ -466,25 +482,32 @@ void norm(const float* x, const float* w, const float* b, int64_t C, float eps, 
     }
 }
 
-// silu(gate) * up (swiglu) or gelu_tanh(up), 16 lanes at a time with vec.h's exp (x <= 0).
-void activate(float* gate, const float* up, int64_t n, bool swiglu) {
-    for (int64_t i = 0; i < n; i += W) {
-        float g[W] = {}, u[W] = {};
-        const int64_t m = std::min<int64_t>(W, n - i);
-        for (int64_t l = 0; l < m; l++) g[l] = gate[i + l], u[l] = swiglu ? up[i + l] : 0.f;
-        vf a = load(g), r;
-        const vf zero = splat(0.f), one = splat(1.f);
-        if (swiglu) {  // sigmoid(a) from e = exp(-|a|): 1 / (1 + e) for a >= 0, e / (1 + e) below
-            const vf e = vexp(select(a >= zero, -a, a));
-            r = a * select(a >= zero, one, e) / (one + e) * load(u);
-        } else {  // tanh(y) = sign(y) (1 - e) / (1 + e) with e = exp(-2|y|)
-            const vf y = splat(0.7978845608028654f) * (a + splat(0.044715f) * a * a * a);
-            const vf e = vexp(select(y >= zero, splat(-2.f) * y, splat(2.f) * y));
-            const vf t = (one - e) / (one + e);
-            r = splat(0.5f) * a * (one + select(y >= zero, t, -t));
-        }
-        for (int64_t l = 0; l < m; l++) gate[i + l] = r[l];
+// silu(a) * u (swiglu) or gelu_tanh(a), one vector, with vec.h's exp (x <= 0).
+inline vf activation(vf a, vf u, bool swiglu) {
+    const vf zero = splat(0.f), one = splat(1.f);
+    if (swiglu) {  // sigmoid(a) from e = exp(-|a|): 1 / (1 + e) for a >= 0, e / (1 + e) below
+        const vf e = vexp(select(a >= zero, -a, a));
+        return a * select(a >= zero, one, e) / (one + e) * u;
     }
+    // tanh(y) = sign(y) (1 - e) / (1 + e) with e = exp(-2|y|)
+    const vf y = splat(0.7978845608028654f) * (a + splat(0.044715f) * a * a * a);
+    const vf e = vexp(select(y >= zero, splat(-2.f) * y, splat(2.f) * y));
+    const vf t = (one - e) / (one + e);
+    return splat(0.5f) * a * (one + select(y >= zero, t, -t));
+}
+
+// out = silu(gate) * up (swiglu) or gelu_tanh(gate), n values. Whole vectors go from memory to
+// memory; only a tail passes through a zero-padded copy (a vector stored to the stack and read
+// back lane by lane stalled on every lane: it was most of the MLP's time outside its products).
+void activate(const float* gate, const float* up, int64_t n, bool swiglu, float* out) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) store(out + i, activation(load(gate + i), swiglu ? load(up + i) : splat(0.f), swiglu));
+    if (i == n) return;
+    float g[W] = {}, u[W] = {}, r[W];
+    std::copy(gate + i, gate + n, g);
+    if (swiglu) std::copy(up + i, up + n, u);
+    store(r, activation(load(g), load(u), swiglu));
+    std::copy(r, r + (n - i), out + i);
 }
 
 // --------------------------------------------------------------------------- the step
@@ -581,12 +604,12 @@ void up_task(void* p, int64_t task) {
     matvec_any(s, Wu, s.wfmt, C, s.h, C, j0, j1, gate, L);
     if (swiglu) matvec_any(s, Wu, s.wfmt, C, s.h, C, up_rows + j0, up_rows + j1, up, L);
     for (int64_t b = 0; b < s.B; b++) {
-        for (int64_t r = 0; r < R; r++) {
-            if (bu) gate[b * L + r] += bu[j0 + r];
-            if (swiglu && bu) up[b * L + r] += bu[hidden + j0 + r];
-        }
-        activate(gate + b * L, up + b * L, R, swiglu);
-        std::copy(gate + b * L, gate + b * L + R, s.act + b * hidden + j0);
+        if (bu)
+            for (int64_t r = 0; r < R; r++) {
+                gate[b * L + r] += bu[j0 + r];
+                if (swiglu) up[b * L + r] += bu[hidden + j0 + r];
+            }
+        activate(gate + b * L, up + b * L, R, swiglu, s.act + b * hidden + j0);
     }
 }
 
@@ -827,11 +850,7 @@ void prepare(Step& s, int64_t i, const float* X, int64_t in) {
     if (!s.wfmt && s.cfg[kFormat] == kBF16Dot) {  // X as bf16 pairs, a zero after an odd row
         const int64_t in2 = even(in) / 2;
         xb_buffer.resize(s.B * in2);
-        for (int64_t b = 0; b < s.B; b++)
-            for (int64_t k2 = 0; k2 < in2; k2++) {
-                const float* x = X + b * in + 2 * k2;
-                xb_buffer[b * in2 + k2] = to_bf16(x[0]) | (uint32_t)(2 * k2 + 1 < in ? to_bf16(x[1]) : 0) << 16;
-            }
+        for (int64_t b = 0; b < s.B; b++) to_bf16_row(X + b * in, in, (uint16_t*)(xb_buffer.data() + b * in2));
         s.xb = xb_buffer.data();
     }
     if (!s.wfmt) return;
