@@ -161,28 +161,18 @@ class KVCache:
         the rows already there a few times, not once per join."""
         if other.length > self.length:
             self.shift(other.length - self.length)
-        offset = self.length - other.length
-        rows = other.k.size(1)
-        shape = (self.k.size(0), rows, self.k.size(2), self.max_len, self.k.size(4))
-        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        k[:, :, :, offset : self.length] = other.k[:, :, :, : other.length]
-        v[:, :, :, offset : self.length] = other.v[:, :, :, : other.length]
-        start = other.start.to(self.start.device) + offset
-        if copies > 1:
-            k, v, start = k.repeat(1, copies, 1, 1, 1), v.repeat(1, copies, 1, 1, 1), start.repeat(copies)
-        B, n, have = self.k.size(1), k.size(1), self.buffer_rows()
+        offset, B, n, have = self.length - other.length, self.k.size(1), other.k.size(1) * copies, self.buffer_rows()
         if have is not None and have >= B + n:  # room left in the buffers
             buffers = [t.as_strided(self._buffer_shape(), t.stride()) for t in (self.k, self.v)]
-        elif room > B + n:
-            shape = (self.k.size(0), min(room, 2 * (B + n)), *self.k.shape[2:])
-            buffers = [self.k.new_zeros(shape), self.v.new_zeros(shape)]
+        else:  # new buffers (rows past B + n stay unset until a row is admitted there)
+            shape = (self.k.size(0), min(room, 2 * (B + n)) if room > B + n else B + n, *self.k.shape[2:])
+            buffers = [self.k.new_empty(shape), self.v.new_empty(shape)]
             buffers[0][:, :B], buffers[1][:, :B] = self.k, self.v
-        else:
-            buffers = None
-        if buffers is None:
-            self.k, self.v = torch.cat((self.k, k), 1), torch.cat((self.v, v), 1)
-        else:
-            buffers[0][:, B : B + n], buffers[1][:, B : B + n] = k, v
-            self.k, self.v = buffers[0][:, : B + n], buffers[1][:, : B + n]
+        for buf, src in zip(buffers, (other.k, other.v)):
+            new = buf[:, B : B + n]
+            new.zero_()
+            new[:, :, :, offset : self.length] = src[:, :, :, : other.length].repeat(1, copies, 1, 1, 1)
+        self.k, self.v = buffers[0][:, : B + n], buffers[1][:, : B + n]
+        start = (other.start.to(self.start.device) + offset).repeat(copies)
         self.start = torch.cat((self.start, start))
         self.padded = bool(self.start.any())
