@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -245,17 +247,66 @@ def prefix_counts(url: str) -> tuple[float, float]:
     return m.get("slm_prefix_cache_hits_total", 0.0), m.get("slm_prefix_cache_queries_total", 0.0)
 
 
-def run_load(url: str, clients: int, per_client: int, openings: Openings, max_tokens: int) -> dict:
+class CpuMeter:
+    """Where a load's CPU time went (Linux; None elsewhere): the server's threads grouped by the name
+    the OS shows (``slm-engine``: the engine's Python and the C++ step it calls; ``slm-decode``: the
+    step's other threads; the main thread: the event loop; ``other``: PyTorch's threads and the
+    rest), this process's (the clients'), and the share of the machine's CPU time that was idle."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def read(self) -> dict | None:
+        try:
+            groups: dict[str, float] = {}
+            engine_seen = False
+            for task in sorted(Path(f"/proc/{self.pid}/task").iterdir(), key=lambda t: int(t.name)):
+                try:
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    name = (task / "comm").read_text().strip()
+                except OSError:  # a thread that ended meanwhile
+                    continue
+                # threads started by the engine thread inherit its name: the first (lowest id) is it
+                group = "event loop" if task.name == str(self.pid) else name if name == "slm-decode" else \
+                    "slm-engine" if name == "slm-engine" and not engine_seen else "other"
+                engine_seen |= group == "slm-engine"
+                groups[group] = groups.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / self.hz
+            me = resource.getrusage(resource.RUSAGE_SELF)
+            groups["clients"] = me.ru_utime + me.ru_stime
+            cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            return {"threads": groups, "idle": (cpu[3] + cpu[4]) / self.hz, "total": sum(cpu) / self.hz}
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @staticmethod
+    def per_token(before: dict | None, after: dict | None, tokens: int) -> dict | None:
+        """CPU microseconds per generated token of each group between two reads, and the idle share."""
+        if before is None or after is None:
+            return None
+        out = {g: 1e6 * (t - before["threads"].get(g, 0.0)) / tokens for g, t in after["threads"].items()}
+        total = after["total"] - before["total"]
+        out["idle_share"] = (after["idle"] - before["idle"]) / total if total > 0 else None
+        return out
+
+
+def run_load(url: str, clients: int, per_client: int, openings: Openings, max_tokens: int,
+             meter: CpuMeter | None = None) -> dict:
     """``load`` with fresh openings on uvloop's event loop where it is installed (as a load generator
-    would), else asyncio's; with the share of its prompt tokens the server's prefix cache held."""
+    would), else asyncio's; with the share of its prompt tokens the server's prefix cache held and,
+    given a ``meter``, the CPU time per generated token of the server's threads and the clients."""
     try:
         import uvloop
         factory = uvloop.new_event_loop
     except ImportError:
         factory = None
     hits0, queries0 = prefix_counts(url)
+    prompts = openings.take(clients * per_client)
     with asyncio.Runner(loop_factory=factory) as runner:
-        out = runner.run(load(url, clients, per_client, openings.take(clients * per_client), max_tokens))
+        cpu0 = meter.read() if meter else None
+        out = runner.run(load(url, clients, per_client, prompts, max_tokens))
+        cpu = meter.read() if meter else None
+    out["cpu_us_per_token"] = CpuMeter.per_token(cpu0, cpu, out["tokens"])
     hits, queries = prefix_counts(url)
     out.update(prefix_hit_tokens=hits - hits0, prefix_query_tokens=queries - queries0)
     return out
@@ -363,11 +414,12 @@ def main() -> int:
                 raise SystemExit(f"the server did not start: {(work / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
         run_load(url, 1, 1, openings, args.max_tokens)  # warm up
+        meter = CpuMeter(server.pid)
         rounds = []
         for r in range(args.rounds):
             row = {"generate_batch1_tok_per_s": generate_speed(run, openings.texts[0], args.max_tokens, args.threads)}
             row["sequential"] = run_load(url, 1, seq_requests, openings, args.max_tokens)
-            row["loads"] = [run_load(url, c, args.requests_per_client, openings, args.max_tokens)
+            row["loads"] = [run_load(url, c, args.requests_per_client, openings, args.max_tokens, meter)
                             for c in args.clients]
             rounds.append(row)
             print(f"round {r + 1}: generate {row['generate_batch1_tok_per_s']:.0f} tok/s, sequential "
@@ -417,6 +469,23 @@ def main() -> int:
                   + ("" if overall is None else f" (the prefix cache held {overall:.0%} of all prompt tokens)")
                   + "; clients (asyncio streams on one event loop in the "
                   f"benchmark's process, one keep-alive connection each) and server share the machine."]
+    cpu_rows = []
+    for i, c in enumerate(args.clients):
+        per = [row["loads"][i].get("cpu_us_per_token") for row in rounds]
+        if all(per):
+            groups = ("slm-engine", "slm-decode", "event loop", "other", "clients")
+            cells = [med([x.get(g, 0.0) for x in per]) for g in groups]
+            total = med([sum(x.get(g, 0.0) for g in groups) for x in per])
+            idle = med([x["idle_share"] for x in per if x["idle_share"] is not None] or [float("nan")])
+            summary[i]["cpu_us_per_token"] = dict(zip(groups, cells), all=total, idle_share=idle)
+            cpu_rows.append(f"| {c} | " + " | ".join(f"{v:.0f}" for v in cells) + f" | {total:.0f} | {idle:.0%} |")
+    if cpu_rows:
+        table += ["", "CPU time per generated token, microseconds (medians over rounds; from /proc during each load): "
+                      "the server's engine thread (its Python and its share of the C++ step), the step's other "
+                      "threads, the event loop, the server's other threads, the benchmark's clients; and the "
+                      "share of both cores left idle.", "",
+                  "| clients | slm-engine | slm-decode | event loop | other | clients | all | cores idle |",
+                  "|---|---|---|---|---|---|---|---|", *cpu_rows]
     goal = {s["clients"]: s for s in summary}
     if 1 in goal and 16 in goal:  # issue 17's goal: 16 clients >= 4x one client, p99 TTFT < 1 s
         met = goal[16]["vs_one_client"] >= 4 and goal[16]["ttft_p99_s"] < 1

@@ -34,6 +34,10 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__linux__)
+#include <pthread.h>
+#endif
+
 #include "qdecode.h"
 #include "vec.h"
 
@@ -62,7 +66,12 @@ class Pool {
         while ((int)workers_.size() < threads - 1) {
             const int id = (int)workers_.size();
             workers_.emplace_back(1);
-            std::thread([this, id] { loop(id); }).detach();  // lives as long as the process
+            std::thread([this, id] {
+#if defined(__linux__)
+                pthread_setname_np(pthread_self(), "slm-decode");  // top -H, perf and bench/serve.py's CPU table
+#endif
+                loop(id);
+            }).detach();  // lives as long as the process
         }
         resting_.store(false, std::memory_order_relaxed);
         active_.store(threads - 1, std::memory_order_relaxed);

@@ -12,7 +12,9 @@ free within one decode step. Jobs wait in a bounded queue: ``QueueFull`` when it
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -73,6 +75,16 @@ class Job:
         self.cancelled = True
         for seq in self.seqs:
             seq.cancelled = True
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` where the OS shows thread names (Linux: ``top -H``, ``perf``,
+    bench/serve.py's CPU per thread); Python 3.11 names only its own ``threading`` objects."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
 
 
 def _deliver(pairs: list[tuple[Job, Event]]) -> None:
@@ -151,6 +163,7 @@ class Engine:
     # --- the worker -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread("slm-engine")
         try:
             if self.threads:
                 torch.set_num_threads(self.threads)
