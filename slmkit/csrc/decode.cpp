@@ -1136,7 +1136,6 @@ void attention_task_t(void* p, int64_t task) {
     const int64_t base = (((s.layer * s.B + b) * KV + g) * s.max_len) * D;
     T *K = (T*)s.kc + base, *V = (T*)s.vc + base;
     const int64_t n = S + 1 - lo;
-    prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);
     if (s.cfg[kRope]) {
         const int64_t half = D / 2;
         const float *c = s.w[kCos] + pos * half, *sn = s.w[kSin] + pos * half;
@@ -1145,6 +1144,7 @@ void attention_task_t(void* p, int64_t task) {
     }
     put_row(K + S * D, k, D);
     put_row(V + S * D, v, D);
+    prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);  // after q, k and v are read: their lines first
     float* scores = scratch((n + W - 1) / W * W);
     attend(row + g * rep * D, rep, K + lo * D, V + lo * D, n, D, scores, s.att + b * H * D + g * rep * D);
 }
