@@ -145,6 +145,48 @@ def test_kv_cache_admit_shift_and_compact_keep_each_rows_tokens():
     assert torch.allclose(again, ref, atol=1e-4)
 
 
+def test_rows_admitted_with_room_share_buffers_and_the_cpp_step_reads_them_in_place():
+    """``admit(..., room=)``: rows that join one by one go into buffers with room for more (no
+    copy of the rows already there at every join), ``reorder`` keeps them in place, and the C++
+    step reads such a cache as it is: the same logits, bit for bit, as from a contiguous copy."""
+    model = random_model()
+    cfg = model.config
+
+    def prefilled(ids: list[int]) -> KVCache:
+        cache = KVCache.empty(cfg, 1)
+        with torch.no_grad():
+            model(torch.tensor([ids]), last_only=True, cache=cache)
+        return cache
+
+    rows = [[1, 2, 3], [4, 5, 6, 7, 8], [2, 2], [9, 8, 7, 6]]
+    batch, plain = prefilled(rows[0]), prefilled(rows[0])
+    buffers = set()
+    for ids in rows[1:]:
+        batch.admit(prefilled(ids), room=8)
+        plain.admit(prefilled(ids))
+        buffers.add(batch.k.data_ptr())
+    # 1 row + 1 -> buffers of 4 rows (twice the rows, at most room), which the next two rows fill
+    assert batch.buffer_rows() == 4 and plain.buffer_rows() == 4 and len(buffers) == 1
+    assert torch.equal(batch.k, plain.k) and torch.equal(batch.v, plain.v) and torch.equal(batch.start, plain.start)
+    batch.admit(prefilled([5]), room=8)  # no room left: buffers of 8 rows (at most room), one copy
+    plain.admit(prefilled([5]))
+    assert batch.buffer_rows() == 8 and batch.k.size(1) == 5 and not batch.k.is_contiguous()
+    keep = torch.tensor([4, 0, 2])
+    batch.reorder(keep)
+    plain.reorder(keep)
+    assert batch.buffer_rows() == 8 and batch.k.size(1) == 3 and torch.equal(batch.k, plain.k)
+    if cpu_kernels.built() is not None:
+        return  # no C++ library here: the rest is its step
+    from slmkit.decode import NativeDecoder
+    step = NativeDecoder(model)
+    ids = torch.tensor([3, 1, 4])
+    with torch.no_grad():
+        got = step.step(ids, batch)
+        want = step.step(ids, plain)
+    assert batch.buffer_rows() == 8, "the step read the buffers in place (no contiguous copy)"
+    assert torch.equal(got, want) and torch.equal(batch.k, plain.k) and torch.equal(batch.v, plain.v)
+
+
 def test_openai_processors():
     logits = torch.zeros(2, 5)
     biased = apply_logit_bias(logits, torch.tensor([1, 3]), torch.tensor([2.0, -100.0]))

@@ -552,6 +552,7 @@ struct Step {
     int64_t wfmt;
     void* xq;
     const uint32_t* xb;  // kBF16Dot: the current product's activations as bf16 pairs, else null
+    int64_t kv_rows;  // rows of the KV buffers (>= B: a batch keeps room for rows that join later)
 };
 
 inline int64_t fmt_of(const Step& s, int64_t i) { return s.fmt ? s.fmt[i] : 0; }
@@ -1143,7 +1144,7 @@ void attention_task_t(void* p, int64_t task) {
     float* row = s.qkv + b * (H + 2 * KV) * D;
     float* k = row + (H + g) * D;
     const float* v = row + (H + KV + g) * D;
-    const int64_t base = (((s.layer * s.B + b) * KV + g) * s.max_len) * D;
+    const int64_t base = (((s.layer * s.kv_rows + b) * KV + g) * s.max_len) * D;
     T *K = (T*)s.kc + base, *V = (T*)s.vc + base;
     const int64_t n = S + 1 - lo;
     if (s.cfg[kRope]) {
@@ -1245,7 +1246,8 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 }
 
 // One token per row: ids (B,), start (B,) the first real slot of each row, S the slots filled so
-// far; keys and values (n_layer, B, KV, max_len, D; float32 or bf16 as cfg[kKVType]) get slot S; logits (B, vocab). isa 0 picks the
+// far; keys and values (n_layer, kv_rows, KV, max_len, D, rows 0 .. B-1 in use; float32 or bf16 as
+// cfg[kKVType]) get slot S; logits (B, vocab). isa 0 picks the
 // best. fmt: null, or one int64 per tensor of w: 0 for the model's float format (cfg[kFormat],
 // packed by slm_decode_pack), else int8/int4 blocks (qdecode.h's kind | group << 8; tok_emb, the
 // head and the matrices of the products). Returns 0, or 1 for a token id outside the vocabulary,
@@ -1255,12 +1257,14 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 // other rows' logits are the same bits either way. rest: the pool's workers sleep at once after
 // this step instead of spinning (Pool::rest; the caller's own work before its next step is long).
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
-                    int64_t B, int64_t S, int64_t max_len, void* kc, void* vc, float* logits, int threads, int isa,
+                    int64_t B, int64_t S, int64_t max_len, int64_t kv_rows, void* kc, void* vc, float* logits,
+                    int threads, int isa,
                     const int64_t* fmt, const uint8_t* need, int rest) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar || !known_format(cfg[kFormat]) || !matvec_for(isa, cfg[kFormat])) return 2;
     if (cfg[kKVType] != kKVF32 && cfg[kKVType] != kKVBF16) return 2;
+    if (kv_rows < B) return 2;
     if (fmt)
         for (int64_t i = 0; i < kGlobal + cfg[kLayers] * kPerLayer; i++)
             if (fmt[i] && !slmq::quantized(fmt[i])) return 2;
@@ -1272,7 +1276,7 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
     const int64_t qkv_width = (H + 2 * KV) * D;
     workspace.resize(B * (3 * C + qkv_width + hidden));
     Step s{cfg, w, eps, start, B, S, max_len, kc, vc, std::max(threads, 1), matvec_for(isa, cfg[kFormat])};
-    s.fmt = fmt, s.isa = isa;
+    s.fmt = fmt, s.isa = isa, s.kv_rows = kv_rows;
     s.x = workspace.data(), s.h = s.x + B * C, s.att = s.h + B * C, s.qkv = s.att + B * C, s.act = s.qkv + B * qkv_width;
     s.logits = logits;
     const bool ln = cfg[kLayerNorm];

@@ -80,8 +80,35 @@ class KVCache:
         return keys, values
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows ``rows`` (in that order, repeats allowed): beam search follows its beams."""
-        self.k, self.v, self.start = self.k[:, rows], self.v[:, rows], self.start[rows]
+        """Keep rows ``rows`` (in that order, repeats allowed): beam search follows its beams. Rows
+        kept in a buffer with room for more (``admit``'s ``room``) stay in it."""
+        n = rows.numel()
+        if self.buffer_rows() not in (None, self.k.size(1)) and n <= self.buffer_rows():
+            buffers = self.k.as_strided(self._buffer_shape(), self.k.stride()), \
+                self.v.as_strided(self._buffer_shape(), self.v.stride())
+            for buf, kept in zip(buffers, (self.k[:, rows], self.v[:, rows])):
+                buf[:, :n] = kept
+            self.k, self.v = buffers[0][:, :n], buffers[1][:, :n]
+        else:
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.start = self.start[rows]
+
+    def buffer_rows(self) -> int | None:
+        """How many rows the buffers under ``k`` and ``v`` hold, ``k`` and ``v`` being their first
+        rows (``admit`` with ``room`` keeps room for rows to come); their own rows when they are
+        contiguous; None for any other layout. The C++ decode step reads this layout in place."""
+        k, v = self.k, self.v
+        if k.is_contiguous() and v.is_contiguous():
+            return k.size(1)
+        _, B, H, T, D = k.shape
+        row = H * T * D
+        if k.stride() != v.stride() or k.stride()[1:] != (row, T * D, D, 1) or k.stride(0) % row \
+                or k.storage_offset() or v.storage_offset():
+            return None
+        return k.stride(0) // row if k.stride(0) // row >= B else None
+
+    def _buffer_shape(self) -> tuple[int, ...]:
+        return (self.k.size(0), self.buffer_rows(), *self.k.shape[2:])
 
     # --- continuous batching: rows join and leave between decode steps ---------------------------
 
@@ -124,22 +151,28 @@ class KVCache:
         self.start[row] = offset + int(other.start[0])
         self.padded = bool(self.start.any())
 
-    def admit(self, other: KVCache, copies: int = 1) -> None:
+    def admit(self, other: KVCache, copies: int = 1, room: int = 0) -> None:
         """Append ``other``'s rows (a cache of new prompts, prefilled on its own), ``copies`` times
         over, so that their last token lines up with this cache's last slot: rows join a running
         batch between decode steps. When ``other`` holds more tokens than this cache, this cache's
-        rows move right first. A row's keys, values and positions are the same as in ``other``."""
+        rows move right first. A row's keys, values and positions are the same as in ``other``.
+        ``room``: the most rows this cache is expected to hold. New rows go into buffers with room
+        for more (twice the rows, at most ``room``), so rows that join one after another copy
+        the rows already there a few times, not once per join."""
         if other.length > self.length:
             self.shift(other.length - self.length)
-        offset = self.length - other.length
-        rows = other.k.size(1)
-        shape = (self.k.size(0), rows, self.k.size(2), self.max_len, self.k.size(4))
-        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        k[:, :, :, offset : self.length] = other.k[:, :, :, : other.length]
-        v[:, :, :, offset : self.length] = other.v[:, :, :, : other.length]
-        start = other.start.to(self.start.device) + offset
-        if copies > 1:
-            k, v, start = k.repeat(1, copies, 1, 1, 1), v.repeat(1, copies, 1, 1, 1), start.repeat(copies)
-        self.k, self.v = torch.cat((self.k, k), 1), torch.cat((self.v, v), 1)
+        offset, B, n, have = self.length - other.length, self.k.size(1), other.k.size(1) * copies, self.buffer_rows()
+        if have is not None and have >= B + n:  # room left in the buffers
+            buffers = [t.as_strided(self._buffer_shape(), t.stride()) for t in (self.k, self.v)]
+        else:  # new buffers (rows past B + n stay unset until a row is admitted there)
+            shape = (self.k.size(0), min(room, 2 * (B + n)) if room > B + n else B + n, *self.k.shape[2:])
+            buffers = [self.k.new_empty(shape), self.v.new_empty(shape)]
+            buffers[0][:, :B], buffers[1][:, :B] = self.k, self.v
+        for buf, src in zip(buffers, (other.k, other.v)):
+            new = buf[:, B : B + n]
+            new.zero_()
+            new[:, :, :, offset : self.length] = src[:, :, :, : other.length].repeat(1, copies, 1, 1, 1)
+        self.k, self.v = buffers[0][:, : B + n], buffers[1][:, : B + n]
+        start = (other.start.to(self.start.device) + offset).repeat(copies)
         self.start = torch.cat((self.start, start))
         self.padded = bool(self.start.any())

@@ -300,6 +300,7 @@ class NativeDecoder(Decoder):
     dtypes = {torch.float32}
     kv_dtypes = tuple(KV_TYPES)
     skips_logits = True
+    strided_kv = True
     handles = {**SIZES, "norm": {"layernorm", "rmsnorm"}, "positions": {"learned", "rope"},
                "activation": {"gelu", "swiglu"}, "n_kv_head": ANY, "bias": {False, True},
                "tie_embeddings": {False, True}}
@@ -370,8 +371,10 @@ class NativeDecoder(Decoder):
         B, S, max_len = idx.size(0), cache.length, cache.k.size(3)
         if S >= max_len:
             raise ValueError(f"KV cache full: {S} + 1 tokens > {max_len} slots")
-        if not (cache.k.is_contiguous() and cache.v.is_contiguous()):
+        kv_rows = cache.buffer_rows()  # the first rows of buffers with room for more (ContinuousBatch)
+        if kv_rows is None:
             cache.k, cache.v = cache.k.contiguous(), cache.v.contiguous()
+            kv_rows = B
         if cache.k.dtype is not self.kv_dtype or cache.v.dtype is not self.kv_dtype:
             if cache.k.dtype not in KV_TYPES or cache.v.dtype is not cache.k.dtype:
                 raise ValueError(f"the C++ decoder reads float32 or bfloat16 KV caches, not {cache.k.dtype}/{cache.v.dtype}")
@@ -384,7 +387,7 @@ class NativeDecoder(Decoder):
         logits = torch.empty(B, self.vocab)
         threads = self.threads or torch.get_num_threads()
         rc = self.lib.slm_decode_step(self.cfg_ptr, self.pointers, self.eps, ids.data_ptr(), start.data_ptr(),
-                                      B, S, max_len, cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
+                                      B, S, max_len, kv_rows, cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
                                       threads, self.isa, self.formats_ptr, None if need is None else need.data_ptr(),
                                       self.rest)
         if rc == 1:

@@ -201,6 +201,9 @@ class ContinuousBatch:
         self._steps = 0
         self._prefill: tuple[Seq, KVCache, int] | None = None  # the sequence being prefilled, its cache, tokens done
         self._gone: list[Seq] = []  # sequences changed during this step
+        # rows joining one by one land in room kept for them, not in a copy of the whole cache
+        # each time (KVCache.admit), where the decoder's steps read such a cache
+        self._room = max_batch if self.decoder.strided_kv else 0
 
     def add(self, seq: Seq) -> None:
         """Queue ``seq``; ValueError if it does not fit the context or has no prompt."""
@@ -435,7 +438,8 @@ class ContinuousBatch:
                     riders.append((row, found))
             if riders:
                 n = len(riders)
-                self.cache.admit(self._seeded([found for _, found in riders], max(found[0] for _, found in riders)))
+                seeded = self._seeded([found for _, found in riders], max(found[0] for _, found in riders))
+                self.cache.admit(seeded, room=self._room)
                 self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
                 self.rows += [row for row, _ in riders]
 
@@ -567,6 +571,6 @@ class ContinuousBatch:
             self.logits[i] = logits[0]
             self.rows[i] = row
         else:
-            self.cache.admit(cache)
+            self.cache.admit(cache, room=self._room)
             self.logits = torch.cat((self.logits, logits))
             self.rows.append(row)
