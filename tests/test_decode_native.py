@@ -2,7 +2,8 @@
 test_decode.py: every instruction set this CPU runs (AVX2 forced on an AVX-512 machine, the scalar
 fallback) against model.forward on a ragged batch with widths that leave vector tails; the thread
 count, the instruction set and the batch a row is stepped in change no bit; bf16 weight matrices
-give the logits of the model rounded to bf16 in half the bytes; greedy generation past the context
+give the logits of the model rounded to bf16 in half the bytes; a bf16 KV cache, at head sizes of
+each attention path, gives those of the model over a bf16 cache; greedy generation past the context
 equals the uncached loop; bad ids, unknown instruction sets or weight formats and a missing library
 (one note, the NumPy path) are handled."""
 
@@ -332,6 +333,37 @@ def test_bf16_kv_cache_gives_the_logits_of_the_model_over_a_bf16_cache(kw, isa):
     assert float(off.max()) < 1e-2 and float(off.median()) < 1e-5
     torch.testing.assert_close(out[torch.float32], fp32, rtol=1e-4, atol=1e-4)  # the fp32 cache: unchanged
     assert (out[torch.bfloat16] - out[torch.float32]).abs().max() > 5e-2  # the rounding shows
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("head", [8, 16, 48, 80])
+def test_bf16_kv_cache_at_head_sizes_of_whole_vectors_gives_the_logits_of_the_model(head, isa):
+    """A bf16 cache whose head size is a multiple of the vector width (16 with AVX-512, 8 with
+    AVX2) takes decode.cpp's word path: 32-bit words of two elements, keys in pairs where a key's
+    words are not whole vectors (48 and 80 with AVX-512, 8 and 80 with AVX2; 16 with AVX-512: a
+    pair per vector; 8 with AVX-512 takes the general code). Two query heads per kv head, four rows
+    left-padded to 63-70, 12-19, 33-40 and 2-9 keys over 8 steps (whole blocks of keys and a last
+    partial one, odd and even counts, a pair's partner past the last key): the logits of
+    model.forward over a bf16 KVCache, to the tolerances of the test above; a row stepped alone on
+    one thread gets the same bits as in the batch on two."""
+    model = noisy_model(3, n_embd=2 * head, n_head=2, n_kv_head=1, n_layer=1, block_size=80, vocab_size=50)
+    x = torch.randint(0, 50, (4, 70), generator=torch.Generator().manual_seed(8))
+    starts = torch.tensor([0, 51, 30, 61])
+    with torch.inference_mode():
+        cache = KVCache.empty(model.config, 4, start=starts, dtype=torch.bfloat16)
+        ref = KVCache.empty(model.config, 4, start=starts, dtype=torch.bfloat16)
+        d = NativeDecoder(model, isa=isa, threads=2)
+        d.prefill(x[:, :62], cache)
+        model(x[:, :62], cache=ref)
+        got = torch.stack([d.step(x[:, t], cache) for t in range(62, 70)], 1)
+        want = torch.stack([model(x[:, t : t + 1], cache=ref)[0][:, -1] for t in range(62, 70)], 1)
+        alone = KVCache.empty(model.config, 1, dtype=torch.bfloat16)
+        one = NativeDecoder(model, isa=isa, threads=1)
+        one.prefill(x[1:2, 51:62], alone)
+        by_itself = torch.stack([one.step(x[1:2, t], alone) for t in range(62, 70)], 1)
+    off = (got - want).abs()
+    assert float(off.max()) < 1e-2 and float(off.median()) < 1e-5
+    assert torch.equal(by_itself[0], got[1])  # a row alone, on one thread: the same bits
 
 
 def test_a_kv_cache_of_another_dtype_is_refused():

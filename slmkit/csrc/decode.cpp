@@ -623,44 +623,107 @@ void up_task(void* p, int64_t task) {
     }
 }
 
+// --------------------------------------------------------------------------- attention
+
+// One task is one (row, kv head) of a layer (attention_task_t): rotate its query heads and its key,
+// store the key and value in slot S of the cache, then for each query head of the group: scores
+// over the row's n keys (from its first real slot), softmax, the weighted sum of the values. A
+// task's values are computed by it alone, in a fixed order, whatever the batch, the other rows or
+// the thread count. The arithmetic is float32; a bf16 cache's elements are widened exactly.
+//
+// Scores come W keys at a time: per key, one vector of products summed over D's chunks, then the
+// W vectors reduced together by a tree of lane shuffles (2 shuffles and an add per pair, log2 W
+// levels) instead of one horizontal sum per key; the scale and the mask (lanes past the last key
+// get -inf) apply to the block's vector, and the row's maximum is kept as it goes. A block past
+// the last key reads the last key again (valid memory, its lanes masked), so every key gets the
+// same arithmetic whatever n is. The softmax is one pass (exp of score minus maximum, and their
+// sum); the weighted sum of the values keeps D in registers and adds the keys of kGroups
+// interleaved groups in order (kGroups independent chains of adds, summed at the end), then
+// divides by the sum.
+//
+// A bf16 cache whose head size is a multiple of W (stories15m: 48, W 16 or 8) takes the word
+// path: its rows are read as 32-bit words of two elements, with no widening instruction (a
+// word shifted left by 16 is its first element as a float, the word with its low half cleared
+// its second), and q is split once per head into the words' even and odd elements (WordQuery),
+// so the products pair the same values as the general code's. Where D / 2 words are not whole
+// vectors (D an odd multiple of W: 48 with AVX-512), keys go in pairs, a pair's D words filling
+// D / W vectors (the middle one ending the first key and starting the second), and the tree
+// starts from pairs; the values' sums keep the pair's two keys apart and add them at the end (a
+// last key without a partner is paired with a copy of zeros).
+// Other head sizes and float caches take the general code (loadw, key_tree, weighted_values).
+constexpr int kChunks = 4;  // vectors of the values' sum held in registers at a time (general code)
+constexpr int kAhead = 4;   // blocks of W keys prefetched ahead in the scores
+constexpr int kGroups = 2;  // interleaved groups of keys in the values' sum
+
+// Rotary positions on one head: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) over its two halves, a
+// vector at a time; where half is not a multiple of W the last vector overlaps the one before it
+// (its inputs read first, so both compute the same values there).
 void rotate(float* x, const float* c, const float* sn, int64_t half) {
-    for (int64_t i = 0; i < half; i++) {
-        const float x1 = x[i], x2 = x[i + half];
-        x[i] = x1 * c[i] - x2 * sn[i];
-        x[i + half] = x2 * c[i] + x1 * sn[i];
+    if (half < W) {
+        for (int64_t i = 0; i < half; i++) {
+            const float x1 = x[i], x2 = x[i + half];
+            x[i] = x1 * c[i] - x2 * sn[i];
+            x[i + half] = x2 * c[i] + x1 * sn[i];
+        }
+        return;
+    }
+    const int64_t t = half - W;
+    const vf t1 = load(x + t), t2 = load(x + half + t);
+    for (int64_t i = 0; i + W <= half; i += W) {
+        const vf x1 = load(x + i), x2 = load(x + half + i), ci = load(c + i), si = load(sn + i);
+        store(x + i, x1 * ci - x2 * si);
+        store(x + half + i, x2 * ci + x1 * si);
+    }
+    if (half % W) {
+        const vf ci = load(c + t), si = load(sn + t);
+        store(x + t, t1 * ci - t2 * si);
+        store(x + half + t, t2 * ci + t1 * si);
     }
 }
 
-// The attention of one query head over n keys (rows of D floats, K and V from the row's first
-// real slot), vectorised over D. Scores come W keys at a time: per key, one vector of products
-// summed over D's chunks, then the W vectors reduced together by a tree of lane shuffles
-// (key_tree: 2 shuffles and an add per pair, log2 W levels) instead of one horizontal sum per key. A block past the last key reads the last key again (valid memory, result dropped), so every
-// key gets the same arithmetic whatever n is. The weighted sum of the values keeps D in registers
-// (up to kChunks vectors at a time) and adds the keys in order. Nothing here depends on the batch
-// or the thread count.
-constexpr int kChunks = 4;
-constexpr int kAhead = 4;  // blocks of W keys prefetched ahead in the scores
-
-// Asks for the cache lines of n elements from p on (nothing for n <= 0).
+// Asks for the cache lines of n elements from p on (nothing for n <= 0). Always inlined, as is
+// prefetch_block: GCC 12 found a function that only prefetches free of side effects and deleted
+// the calls to it (the scores' prefetches were gone).
+#define SLM_INLINE inline __attribute__((always_inline))
 template <typename T>
-inline void prefetch(const T* p, int64_t n) {
+SLM_INLINE void prefetch(const T* p, int64_t n) {
     for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i);
 }
 
 // A cache element as a float, and W of them as a vector: bf16 (uint16) widened by a shift, exactly
-// (vpmovzxwd + vpslld with AVX-512 or AVX2, whichever the library is built for).
+// (vpmovzxwd + vpslld with AVX-512 or AVX2, whichever the library is built for: written with
+// intrinsics, as GCC split the generic conversion into halves and reassembled them).
 inline float value(const float* p) { return *p; }
 inline float value(const uint16_t* p) { return from_bf16(*p); }
 inline vf loadw(const float* p) { return load(p); }
 inline vf loadw(const uint16_t* p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+#elif defined(__AVX2__)
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+#else
     typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
     typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
     vh h;
     std::memcpy(&h, p, sizeof h);
     return (vf)(__builtin_convertvector(h, vu) << 16);  // unsigned: the shift into bit 31 is defined
+#endif
 }
-inline void put(float* p, float x) { *p = x; }
-inline void put(uint16_t* p, float x) { *p = to_bf16(x); }
+
+// A row of D floats into the cache as T (bf16: to_bf16's rounding, a vector at a time).
+inline void put_row(float* dst, const float* x, int64_t D) { std::memcpy(dst, x, D * sizeof(float)); }
+inline void put_row(uint16_t* dst, const float* x, int64_t D) {
+    typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+    typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+    int64_t d = 0;
+    for (; d + W <= D; d += W) {
+        vu u;
+        std::memcpy(&u, x + d, sizeof u);
+        const vh h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vh);
+        std::memcpy(dst + d, &h, sizeof h);
+    }
+    for (; d < D; d++) dst[d] = to_bf16(x[d]);
+}
 
 // Half h of the tree: lo takes the even h-lane chunks of (x, y), hi the odd ones; lo + hi holds
 // x's keys (in their order) then y's, each summed over half as many lanes as before.
@@ -699,6 +762,82 @@ inline vf pair_sum(vf x, vf y) {
 #endif
 }
 
+// W words of a bf16 cache (two elements each), loaded from p; a word's first element (its low
+// half: the cache is little-endian, as x86 and ARM are) and its second as floats, exactly. The
+// empty asm keeps the words in a register: GCC folded the load into both the shift and the and,
+// two loads per vector, and the loads bounded the word path (with one: a 16-row stories15m
+// step's attention tasks on one thread in 121 us, not 146).
+typedef uint32_t vw __attribute__((vector_size(W * sizeof(uint32_t))));
+inline vw load_words(const uint16_t* p) {
+    vw v;
+    std::memcpy(&v, p, sizeof v);
+#if defined(__AVX2__) || defined(__AVX512F__)  // a vw is one register
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+}
+inline vf first_of(vw w) { return (vf)(w << 16); }
+inline vf second_of(vw w) { return (vf)(w & 0xffff0000u); }
+
+// Lane shuffles of the word path: (x, y)'s even lanes and its odd ones; (x, y) interleaved, its
+// first W lanes (zip_lo) and its last (zip_hi).
+#if defined(SLM_SHUFFLE) && defined(__AVX512F__)
+#define SLM_EVEN 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define SLM_ODD 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#define SLM_ZIPLO 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define SLM_ZIPHI 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+#elif defined(SLM_SHUFFLE)
+#define SLM_EVEN 0, 2, 4, 6, 8, 10, 12, 14
+#define SLM_ODD 1, 3, 5, 7, 9, 11, 13, 15
+#define SLM_ZIPLO 0, 8, 1, 9, 2, 10, 3, 11
+#define SLM_ZIPHI 4, 12, 5, 13, 6, 14, 7, 15
+#endif
+#if defined(SLM_SHUFFLE)
+inline vf evens(vf x, vf y) { return SLM_SHUFFLE(x, y, SLM_EVEN); }
+inline vf odds(vf x, vf y) { return SLM_SHUFFLE(x, y, SLM_ODD); }
+inline vf zip_lo(vf x, vf y) { return SLM_SHUFFLE(x, y, SLM_ZIPLO); }
+inline vf zip_hi(vf x, vf y) { return SLM_SHUFFLE(x, y, SLM_ZIPHI); }
+#else  // lane by lane
+inline vf evens(vf x, vf y) { vf z; for (int i = 0; i < W; i++) z[i] = 2 * i < W ? x[2 * i] : y[2 * i - W]; return z; }
+inline vf odds(vf x, vf y) { vf z; for (int i = 0; i < W; i++) z[i] = 2 * i + 1 < W ? x[2 * i + 1] : y[2 * i + 1 - W]; return z; }
+inline vf zip_lo(vf x, vf y) { vf z; for (int i = 0; i < W / 2; i++) z[2 * i] = x[i], z[2 * i + 1] = y[i]; return z; }
+inline vf zip_hi(vf x, vf y) { vf z; for (int i = 0; i < W / 2; i++) z[2 * i] = x[i + W / 2], z[2 * i + 1] = y[i + W / 2]; return z; }
+#endif
+
+// x with lane i moved to lane i ^ h: partners h lanes apart swapped.
+template <int h>
+inline vf swap_lanes(vf x) {
+#if defined(SLM_SHUFFLE) && defined(__AVX512F__)
+    if constexpr (h == 8) return SLM_SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    else if constexpr (h == 4) return SLM_SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    else if constexpr (h == 2) return SLM_SHUFFLE(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    else return SLM_SHUFFLE(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#elif defined(SLM_SHUFFLE)
+    if constexpr (h == 4) return SLM_SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+    else if constexpr (h == 2) return SLM_SHUFFLE(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+    else return SLM_SHUFFLE(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+#else
+    vf z;
+    for (int i = 0; i < W; i++) z[i] = x[i ^ h];
+    return z;
+#endif
+}
+
+// The sum and the maximum of x's lanes in log2 W dependent steps (vec.h's hsum and hmax take W):
+// each lane gains its partner h lanes away, h = W / 2 .. 1.
+template <int h = W / 2>
+inline float lane_sum(vf x) {
+    if constexpr (h == 0) return x[0];
+    else return lane_sum<h / 2>(x + swap_lanes<h>(x));
+}
+template <int h = W / 2>
+inline float lane_max(vf x) {
+    if constexpr (h == 0) return x[0];
+    else return lane_max<h / 2>(vmax(x, swap_lanes<h>(x)));
+}
+
+// ---- the general code: any head size, float or bf16 cache
+
 // The products of q and key j (the last key for j >= n) summed over D's whole vectors: one
 // vector, its lanes still to add. qv: q's NC vectors (NC 0: read q, D / W of them).
 template <int NC, typename T>
@@ -720,20 +859,34 @@ inline vf key_tree(const vf* qv, const float* q, const T* K, int64_t j, int64_t 
     else return pair_sum<h>(key_tree<2 * h, NC>(qv, q, K, j, n, D), key_tree<2 * h, NC>(qv, q, K, j + W / (2 * h), n, D));
 }
 
-// V (or null): the values, prefetched a block at a time for attention_values. NC: D / W when the
+// A block's scores, scaled, lanes past the last key -inf; mx takes their maximum.
+inline vf finish_block(vf s, int64_t j0, int64_t n, float scale, vf& mx) {
+    const vf lanes = splat((float)(n - j0)) - __builtin_convertvector(lane_index(), vf);  // > 0: a key
+    s = select(lanes > splat(0.f), s * splat(scale), splat(-INFINITY));
+    mx = vmax(mx, s);
+    return s;
+}
+
+// Prefetches for the scores' block j0: the keys kAhead blocks on, and this block's values, from
+// memory while it computes (a batch's caches outgrow L2; the hardware's prefetchers start late).
+template <typename T>
+SLM_INLINE void prefetch_block(const T* K, const T* V, int64_t j0, int64_t n, int64_t D) {
+    prefetch(K + (j0 + kAhead * W) * D, std::min<int64_t>(W, n - j0 - kAhead * W) * D);
+    if (V) prefetch(V + j0 * D, std::min<int64_t>(W, n - j0) * D);
+}
+
+// scores[j] = scale q . K[j] for j < n, -inf up to n rounded up to W; returns their maximum.
+// V (or null): the values, prefetched a block at a time for the values' sum. NC: D / W when the
 // caller knows it at compile time (the query's vectors then stay in registers), else 0; the
 // arithmetic is the same either way.
 template <int NC, typename T>
-void attention_scores_n(const float* q, const T* K, const T* V, int64_t n, int64_t D, float scale,
-                        float* scores) {
+float attention_scores_n(const float* q, const T* K, const T* V, int64_t n, int64_t D, float scale, float* scores) {
     const int64_t full = D / W * W;
     vf qv[NC ? NC : 1];
     for (int c = 0; c < NC; c++) qv[c] = load(q + c * W);
+    vf mx = splat(-INFINITY);
     for (int64_t j0 = 0; j0 < n; j0 += W) {
-        // the keys kAhead blocks on, and this block's values, from memory while this block
-        // computes (a batch's caches outgrow L2; the hardware's prefetchers start late on them)
-        prefetch(K + (j0 + kAhead * W) * D, std::min<int64_t>(W, n - j0 - kAhead * W) * D);
-        if (V) prefetch(V + j0 * D, std::min<int64_t>(W, n - j0) * D);
+        prefetch_block(K, V, j0, n, D);
         vf s = key_tree<1, NC>(qv, q, K, j0, n, D);
         if (full < D)
             for (int l = 0; l < W; l++) {
@@ -742,14 +895,13 @@ void attention_scores_n(const float* q, const T* K, const T* V, int64_t n, int64
                 for (int64_t d = full; d < D; d++) t += q[d] * value(k + d);
                 s[l] += t;
             }
-        const vf lanes = splat((float)(n - j0)) - __builtin_convertvector(lane_index(), vf);  // > 0: a key
-        store(scores + j0, select(lanes > splat(0.f), s * splat(scale), splat(-INFINITY)));
+        store(scores + j0, finish_block(s, j0, n, scale, mx));
     }
+    return lane_max(mx);
 }
 
 template <typename T>
-void attention_scores(const float* q, const T* K, const T* V, int64_t n, int64_t D, float scale,
-                      float* scores) {
+float attention_scores(const float* q, const T* K, const T* V, int64_t n, int64_t D, float scale, float* scores) {
     switch (D / W) {
         case 1: return attention_scores_n<1, T>(q, K, V, n, D, scale, scores);
         case 2: return attention_scores_n<2, T>(q, K, V, n, D, scale, scores);
@@ -761,36 +913,233 @@ void attention_scores(const float* q, const T* K, const T* V, int64_t n, int64_t
     }
 }
 
-// out[d0 .. d0 + C W) = sum over j < n of p[j] V[j][d0 ..], keys in order, in C registers.
+// out[d0 .. d0 + C W) = inv * sum over j < n of p[j] V[j][d0 ..]: key j in group j % kGroups (the
+// keys after the last whole round in group 0), each group's sum in C registers, keys in order.
 template <int C, typename T>
-inline void weighted_values(const float* p, const T* V, int64_t n, int64_t D, int64_t d0, float* out) {
-    vf acc[C];
-    for (int i = 0; i < C; i++) acc[i] = splat(0.f);
-    for (int64_t j = 0; j < n; j++) {
+inline void weighted_values(const float* p, const T* V, int64_t n, int64_t D, int64_t d0, float inv, float* out) {
+    vf acc[kGroups][C];
+    for (int g = 0; g < kGroups; g++)
+        for (int i = 0; i < C; i++) acc[g][i] = splat(0.f);
+    int64_t j = 0;
+    for (; j + kGroups <= n; j += kGroups)
+        for (int g = 0; g < kGroups; g++) {
+            const vf pj = splat(p[j + g]);
+            const T* v = V + (j + g) * D + d0;
+            for (int i = 0; i < C; i++) acc[g][i] += pj * loadw(v + i * W);
+        }
+    for (; j < n; j++) {
         const vf pj = splat(p[j]);
-        const T* v = V + j * D + d0;
-        for (int i = 0; i < C; i++) acc[i] += pj * loadw(v + i * W);
+        for (int i = 0; i < C; i++) acc[0][i] += pj * loadw(V + j * D + d0 + i * W);
     }
-    for (int i = 0; i < C; i++) store(out + d0 + i * W, acc[i]);
+    for (int i = 0; i < C; i++) {
+        vf t = acc[0][i];
+        for (int g = 1; g < kGroups; g++) t += acc[g][i];
+        store(out + d0 + i * W, t * splat(inv));
+    }
 }
 
-// out = sum over j < n of p[j] V[j], D values, keys in order.
+// out = inv * sum over j < n of p[j] V[j], D values.
 template <typename T>
-void attention_values(const float* p, const T* V, int64_t n, int64_t D, float* out) {
+void attention_values(const float* p, const T* V, int64_t n, int64_t D, float inv, float* out) {
     static_assert(kChunks == 4, "the cases below");
     const int64_t full = D / W * W;
     for (int64_t d0 = 0; d0 < full; d0 += kChunks * W) {
         switch (std::min<int64_t>(kChunks, (full - d0) / W)) {
-            case 1: weighted_values<1, T>(p, V, n, D, d0, out); break;
-            case 2: weighted_values<2, T>(p, V, n, D, d0, out); break;
-            case 3: weighted_values<3, T>(p, V, n, D, d0, out); break;
-            default: weighted_values<4, T>(p, V, n, D, d0, out); break;
+            case 1: weighted_values<1, T>(p, V, n, D, d0, inv, out); break;
+            case 2: weighted_values<2, T>(p, V, n, D, d0, inv, out); break;
+            case 3: weighted_values<3, T>(p, V, n, D, d0, inv, out); break;
+            default: weighted_values<4, T>(p, V, n, D, d0, inv, out); break;
         }
     }
     for (int64_t d = full; d < D; d++) {
         float t = 0.f;
         for (int64_t j = 0; j < n; j++) t += p[j] * value(V + j * D + d);
-        out[d] = t;
+        out[d] = t * inv;
+    }
+}
+
+// ---- the word path: a bf16 cache, D a multiple of W
+
+// The layout of the word path for D = (2 F + Half) W: keys come in units of U (Half: pairs, so
+// that a unit is whole vectors of words), NV vectors of W words each. Lane l of a unit's vector c
+// holds word c W + l of the unit: key (c W + l) / (D / 2)'s word u = (c W + l) % (D / 2), its
+// elements 2 u and 2 u + 1. With Half, vectors 0 .. F - 1 are the pair's first key, vector F
+// ends it (W / 2 lanes) and starts the second, vectors F + 1 .. 2 F are the second key's.
+template <int F, bool Half>
+struct Words {
+    static constexpr int64_t D = (2 * F + Half) * W;
+    static constexpr int U = Half ? 2 : 1;
+    static constexpr int NV = Half ? 2 * F + 1 : F;
+};
+
+// q's elements as a unit's words pair with them: e[c] lane l the even element of the word that lane
+// l of vector c holds, o[c] the odd one.
+template <int F, bool Half>
+struct WordQuery {
+    using L = Words<F, Half>;
+    vf e[L::NV], o[L::NV];
+    explicit WordQuery(const float* q) {
+        for (int c = 0; c < L::NV; c++) {
+            const int64_t u = c * W % (L::D / 2);  // the word of lane 0; lane W / 2 wraps to word 0 in vector F
+            const vf x = load(q + 2 * u), y = load(q + (2 * u + W) % L::D);
+            e[c] = evens(x, y), o[c] = odds(x, y);
+        }
+    }
+};
+
+// The products of q and the unit at k: one key's (or a pair's) vector of the tree, key_tree's leaf:
+// one key summed over W lanes, or a pair, the first key over the first W / 2 lanes, the second over
+// the others.
+template <int F, bool Half>
+inline vf unit_products(const WordQuery<F, Half>& q, const uint16_t* k) {
+    vf p[Words<F, Half>::NV];
+    for (int c = 0; c < Words<F, Half>::NV; c++) {
+        const vw w = load_words(k + 2 * c * W);
+        p[c] = q.e[c] * first_of(w);
+        p[c] += q.o[c] * second_of(w);
+    }
+    if constexpr (!Half) {
+        for (int c = 1; c < F; c++) p[0] += p[c];
+        return p[0];
+    } else if constexpr (F == 0) {
+        return p[0];
+    } else {
+        for (int c = 1; c < F; c++) p[0] += p[c], p[F + 1] += p[F + 1 + c];
+        return pair_sum<W / 2>(p[0], p[F + 1]) + p[F];
+    }
+}
+
+// key_tree on the word path: units i .. of the block (at(i): the unit's first key), each key
+// summed over h lanes of the result.
+template <int h, int F, bool Half, typename At>
+inline vf word_tree(const WordQuery<F, Half>& q, const At& at, int i) {
+    if constexpr (h == W / Words<F, Half>::U) return unit_products(q, at(i));
+    else return pair_sum<h>(word_tree<2 * h, F, Half>(q, at, i), word_tree<2 * h, F, Half>(q, at, i + W / (2 * h) / Words<F, Half>::U));
+}
+
+// attention_scores on the word path. Whole blocks read their units in place; the last block's
+// units past the last key read tail: the last key, then (pairs) a key of zeros.
+template <int F, bool Half>
+float word_scores(const float* q, const uint16_t* K, const uint16_t* V, int64_t n, float scale, const uint16_t* tail,
+                  float* scores) {
+    using L = Words<F, Half>;
+    const WordQuery<F, Half> wq(q);
+    vf mx = splat(-INFINITY);
+    int64_t j0 = 0;
+    for (; j0 + W <= n; j0 += W) {
+        prefetch_block(K, V, j0, n, L::D);
+        const uint16_t* k = K + j0 * L::D;
+        const auto at = [k](int i) { return k + i * L::U * L::D; };
+        store(scores + j0, finish_block(word_tree<1, F, Half>(wq, at, 0), j0, n, scale, mx));
+    }
+    if (j0 < n) {
+        if (V) prefetch(V + j0 * L::D, (n - j0) * L::D);
+        const auto at = [&](int i) { const int64_t j = j0 + i * L::U; return j + L::U <= n ? K + j * L::D : tail; };
+        store(scores + j0, finish_block(word_tree<1, F, Half>(wq, at, 0), j0, n, scale, mx));
+    }
+    return lane_max(mx);
+}
+
+// attention_values on the word path: unit i in group i % kGroups, each group's sums of the words'
+// even and odd elements over the unit's vectors (a pair's vector F weighs the first key's words
+// by its p and the second's by its own), then the groups and the keys of a pair added, elements
+// interleaved back in order. A pair's second key past the last reads tail's zeros with p 0 (the
+// scores are -inf up to n rounded up to W).
+template <int F, bool Half>
+void word_values(const float* p, const uint16_t* V, int64_t n, float inv, const uint16_t* tail, float* out) {
+    using L = Words<F, Half>;
+    constexpr int NV = L::NV;
+    vf e[kGroups][NV], o[kGroups][NV];
+    for (int g = 0; g < kGroups; g++)
+        for (int c = 0; c < NV; c++) e[g][c] = o[g][c] = splat(0.f);
+    const vi first = lane_index() < W / 2;
+    const auto add = [&](int g, const float* pj, const uint16_t* v) {
+        const vf a = splat(pj[0]), b = L::U == 2 ? splat(pj[1]) : a;
+        for (int c = 0; c < NV; c++) {
+            const vf x = !Half || c < F ? a : c > F ? b : select(first, a, b);
+            const vw w = load_words(v + 2 * c * W);
+            e[g][c] += x * first_of(w);
+            o[g][c] += x * second_of(w);
+        }
+    };
+    const int64_t units = n / L::U;
+    int64_t i = 0;
+    for (; i + kGroups <= units; i += kGroups)
+        for (int g = 0; g < kGroups; g++) add(g, p + (i + g) * L::U, V + (i + g) * L::U * L::D);
+    for (; i < units; i++) add(0, p + i * L::U, V + i * L::U * L::D);
+    if (n % L::U) add(0, p + i * L::U, tail);
+    for (int g = 1; g < kGroups; g++)
+        for (int c = 0; c < NV; c++) e[0][c] += e[g][c], o[0][c] += o[g][c];
+    const vf s = splat(inv);
+    if constexpr (!Half) {
+        for (int c = 0; c < NV; c++) {
+            store(out + 2 * c * W, zip_lo(e[0][c], o[0][c]) * s);
+            store(out + 2 * c * W + W, zip_hi(e[0][c], o[0][c]) * s);
+        }
+    } else {  // the pair's elements in order, then each element of the first key's plus the second's
+        float pair[2 * L::D];
+        for (int c = 0; c < NV; c++) {
+            store(pair + 2 * c * W, zip_lo(e[0][c], o[0][c]));
+            store(pair + 2 * c * W + W, zip_hi(e[0][c], o[0][c]));
+        }
+        for (int64_t d = 0; d < L::D; d += W) store(out + d, (load(pair + d) + load(pair + L::D + d)) * s);
+    }
+}
+
+// The softmax of n scores (max: their maximum) in place, unnormalised: returns 1 / their sum.
+inline float softmax(float* scores, int64_t n, float max) {
+    vf total = splat(0.f);
+    for (int64_t j = 0; j < n; j += W) {
+        const vf e = vexp(load(scores + j) - splat(max));
+        store(scores + j, e);
+        total += e;
+    }
+    return 1.f / lane_sum(total);
+}
+
+// The attention of rep query heads (at q, D apart) over n keys and values, out likewise: each
+// head's scores, softmax and values' sum, by the general code ...
+template <typename T>
+void attend(const float* q, int64_t rep, const T* K, const T* V, int64_t n, int64_t D, float* scores, float* out) {
+    const float scale = 1.f / std::sqrt((float)D);
+    for (int64_t r = 0; r < rep; r++) {
+        const float m = attention_scores(q + r * D, K, r == 0 ? V : nullptr, n, D, scale, scores);
+        const float inv = softmax(scores, n, m);
+        attention_values(scores, V, n, D, inv, out + r * D);
+    }
+}
+
+// ... or the word path (tail: see word_scores).
+template <int F, bool Half>
+void word_attend(const float* q, int64_t rep, const uint16_t* K, const uint16_t* V, int64_t n, float* scores, float* out) {
+    constexpr int64_t D = Words<F, Half>::D;
+    const float scale = 1.f / std::sqrt((float)D);
+    uint16_t tail[2 * D] = {};
+    std::memcpy(tail, K + (n - 1) * D, sizeof(uint16_t) * D);
+    uint16_t vtail[2 * D] = {};
+    if (Half && n % 2) std::memcpy(vtail, V + (n - 1) * D, sizeof(uint16_t) * D);
+    for (int64_t r = 0; r < rep; r++) {
+        const float m = word_scores<F, Half>(q + r * D, K, r == 0 ? V : nullptr, n, scale, tail, scores);
+        const float inv = softmax(scores, n, m);
+        word_values<F, Half>(scores, V, n, inv, vtail, out + r * D);
+    }
+}
+
+// A bf16 cache takes the word path where D is a multiple of W and q's vectors fit in registers
+// (Words: up to 9 vectors of words per unit), else the general code.
+void attend(const float* q, int64_t rep, const uint16_t* K, const uint16_t* V, int64_t n, int64_t D, float* scores,
+            float* out) {
+    switch (D % W ? 0 : D / W) {
+        case 1: return word_attend<0, true>(q, rep, K, V, n, scores, out);
+        case 2: return word_attend<1, false>(q, rep, K, V, n, scores, out);
+        case 3: return word_attend<1, true>(q, rep, K, V, n, scores, out);
+        case 4: return word_attend<2, false>(q, rep, K, V, n, scores, out);
+        case 5: return word_attend<2, true>(q, rep, K, V, n, scores, out);
+        case 6: return word_attend<3, false>(q, rep, K, V, n, scores, out);
+        case 7: return word_attend<3, true>(q, rep, K, V, n, scores, out);
+        case 8: return word_attend<4, false>(q, rep, K, V, n, scores, out);
+        case 9: return word_attend<4, true>(q, rep, K, V, n, scores, out);
+        default: return attend<uint16_t>(q, rep, K, V, n, D, scores, out);
     }
 }
 
@@ -804,35 +1153,20 @@ void attention_task_t(void* p, int64_t task) {
     float* row = s.qkv + b * (H + 2 * KV) * D;
     float* k = row + (H + g) * D;
     const float* v = row + (H + KV + g) * D;
+    const int64_t base = (((s.layer * s.kv_rows + b) * KV + g) * s.max_len) * D;
+    T *K = (T*)s.kc + base, *V = (T*)s.vc + base;
+    const int64_t n = S + 1 - lo;
     if (s.cfg[kRope]) {
         const int64_t half = D / 2;
         const float *c = s.w[kCos] + pos * half, *sn = s.w[kSin] + pos * half;
         rotate(k, c, sn, half);
         for (int64_t q = g * rep; q < (g + 1) * rep; q++) rotate(row + q * D, c, sn, half);
     }
-    const int64_t base = (((s.layer * s.kv_rows + b) * KV + g) * s.max_len) * D;
-    T *K = (T*)s.kc + base, *V = (T*)s.vc + base;
-    for (int64_t d = 0; d < D; d++) put(K + S * D + d, k[d]), put(V + S * D + d, v[d]);
-    const int64_t n = S + 1 - lo, padded = (n + W - 1) / W * W;
-    float* scores = scratch(padded);
-    const float scale = 1.f / std::sqrt((float)D);
-    prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);
-    for (int64_t q = g * rep; q < (g + 1) * rep; q++) {
-
-        attention_scores(row + q * D, K + lo * D, q == g * rep ? V + lo * D : nullptr, n, D, scale, scores);
-        vf mv = splat(-INFINITY);
-        for (int64_t j = 0; j < padded; j += W) mv = vmax(mv, load(scores + j));
-        const float m = hmax(mv);
-        vf total = splat(0.f);
-        for (int64_t j = 0; j < padded; j += W) {
-            const vf e = vexp(load(scores + j) - splat(m));
-            store(scores + j, e);
-            total += e;
-        }
-        const vf inv = splat(1.f / hsum(total));
-        for (int64_t j = 0; j < padded; j += W) store(scores + j, load(scores + j) * inv);
-        attention_values(scores, V + lo * D, n, D, s.att + b * H * D + q * D);
-    }
+    put_row(K + S * D, k, D);
+    put_row(V + S * D, v, D);
+    prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);  // after q, k and v are read: their lines first
+    float* scores = scratch((n + W - 1) / W * W);
+    attend(row + g * rep * D, rep, K + lo * D, V + lo * D, n, D, scores, s.att + b * H * D + g * rep * D);
 }
 
 void attention_task(void* p, int64_t task) {
