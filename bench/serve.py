@@ -256,23 +256,28 @@ class CpuMeter:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        try:  # a load's CPU in nanoseconds where the kernel keeps schedstats (else 0), not 10 ms ticks
+            self.schedstat = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) > 0
+        except (OSError, ValueError, IndexError):
+            self.schedstat = False
 
     def read(self) -> dict | None:
         try:
             groups: dict[str, float] = {}
             engine_seen = False
             for task in sorted(Path(f"/proc/{self.pid}/task").iterdir(), key=lambda t: int(t.name)):
-                try:
-                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                try:  # nanoseconds on a CPU (schedstat), else clock ticks of user and system time (stat)
                     name = (task / "comm").read_text().strip()
+                    ran = int((task / "schedstat").read_text().split()[0]) / 1e9 if self.schedstat else \
+                        sum(int(x) for x in (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13]) / self.hz
                 except OSError:  # a thread that ended meanwhile
                     continue
                 # threads started by the engine thread inherit its name: the first (lowest id) is it
                 group = "event loop" if task.name == str(self.pid) else name if name == "slm-decode" else \
                     "slm-engine" if name == "slm-engine" and not engine_seen else "other"
                 engine_seen |= group == "slm-engine"
-                groups[group] = groups.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / self.hz
-            me = resource.getrusage(resource.RUSAGE_SELF)
+                groups[group] = groups.get(group, 0.0) + ran
+            me = resource.getrusage(resource.RUSAGE_SELF)  # microseconds
             groups["clients"] = me.ru_utime + me.ru_stime
             cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
             return {"threads": groups, "idle": (cpu[3] + cpu[4]) / self.hz, "total": sum(cpu) / self.hz}
@@ -483,7 +488,9 @@ def main() -> int:
         table += ["", "CPU time per generated token, microseconds (medians over rounds; from /proc during each load): "
                       "the server's engine thread (its Python and its share of the C++ step), the step's other "
                       "threads, the event loop, the server's other threads, the benchmark's clients; and the "
-                      "share of both cores left idle.", "",
+                      "share of both cores left idle" + ("" if meter.schedstat else
+                                                         " (the kernel counts in 10 ms ticks: small entries are rough)")
+                  + ".", "",
                   "| clients | slm-engine | slm-decode | event loop | other | clients | all | cores idle |",
                   "|---|---|---|---|---|---|---|---|", *cpu_rows]
     goal = {s["clients"]: s for s in summary}

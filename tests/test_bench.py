@@ -206,7 +206,15 @@ def test_serve(tmp_path: Path) -> None:
     assert d["rounds"][0]["generate_batch1_tok_per_s"] > 0 and d["table"][0].startswith("| clients")
     # every request a new story opening; those still share first words, which the server's prefix cache holds
     assert d["prefix_cache_mb"] > 0 and 0 < d["prefix_hit_rate"] < 1
-    assert d["weights"] == "bf16" and "--weights bf16" in d["table"][-1]  # the server's default, recorded
+    baselines = next(line for line in d["table"] if line.startswith("Baselines"))
+    assert d["weights"] == "bf16" and "--weights bf16" in baselines  # the server's default, recorded
+    if Path("/proc/self/task").is_dir():  # where each load's CPU time went, per thread group
+        for s in d["summary"]:
+            cpu = s["cpu_us_per_token"]
+            groups = ("slm-engine", "slm-decode", "event loop", "other", "clients")
+            assert cpu["clients"] > 0 and min(cpu[g] for g in groups) >= 0, cpu
+            # the machine's idle time comes in 10 ms ticks: none for a load shorter than one (NaN)
+            assert math.isnan(cpu["idle_share"]) or 0 <= cpu["idle_share"] < 1, cpu
 
 
 def test_finetune(tmp_path: Path) -> None:
