@@ -202,9 +202,8 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's .to(tor
     return (uint16_t)(u >> 16);
 }
 
-// dst[k] = to_bf16(x[k]) for k < n, a vector at a time (the same integer rounding, so the same bits),
-// and a zero after an odd n: a row of kBF16Dot's activation pairs.
-void to_bf16_row(const float* x, int64_t n, uint16_t* dst) {
+// dst[k] = to_bf16(x[k]) for k < n, a vector at a time (the same integer rounding, so the same bits).
+inline void to_bf16_n(const float* x, int64_t n, uint16_t* dst) {
     typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
     typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
     int64_t k = 0;
@@ -215,7 +214,6 @@ void to_bf16_row(const float* x, int64_t n, uint16_t* dst) {
         std::memcpy(dst + k, &h, sizeof h);
     }
     for (; k < n; k++) dst[k] = to_bf16(x[k]);
-    if (n % 2) dst[n] = 0;
 }
 
 inline float from_bf16(uint16_t h) {
@@ -712,18 +710,7 @@ inline vf loadw(const uint16_t* p) {
 
 // A row of D floats into the cache as T (bf16: to_bf16's rounding, a vector at a time).
 inline void put_row(float* dst, const float* x, int64_t D) { std::memcpy(dst, x, D * sizeof(float)); }
-inline void put_row(uint16_t* dst, const float* x, int64_t D) {
-    typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
-    typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
-    int64_t d = 0;
-    for (; d + W <= D; d += W) {
-        vu u;
-        std::memcpy(&u, x + d, sizeof u);
-        const vh h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vh);
-        std::memcpy(dst + d, &h, sizeof h);
-    }
-    for (; d < D; d++) dst[d] = to_bf16(x[d]);
-}
+inline void put_row(uint16_t* dst, const float* x, int64_t D) { to_bf16_n(x, D, dst); }
 
 // Half h of the tree: lo takes the even h-lane chunks of (x, y), hi the odd ones; lo + hi holds
 // x's keys (in their order) then y's, each summed over half as many lanes as before.
@@ -1194,7 +1181,11 @@ void prepare(Step& s, int64_t i, const float* X, int64_t in) {
     if (!s.wfmt && s.cfg[kFormat] == kBF16Dot) {  // X as bf16 pairs, a zero after an odd row
         const int64_t in2 = even(in) / 2;
         xb_buffer.resize(s.B * in2);
-        for (int64_t b = 0; b < s.B; b++) to_bf16_row(X + b * in, in, (uint16_t*)(xb_buffer.data() + b * in2));
+        for (int64_t b = 0; b < s.B; b++) {
+            uint16_t* row = (uint16_t*)(xb_buffer.data() + b * in2);
+            to_bf16_n(X + b * in, in, row);
+            if (in % 2) row[in] = 0;
+        }
         s.xb = xb_buffer.data();
     }
     if (!s.wfmt) return;
