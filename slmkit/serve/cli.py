@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 # default: 5 ms). The engine's worker needs it back the moment each C++ decode step returns, while
 # the event loop holds it for its whole turn of writing the last step's chunks (a few hundred us at
 # 16 streams, more when requests arrive): at 5 ms the worker and the step's second core sat idle
-# through that turn. At 0.5 ms, 16 streaming clients got about 10% more tokens/s (bench/serve.py);
-# shorter than 0.3 ms the threads trade it too often.
-SWITCH_INTERVAL_S = 0.0005
+# through that turn. 0.5 ms gave 16 streaming clients about 10% more tokens/s than 5 ms; with the
+# step's cheaper attention and MLP, 0.1 ms gave both one client and 16 about 8% more than 0.5 ms
+# (bench/serve.py --rounds 6 --clients 1 16, 4 alternating pairs, medians: 16 clients 8,902 ->
+# 9,650 tokens/s, one client 2,684 -> 2,916).
+SWITCH_INTERVAL_S = 0.0001
 
 
 def passive_openmp() -> None:
