@@ -21,6 +21,8 @@ class KVCache:
     slots are masked out, so a row's numbers do not depend on what else is in the batch.
     The buffers start as zeros, and must: ``GraphDecoder`` attends over every slot with the
     unfilled ones masked, and a zero weight times a NaN left in memory would still be NaN.
+    A continuous batch's rows may be the first rows of buffers with room for rows to come
+    (``admit``'s ``room``): ``k`` and ``v`` are then views of them (``buffer_rows``).
     """
 
     k: torch.Tensor  # (n_layer, B, n_kv_head, max_len, head_dim)
