@@ -3,6 +3,7 @@
     python bench/serve.py            # the table in docs/serving.md (~6 minutes on 2 cores: 4 of training)
     python bench/serve.py --run RUN  # the same loads on a run you have (e.g. one trained before)
     python bench/serve.py --smoke    # seconds: stories260k shape, random weights, 1 and 4 clients
+    python bench/serve.py --run RUN --engine-only  # the same loads through the server's engine, no HTTP
 
 The server runs a stories15m-shape model trained here first (``slm prepare`` on the TinyStories
 sample, a BPE of 4096 tokens, then ``slm train --preset stories15m`` for ``--train-minutes``
@@ -332,6 +333,96 @@ def generate_speed(run: Path, prompt: str, max_tokens: int, threads: int) -> flo
     return max_tokens / (time.perf_counter() - t0)
 
 
+def engine_load(batch, tok, clients: int, per_client: int, prompts: list[str], max_tokens: int, seed: int) -> dict:
+    """The requests of one load stepped through the server's engine batch in this process, with no
+    HTTP: client c's first request joins before step c (as requests over HTTP arrive spread out),
+    each next one as soon as its last has ended; sampled as the HTTP loads' (temperature 0.8,
+    top-p 0.95, a seed each, every request to ``max_tokens``)."""
+    from slmkit.generate.continuous import Seq
+    from slmkit.generate.sampling import SamplingConfig
+
+    todo = [[tok.encode(p) for p in prompts[c * per_client : (c + 1) * per_client]] for c in range(clients)]
+    live: dict = {}
+    sent = tokens = step = 0
+
+    def send(c: int) -> None:
+        nonlocal sent
+        if todo[c]:
+            cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.8, top_k=0, top_p=0.95, stop_at_eot=False,
+                                 seed=seed + sent)
+            seq = Seq(todo[c].pop(0), cfg, max_tokens)
+            live[seq], sent = c, sent + 1
+            batch.add(seq)
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        while live or step < clients:
+            if step < clients:
+                send(step)
+            step += 1
+            for seq in batch.step():
+                if seq.done and seq in live:
+                    tokens += len(seq.tokens)
+                    send(live.pop(seq))
+    wall = time.perf_counter() - t0
+    if tokens != clients * per_client * max_tokens:
+        raise RuntimeError(f"{tokens} tokens generated, expected {clients * per_client * max_tokens}")
+    return {"clients": clients, "requests": clients * per_client, "tokens": tokens, "wall_s": wall,
+            "tok_per_s": tokens / wall, "steps": step}
+
+
+def engine_only(args: argparse.Namespace, run: Path, tok, openings: Openings, max_batch: int, what: str) -> int:
+    """``--engine-only``: the same loads stepped through the server's engine (``Engine.new_batch``:
+    its decoder, KV cache, prefix cache and settings) in this process: how far batching alone
+    scales, without the HTTP layer and the clients sharing the cores."""
+    from slmkit.checkpoint import load_run
+    from slmkit.serve.cli import make_engine
+    from slmkit.serve.config import ServeConfig
+
+    cfg = ServeConfig(max_batch=max_batch, threads=args.threads, kv_cache=args.kv_cache, weights=args.weights,
+                      prefix_cache_mb=args.prefix_cache_mb)
+    engine = make_engine(cfg, lambda: (load_run(run)[0].eval(), tok))
+    engine.start()
+    engine.loaded.wait()
+    if engine.load_error:
+        raise SystemExit(f"cannot load {run}: {engine.load_error}")
+    torch.set_num_threads(args.threads)
+    try:
+        engine_load(engine.new_batch(), tok, 1, 1, openings.take(1), args.max_tokens, 0)  # warm up
+        rounds = []
+        for r in range(args.rounds):
+            rounds.append([engine_load(engine.new_batch(), tok, c, args.requests_per_client,
+                                       openings.take(c * args.requests_per_client), args.max_tokens, 1000 * r)
+                           for c in args.clients])
+            print(f"round {r + 1}: " + ", ".join(f"{x['clients']} clients {x['tok_per_s']:.0f} tok/s" for x in rounds[-1]),
+                  flush=True)
+    finally:
+        engine.stop()
+    table = ["| clients | aggregate tokens/s | vs 1 client | steps per load |", "|---|---|---|---|"]
+    summary = []
+    for i, c in enumerate(args.clients):
+        s = {"clients": c, "tok_per_s": statistics.median(row[i]["tok_per_s"] for row in rounds),
+             "vs_one_client": statistics.median(row[i]["tok_per_s"] / row[0]["tok_per_s"] for row in rounds),
+             "steps": statistics.median(row[i]["steps"] for row in rounds)}
+        summary.append(s)
+        table.append(f"| {c} | {s['tok_per_s']:,.0f} | {s['vs_one_client']:.2f}x | {s['steps']:.0f} |")
+    table += ["", f"The server's engine without HTTP (medians of {args.rounds} rounds): {args.preset} shape ({what}), "
+                  f"prompts of about {args.prompt_tokens} tokens, {args.max_tokens} new tokens per request, "
+                  f"{args.requests_per_client} requests per client, client c's first request before step c, "
+                  f"--threads {args.threads} --max-batch {max_batch} --kv-cache {args.kv_cache} --weights "
+                  f"{args.weights} --prefix-cache-mb {args.prefix_cache_mb}."]
+    argv = sys.argv[1:]
+    if "--out" in argv:
+        del argv[argv.index("--out") : argv.index("--out") + 2]
+    result = {**machine_info(), "bench_command": " ".join(["python bench/serve.py", *argv]), "engine_only": True,
+              "requests_per_client": args.requests_per_client, "rounds": rounds, "summary": summary, "table": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(table))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="stories15m")
@@ -354,6 +445,8 @@ def main() -> int:
                         help="the server's --weights (default: the server's default)")
     parser.add_argument("--prefix-cache-mb", type=int, default=None,
                         help="the server's --prefix-cache-mb (default: the server's default; 0: off)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="step the server's engine in this process, no HTTP (default out: bench/results/serve_engine.json)")
     parser.add_argument("--shared-prefix-tokens", type=int, default=0,
                         help="the same preamble of this many tokens before every opening (a system prompt)")
     args = parser.parse_args()
@@ -363,8 +456,9 @@ def main() -> int:
         args.preset, args.vocab, args.clients, args.max_tokens, args.rounds = "stories260k", 512, [1, 4], 32, 1
         args.train_minutes = 0
         args.requests_per_client, args.prompt_tokens = 1, 8
-        args.out = args.out or str(Path(tempfile.mkdtemp(prefix="slm-serve-smoke-")) / "serve.json")
-    args.out = args.out or str(ROOT / "bench" / "results" / "serve.json")
+        args.out = args.out or str(Path(tempfile.mkdtemp(prefix="slm-serve-smoke-"))
+                                   / ("serve_engine.json" if args.engine_only else "serve.json"))
+    args.out = args.out or str(ROOT / "bench" / "results" / ("serve_engine.json" if args.engine_only else "serve.json"))
     work = Path(tempfile.mkdtemp(prefix="slm-bench-serve-"))
     if args.run:
         run = Path(args.run)
@@ -396,6 +490,8 @@ def main() -> int:
     args.weights = args.weights or ServeConfig.weights
     if args.prefix_cache_mb is None:
         args.prefix_cache_mb = ServeConfig.prefix_cache_mb
+    if args.engine_only:
+        return engine_only(args, run, tok, openings, max_batch, what)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")

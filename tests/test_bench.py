@@ -217,6 +217,16 @@ def test_serve(tmp_path: Path) -> None:
             assert math.isnan(cpu["idle_share"]) or 0 <= cpu["idle_share"] < 1, cpu
 
 
+def test_serve_engine_only(tmp_path: Path) -> None:
+    """--engine-only: the same loads stepped through the server's engine in-process, every request
+    to its max_tokens (checked by the script), 4 clients faster together than one."""
+    smoke("serve.py", tmp_path, "--engine-only")
+    d = written_json(tmp_path, "serve_engine.json")
+    assert d["engine_only"] and [s["clients"] for s in d["summary"]] == [1, 4] and d["machine"]
+    load = d["rounds"][0][1]
+    assert load["tokens"] == 4 * 32 and load["steps"] >= 32 and d["summary"][1]["vs_one_client"] > 1
+
+
 def test_finetune(tmp_path: Path) -> None:
     smoke("finetune.py", tmp_path)
     d = written_json(tmp_path, "finetune.json")

@@ -168,7 +168,7 @@ class Engine:
             if self.threads:
                 torch.set_num_threads(self.threads)
             self.model, self.tokenizer = self._load()
-            batch = self._batch()
+            batch = self.new_batch()
             self.ready = True
         except Exception as e:  # noqa: BLE001 - reported by the CLI as one line
             self.load_error = str(e) or type(e).__name__
@@ -187,7 +187,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - a bug must not take the server down: fail the jobs in flight
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_all("internal error while generating")
-                batch = self._batch()
+                batch = self.new_batch()
                 continue
             self._publish(changed)
             self.metrics.add(steps=1)
@@ -196,8 +196,10 @@ class Engine:
                                                prefix_cache_bytes=p.nbytes)
             self.metrics.set(running=batch.running, running_requests=len(self._jobs), **cached)  # one lock a step
 
-    def _batch(self) -> ContinuousBatch:
-        """A prompt that fits one prefill chunk rides the running batch's decode steps (``ride``).
+    def new_batch(self) -> ContinuousBatch:
+        """A new batch as this engine steps them, once it has loaded (bench/serve.py's
+        ``--engine-only`` steps one without HTTP). A prompt that fits one prefill chunk rides the
+        running batch's decode steps (``ride``).
         A bf16 KV cache where the decoder reads one (the C++ step), else the model's dtype (one warning).
         The engine's prefix cache, if any, outlives a batch (a new one after a failed step).
         Its decoder: ``_decoder``."""
