@@ -280,7 +280,7 @@ def test_prefix_cache_mb_sizes_the_engines_cache_and_0_turns_it_off():
     assert on.prefixes is not None and on.prefixes.budget == ServeConfig().prefix_cache_mb << 20 > 0
     off = make_engine(ServeConfig(prefix_cache_mb=0), lambda: None)
     off.model = on.model = random_model()
-    assert off.prefixes is None and off._batch().prefixes is None and on._batch().prefixes is on.prefixes
+    assert off.prefixes is None and off.new_batch().prefixes is None and on.new_batch().prefixes is on.prefixes
     assert "slm_prefix_cache_hits_total 0" in off.metrics.render()
     with pytest.raises(SlmError, match="--prefix-cache-mb must be >= 0"):
         ServeConfig(prefix_cache_mb=-1).validate()
@@ -557,15 +557,15 @@ def test_kv_cache_setting_reaches_the_batch_or_falls_back_with_a_warning(monkeyp
     assert ServeConfig().kv_cache == "bf16"
     engine = Engine(lambda: None, max_batch=2, max_queue=1, prefill_chunk=8, kv_cache="bf16")
     engine.model = random_model()
-    batch = engine._batch()
+    batch = engine.new_batch()
     assert batch.kv_dtype == torch.bfloat16
     assert batch.decoder.rest and not NativeDecoder(engine.model).rest  # the server's steps let the pool sleep
     engine.kv_cache = "fp32"
-    assert engine._batch().kv_dtype == torch.float32
+    assert engine.new_batch().kv_dtype == torch.float32
     engine.kv_cache = "bf16"
     monkeypatch.setattr(NativeDecoder, "kv_dtypes", ())
     with caplog.at_level("WARNING", logger="slmkit.serve"):
-        assert engine._batch().kv_dtype == torch.float32
+        assert engine.new_batch().kv_dtype == torch.float32
     assert "--kv-cache bf16 is off" in caplog.text
 
 
@@ -611,7 +611,7 @@ def test_weights_setting_gives_the_tokens_of_its_decoder_or_falls_back_with_a_wa
     def served(weights: str) -> tuple[str, list[list[int]], list[float]]:
         engine = make_engine(ServeConfig(weights=weights, prefix_cache_mb=0), lambda: None)
         engine.model = model
-        batch = engine._batch()
+        batch = engine.new_batch()
         seqs = [Seq(p, SamplingConfig(temperature=0.0, stop_at_eot=False), n, logprobs=0) for p in prompts]
         for seq in seqs:  # one at a time: each prefilled, as alone()
             batch.add(seq)
@@ -630,8 +630,8 @@ def test_weights_setting_gives_the_tokens_of_its_decoder_or_falls_back_with_a_wa
     engine = make_engine(ServeConfig(), lambda: None)
     engine.model = model
     with caplog.at_level("WARNING", logger="slmkit.serve"):
-        assert not isinstance(engine._batch().decoder, NativeDecoder)
-        engine._batch()
+        assert not isinstance(engine.new_batch().decoder, NativeDecoder)
+        engine.new_batch()
     assert caplog.text.count("--weights bf16 is off") == 1 and "no C++ library here" in caplog.text
 
 
