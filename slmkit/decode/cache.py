@@ -84,10 +84,9 @@ class KVCache:
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows ``rows`` (in that order, repeats allowed): beam search follows its beams. Rows
         kept in a buffer with room for more (``admit``'s ``room``) stay in it."""
-        n = rows.numel()
-        if self.buffer_rows() not in (None, self.k.size(1)) and n <= self.buffer_rows():
-            buffers = self.k.as_strided(self._buffer_shape(), self.k.stride()), \
-                self.v.as_strided(self._buffer_shape(), self.v.stride())
+        n, have = rows.numel(), self.buffer_rows()
+        if have is not None and have > self.k.size(1) and n <= have:
+            buffers = self._buffers(have)
             for buf, kept in zip(buffers, (self.k[:, rows], self.v[:, rows])):
                 buf[:, :n] = kept
             self.k, self.v = buffers[0][:, :n], buffers[1][:, :n]
@@ -109,8 +108,10 @@ class KVCache:
             return None
         return k.stride(0) // row if k.stride(0) // row >= B else None
 
-    def _buffer_shape(self) -> tuple[int, ...]:
-        return (self.k.size(0), self.buffer_rows(), *self.k.shape[2:])
+    def _buffers(self, rows: int) -> list[torch.Tensor]:
+        """The whole buffers of ``rows`` rows whose first rows ``k`` and ``v`` are (``buffer_rows``)."""
+        shape = (self.k.size(0), rows, *self.k.shape[2:])
+        return [t.as_strided(shape, t.stride()) for t in (self.k, self.v)]
 
     # --- continuous batching: rows join and leave between decode steps ---------------------------
 
@@ -165,7 +166,7 @@ class KVCache:
             self.shift(other.length - self.length)
         offset, B, n, have = self.length - other.length, self.k.size(1), other.k.size(1) * copies, self.buffer_rows()
         if have is not None and have >= B + n:  # room left in the buffers
-            buffers = [t.as_strided(self._buffer_shape(), t.stride()) for t in (self.k, self.v)]
+            buffers = self._buffers(have)
         else:  # new buffers (rows past B + n stay unset until a row is admitted there)
             shape = (self.k.size(0), min(room, 2 * (B + n)) if room > B + n else B + n, *self.k.shape[2:])
             buffers = [self.k.new_empty(shape), self.v.new_empty(shape)]
