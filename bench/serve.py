@@ -249,10 +249,11 @@ def prefix_counts(url: str) -> tuple[float, float]:
 
 
 class CpuMeter:
-    """Where a load's CPU time went (Linux; None elsewhere): the server's threads grouped by the name
-    the OS shows (``slm-engine``: the engine's Python and the C++ step it calls; ``slm-decode``: the
-    step's other threads; the main thread: the event loop; ``other``: PyTorch's threads and the
-    rest), this process's (the clients'), and the share of the machine's CPU time that was idle."""
+    """Where a load's CPU time went (Linux; None elsewhere): the server's threads, and those of its
+    child processes (the engine's process), grouped by the name the OS shows (``slm-engine``: the
+    engine's Python and the C++ step it calls; ``slm-decode``: the step's other threads; the
+    server's main thread: the event loop; ``other``: PyTorch's threads and the rest), this
+    process's (the clients'), and the share of the machine's CPU time that was idle."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -262,22 +263,44 @@ class CpuMeter:
         except (OSError, ValueError, IndexError):
             self.schedstat = False
 
+    def processes(self) -> list[int]:
+        """The server's pid and its descendants' (the engine's process, multiprocessing's helper)."""
+        parents: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):  # a process that ended meanwhile
+                    continue
+                parents.setdefault(ppid, []).append(int(entry.name))
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop(0)
+            out.append(pid)
+            todo += sorted(parents.get(pid, []))
+        return out
+
     def read(self) -> dict | None:
         try:
             groups: dict[str, float] = {}
             engine_seen = False
-            for task in sorted(Path(f"/proc/{self.pid}/task").iterdir(), key=lambda t: int(t.name)):
-                try:  # nanoseconds on a CPU (schedstat), else clock ticks of user and system time (stat)
-                    name = (task / "comm").read_text().strip()
-                    ran = int((task / "schedstat").read_text().split()[0]) / 1e9 if self.schedstat else \
-                        sum(int(x) for x in (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13]) / self.hz
-                except OSError:  # a thread that ended meanwhile
+            for pid in self.processes():
+                try:
+                    tasks = sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda t: int(t.name))
+                except OSError:
                     continue
-                # threads started by the engine thread inherit its name: the first (lowest id) is it
-                group = "event loop" if task.name == str(self.pid) else name if name == "slm-decode" else \
-                    "slm-engine" if name == "slm-engine" and not engine_seen else "other"
-                engine_seen |= group == "slm-engine"
-                groups[group] = groups.get(group, 0.0) + ran
+                for task in tasks:
+                    try:  # nanoseconds on a CPU (schedstat), else clock ticks of user and system time (stat)
+                        name = (task / "comm").read_text().strip()
+                        ran = int((task / "schedstat").read_text().split()[0]) / 1e9 if self.schedstat else \
+                            sum(int(x) for x in (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13]) / self.hz
+                    except OSError:  # a thread that ended meanwhile
+                        continue
+                    # threads started by the engine thread inherit its name: the first (lowest id) is it
+                    group = "event loop" if task.name == str(self.pid) else name if name == "slm-decode" else \
+                        "slm-engine" if name == "slm-engine" and not engine_seen else "other"
+                    engine_seen |= group == "slm-engine"
+                    groups[group] = groups.get(group, 0.0) + ran
             me = resource.getrusage(resource.RUSAGE_SELF)  # microseconds
             groups["clients"] = me.ru_utime + me.ru_stime
             cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

@@ -15,9 +15,10 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from json.encoder import encode_basestring_ascii as json_str  # json.dumps of a str, without its call layers
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
@@ -29,11 +30,14 @@ from starlette.routing import Route
 
 from slmkit.chat import render_prompt
 from slmkit.serve.config import ServeConfig
-from slmkit.serve.engine import Engine, Event, Job, QueueFull
+from slmkit.serve.engine import Engine, Event, Job, ModelInfo, QueueFull
 from slmkit.serve.protocol import (
     ApiError, Request as Parsed, _ids, _messages, bad, chat_logprobs, completion_logprobs, parse_chat,
     parse_completion,
 )
+
+if TYPE_CHECKING:
+    from slmkit.serve.process import ProcessEngine
 
 STATIC = Path(__file__).parent / "static"
 
@@ -74,8 +78,9 @@ class EventStream(EventSourceResponse):
             raise
 
 
-def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
-    """The ASGI app serving ``engine``'s model as ``model_name``."""
+def create_app(engine: Engine | ProcessEngine, cfg: ServeConfig, model_name: str) -> Starlette:
+    """The ASGI app serving ``engine``'s model as ``model_name`` (the engine on a thread of this
+    process or in its own: the same calls)."""
     created = int(time.time())
 
     def handler(endpoint: str, auth: bool = True) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable]:
@@ -118,10 +123,12 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"the body is not valid JSON: {e}") from None
 
-    def loaded() -> tuple[Any, Any]:
+    def loaded() -> tuple[ModelInfo, Any]:
+        if engine.error:
+            raise ApiError(503, engine.error)
         if not engine.ready:
             raise ApiError(503, "the model is still loading: retry in a moment", headers={"Retry-After": "1"})
-        return engine.model, engine.tokenizer
+        return engine.info, engine.tokenizer
 
     def submit(parsed: Parsed) -> Job:
         job = Job(parsed.seqs, engine.tokenizer, parsed.stop, asyncio.get_running_loop())
@@ -187,8 +194,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
     @handler("completions")
     async def completions(request: Request) -> Response:
         body = await read_json(request)
-        model, tok = loaded()
-        parsed = parse_completion(body, tok, model.config.block_size, model.config.vocab_size)
+        info, tok = loaded()
+        parsed = parse_completion(body, tok, info.block_size, info.vocab_size)
         job = submit(parsed)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if parsed.stream:
@@ -258,8 +265,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
     @handler("chat")
     async def chat(request: Request) -> Response:
         body = await read_json(request)
-        model, tok = loaded()
-        parsed = parse_chat(body, tok, model.config.block_size, model.config.vocab_size)
+        info, tok = loaded()
+        parsed = parse_chat(body, tok, info.block_size, info.vocab_size)
         job = submit(parsed)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if parsed.stream:
@@ -294,16 +301,16 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
 
     @handler("models")
     async def models(request: Request) -> Response:
-        model, tok = loaded()
+        info, tok = loaded()
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "slmkit",
-                "context_length": model.config.block_size, "max_model_len": model.config.block_size,
-                "parameters": sum(p.numel() for p in model.parameters()), "chat": tok.chat_template is not None}
+                "context_length": info.block_size, "max_model_len": info.block_size,
+                "parameters": info.parameters, "chat": info.chat}
         return JSONResponse({"object": "list", "data": [card]})
 
     @handler("tokenize")
     async def tokenize(request: Request) -> Response:
         body = await read_json(request)
-        model, tok = loaded()
+        info, tok = loaded()
         if isinstance(body, dict) and "messages" in body:
             if tok.chat_template is None:
                 raise bad("this model has no chat template: tokenize a 'prompt' instead", "messages")
@@ -312,27 +319,28 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
             ids = tok.encode(body["prompt"])
         else:
             raise bad("send {\"prompt\": TEXT} or {\"messages\": [...]}", "prompt")
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.config.block_size,
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": info.block_size,
                              "token_strs": [tok.decode([i]) for i in ids]})
 
     @handler("detokenize")
     async def detokenize(request: Request) -> Response:
         body = await read_json(request)
-        model, tok = loaded()
+        info, tok = loaded()
         if not isinstance(body, dict) or not isinstance(body.get("tokens"), list):
             raise bad("send {\"tokens\": [ids]}", "tokens")
-        return JSONResponse({"prompt": tok.decode(_ids(body["tokens"], model.config.vocab_size, "tokens"))})
+        return JSONResponse({"prompt": tok.decode(_ids(body["tokens"], info.vocab_size, "tokens"))})
 
     @handler("health", auth=False)
     async def health(request: Request) -> Response:
         if engine.ready:
             return JSONResponse({"status": "ok"})
-        status = "failed" if engine.load_error else "loading"
-        return JSONResponse({"status": status}, status_code=503)
+        if engine.error or engine.load_error:
+            return JSONResponse({"status": "failed", "error": engine.error or engine.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
 
     @handler("metrics", auth=False)
     async def metrics(request: Request) -> Response:
-        engine.metrics.set(queue_depth=engine.queue_depth)
+        await engine.sync_metrics()
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @handler("playground", auth=False)
@@ -358,4 +366,11 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> Starlette:
     if cfg.cors:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cfg.cors), allow_methods=["GET", "POST"],
                                      allow_headers=["authorization", "content-type"]))
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine.attach(asyncio.get_running_loop())  # the process engine receives on this loop
+        yield
+
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found},
+                     lifespan=lifespan)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ from slmkit.serve.config import ServeConfig
 
 if TYPE_CHECKING:
     from slmkit.serve.engine import Engine
+    from slmkit.serve.process import ProcessEngine
 
 # How long a thread that wants the GIL waits before it asks the holder to let go (Python's
 # default: 5 ms). The engine's worker needs it back the moment each C++ decode step returns, while
@@ -55,15 +57,35 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return section_from_args(ServeConfig, args, "serve", table)
 
 
-def make_engine(cfg: ServeConfig, load: Callable[[], tuple[Any, Any]]) -> Engine:
-    """The engine ``cfg`` asks for, serving what ``load()`` returns, with its prefix cache (None at 0 MB)."""
+def make_engine(cfg: ServeConfig, load: Callable[[], tuple[Any, Any]], kind: type[Engine] | None = None) -> Engine:
+    """The engine ``cfg`` asks for (an ``Engine``, or ``kind``: the process engine's child), serving
+    what ``load()`` returns in this process, with its prefix cache (None at 0 MB)."""
     from slmkit.generate.prefix import PrefixCache
     from slmkit.serve.engine import Engine
 
     prefixes = PrefixCache(cfg.prefix_cache_mb << 20) if cfg.prefix_cache_mb else None
-    return Engine(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
-                  threads=cfg.threads, kv_cache=cfg.kv_cache, prefixes=prefixes,
-                  weights=cfg.weights)
+    return (kind or Engine)(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
+                            threads=cfg.threads, kv_cache=cfg.kv_cache, prefixes=prefixes, weights=cfg.weights)
+
+
+def load_served(run_dir: str, device: str, which: str) -> tuple[Any, Any]:
+    """The model (eval mode) and tokenizer of RUN_DIR: module-level, so that a ``functools.partial``
+    of it pickles into the engine's child process."""
+    from slmkit.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir, device=device, which=which)
+    return model.eval(), tokenizer
+
+
+def serving_engine(cfg: ServeConfig, run_dir: Path, device: str) -> Engine | ProcessEngine:
+    """``slm serve``'s engine: in a child process (``--engine process``) or on a thread."""
+    load = functools.partial(load_served, str(run_dir), device, cfg.which)
+    if cfg.engine == "thread":
+        return make_engine(cfg, load)
+    from slmkit.serve.process import ProcessEngine
+    from slmkit.tokenizer import load_tokenizer
+
+    return ProcessEngine(load, functools.partial(load_tokenizer, run_dir / "tokenizer"), cfg)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -79,16 +101,9 @@ def run_cli(args: argparse.Namespace) -> int:
         from slmkit.serve.app import create_app
     except ImportError as e:
         raise SlmError(f"slm serve needs its extra ({e.name} is missing): pip install 'slmkit[serve]'") from None
-    from slmkit.checkpoint import load_run
     from slmkit.runtime import resolve_device
 
-    device = resolve_device(cfg.device)
-
-    def load():
-        model, tokenizer, _ = load_run(run_dir, device=device, which=cfg.which)
-        return model.eval(), tokenizer
-
-    engine = make_engine(cfg, load)
+    engine = serving_engine(cfg, run_dir, resolve_device(cfg.device))
     name = cfg.model_name or run_dir.resolve().name
     app = create_app(engine, cfg, name)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",

@@ -68,6 +68,14 @@ class ServeConfig:
         "help": "MB of prompt keys and values kept for reuse by prompts that start the same way; 0: off "
                 "(default %(default)s)", "metavar": "MB"})
 
+    # Where the engine runs: "process" (default) steps the model in a child process of its own, so
+    # its Python and the HTTP event loop's no longer take turns on one GIL (vLLM V1 runs its engine
+    # core the same way); "thread" keeps it on a thread of the server's process (one process: what
+    # a debugger or a profiler of the whole server wants). Measured in docs/serving.md.
+    engine: Literal["process", "thread"] = field(default="process", metadata={
+        "help": "run the engine in its own process (the HTTP side and the model do not share one GIL) "
+                "or on a thread of the server's (default %(default)s)"})
+
     def validate(self) -> None:
         """Raise SlmError for a value out of range, naming the flag."""
         checks = [
@@ -80,6 +88,7 @@ class ServeConfig:
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
             (self.kv_cache in ("fp32", "bf16"), f"--kv-cache must be fp32 or bf16, got {self.kv_cache!r}"),
             (self.weights in ("fp32", "bf16"), f"--weights must be fp32 or bf16, got {self.weights!r}"),
+            (self.engine in ("process", "thread"), f"--engine must be process or thread, got {self.engine!r}"),
             (self.prefix_cache_mb >= 0, f"--prefix-cache-mb must be >= 0 (0: off), got {self.prefix_cache_mb}"),
         ]
         for ok, message in checks:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import logging
 import sys
 import threading
@@ -53,11 +54,32 @@ class Event:
     error: str | None = None
 
 
-class Job:
-    """One request's sequences and the asyncio queue its events arrive on."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the HTTP side needs to know of the loaded model (``/v1/models``, the requests' checks),
+    without the model itself (the process engine's model lives in its child process)."""
 
-    def __init__(self, seqs: list[Seq], tokenizer, stop: list[str], loop: asyncio.AbstractEventLoop) -> None:
-        self.seqs, self.loop = seqs, loop
+    block_size: int
+    vocab_size: int
+    parameters: int
+    chat: bool  # the tokenizer has a chat template
+
+    @classmethod
+    def of(cls, model, tokenizer) -> ModelInfo:
+        return cls(model.config.block_size, model.config.vocab_size, sum(p.numel() for p in model.parameters()),
+                   tokenizer.chat_template is not None)
+
+
+_job_ids = itertools.count()
+
+
+class Job:
+    """One request's sequences and the asyncio queue its events arrive on (``loop``: None in the
+    engine's child process, where events leave through the pipe)."""
+
+    def __init__(self, seqs: list[Seq], tokenizer, stop: list[str], loop: asyncio.AbstractEventLoop | None) -> None:
+        self.id = next(_job_ids)
+        self.seqs, self.loop, self.stop = seqs, loop, stop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.streams = [TextStream(tokenizer, stop) for _ in seqs]
         self.sent = [0] * len(seqs)  # tokens already turned into events
@@ -94,7 +116,7 @@ def _deliver(pairs: list[tuple[Job, Event]]) -> None:
 
 
 def _hand_over(pairs: list[tuple[Job, Event]]) -> None:
-    """From the worker: one ``call_soon_threadsafe`` per event loop for all of ``pairs``."""
+    """From the worker thread: one ``call_soon_threadsafe`` per event loop for all of ``pairs``."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
     for job, event in pairs:
         by_loop.setdefault(job.loop, []).append((job, event))
@@ -106,7 +128,12 @@ def _hand_over(pairs: list[tuple[Job, Event]]) -> None:
 
 
 class Engine:
-    """Loads the run (``load()`` returns ``(model, tokenizer)``) and serves jobs from one thread."""
+    """Loads the run (``load()`` returns ``(model, tokenizer)``) and serves jobs from one thread.
+
+    The loop (``_run``) is also what the process engine's child runs (serve/process.py): it
+    overrides the three places where the loop meets the outside world, ``_loaded`` (loading
+    ended), ``_wait`` (block while there is nothing to do, then admit jobs) and ``_hand_over``
+    (a step's events to their jobs)."""
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_batch: int, max_queue: int, prefill_chunk: int,
                  metrics: Metrics | None = None, threads: int | None = None, kv_cache: str = "fp32",
@@ -120,8 +147,10 @@ class Engine:
         self._weights_warned = False
         self.prefixes = prefixes  # the prefix cache every batch of this engine uses (None: off)
         self.model = self.tokenizer = None
+        self.info: ModelInfo | None = None  # once loaded
         self.ready = False
         self.load_error: str | None = None
+        self.error: str | None = None  # why the engine stopped serving (the process engine's child died)
         self.loaded = threading.Event()  # set when loading ended, well or not
         self._pending: deque[Job] = deque()
         self._jobs: list[Job] = []  # admitted, not finished
@@ -160,6 +189,13 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Nothing to do: each job carries its loop (the process engine receives on ``loop``)."""
+
+    async def sync_metrics(self) -> None:
+        """Bring ``metrics`` up to date (the process engine asks its child; here they are)."""
+        self.metrics.set(queue_depth=self.queue_depth)
+
     # --- the worker -------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -169,19 +205,14 @@ class Engine:
                 torch.set_num_threads(self.threads)
             self.model, self.tokenizer = self._load()
             batch = self.new_batch()
+            self.info = ModelInfo.of(self.model, self.tokenizer)
             self.ready = True
         except Exception as e:  # noqa: BLE001 - reported by the CLI as one line
             self.load_error = str(e) or type(e).__name__
+        self._loaded()
+        if not self.ready:
             return
-        finally:
-            self.loaded.set()
-        while True:
-            with self._cond:
-                while not self._stopping and batch.idle and not self._pending:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                self._admit(batch)
+        while self._wait(batch):
             try:
                 changed = batch.step()
             except Exception:  # noqa: BLE001 - a bug must not take the server down: fail the jobs in flight
@@ -195,6 +226,24 @@ class Engine:
             cached = {} if p is None else dict(prefix_hit_tokens=p.hit_tokens, prefix_query_tokens=p.query_tokens,
                                                prefix_cache_bytes=p.nbytes)
             self.metrics.set(running=batch.running, running_requests=len(self._jobs), **cached)  # one lock a step
+
+    def _loaded(self) -> None:
+        """Loading ended (``ready`` or ``load_error``)."""
+        self.loaded.set()
+
+    def _wait(self, batch: ContinuousBatch) -> bool:
+        """Block while there is nothing to do, then admit waiting jobs; False: stop."""
+        with self._cond:
+            while not self._stopping and batch.idle and not self._pending:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            self._admit(batch)
+        return True
+
+    def _hand_over(self, pairs: list[tuple[Job, Event]]) -> None:
+        """One step's events to their jobs."""
+        _hand_over(pairs)
 
     def new_batch(self) -> ContinuousBatch:
         """A new batch as this engine steps them, once it has loaded (bench/serve.py's
@@ -295,7 +344,7 @@ class Engine:
                 job.closed[i] = True
                 ended = True
             out.append((job, Event(i, text, start, end, reason)))
-        _hand_over(out)
+        self._hand_over(out)
         if generated:
             self.metrics.add(generation_tokens=generated)  # once per step: the counter's lock is not free
         if ended:
@@ -317,7 +366,7 @@ class Engine:
             if not closed:
                 job.closed[i] = True
                 out.append((job, Event(i, "", job.sent[i], job.sent[i], "error", error=message)))
-        _hand_over(out)
+        self._hand_over(out)
 
     def _fail_all(self, message: str) -> None:
         for job in self._jobs:

@@ -45,6 +45,12 @@ class Metrics:
             for name, value in values.items():
                 setattr(self, name, value)
 
+    def engine_counters(self) -> dict[str, int | float | list[int]]:
+        """Every value but the requests' (the engine's side: the process engine's child sends them)."""
+        with self._lock:
+            return {name: list(value) if isinstance(value, list) else value for name, value in vars(self).items()
+                    if name not in ("_lock", "requests")}
+
     def first_token(self, seconds: float) -> None:
         with self._lock:
             for i, bound in enumerate(TTFT_BUCKETS):
