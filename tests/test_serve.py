@@ -2,7 +2,8 @@
 
 Two servers: the tiny trained run (context 32, no chat template: completions, scoring, errors,
 concurrency) and a random model with the chat tokens (context 1024, an API key, a batch of 2 and a
-queue of 1: chat, streaming, cancellation, overload, a kill).
+queue of 1: chat, streaming, cancellation, overload, a kill). Both run the engine in its own
+process (the default); the thread engine is served in-process through Starlette's TestClient.
 """
 
 from __future__ import annotations
@@ -63,9 +64,14 @@ def server(run: Path, log: Path, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def plain(run_dir, tmp_path_factory):
-    with server(run_dir, tmp_path_factory.mktemp("log") / "plain.log") as (url, _):
-        yield url
+def plain_server(run_dir, tmp_path_factory):
+    with server(run_dir, tmp_path_factory.mktemp("log") / "plain.log") as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def plain(plain_server):
+    return plain_server[0]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,31 @@ def client(url: str, key: str = "none") -> openai.OpenAI:
 
 def metrics(url: str) -> dict[str, float]:
     return parse(httpx.get(f"{url}/metrics").text)
+
+
+def children(pid: int) -> dict[int, str]:
+    """The processes whose parent is ``pid``: their names (``/proc/PID/comm``)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out[int(entry.name)] = (entry / "comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def engine_pid(server_pid: int) -> int:
+    """The engine's process of the server ``server_pid`` (its main thread calls itself slm-engine)."""
+    [pid] = [pid for pid, name in children(server_pid).items() if name == "slm-engine"]
+    return pid
 
 
 # --- completions ----------------------------------------------------------------------------------
@@ -255,6 +286,46 @@ def test_models_health_tokenize_and_metrics(plain, run_dir):
     assert m["slm_generation_tokens_total"] > 0 and m["slm_time_to_first_token_seconds_count"] > 0
 
 
+def test_the_engine_counters_come_from_the_engines_process_exact_at_the_scrape(plain_server):
+    url, proc = plain_server
+    child = engine_pid(proc.pid)  # the engine runs there: the server's own threads have no engine among them
+    assert alive(child) and "slm-engine" not in {p.read_text().strip() for p in Path(f"/proc/{proc.pid}/task").glob("*/comm")}
+    before = metrics(url)
+    done = client(url).completions.create(model="m", prompt="Tom had", max_tokens=5, temperature=0)
+    after = metrics(url)  # asked of the engine's process at the scrape: already counts the request just answered
+    assert after["slm_generation_tokens_total"] - before["slm_generation_tokens_total"] == done.usage.completion_tokens
+    assert after["slm_prompt_tokens_total"] - before["slm_prompt_tokens_total"] == done.usage.prompt_tokens
+    assert after["slm_time_to_first_token_seconds_count"] == before["slm_time_to_first_token_seconds_count"] + 1
+    assert after["slm_engine_steps_total"] >= before["slm_engine_steps_total"] + done.usage.completion_tokens
+
+
+def test_the_thread_engine_serves_the_same_text_in_process(plain, run_dir):
+    """``--engine thread``: the same Engine loop on a thread of the app's process (here under
+    Starlette's TestClient) gives the process engine's greedy text and logprobs."""
+    from starlette.testclient import TestClient
+
+    from slmkit.serve.app import create_app
+    from slmkit.serve.cli import make_engine
+    from slmkit.serve.config import ServeConfig
+
+    body = {"prompt": ["Tom had a", "Once"], "max_tokens": 8, "temperature": 0, "logprobs": 2, "stop": ["."]}
+    want = httpx.post(f"{plain}/v1/completions", json=body).json()["choices"]
+    engine = make_engine(ServeConfig(threads=1), lambda: load_run(run_dir)[:2])
+    engine.start()
+    try:
+        with TestClient(create_app(engine, ServeConfig(), "m")) as http:
+            assert engine.loaded.wait(30) and http.get("/health").json() == {"status": "ok"}
+            got = http.post("/v1/completions", json=body).json()["choices"]
+            assert parse(http.get("/metrics").text)["slm_generation_tokens_total"] > 0
+    finally:
+        engine.stop()
+    assert [c["text"] for c in got] == [c["text"] for c in want] and got[0]["text"]
+    assert [c["finish_reason"] for c in got] == [c["finish_reason"] for c in want]
+    for g, w in zip(got, want):
+        assert g["logprobs"]["tokens"] == w["logprobs"]["tokens"]
+        assert g["logprobs"]["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-5)
+
+
 def test_prompts_that_share_an_opening_hit_the_prefix_cache(plain):
     c = client(plain)
     ask = dict(model="m", max_tokens=4, temperature=0)
@@ -302,7 +373,7 @@ def test_health_is_503_while_loading():
         assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 503
         go.set()
         engine.loaded.wait(5)
-        assert http.get("/health").json() == {"status": "failed"}
+        assert http.get("/health").json() == {"status": "failed", "error": "no model"}
 
 
 # --- the chat server --------------------------------------------------------------------------------
@@ -404,16 +475,42 @@ def digest(run: Path) -> dict[str, str]:
             if p.is_file()}
 
 
-def test_killing_the_server_loses_nothing_on_disk(chat_run, tmp_path):
+def test_killing_the_server_loses_nothing_on_disk_and_leaves_no_process_behind(chat_run, tmp_path):
     before = digest(chat_run)
     with server(chat_run, tmp_path / "kill.log") as (url, proc):
         started, stop = threading.Event(), threading.Event()
         t = threading.Thread(target=long_stream, args=(url, started, stop, True), daemon=True)
         t.start()
         started.wait(10)
-        proc.kill()
+        left = children(proc.pid)
+        assert "slm-engine" in left.values()  # mid-stream: the engine's process is stepping
+        proc.kill()  # no chance to stop the engine: it sees the end of its pipe and exits
         proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in left):
+            assert time.monotonic() < deadline, f"still running after the server was killed: {left}"
+            time.sleep(0.05)
     assert digest(chat_run) == before
+
+
+def test_if_the_engines_process_dies_requests_in_flight_fail_and_health_says_so(chat_run, tmp_path):
+    with server(chat_run, tmp_path / "die.log") as (url, proc):
+        auth = {"authorization": f"Bearer {KEY}"}
+        body = {"prompt": "Once", "max_tokens": LONG, "ignore_eos": True}
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{url}/v1/completions", json=body, headers=auth, timeout=30)
+            wait_for(url, lambda m: m["slm_batch_size"] == 1, "the request running")
+            os.kill(engine_pid(proc.pid), 9)
+            failed = answer.result()
+        assert failed.status_code == 500, failed.text
+        error = failed.json()["error"]
+        assert error["type"] == "server_error" and "engine process ended unexpectedly (exit code -9)" in error["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "exit code -9" in health.json()["error"]
+        again = httpx.post(f"{url}/v1/completions", json=body, headers=auth)
+        assert again.status_code == 503 and "engine process ended" in again.json()["error"]["message"]
+        assert proc.poll() is None  # the server stays up to say what happened
 
 
 def test_bad_flags_and_runs_are_one_line(tmp_path):
