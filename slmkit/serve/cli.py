@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 # through that turn. 0.5 ms gave 16 streaming clients about 10% more tokens/s than 5 ms; with the
 # step's cheaper attention and MLP, 0.1 ms gave both one client and 16 about 8% more than 0.5 ms
 # (bench/serve.py --rounds 6 --clients 1 16, 4 alternating pairs, medians: 16 clients 8,902 ->
-# 9,650 tokens/s, one client 2,684 -> 2,916).
+# 9,650 tokens/s, one client 2,684 -> 2,916). For the thread engine (--engine thread) only: with the
+# engine in its own process each process runs one Python thread that matters, and 5 ms and 0.1 ms
+# served alike (3 alternating runs each: 16 clients 10,652 and 10,484 tokens/s, medians).
 SWITCH_INTERVAL_S = 0.0001
 
 
@@ -118,7 +120,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"serving {run_dir} as {name!r} on http://{cfg.host}:{cfg.port} (playground at /{key})",
               file=sys.stderr, flush=True)
 
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if cfg.engine == "thread":  # one Python thread in each of the process engine's two processes: nothing to switch
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     engine.start()
     threading.Thread(target=announce, daemon=True).start()
     server.run()

@@ -17,13 +17,16 @@ between our own two processes; no user file is ever unpickled):
   reason, error)``; and ``("metrics", counters, waiting, received)`` answering each ``("metrics",)``.
 
 The child turns tokens into text (``TextStream``, stop strings) as the thread engine does: a stop
-string must end its row before the next step, and the pieces cost the engine ~1 us a token next
-to the ~30 us a token of the step itself at 16 rows. The parent mirrors each request's ``Seq``s
-(tokens, logprobs, finish reason) from the updates, which is what app.py reads, and receives on
-the event loop itself (``loop.add_reader`` on the pipe): a reader thread would compete with the
-event loop for the GIL again (``reader="thread"``, measured in docs/serving.md). The child exits
-when the pipe reaches EOF (the parent died) or at ``("stop",)``; if it dies, the jobs in flight
-fail with an error and ``/health`` says why.
+string must end its row before the next step (in the parent it would take a round trip, and
+tokens past it), and it is cheap where it is: measured in the child under bench/serve.py's loads,
+the text pieces took ~14 us a step and the message (pickle and send) ~24 us, next to ~480 us a
+step in all. The parent mirrors each request's ``Seq``s (tokens, logprobs, finish reason) from
+the updates, which is what app.py reads, and receives on the event loop itself
+(``loop.add_reader`` on the pipe): a reader thread handing messages to the loop competed with it
+for the GIL again and cost more (3 alternating runs each of bench/serve.py --rounds 6 --clients 1
+16, medians: 16 clients 11,003 tokens/s on the loop, 10,453 with a thread; one client 3,193 and
+2,980). The child exits when the pipe reaches EOF (the parent died) or at ``("stop",)``; if it
+dies, the jobs in flight fail with an error and ``/health`` says why.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import astuple
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import Any
 
 from slmkit.serve.config import ServeConfig
 from slmkit.serve.engine import Engine, Event, Job, ModelInfo, QueueFull
@@ -52,8 +55,8 @@ class ProcessEngine:
     loaded. ``attach(loop)`` (the app does it at startup) receives on that event loop."""
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], load_tokenizer: Callable[[], Any], cfg: ServeConfig,
-                 metrics: Metrics | None = None, reader: Literal["loop", "thread"] = "loop") -> None:
-        self._load, self._load_tokenizer, self._cfg, self._reader = load, load_tokenizer, cfg, reader
+                 metrics: Metrics | None = None) -> None:
+        self._load, self._load_tokenizer, self._cfg = load, load_tokenizer, cfg
         self.max_queue = cfg.max_queue
         self.metrics = metrics or Metrics()
         self.tokenizer = None
@@ -84,13 +87,11 @@ class ProcessEngine:
                                     daemon=True)
         self._process.start()
         theirs.close()  # the child's end lives in the child only: its death is EOF here
-        if self._reader == "thread":
-            threading.Thread(target=self._read_thread, name="slm-reader", daemon=True).start()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Receive the child's messages on ``loop`` (called on it, at the app's startup)."""
         self._loop = loop
-        if self._reader == "loop" and self._conn is not None:
+        if self._conn is not None:
             loop.add_reader(self._conn.fileno(), self._readable)
 
     def stop(self) -> None:
@@ -113,7 +114,11 @@ class ProcessEngine:
         if self._waiting + self._submitted - self._received >= self.max_queue:
             raise QueueFull
         self._jobs[job.id] = job
-        self._conn.send(("submit", job.id, job.seqs, job.stop, job.created))
+        try:
+            self._conn.send(("submit", job.id, job.seqs, job.stop, job.created))
+        except OSError:  # the child is gone and the loop has not heard yet: the job fails with the rest
+            self._died()
+            return
         self._submitted += 1
 
     def cancel(self, job: Job) -> None:
@@ -122,7 +127,10 @@ class ProcessEngine:
             return
         job.cancel()
         if self.error is None:
-            self._conn.send(("cancel", job.id))
+            try:
+                self._conn.send(("cancel", job.id))
+            except OSError:
+                self._died()
 
     async def sync_metrics(self) -> None:
         """Bring the engine's counters in ``metrics`` up to date: ask the child, await its answer
@@ -131,7 +139,10 @@ class ProcessEngine:
             return
         answer = asyncio.get_running_loop().create_future()
         self._scrapes.append(answer)
-        self._conn.send(("metrics",))
+        try:
+            self._conn.send(("metrics",))
+        except OSError:
+            self._died()
         await answer
 
     # --- the child's messages ----------------------------------------------------------------------
@@ -145,29 +156,6 @@ class ProcessEngine:
         except (EOFError, OSError):
             self._loop.remove_reader(conn.fileno())
             self._died()
-
-    def _read_thread(self) -> None:
-        """``reader="thread"``: receive on a thread, hand each batch of messages to the loop."""
-        conn = self._conn
-        try:
-            while True:
-                messages = [conn.recv()]
-                while conn.poll():
-                    messages.append(conn.recv())
-                if self._loop is None:  # before the app has started: only "loaded" or "failed" come
-                    for message in messages:
-                        self._handle(message)
-                else:
-                    self._loop.call_soon_threadsafe(self._handle_all, messages)
-        except (EOFError, OSError):
-            if self._loop is None:
-                self._died()
-            else:
-                self._loop.call_soon_threadsafe(self._died)
-
-    def _handle_all(self, messages: list[tuple]) -> None:
-        for message in messages:
-            self._handle(message)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -216,6 +204,8 @@ class ProcessEngine:
 
     def _died(self) -> None:
         """The pipe reached EOF: the child is gone. Fail the jobs in flight; /health says why."""
+        if self.error is not None:
+            return
         self._process.join(1)
         code = self._process.exitcode
         self.error = f"the engine process ended unexpectedly (exit code {code}): restart slm serve"
@@ -326,4 +316,7 @@ def child_main(conn: Connection, load: Callable[[], tuple[Any, Any]], cfg: Serve
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     engine = make_engine(cfg, load, ChildEngine)
     engine.conn = conn
-    engine._run()
+    try:
+        engine._run()
+    except (BrokenPipeError, ConnectionResetError):  # the parent went away while we wrote: nobody to serve
+        pass
