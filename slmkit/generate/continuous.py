@@ -10,7 +10,7 @@ token, and the mask hides the other rows' slots). Every ``step()`` picks one tok
 running row and runs one decode step over all of them. A finished or cancelled row leaves a hole:
 its row of the cache stays (decoded along, its output unused) until a new sequence takes it
 (``KVCache.fill``: a copy of that row's slots), so rows that come and go do not copy the whole cache
-each time; holes still empty after ``hole_steps`` steps are closed up in one copy. When the
+each time; holes still empty after ``hole_steps`` steps are closed up (the last rows move into them). When the
 cache's slots run out it closes up too (``KVCache.compact``: the slots left of every row's start
 are dropped).
 
@@ -271,12 +271,17 @@ class ContinuousBatch:
             self.rows, self.cache, self.logits, self._holes = [], None, None, {}
 
     def _close_holes(self) -> None:
-        """Drop the holes (one copy of the cache) once one has waited ``hole_steps`` steps for a sequence."""
+        """Drop the holes once one has waited ``hole_steps`` steps for a sequence: the last rows move
+        into them, so a cache with room copies only those rows (``KVCache.reorder``), not every row."""
         if not self._holes or self._steps - min(self._holes.values()) < self.hole_steps:
             return
         live = [i for i, row in enumerate(self.rows) if row is not None]
-        self.rows = [self.rows[i] for i in live]
-        index = torch.tensor(live, device=self.device)
+        # the last rows move into the holes: only they are copied (KVCache.reorder), not every row
+        order = list(range(len(live)))
+        for hole, row in zip([i for i in order if self.rows[i] is None], [i for i in live if i >= len(live)]):
+            order[hole] = row
+        self.rows = [self.rows[i] for i in order]
+        index = torch.tensor(order, device=self.device)
         self.cache.reorder(index)
         self.logits = self.logits[index]
         self._holes = {}
