@@ -177,12 +177,12 @@ def test_rows_admitted_with_room_share_buffers_and_the_cpp_step_reads_them_in_pl
     assert plain.k.is_contiguous() and plain.buffer_rows() == 5 and same(batch, plain)
     assert torch.count_nonzero(plain.k[:, :, :, plain.length :]) == 0, "without room, unfilled slots stay zero"
     # closing holes (rows 1 and 3 gone): the last row moves into the first hole, nothing else moves
-    before = batch.k[:, 0].clone(), batch.k[:, 2].clone()
+    before = filled(batch)[0][:, 0].clone(), filled(batch)[0][:, 2].clone()
     close = torch.tensor([0, 4, 2])
     batch.reorder(close)
     plain.reorder(close)
     assert batch.buffer_rows() == 8 and batch.k.size(1) == 3 and same(batch, plain)
-    assert torch.equal(batch.k[:, 0], before[0]) and torch.equal(batch.k[:, 2], before[1])
+    assert torch.equal(filled(batch)[0][:, 0], before[0]) and torch.equal(filled(batch)[0][:, 2], before[1])
     shuffle = torch.tensor([2, 0, 1])  # sources among the kept rows: a gathered copy
     batch.reorder(shuffle)
     plain.reorder(shuffle)
