@@ -257,16 +257,19 @@ def test_nucleus_rows_draw_in_one_native_call_as_each_would_alone(monkeypatch):
 
     calls = []
     native = C.native_top_p
-    monkeypatch.setattr(C, "native_top_p", lambda *a: calls.append(len(a[3])) or native(*a))
+    monkeypatch.setattr(C, "native_top_p", lambda *a: calls.append((len(a[3]), a[5])) or native(*a))
     model = random_model()
     cfgs = [SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=s, stop_at_eot=False)
             for s in range(4)]
     alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]  # slm generate, one prompt at a time
-    seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
-    run(ContinuousBatch(model), {0: seqs[:3], 1: seqs[3:]})
-    assert [s.tokens for s in seqs] == alone and len({tuple(t) for t in alone}) > 1
-    if C.native_sampling(torch.device("cpu")):
-        assert max(calls) == 4  # one call for the 4 rows of a step
+    assert len({tuple(t) for t in alone}) > 1
+    for threads in (None, 1):  # the server samples on one thread: the same tokens
+        calls.clear()
+        seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
+        run(ContinuousBatch(model, sample_threads=threads), {0: seqs[:3], 1: seqs[3:]})
+        assert [s.tokens for s in seqs] == alone
+        if C.native_sampling(torch.device("cpu")):
+            assert max(n for n, _ in calls) == 4 and {t for _, t in calls} == {threads}  # one call for a step's 4 rows
 
 
 def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens():

@@ -171,15 +171,17 @@ class ContinuousBatch:
     prefills up to ``prefill_chunk`` prompt tokens of the waiting ones (at most ``max_batch`` rows
     run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``.
     ``decoder`` (default: ``make_decoder(model, path)``) runs the prefills and steps; prompts scored
-    with ``prompt_logprobs`` run through ``model`` itself."""
+    with ``prompt_logprobs`` run through ``model`` itself. ``sample_threads``: the threads of the
+    rows sampled in one C++ call (``native_top_p``; None: PyTorch's), which change no token."""
 
     def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
                  hole_steps: int = 8, ride: int = 64, kv_dtype: torch.dtype | None = None,
-                 prefixes: PrefixCache | None = None, decoder: Decoder | None = None) -> None:
+                 prefixes: PrefixCache | None = None, decoder: Decoder | None = None,
+                 sample_threads: int | None = None) -> None:
         if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0:
             raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps and ride at least 0")
         self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
-        self.ride, self.prefixes = ride, prefixes
+        self.ride, self.prefixes, self.sample_threads = ride, prefixes, sample_threads
         self.block_size = model.config.block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -340,7 +342,7 @@ class ContinuousBatch:
                     row.draws += 1
                 if not logits.is_contiguous():
                     logits = logits.contiguous()
-                tokens = native_top_p(logits, temperature, top_p, u, rows)
+                tokens = native_top_p(logits, temperature, top_p, u, rows, self.sample_threads)
                 assert tokens is not None, "the rows were given uniforms for native_top_p: it must run"
                 picked.update(zip(rows, tokens))
                 continue
