@@ -146,9 +146,10 @@ def test_kv_cache_admit_shift_and_compact_keep_each_rows_tokens():
 
 
 def test_rows_admitted_with_room_share_buffers_and_the_cpp_step_reads_them_in_place():
-    """``admit(..., room=)``: rows that join one by one go into buffers with room for more (no
-    copy of the rows already there at every join), ``reorder`` keeps them in place, and the C++
-    step reads such a cache as it is: the same logits, bit for bit, as from a contiguous copy."""
+    """``admit(..., room=)``: rows that join one by one go into buffers of ``room`` rows (no copy of
+    the rows already there at any join), ``reorder`` keeps them in place and moves only the rows
+    that change places, and the C++ step reads such a cache as it is: the same logits, bit for
+    bit, as from a contiguous copy. Only filled slots are written."""
     model = random_model()
     cfg = model.config
 
@@ -158,23 +159,34 @@ def test_rows_admitted_with_room_share_buffers_and_the_cpp_step_reads_them_in_pl
             model(torch.tensor([ids]), last_only=True, cache=cache)
         return cache
 
-    rows = [[1, 2, 3], [4, 5, 6, 7, 8], [2, 2], [9, 8, 7, 6]]
+    def filled(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache.k[:, :, :, : cache.length], cache.v[:, :, :, : cache.length]
+
+    def same(a: KVCache, b: KVCache) -> bool:
+        return all(map(torch.equal, filled(a), filled(b))) and torch.equal(a.start, b.start) and a.length == b.length
+
+    rows = [[1, 2, 3], [4, 5, 6, 7, 8], [2, 2], [9, 8, 7, 6], [5]]
     batch, plain = prefilled(rows[0]), prefilled(rows[0])
     buffers = set()
     for ids in rows[1:]:
         batch.admit(prefilled(ids), room=8)
         plain.admit(prefilled(ids))
         buffers.add(batch.k.data_ptr())
-    # 1 row + 1 -> buffers of 4 rows (twice the rows, at most room), which the next two rows fill
-    assert batch.buffer_rows() == 4 and plain.buffer_rows() == 4 and len(buffers) == 1
-    assert torch.equal(batch.k, plain.k) and torch.equal(batch.v, plain.v) and torch.equal(batch.start, plain.start)
-    batch.admit(prefilled([5]), room=8)  # no room left: buffers of 8 rows (at most room), one copy
-    plain.admit(prefilled([5]))
+    assert len(buffers) == 1, "one allocation of room rows, at the first join"
     assert batch.buffer_rows() == 8 and batch.k.size(1) == 5 and not batch.k.is_contiguous()
-    keep = torch.tensor([4, 0, 2])
-    batch.reorder(keep)
-    plain.reorder(keep)
-    assert batch.buffer_rows() == 8 and batch.k.size(1) == 3 and torch.equal(batch.k, plain.k)
+    assert plain.k.is_contiguous() and plain.buffer_rows() == 5 and same(batch, plain)
+    assert torch.count_nonzero(plain.k[:, :, :, plain.length :]) == 0, "without room, unfilled slots stay zero"
+    # closing holes (rows 1 and 3 gone): the last row moves into the first hole, nothing else moves
+    before = filled(batch)[0][:, 0].clone(), filled(batch)[0][:, 2].clone()
+    close = torch.tensor([0, 4, 2])
+    batch.reorder(close)
+    plain.reorder(close)
+    assert batch.buffer_rows() == 8 and batch.k.size(1) == 3 and same(batch, plain)
+    assert torch.equal(filled(batch)[0][:, 0], before[0]) and torch.equal(filled(batch)[0][:, 2], before[1])
+    shuffle = torch.tensor([2, 0, 1])  # sources among the kept rows: a gathered copy
+    batch.reorder(shuffle)
+    plain.reorder(shuffle)
+    assert batch.buffer_rows() == 8 and same(batch, plain)
     if cpu_kernels.built() is not None:
         return  # no C++ library here: the rest is its step
     from slmkit.decode import NativeDecoder
@@ -184,7 +196,7 @@ def test_rows_admitted_with_room_share_buffers_and_the_cpp_step_reads_them_in_pl
         got = step.step(ids, batch)
         want = step.step(ids, plain)
     assert batch.buffer_rows() == 8, "the step read the buffers in place (no contiguous copy)"
-    assert torch.equal(got, want) and torch.equal(batch.k, plain.k) and torch.equal(batch.v, plain.v)
+    assert torch.equal(got, want) and same(batch, plain)
 
 
 def test_openai_processors():
@@ -245,16 +257,19 @@ def test_nucleus_rows_draw_in_one_native_call_as_each_would_alone(monkeypatch):
 
     calls = []
     native = C.native_top_p
-    monkeypatch.setattr(C, "native_top_p", lambda *a: calls.append(len(a[3])) or native(*a))
+    monkeypatch.setattr(C, "native_top_p", lambda *a: calls.append((len(a[3]), a[5])) or native(*a))
     model = random_model()
     cfgs = [SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=s, stop_at_eot=False)
             for s in range(4)]
     alone = [generate_tokens(model, [[1, 2, 3]], cfg)[0] for cfg in cfgs]  # slm generate, one prompt at a time
-    seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
-    run(ContinuousBatch(model), {0: seqs[:3], 1: seqs[3:]})
-    assert [s.tokens for s in seqs] == alone and len({tuple(t) for t in alone}) > 1
-    if C.native_sampling(torch.device("cpu")):
-        assert max(calls) == 4  # one call for the 4 rows of a step
+    assert len({tuple(t) for t in alone}) > 1
+    for threads in (None, 1):  # the server samples on one thread: the same tokens
+        calls.clear()
+        seqs = [Seq([1, 2, 3], cfg, 10) for cfg in cfgs]
+        run(ContinuousBatch(model, sample_threads=threads), {0: seqs[:3], 1: seqs[3:]})
+        assert [s.tokens for s in seqs] == alone
+        if C.native_sampling(torch.device("cpu")):
+            assert max(n for n, _ in calls) == 4 and {t for _, t in calls} == {threads}  # one call for a step's 4 rows
 
 
 def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens():

@@ -11,7 +11,9 @@
 //      lower 1024 buckets). Going down from the top bucket, the mass A(b) of buckets >= b tells
 //      each bucket's fate: while A(b) < top_p - 1e-3 every token of bucket b is in the nucleus
 //      (the mass before any of them is below the cut), once A(b + 1) >= top_p + 1e-3 none is;
-//      the buckets between (usually one or two) are in doubt;
+//      the buckets between (usually one or two) are in doubt. Only the tokens whose probability
+//      reaches tau are counted: together, those below it hold less than 1 - top_p, so the walk
+//      never gets down to them (a few hundred tokens of 4k on a trained model's rows);
 //   3. only the tokens in doubt are sorted by logit (ties: the lower id first) and cut as the
 //      reference cuts: a token stays while the float32 sum of the probabilities before it (the
 //      sure tokens' and then the sorted ones', accumulated in double, as PyTorch's CPU cumsum
@@ -27,6 +29,9 @@
 #include <vector>
 
 #include "vec.h"
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -54,21 +59,33 @@ inline float lowest(int b) {  // the smallest float in bucket b
     return p;
 }
 
-struct Scratch {
+struct Scratch {  // a thread's buffers, kept from call to call, each as long as the vocabulary
     std::vector<float> x, p;
     std::vector<double> mass, mass2, e;
     std::vector<Candidate> doubt;
-    std::vector<int32_t> kept, ids, merged;
-    void resize(int64_t vocab) {  // a thread's buffers, kept from call to call
+    std::vector<int32_t> big, kept, ids, merged;
+    void resize(int64_t vocab) {
         if (int64_t(x.size()) == vocab) return;
         x.resize(vocab), p.resize(vocab), e.resize(vocab);
         mass.resize(kBuckets), mass2.resize(kBuckets);
-        doubt.reserve(vocab), kept.reserve(vocab), ids.reserve(vocab), merged.reserve(vocab);
+        doubt.resize(vocab), big.resize(vocab), kept.resize(vocab), ids.resize(vocab), merged.resize(vocab);
     }
 };
 
+// The lanes of a vector compare's result as bits (lane l: bit l).
+inline uint32_t lane_bits(vi mask) {
+#if defined(__AVX512F__)
+    return _mm512_movepi32_mask((__m512i)mask);
+#elif defined(__AVX2__)
+    return (uint32_t)_mm256_movemask_ps((__m256)mask);
+#else
+    uint32_t bits = 0;
+    for (int l = 0; l < W; l++) bits |= uint32_t(mask[l] != 0) << l;
+    return bits;
+#endif
+}
+
 int64_t sample_row(const float* row, int64_t vocab, float temperature, float top_p, double u, Scratch& s) {
-    // 1. the scaled logits and their maximum, then the probabilities
     float* x = s.x.data();
     vf vm = splat(-INFINITY);
     int64_t j = 0;
@@ -88,15 +105,23 @@ int64_t sample_row(const float* row, int64_t vocab, float temperature, float top
     for (; j < vocab; j++) m = std::max(m, x[j]);
     if (!(m > -INFINITY)) return 0;  // no token is possible: the reference's NaNs give token 0 too
     float* p = s.p.data();
-    // The sum in double lanes, each vector's halves widened and added: no horizontal sum per
-    // vector (a chain of shuffles and scalar adds): 16 rows of a trained model, 4096 tokens, 108 -> 96 us
+    // the terms' sum in double, from float sums of 8 vectors at a time (a float sum of 8 terms
+    // per lane is exact to a few units of its last place; widening every vector cost a fifth
+    // of the row)
     vd acc0{}, acc1{};
-    for (j = 0; j + W <= vocab; j += W) {
-        const vf e = vexp(load(x + j) - splat(m));
-        store(p + j, e);
-        vh lo, hi;  // (memcpy, not __builtin_shufflevector: GCC has that only from 12)
-        std::memcpy(&lo, &e, sizeof lo);
-        std::memcpy(&hi, reinterpret_cast<const char*>(&e) + sizeof lo, sizeof hi);
+    const int64_t whole = vocab / W * W;
+    for (j = 0; j < whole;) {
+        vf block{};
+        for (const int64_t stop = std::min(whole, j + 8 * W); j < stop; j += W) {
+            const vf e = vexp(load(x + j) - splat(m));
+            store(p + j, e);
+            block += e;
+        }
+        float lanes[W];  // (through memory once a block, not __builtin_shufflevector: GCC has that only
+        store(lanes, block);  // from 12; taking the address of block kept it in memory all the block long)
+        vh lo, hi;
+        std::memcpy(&lo, lanes, sizeof lo);
+        std::memcpy(&hi, lanes + W / 2, sizeof hi);
         acc0 += __builtin_convertvector(lo, vd);
         acc1 += __builtin_convertvector(hi, vd);
     }
@@ -107,26 +132,42 @@ int64_t sample_row(const float* row, int64_t vocab, float temperature, float top
         sum += p[j];
     }
     const float inv = float(1.0 / sum);
+    const auto prob = [p, inv](int64_t t) { return p[t] * inv; };  // a token's probability (p holds the terms)
+    // The tokens below tau = lowest(bucket((1 - top_p - 2 margins) / vocab)) together hold less
+    // than 1 - top_p - 2 margins, so the walk down the buckets stops at or above tau's bucket: only
+    // the tokens at or above tau (a few hundred of 4k on a trained model's rows) are counted and
+    // looked at again. tau is 0 (every token) where top_p leaves no such room, or if the walk went
+    // below tau's bucket after all (rounding): then it runs again over every token.
+    const double room = (1.0 - double(top_p) - 2 * kMargin) / double(vocab);
+    float tau = top_p < 1.f && room > 1e-30 ? lowest(bucket(float(room))) : 0.f;
+    // (raw arrays and counts in locals: a push_back per token reloaded the thread's buffers, and
+    // the constants the loop needs, from memory at every token)
+    int32_t* big = s.big.data();
+    size_t nbig = 0;
     {
-        const vf vinv = splat(inv);
-        for (j = 0; j + W <= vocab; j += W) store(p + j, load(p + j) * vinv);
-        for (; j < vocab; j++) p[j] *= inv;
+        const vf vinv = splat(inv), vtau = splat(tau);
+        for (j = 0; j < whole; j += W) {
+            const vf v = load(p + j) * vinv;
+            for (uint32_t bits = lane_bits(v >= vtau); bits; bits &= bits - 1) big[nbig++] = int32_t(j + __builtin_ctz(bits));
+        }
+        for (; j < vocab; j++)
+            if (p[j] * inv >= tau) big[nbig++] = int32_t(j);
     }
-    // 2. the fate of each bucket, which is monotone in the bucket: buckets >= sure are in the
-    // nucleus, buckets < lo out, those between in doubt (top_p = 1: every possible token is in)
     int lo = 0, sure = 0;
-    if (top_p < 1.f) {
+    while (top_p < 1.f) {
         double* m0 = s.mass.data();
         double* m1 = s.mass2.data();  // two histograms: a token's add does not wait on its neighbour's
         std::fill(m0, m0 + kBuckets, 0.0);
         std::fill(m1, m1 + kBuckets, 0.0);
-        for (j = 0; j + 1 < vocab; j += 2) {
-            m0[bucket(p[j])] += p[j];
-            m1[bucket(p[j + 1])] += p[j + 1];
+        size_t k = 0;
+        for (; k + 1 < nbig; k += 2) {
+            const float a = prob(big[k]), b = prob(big[k + 1]);
+            m0[bucket(a)] += a;
+            m1[bucket(b)] += b;
         }
-        if (j < vocab) m0[bucket(p[j])] += p[j];
+        if (k < nbig) m0[bucket(prob(big[k]))] += prob(big[k]);
         double above = 0;  // A(b + 1)
-        sure = kBuckets;
+        lo = 0, sure = kBuckets;
         for (int b = kBuckets - 1; b >= 0; b--) {
             if (above >= double(top_p) + kMargin) {
                 lo = b + 1;
@@ -135,49 +176,43 @@ int64_t sample_row(const float* row, int64_t vocab, float temperature, float top
             above += m0[b] + m1[b];  // A(b)
             if (above < double(top_p) - kMargin) sure = b;
         }
+        if (tau == 0.f || lowest(lo) >= tau) break;
+        tau = 0.f;  // every token, in id order
+        for (nbig = 0; nbig < size_t(vocab); nbig++) big[nbig] = int32_t(nbig);
     }
-    // 3. the sure tokens (in id order) and their mass, then the tokens in doubt, sorted and cut.
-    // A bucket's smallest float is its bits; a vector of tokens all below bucket lo is skipped.
     const float lo_p = lowest(lo), sure_p = sure < kBuckets ? lowest(sure) : INFINITY;
     double acc = 0;
-    s.doubt.clear();
-    s.ids.clear();
-    for (j = 0; j < vocab; j += W) {
-        const int64_t end = std::min<int64_t>(j + W, vocab);
-        if (end - j == W) {
-            const vi any = load(p + j) >= splat(lo_p);
-            bool none = true;
-            for (int l = 0; l < W; l++) none &= !any[l];
-            if (none) continue;
-        }
-        for (int64_t t = j; t < end; t++) {
-            if (!(x[t] > -INFINITY) || !(p[t] >= lo_p)) continue;
-            if (p[t] >= sure_p) {
-                acc += p[t];
-                s.ids.push_back(int32_t(t));
-            } else {
-                s.doubt.push_back({x[t], int32_t(t)});
-            }
+    Candidate* doubt = s.doubt.data();
+    int32_t *sure_ids = s.ids.data(), *kept = s.kept.data();
+    size_t ndoubt = 0, nsure = 0, nkept = 0;
+    for (size_t k = 0; k < nbig; k++) {  // in id order
+        const int32_t t = big[k];
+        const float q = prob(t);
+        if (!(x[t] > -INFINITY) || !(q >= lo_p)) continue;
+        if (q >= sure_p) {
+            acc += q;
+            sure_ids[nsure++] = t;
+        } else {
+            doubt[ndoubt++] = {x[t], t};
         }
     }
-    s.kept.clear();
-    if (!s.doubt.empty()) {
-        std::sort(s.doubt.begin(), s.doubt.end(),
+    if (ndoubt) {
+        std::sort(doubt, doubt + ndoubt,
                   [](const Candidate& a, const Candidate& b) { return a.x > b.x || (a.x == b.x && a.id < b.id); });
-        for (const Candidate& c : s.doubt) {
-            acc += p[c.id];
-            if (float(acc) - p[c.id] < top_p) s.kept.push_back(c.id);
+        for (size_t k = 0; k < ndoubt; k++) {
+            const float q = prob(doubt[k].id);
+            acc += q;
+            if (float(acc) - q < top_p) kept[nkept++] = doubt[k].id;
         }
-        std::sort(s.kept.begin(), s.kept.end());
+        std::sort(kept, kept + nkept);
     }
     // 4. the draw: a float64 softmax over the kept tokens in id order (the sure ones and those
     // kept from the doubt, merged), its running sum, and the first token whose sum exceeds
     // u * total (never past the last kept token)
-    std::vector<int32_t>& ids = s.merged;
-    ids.resize(s.ids.size() + s.kept.size());
-    std::merge(s.ids.begin(), s.ids.end(), s.kept.begin(), s.kept.end(), ids.begin());
+    int32_t* ids = s.merged.data();
+    std::merge(sure_ids, sure_ids + nsure, kept, kept + nkept, ids);
+    const size_t n = nsure + nkept;
     double* e = s.e.data();
-    const size_t n = ids.size();
     double total = 0;
     for (size_t k = 0; k < n; k++) {
         e[k] = std::exp(double(x[ids[k]]) - double(m));

@@ -22,7 +22,8 @@ class KVCache:
     The buffers start as zeros, and must: ``GraphDecoder`` attends over every slot with the
     unfilled ones masked, and a zero weight times a NaN left in memory would still be NaN.
     A continuous batch's rows may be the first rows of buffers with room for rows to come
-    (``admit``'s ``room``): ``k`` and ``v`` are then views of them (``buffer_rows``).
+    (``admit``'s ``room``): ``k`` and ``v`` are then views of them (``buffer_rows``), read by a
+    decoder that reads filled slots only, so their slots past ``length`` are left unset.
     """
 
     k: torch.Tensor  # (n_layer, B, n_kv_head, max_len, head_dim)
@@ -83,12 +84,20 @@ class KVCache:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows ``rows`` (in that order, repeats allowed): beam search follows its beams. Rows
-        kept in a buffer with room for more (``admit``'s ``room``) stay in it."""
+        kept in a buffer with room for more (``admit``'s ``room``) stay in it, and only their
+        filled slots move; when every row that moves comes from past the kept ones (a continuous
+        batch closing its holes), only those rows are copied."""
         n, have = rows.numel(), self.buffer_rows()
         if have is not None and have > self.k.size(1) and n <= have:
-            buffers = self._buffers(have)
-            for buf, kept in zip(buffers, (self.k[:, rows], self.v[:, rows])):
-                buf[:, :n] = kept
+            buffers, filled = self._buffers(have), self.length
+            moves = [(to, row) for to, row in enumerate(rows.tolist()) if to != row]
+            if all(row >= n for _, row in moves):  # no source is overwritten before it is read
+                for buf in buffers:
+                    for to, row in moves:
+                        buf[:, to, :, :filled] = buf[:, row, :, :filled]
+            else:
+                for buf, kept in zip(buffers, (self.k[:, rows, :, :filled], self.v[:, rows, :, :filled])):
+                    buf[:, :n, :, :filled] = kept
             self.k, self.v = buffers[0][:, :n], buffers[1][:, :n]
         else:
             self.k, self.v = self.k[:, rows], self.v[:, rows]
@@ -159,21 +168,28 @@ class KVCache:
         over, so that their last token lines up with this cache's last slot: rows join a running
         batch between decode steps. When ``other`` holds more tokens than this cache, this cache's
         rows move right first. A row's keys, values and positions are the same as in ``other``.
-        ``room``: the most rows this cache is expected to hold. New rows go into buffers with room
-        for more (twice the rows, at most ``room``), so rows that join one after another copy
-        the rows already there a few times, not once per join."""
+
+        ``room``: the most rows this cache is expected to hold, for a decoder that reads each row's
+        filled slots only, in place (``Decoder.strided_kv``: the C++ step). New rows then go into
+        buffers of ``room`` rows, allocated once (the rows no sequence has taken yet are never
+        touched), so rows that join one after another do not copy the rows already there; only
+        filled slots are written (the slots past ``length`` are written by the step that fills them
+        before anything reads them). Without ``room`` every slot of a new row is set: zeros outside
+        its tokens, as ``empty`` makes them (``GraphDecoder`` attends over every slot)."""
         if other.length > self.length:
             self.shift(other.length - self.length)
         offset, B, n, have = self.length - other.length, self.k.size(1), other.k.size(1) * copies, self.buffer_rows()
+        filled = self.length if room else self.max_len
         if have is not None and have >= B + n:  # room left in the buffers
             buffers = self._buffers(have)
         else:  # new buffers (rows past B + n stay unset until a row is admitted there)
-            shape = (self.k.size(0), min(room, 2 * (B + n)) if room > B + n else B + n, *self.k.shape[2:])
+            shape = (self.k.size(0), max(room, B + n), *self.k.shape[2:])
             buffers = [self.k.new_empty(shape), self.v.new_empty(shape)]
-            buffers[0][:, :B], buffers[1][:, :B] = self.k, self.v
+            buffers[0][:, :B, :, :filled], buffers[1][:, :B, :, :filled] = self.k[:, :, :, :filled], self.v[:, :, :, :filled]
         for buf, src in zip(buffers, (other.k, other.v)):
             new = buf[:, B : B + n]
-            new.zero_()
+            new[:, :, :, :offset] = 0
+            new[:, :, :, self.length : filled] = 0
             new[:, :, :, offset : self.length] = src[:, :, :, : other.length].repeat(1, copies, 1, 1, 1)
         self.k, self.v = buffers[0][:, : B + n], buffers[1][:, : B + n]
         start = (other.start.to(self.start.device) + offset).repeat(copies)

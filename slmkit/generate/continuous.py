@@ -10,7 +10,7 @@ token, and the mask hides the other rows' slots). Every ``step()`` picks one tok
 running row and runs one decode step over all of them. A finished or cancelled row leaves a hole:
 its row of the cache stays (decoded along, its output unused) until a new sequence takes it
 (``KVCache.fill``: a copy of that row's slots), so rows that come and go do not copy the whole cache
-each time; holes still empty after ``hole_steps`` steps are closed up in one copy. When the
+each time; holes still empty after ``hole_steps`` steps are closed up (the last rows move into them). When the
 cache's slots run out it closes up too (``KVCache.compact``: the slots left of every row's start
 are dropped).
 
@@ -171,15 +171,17 @@ class ContinuousBatch:
     prefills up to ``prefill_chunk`` prompt tokens of the waiting ones (at most ``max_batch`` rows
     run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``.
     ``decoder`` (default: ``make_decoder(model, path)``) runs the prefills and steps; prompts scored
-    with ``prompt_logprobs`` run through ``model`` itself."""
+    with ``prompt_logprobs`` run through ``model`` itself. ``sample_threads``: the threads of the
+    rows sampled in one C++ call (``native_top_p``; None: PyTorch's), which change no token."""
 
     def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
                  hole_steps: int = 8, ride: int = 64, kv_dtype: torch.dtype | None = None,
-                 prefixes: PrefixCache | None = None, decoder: Decoder | None = None) -> None:
+                 prefixes: PrefixCache | None = None, decoder: Decoder | None = None,
+                 sample_threads: int | None = None) -> None:
         if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0:
             raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps and ride at least 0")
         self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
-        self.ride, self.prefixes = ride, prefixes
+        self.ride, self.prefixes, self.sample_threads = ride, prefixes, sample_threads
         self.block_size = model.config.block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -271,12 +273,17 @@ class ContinuousBatch:
             self.rows, self.cache, self.logits, self._holes = [], None, None, {}
 
     def _close_holes(self) -> None:
-        """Drop the holes (one copy of the cache) once one has waited ``hole_steps`` steps for a sequence."""
+        """Drop the holes once one has waited ``hole_steps`` steps for a sequence: the last rows move
+        into them, so a cache with room copies only those rows (``KVCache.reorder``), not every row."""
         if not self._holes or self._steps - min(self._holes.values()) < self.hole_steps:
             return
         live = [i for i, row in enumerate(self.rows) if row is not None]
-        self.rows = [self.rows[i] for i in live]
-        index = torch.tensor(live, device=self.device)
+        # the last rows move into the holes: only they are copied (KVCache.reorder), not every row
+        order = list(range(len(live)))
+        for hole, row in zip([i for i in order if self.rows[i] is None], [i for i in live if i >= len(live)]):
+            order[hole] = row
+        self.rows = [self.rows[i] for i in order]
+        index = torch.tensor(order, device=self.device)
         self.cache.reorder(index)
         self.logits = self.logits[index]
         self._holes = {}
@@ -335,7 +342,7 @@ class ContinuousBatch:
                     row.draws += 1
                 if not logits.is_contiguous():
                     logits = logits.contiguous()
-                tokens = native_top_p(logits, temperature, top_p, u, rows)
+                tokens = native_top_p(logits, temperature, top_p, u, rows, self.sample_threads)
                 assert tokens is not None, "the rows were given uniforms for native_top_p: it must run"
                 picked.update(zip(rows, tokens))
                 continue

@@ -255,8 +255,14 @@ class Engine:
         decoder = self._decoder()
 
         def make(kv_dtype: torch.dtype | None) -> ContinuousBatch:
+            # one thread samples the rows (native_top_p, ~6 us a row): the C++ step's other thread
+            # sleeps between steps (rest, below), and woken to share the rows it was often
+            # descheduled holding some, so the call waited on it (in the server at 16 clients: mean
+            # 0.25 ms a call on two threads, 0.16 ms on one; on an idle machine one thread takes
+            # 0.1 ms for 16 rows)
             return ContinuousBatch(self.model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                                   ride=self.prefill_chunk, kv_dtype=kv_dtype, prefixes=self.prefixes, decoder=decoder)
+                                   ride=self.prefill_chunk, kv_dtype=kv_dtype, prefixes=self.prefixes, decoder=decoder,
+                                   sample_threads=1)
 
         batch = None
         if self.kv_cache == "bf16":
