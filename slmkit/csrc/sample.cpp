@@ -86,6 +86,7 @@ inline uint32_t lane_bits(vi mask) {
 }
 
 int64_t sample_row(const float* row, int64_t vocab, float temperature, float top_p, double u, Scratch& s) {
+    // 1. the scaled logits and their maximum, then the terms exp(x - max) and their sum
     float* x = s.x.data();
     vf vm = splat(-INFINITY);
     int64_t j = 0;
@@ -133,6 +134,8 @@ int64_t sample_row(const float* row, int64_t vocab, float temperature, float top
     }
     const float inv = float(1.0 / sum);
     const auto prob = [p, inv](int64_t t) { return p[t] * inv; };  // a token's probability (p holds the terms)
+    // 2. the fate of each bucket, which is monotone in the bucket: buckets >= sure are in the
+    // nucleus, buckets < lo out, those between in doubt (top_p = 1: every possible token is in).
     // The tokens below tau = lowest(bucket((1 - top_p - 2 margins) / vocab)) together hold less
     // than 1 - top_p - 2 margins, so the walk down the buckets stops at or above tau's bucket: only
     // the tokens at or above tau (a few hundred of 4k on a trained model's rows) are counted and
@@ -180,6 +183,7 @@ int64_t sample_row(const float* row, int64_t vocab, float temperature, float top
         tau = 0.f;  // every token, in id order
         for (nbig = 0; nbig < size_t(vocab); nbig++) big[nbig] = int32_t(nbig);
     }
+    // 3. the sure tokens (in id order) and their mass, then the tokens in doubt, sorted and cut
     const float lo_p = lowest(lo), sure_p = sure < kBuckets ? lowest(sure) : INFINITY;
     double acc = 0;
     Candidate* doubt = s.doubt.data();

@@ -10,9 +10,9 @@ token, and the mask hides the other rows' slots). Every ``step()`` picks one tok
 running row and runs one decode step over all of them. A finished or cancelled row leaves a hole:
 its row of the cache stays (decoded along, its output unused) until a new sequence takes it
 (``KVCache.fill``: a copy of that row's slots), so rows that come and go do not copy the whole cache
-each time; holes still empty after ``hole_steps`` steps are closed up (the last rows move into them). When the
-cache's slots run out it closes up too (``KVCache.compact``: the slots left of every row's start
-are dropped).
+each time; holes still empty after ``hole_steps`` steps are closed up (the last rows move into
+them). When the cache's slots run out it closes up too (``KVCache.compact``: the slots left of
+every row's start are dropped).
 
 While rows run, a waiting prompt of at most ``ride`` tokens is not prefilled at all: it joins the
 batch at once with no slots and rides its decode steps, fed one prompt token a step, its logits
@@ -278,7 +278,6 @@ class ContinuousBatch:
         if not self._holes or self._steps - min(self._holes.values()) < self.hole_steps:
             return
         live = [i for i, row in enumerate(self.rows) if row is not None]
-        # the last rows move into the holes: only they are copied (KVCache.reorder), not every row
         order = list(range(len(live)))
         for hole, row in zip([i for i in order if self.rows[i] is None], [i for i in live if i >= len(live)]):
             order[hole] = row
