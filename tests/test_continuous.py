@@ -199,6 +199,39 @@ def test_rows_admitted_with_room_share_buffers_and_the_cpp_step_reads_them_in_pl
     assert torch.equal(got, want) and same(batch, plain)
 
 
+def test_a_batch_that_empties_keeps_its_buffers_for_the_next_rows():
+    """Rows that join a batch after it emptied land in the buffers of room rows the last ones used
+    (allocated anew, their pages would fault again as the step reached them), and what those
+    buffers still hold changes no token: each row's greedy tokens are its solo ones."""
+    model = random_model(block_size=48)
+    batch = ContinuousBatch(model, max_batch=4, ride=0)
+    if not batch.decoder.strided_kv:
+        import pytest
+
+        pytest.skip(f"the {batch.decoder.name!r} decoder reads no buffers with room")
+    buffers = []
+    step = batch.decoder.step
+    batch.decoder.step = lambda ids, cache, need=None: buffers.append(cache.k.data_ptr()) or step(ids, cache, need)
+    waves = [([[1, 2, 3], [4, 5]], [6, 9]), ([[7, 8, 9, 1], [2, 6], [5]], [8, 5, 7])]
+    for n, (prompts, news) in enumerate(waves):
+        solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=k, temperature=0.0, stop_at_eot=False))[0]
+                for p, k in zip(prompts, news)]
+        seqs = [Seq(p, GREEDY, k) for p, k in zip(prompts, news)]
+        if n:
+            assert batch.cache is None and batch._spare is not None
+            with torch.inference_mode():
+                for t in batch._spare:
+                    t.fill_(float("nan"))  # whatever was left there must not reach a row
+        first = len(buffers)
+        run(batch, {0: seqs[:1], 1: seqs[1:]})  # the second row joins the first's cache: room buffers
+        assert [s.tokens for s in seqs] == solo
+        wave = set(buffers[first + 1 :])  # after the first step (the first row's own cache)
+        assert len(wave) == 1
+        if n:
+            assert wave == kept, "the second wave's rows are in the first wave's buffers"
+        kept = wave
+
+
 def test_openai_processors():
     logits = torch.zeros(2, 5)
     biased = apply_logit_bias(logits, torch.tensor([1, 3]), torch.tensor([2.0, -100.0]))

@@ -117,6 +117,16 @@ class KVCache:
             return None
         return k.stride(0) // row if k.stride(0) // row >= B else None
 
+    def spare_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole key and value buffers under this cache when it is the first rows of buffers
+        with room for more (``admit``'s ``room``), for ``admit(spare=)`` to take once this cache
+        is dropped; None for any other layout."""
+        have = self.buffer_rows()
+        if have is None or have == self.k.size(1) and self.k.is_contiguous():
+            return None
+        k, v = self._buffers(have)
+        return k, v
+
     def _buffers(self, rows: int) -> list[torch.Tensor]:
         """The whole buffers of ``rows`` rows whose first rows ``k`` and ``v`` are (``buffer_rows``)."""
         shape = (self.k.size(0), rows, *self.k.shape[2:])
@@ -163,7 +173,8 @@ class KVCache:
         self.start[row] = offset + int(other.start[0])
         self.padded = bool(self.start.any())
 
-    def admit(self, other: KVCache, copies: int = 1, room: int = 0) -> None:
+    def admit(self, other: KVCache, copies: int = 1, room: int = 0,
+              spare: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Append ``other``'s rows (a cache of new prompts, prefilled on its own), ``copies`` times
         over, so that their last token lines up with this cache's last slot: rows join a running
         batch between decode steps. When ``other`` holds more tokens than this cache, this cache's
@@ -175,7 +186,9 @@ class KVCache:
         touched), so rows that join one after another do not copy the rows already there; only
         filled slots are written (the slots past ``length`` are written by the step that fills them
         before anything reads them). Without ``room`` every slot of a new row is set: zeros outside
-        its tokens, as ``empty`` makes them (``GraphDecoder`` attends over every slot)."""
+        its tokens, as ``empty`` makes them (``GraphDecoder`` attends over every slot).
+        ``spare``: key and value buffers of ``room`` rows to take instead of allocating them (a
+        continuous batch keeps its last cache's: ``spare_buffers``); their contents do not matter."""
         if other.length > self.length:
             self.shift(other.length - self.length)
         offset, B, n, have = self.length - other.length, self.k.size(1), other.k.size(1) * copies, self.buffer_rows()
@@ -184,7 +197,11 @@ class KVCache:
             buffers = self._buffers(have)
         else:  # new buffers (rows past B + n stay unset until a row is admitted there)
             shape = (self.k.size(0), max(room, B + n), *self.k.shape[2:])
-            buffers = [self.k.new_empty(shape), self.v.new_empty(shape)]
+            if spare is not None and all(t.shape == shape and t.dtype == self.k.dtype and t.device == self.k.device
+                                         for t in spare):
+                buffers = list(spare)
+            else:
+                buffers = [self.k.new_empty(shape), self.v.new_empty(shape)]
             buffers[0][:, :B, :, :filled], buffers[1][:, :B, :, :filled] = self.k[:, :, :, :filled], self.v[:, :, :, :filled]
         for buf, src in zip(buffers, (other.k, other.v)):
             new = buf[:, B : B + n]

@@ -206,6 +206,7 @@ class ContinuousBatch:
         # rows joining one by one land in room kept for them, not in a copy of the whole cache
         # each time (KVCache.admit), where the decoder's steps read such a cache
         self._room = max_batch if self.decoder.strided_kv else 0
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # the last cache's buffers of room rows
 
     def add(self, seq: Seq) -> None:
         """Queue ``seq``; ValueError if it does not fit the context or has no prompt."""
@@ -270,6 +271,9 @@ class ContinuousBatch:
                 self._holes[i] = self._steps
                 self.cache.start[i] = self.cache.length  # from now on it attends to its own new slots only
         if self.rows and not self.running:
+            # the buffers stay for the next rows: allocated anew, their pages would fault again, one
+            # by one as the step's keys and values reach them
+            self._spare = self.cache.spare_buffers() if self._room else None
             self.rows, self.cache, self.logits, self._holes = [], None, None, {}
 
     def _close_holes(self) -> None:
@@ -445,7 +449,7 @@ class ContinuousBatch:
             if riders:
                 n = len(riders)
                 seeded = self._seeded([found for _, found in riders], max(found[0] for _, found in riders))
-                self.cache.admit(seeded, room=self._room)
+                self._admit(seeded)
                 self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
                 self.rows += [row for row, _ in riders]
 
@@ -562,6 +566,11 @@ class ContinuousBatch:
                 seq.prompt_token_logprobs.append(lp)
                 seq.prompt_top_logprobs.append(top)
 
+    def _admit(self, cache: KVCache) -> None:
+        """Append ``cache``'s rows to the batch's cache (in buffers with room, the last ones if kept)."""
+        spare, self._spare = self._spare, None
+        self.cache.admit(cache, room=self._room, spare=spare)
+
     def _join(self, seq: Seq, cache: KVCache, logits: torch.Tensor) -> None:
         """The prefilled ``seq`` joins the batch: into the oldest hole, else as a new row."""
         row = _Row(seq, self.vocab, self.device)
@@ -577,6 +586,6 @@ class ContinuousBatch:
             self.logits[i] = logits[0]
             self.rows[i] = row
         else:
-            self.cache.admit(cache, room=self._room)
+            self._admit(cache)
             self.logits = torch.cat((self.logits, logits))
             self.rows.append(row)
