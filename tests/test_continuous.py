@@ -211,7 +211,7 @@ def test_a_batch_that_empties_keeps_its_buffers_for_the_next_rows():
         pytest.skip(f"the {batch.decoder.name!r} decoder reads no buffers with room")
     buffers = []
     step = batch.decoder.step
-    batch.decoder.step = lambda ids, cache, need=None: buffers.append(cache.k.data_ptr()) or step(ids, cache, need)
+    batch.decoder.step = lambda ids, cache, need=None, **kw: buffers.append(cache.k.data_ptr()) or step(ids, cache, need, **kw)
     waves = [([[1, 2, 3], [4, 5]], [6, 9]), ([[7, 8, 9, 1], [2, 6], [5]], [8, 5, 7])]
     for n, (prompts, news) in enumerate(waves):
         solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=k, temperature=0.0, stop_at_eot=False))[0]
@@ -250,6 +250,10 @@ def test_a_row_that_leaves_is_a_hole_the_next_sequence_takes_or_that_closes_up()
     for hole_steps, joins in ((8, {0: [0, 1], 5: [2]}), (2, {0: [0, 1], 9: [2]})):
         seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
         batch = ContinuousBatch(model, hole_steps=hole_steps)
+        skipped = []  # rows per step the decoder was told not to run (the C++ step skips holes)
+        step_of = batch.decoder.step
+        batch.decoder.step = lambda ids, cache, need=None, holes=None: skipped.append(
+            0 if holes is None else int(holes.sum())) or step_of(ids, cache, need, **({} if holes is None else {"holes": holes}))
         rows = []  # cache rows after each step
         step = 0
         while step <= max(joins) or not batch.idle:
@@ -259,6 +263,7 @@ def test_a_row_that_leaves_is_a_hole_the_next_sequence_takes_or_that_closes_up()
             rows.append(0 if batch.cache is None else batch.cache.k.size(1))
             step += 1
         assert [s.tokens for s in seqs] == solo
+        assert max(skipped) == (1 if batch.decoder.skips_rows else 0)
         if hole_steps == 8:  # the third sequence takes the first one's row: the cache never grows past two
             assert max(rows) == 2 and rows[6] == 2 and batch.running == 0
         else:  # the hole waited two steps and closed up; the third sequence then joined as a new row
@@ -318,8 +323,8 @@ def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens(
     batch.decoder.prefill = lambda ids, cache: prefilled.append(ids.size(1)) or prefill(ids, cache)
     step = batch.decoder.step
     skipped = []  # rows per step whose logits the step was told nobody reads
-    batch.decoder.step = lambda ids, cache, need=None: fed.append(ids.size(0)) or skipped.append(
-        0 if need is None else int((~need).sum())) or step(ids, cache, need)
+    batch.decoder.step = lambda ids, cache, need=None, **kw: fed.append(ids.size(0)) or skipped.append(
+        0 if need is None else int((~need).sum())) or step(ids, cache, need, **kw)
     run(batch, {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:]})
     assert [s.tokens for s in seqs] == solo
     assert prefilled == [3, 4, 4, 4, 4, 4]  # the first prompt alone, the long one in chunks: the rest rode
@@ -353,7 +358,7 @@ def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():
         batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=ride, kv_dtype=bf16)
         seen = []
         step = batch.decoder.step
-        batch.decoder.step = lambda ids, cache, need=None: (seen.append(cache.k.dtype), step(ids, cache, need))[1]
+        batch.decoder.step = lambda ids, cache, need=None, **kw: (seen.append(cache.k.dtype), step(ids, cache, need, **kw))[1]
         run(batch, {0: seqs[:1], 3: seqs[1:3], 5: seqs[3:5], 20: seqs[5:]})
         assert [s.tokens for s in seqs] == alone
         assert seen and set(seen) == {bf16}

@@ -157,6 +157,42 @@ def test_rows_that_need_no_logits_skip_the_head_and_the_others_keep_their_bits(w
                 assert torch.equal(skipping.k, plain.k) and torch.equal(skipping.v, plain.v)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "bf16-dot", "int8"])
+def test_holes_are_not_run_and_the_other_rows_keep_their_bits(weights):
+    """``holes``: the other rows get the logits, keys and values of the step that runs every row,
+    bit for bit, step after step (with ``need`` too, at 1 and 2 threads, in buffers with room); a
+    hole's logits are zeros and its slots are never written."""
+    model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
+    if weights == "int8":
+        from slmkit.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(8, 32, True))
+    fmt = "fp32" if weights == "int8" else weights
+    if weights == "bf16-dot" and not native.has_bf16_dot():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    x = torch.randint(0, 200, (9, 12), generator=torch.Generator().manual_seed(5))
+    starts = torch.tensor([0, 2, 0, 5, 1, 0, 0, 3, 0])
+    holes = torch.tensor([False, True, False, False, True, True, False, False, True])
+    need = torch.tensor([True, True, False, True, True, False, True, True, True])
+    with torch.inference_mode():
+        for threads in (1, 2):
+            decoder = NativeDecoder(model, threads=threads, weights=fmt)
+            plain = KVCache.empty(model.config, 9, start=starts)
+            decoder.prefill(x[:, :6], plain)
+            # the first 9 rows of buffers of 12, as a continuous batch keeps them
+            k, v = (torch.zeros(t.size(0), 12, *t.shape[2:]) for t in (plain.k, plain.v))
+            k[:, :9], v[:, :9] = plain.k, plain.v
+            holey = KVCache(k[:, :9], v[:, :9], starts.clone(), plain.length, padded=True)
+            assert holey.buffer_rows() == 12
+            for t in range(6, 12):
+                want = decoder.step(x[:, t], plain, need)
+                got = decoder.step(x[:, t], holey, need, holes=holes)
+                assert torch.equal(got[~holes], want[~holes]) and not got[holes].any()
+            run = ~holes
+            assert torch.equal(holey.k[:, run], plain.k[:, run]) and torch.equal(holey.v[:, run], plain.v[:, run])
+            assert not holey.k[:, holes, :, 6:].any() and not holey.v[:, holes, :, 6:].any()
+
+
 def test_thread_count_changes_no_bit():
     """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
     model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)

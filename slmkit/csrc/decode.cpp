@@ -560,7 +560,10 @@ struct Step {
     void* xq;
     const uint32_t* xb;  // kBF16Dot: the current product's activations as bf16 pairs, else null
     int64_t kv_rows;  // rows of the KV buffers (>= B: a batch keeps room for rows that join later)
+    const int64_t* kv_row;  // the cache row (and row of logits) of batch row b (null: row b)
 };
+
+inline int64_t cache_row(const Step& s, int64_t b) { return s.kv_row ? s.kv_row[b] : b; }
 
 inline int64_t fmt_of(const Step& s, int64_t i) { return s.fmt ? s.fmt[i] : 0; }
 
@@ -1140,7 +1143,7 @@ void attention_task_t(void* p, int64_t task) {
     float* row = s.qkv + b * (H + 2 * KV) * D;
     float* k = row + (H + g) * D;
     const float* v = row + (H + KV + g) * D;
-    const int64_t base = (((s.layer * s.kv_rows + b) * KV + g) * s.max_len) * D;
+    const int64_t base = (((s.layer * s.kv_rows + cache_row(s, b)) * KV + g) * s.max_len) * D;
     T *K = (T*)s.kc + base, *V = (T*)s.vc + base;
     const int64_t n = S + 1 - lo;
     if (s.cfg[kRope]) {
@@ -1170,6 +1173,8 @@ std::mutex step_mutex;  // one step at a time (ctypes releases the GIL)
 std::vector<float> workspace;
 std::vector<char> xq_buffer;
 std::vector<int64_t> head_rows;  // the rows whose logits a step computes
+std::vector<int64_t> run_rows, run_ids, run_start;  // the rows a step runs when it skips some
+std::vector<uint8_t> run_need;
 
 // Sets up the products of weight i (index into w) on the B rows of X: its format, and X rounded to
 // int8 blocks (once per product) when the weight is int8/int4.
@@ -1256,10 +1261,13 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 // token, a hole): its final norm and head product are skipped and its logits are zeros; the
 // other rows' logits are the same bits either way. rest: the pool's workers sleep at once after
 // this step instead of spinning (Pool::rest; the caller's own work before its next step is long).
+// skip: null, or one byte per row, 1 for a row not run at all (a continuous batch's hole, whose
+// sequence has left): its slot S is not written and its logits are zeros; the other rows run as a
+// batch of their own, with the same bits as in a step of every row.
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
                     int64_t B, int64_t S, int64_t max_len, int64_t kv_rows, void* kc, void* vc, float* logits,
                     int threads, int isa,
-                    const int64_t* fmt, const uint8_t* need, int rest) {
+                    const int64_t* fmt, const uint8_t* need, int rest, const uint8_t* skip) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar || !known_format(cfg[kFormat]) || !matvec_for(isa, cfg[kFormat])) return 2;
@@ -1273,10 +1281,24 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
     for (int64_t b = 0; b < B; b++)
         if (ids[b] < 0 || ids[b] >= V) return 1;
     std::lock_guard<std::mutex> lock(step_mutex);
+    const int64_t* rows = nullptr;  // the cache row of each row run (null: row b)
+    if (skip) {  // the rows run, packed: their ids, starts and needs
+        run_rows.clear(), run_ids.clear(), run_start.clear(), run_need.clear();
+        for (int64_t b = 0; b < B; b++) {
+            if (skip[b]) {
+                std::fill(logits + b * V, logits + (b + 1) * V, 0.f);
+                continue;
+            }
+            run_rows.push_back(b), run_ids.push_back(ids[b]), run_start.push_back(start[b]);
+            if (need) run_need.push_back(need[b]);
+        }
+        B = (int64_t)run_rows.size(), rows = run_rows.data(), ids = run_ids.data(), start = run_start.data();
+        if (need) need = run_need.data();
+    }
     const int64_t qkv_width = (H + 2 * KV) * D;
     workspace.resize(B * (3 * C + qkv_width + hidden));
     Step s{cfg, w, eps, start, B, S, max_len, kc, vc, std::max(threads, 1), matvec_for(isa, cfg[kFormat])};
-    s.fmt = fmt, s.isa = isa, s.kv_rows = kv_rows;
+    s.fmt = fmt, s.isa = isa, s.kv_rows = kv_rows, s.kv_row = rows;
     s.x = workspace.data(), s.h = s.x + B * C, s.att = s.h + B * C, s.qkv = s.att + B * C, s.act = s.qkv + B * qkv_width;
     s.logits = logits;
     const bool ln = cfg[kLayerNorm];
@@ -1304,12 +1326,13 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
     // row of logits (a row's products do not depend on the batch it is in, so its bits are the same).
     head_rows.clear();
     for (int64_t b = 0; b < B; b++) {
+        const int64_t out = cache_row(s, b);
         if (need && !need[b]) {
-            std::fill(logits + b * V, logits + (b + 1) * V, 0.f);
+            std::fill(logits + out * V, logits + (out + 1) * V, 0.f);
             continue;
         }
         norm(s.x + b * C, w[kNormW], w[kNormB], C, eps, ln, s.h + (int64_t)head_rows.size() * C);
-        head_rows.push_back(b);
+        head_rows.push_back(out);
     }
     if (!head_rows.empty()) {
         s.B = (int64_t)head_rows.size();

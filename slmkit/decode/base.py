@@ -68,6 +68,8 @@ class Decoder:
     kv_dtypes: ClassVar[Collection[torch.dtype]] = ()
     # step(..., need=) skips the head of the rows whose logits nobody reads (else all rows get them)
     skips_logits: ClassVar[bool] = False
+    # step(..., holes=) runs only the other rows (the holes' slot and logits are left as they are)
+    skips_rows: ClassVar[bool] = False
     # step() reads a cache whose keys and values are the first rows of larger buffers
     # (KVCache.buffer_rows: a continuous batch keeps room for rows that join); else contiguous ones
     strided_kv: ClassVar[bool] = False

@@ -300,6 +300,7 @@ class NativeDecoder(Decoder):
     dtypes = {torch.float32}
     kv_dtypes = tuple(KV_TYPES)
     skips_logits = True
+    skips_rows = True
     strided_kv = True
     handles = {**SIZES, "norm": {"layernorm", "rmsnorm"}, "positions": {"learned", "rope"},
                "activation": {"gelu", "swiglu"}, "n_kv_head": ANY, "bias": {False, True},
@@ -361,11 +362,14 @@ class NativeDecoder(Decoder):
         all rows of its batch."""
         return sum(t.numel() for t in self.tensors[1:] if t is not None and t.dtype == torch.uint8)
 
-    def step(self, idx: torch.Tensor, cache: KVCache, need: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, idx: torch.Tensor, cache: KVCache, need: torch.Tensor | None = None,
+             holes: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``
         (the cache's keys and values float32 or bf16: ``KV_TYPES``). ``need`` (bool (B,)): only
         those rows get logits (the others zeros: no final norm or head product for them), the same
-        bits as without it."""
+        bits as without it. ``holes`` (bool (B,)): rows not run at all (a continuous batch's rows
+        whose sequence has left): their logits are zeros and their new slot is not written; the
+        other rows' logits and keys and values are the same bits as without it."""
         # (a step of the stories15m shape in int4 takes ~80 us: the checks and conversions here
         # skip what is already so; together they were ~5 us)
         B, S, max_len = idx.size(0), cache.length, cache.k.size(3)
@@ -384,12 +388,15 @@ class NativeDecoder(Decoder):
         start = cache.start.contiguous()
         if need is not None and (need.dtype is not torch.bool or need.shape != (B,) or not need.is_contiguous()):
             need = need.to(torch.bool).contiguous().view(B)  # one byte per row, 0 or 1
+        if holes is not None and (holes.dtype is not torch.bool or holes.shape != (B,) or not holes.is_contiguous()):
+            holes = holes.to(torch.bool).contiguous().view(B)
         logits = torch.empty(B, self.vocab)
         threads = self.threads or torch.get_num_threads()
         rc = self.lib.slm_decode_step(self.cfg_ptr, self.pointers, self.eps, ids.data_ptr(), start.data_ptr(),
-                                      B, S, max_len, kv_rows, cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
-                                      threads, self.isa, self.formats_ptr, None if need is None else need.data_ptr(),
-                                      self.rest)
+                                      B, S, max_len, kv_rows, cache.k.data_ptr(), cache.v.data_ptr(),
+                                      logits.data_ptr(), threads, self.isa, self.formats_ptr,
+                                      None if need is None else need.data_ptr(), self.rest,
+                                      None if holes is None else holes.data_ptr())
         if rc == 1:
             raise IndexError(f"token ids must be in [0, {self.model.config.vocab_size}), got {ids.tolist()}")
         if rc == 2:

@@ -324,7 +324,11 @@ class ContinuousBatch:
             # the rows whose logits the next step reads: not holes, nor riders with prompt still to feed
             need = [row is not None and not row.feed for row in self.rows]
             need = None if all(need) or not self.decoder.skips_logits else torch.tensor(need, device=self.device)
-            self.logits = self.decoder.step(tokens, self.cache, need).float()
+            if self._holes and self.decoder.skips_rows:  # a hole's row is not run (its slots are never read)
+                holes = torch.tensor([row is None for row in self.rows], device=self.device)
+                self.logits = self.decoder.step(tokens, self.cache, need, holes=holes).float()
+            else:
+                self.logits = self.decoder.step(tokens, self.cache, need).float()
 
     def _pick_groups(self, logits: torch.Tensor, live: list[tuple[int, _Row]]) -> dict[int, int]:
         """Tokens of the sampled rows without state of their own among ``live`` (the rows with
