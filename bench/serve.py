@@ -466,6 +466,8 @@ def main() -> int:
                         help="the server's --kv-cache (default: the server's default)")
     parser.add_argument("--weights", default=None, choices=["fp32", "bf16"],
                         help="the server's --weights (default: the server's default)")
+    parser.add_argument("--stream-interval", type=int, default=None,
+                        help="the server's --stream-interval: tokens per streamed event (default: the server's default)")
     parser.add_argument("--prefix-cache-mb", type=int, default=None,
                         help="the server's --prefix-cache-mb (default: the server's default; 0: off)")
     parser.add_argument("--engine-only", action="store_true",
@@ -511,6 +513,7 @@ def main() -> int:
 
     args.kv_cache = args.kv_cache or ServeConfig.kv_cache  # recorded as what the server ran with
     args.weights = args.weights or ServeConfig.weights
+    args.stream_interval = args.stream_interval or ServeConfig.stream_interval
     if args.prefix_cache_mb is None:
         args.prefix_cache_mb = ServeConfig.prefix_cache_mb
     if args.engine_only:
@@ -522,7 +525,8 @@ def main() -> int:
                                "--threads", str(args.threads), "--max-batch", str(max_batch),
                                "--max-queue", str(4 * max_batch),
                                "--kv-cache", args.kv_cache, "--weights", args.weights,
-                               "--prefix-cache-mb", str(args.prefix_cache_mb)],
+                               "--prefix-cache-mb", str(args.prefix_cache_mb),
+                               "--stream-interval", str(args.stream_interval)],
                               stdout=log, stderr=log, cwd=ROOT)
     try:
         import httpx
@@ -588,8 +592,10 @@ def main() -> int:
                   + f", {args.max_tokens} new tokens per "
                   f"request, {args.requests_per_client} requests per client, server --threads {args.threads} "
                   f"--max-batch {max_batch} --kv-cache {args.kv_cache} --weights {args.weights} "
-                  f"--prefix-cache-mb {args.prefix_cache_mb}, "
-                  f"{args.rounds} rounds, every request a different story opening"
+                  f"--prefix-cache-mb {args.prefix_cache_mb}"
+                  + (f" --stream-interval {args.stream_interval} (each event {args.stream_interval} tokens but the "
+                     "first: ITL is the time between events)" if args.stream_interval > 1 else "")
+                  + f", {args.rounds} rounds, every request a different story opening"
                   + ("" if overall is None else f" (the prefix cache held {overall:.0%} of all prompt tokens)")
                   + "; clients (asyncio streams on one event loop in the "
                   f"benchmark's process, one keep-alive connection each) and server share the machine."]
@@ -625,7 +631,7 @@ def main() -> int:
     result = {**machine_info(), "bench_command": command,
               "preset": args.preset, "vocab": model_info["vocab"], "model": model_info, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests_per_client, "threads": args.threads, "kv_cache": args.kv_cache,
-              "weights": args.weights,
+              "weights": args.weights, "stream_interval": args.stream_interval,
               "prefix_cache_mb": args.prefix_cache_mb, "prefix_hit_rate": overall,
               "shared_prefix_tokens": args.shared_prefix_tokens,
               "rounds": rounds,

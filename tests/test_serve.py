@@ -9,6 +9,7 @@ process (the default); the thread engine is served in-process through Starlette'
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from slmkit.checkpoint import load_run
+from slmkit.errors import SlmError
 from slmkit.serve.metrics import parse
 
 KEY = "sk-test"
@@ -324,6 +326,46 @@ def test_the_thread_engine_serves_the_same_text_in_process(plain, run_dir):
     for g, w in zip(got, want):
         assert g["logprobs"]["tokens"] == w["logprobs"]["tokens"]
         assert g["logprobs"]["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-5)
+
+
+def test_a_stream_interval_sends_tokens_in_groups_with_the_same_text_and_stops(plain, run_dir):
+    """``--stream-interval 3``: a stream's first token comes alone, then events of 3 tokens (the
+    last one with what is left), with the text, logprobs and usage of ``--stream-interval 1``; a
+    stop string still ends its row at the same token (the text is made every step)."""
+    from starlette.testclient import TestClient
+
+    from slmkit.serve.app import create_app
+    from slmkit.serve.cli import make_engine
+    from slmkit.serve.config import ServeConfig
+
+    body = {"prompt": "Once upon a time", "max_tokens": 11, "temperature": 0, "logprobs": 1, "ignore_eos": True,
+            "stream": True}
+    full = httpx.post(f"{plain}/v1/completions", json={**body, "stream": False}).json()["choices"][0]
+    stop = full["text"][len(full["text"]) // 2 : len(full["text"]) // 2 + 3]
+    cut = httpx.post(f"{plain}/v1/completions", json={**body, "stream": False, "stop": [stop]}).json()
+    with pytest.raises(SlmError, match="--stream-interval"):
+        ServeConfig(stream_interval=0).validate()
+    engine = make_engine(ServeConfig(threads=1, stream_interval=3), lambda: load_run(run_dir)[:2])
+    events = []  # each step's events, as the engine hands them over (the HTTP side may merge them)
+    hand_over = engine._hand_over
+    engine._hand_over = lambda pairs: (events.extend((e.start, e.end) for _, e in pairs), hand_over(pairs))
+    engine.start()
+    try:
+        with TestClient(create_app(engine, ServeConfig(), "m")) as http:
+            assert engine.loaded.wait(30)
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                chunks = [json.loads(line[5:]) for line in r.iter_lines()
+                          if line.startswith("data:") and line != "data: [DONE]"]
+            grouped = [(start, end) for start, end in events if end > start]
+            stopped = http.post("/v1/completions", json={**body, "stream": False, "stop": [stop]}).json()
+    finally:
+        engine.stop()
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert grouped == [(0, 1), (1, 4), (4, 7), (7, 10), (10, 11)]
+    assert "".join(c["text"] for c in choices) == full["text"] and choices[-1]["finish_reason"] == "length"
+    assert [t for c in choices if c["logprobs"] for t in c["logprobs"]["tokens"]] == full["logprobs"]["tokens"]
+    assert stopped["choices"][0]["text"] == cut["choices"][0]["text"] == full["text"][: full["text"].index(stop)]
+    assert stopped["usage"] == cut["usage"] and stopped["choices"][0]["finish_reason"] == "stop"
 
 
 def test_prompts_that_share_an_opening_hit_the_prefix_cache(plain):

@@ -67,7 +67,8 @@ def make_engine(cfg: ServeConfig, load: Callable[[], tuple[Any, Any]], kind: typ
 
     prefixes = PrefixCache(cfg.prefix_cache_mb << 20) if cfg.prefix_cache_mb else None
     return (kind or Engine)(load, max_batch=cfg.max_batch, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk,
-                            threads=cfg.threads, kv_cache=cfg.kv_cache, prefixes=prefixes, weights=cfg.weights)
+                            threads=cfg.threads, kv_cache=cfg.kv_cache, prefixes=prefixes, weights=cfg.weights,
+                            stream_interval=cfg.stream_interval)
 
 
 def load_served(run_dir: str, device: str, which: str) -> tuple[Any, Any]:

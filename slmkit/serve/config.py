@@ -76,6 +76,15 @@ class ServeConfig:
         "help": "run the engine in its own process (the HTTP side and the model do not share one GIL) "
                 "or on a thread of the server's (default %(default)s)"})
 
+    # Tokens a stream's events carry: every token is one server-sent event by default (as vLLM and
+    # SGLang stream, --stream-interval 1); N sends a sequence's tokens N at a time (its first token
+    # and its end at once), so the HTTP work per event (the engine's message, the event loop's
+    # chunk and socket write, the client's read) is spread over N tokens: at 16 streaming clients on
+    # 2 cores that work is a quarter of each token's CPU (docs/serving.md).
+    stream_interval: int = field(default=1, metadata={
+        "help": "tokens per streamed event: more make a loaded server faster and streams coarser "
+                "(default %(default)s)", "metavar": "N"})
+
     def validate(self) -> None:
         """Raise SlmError for a value out of range, naming the flag."""
         checks = [
@@ -90,6 +99,7 @@ class ServeConfig:
             (self.weights in ("fp32", "bf16"), f"--weights must be fp32 or bf16, got {self.weights!r}"),
             (self.engine in ("process", "thread"), f"--engine must be process or thread, got {self.engine!r}"),
             (self.prefix_cache_mb >= 0, f"--prefix-cache-mb must be >= 0 (0: off), got {self.prefix_cache_mb}"),
+            (self.stream_interval >= 1, f"--stream-interval must be at least 1, got {self.stream_interval}"),
         ]
         for ok, message in checks:
             if not ok:

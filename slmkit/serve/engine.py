@@ -83,6 +83,8 @@ class Job:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.streams = [TextStream(tokenizer, stop) for _ in seqs]
         self.sent = [0] * len(seqs)  # tokens already turned into events
+        self.pushed = [0] * len(seqs)  # tokens already turned into text (held back until sent: held)
+        self.held = [""] * len(seqs)
         self.closed = [False] * len(seqs)
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
@@ -137,8 +139,10 @@ class Engine:
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], *, max_batch: int, max_queue: int, prefill_chunk: int,
                  metrics: Metrics | None = None, threads: int | None = None, kv_cache: str = "fp32",
-                 prefixes: PrefixCache | None = None, weights: str = "fp32") -> None:
+                 prefixes: PrefixCache | None = None, weights: str = "fp32", stream_interval: int = 1) -> None:
         self._load, self.max_batch, self.max_queue, self.prefill_chunk = load, max_batch, max_queue, prefill_chunk
+        # a sequence's tokens go out in events of this many (its first token and its end at once)
+        self.stream_interval = stream_interval
         self.metrics = metrics or Metrics()
         self.threads = threads
         self.kv_cache = kv_cache  # "fp32" (the model's dtype) or "bf16" where the decoder reads it
@@ -318,11 +322,14 @@ class Engine:
         self.metrics.set(queue_depth=len(self._pending))
 
     def _publish(self, changed: list[Seq]) -> None:
-        """Turn the new tokens of ``changed`` into text events and hand them to their jobs' loops."""
+        """Turn the new tokens of ``changed`` into text and hand it to their jobs' loops as events:
+        every step a sequence's first token and its end, else once ``stream_interval`` tokens are
+        waiting. The text is made every step, so a stop string ends its row before the next step."""
         now = time.perf_counter()
         out: list[tuple[Job, Event]] = []
         generated = 0
         ended = False
+        interval = self.stream_interval
         for seq in changed:
             owner = self._owners.get(seq)
             if owner is None:
@@ -330,21 +337,24 @@ class Engine:
             job, i = owner
             if job.closed[i]:
                 continue
-            start, end = job.sent[i], len(seq.tokens)
+            start, done, end = job.sent[i], job.pushed[i], len(seq.tokens)
             stream = job.streams[i]
-            if end == start + 1:  # the usual case: one new token
-                text = stream.push(seq.tokens[start])
-            else:
-                text = "".join(stream.push(t) for t in seq.tokens[start:end])
-            if stream.stopped and not seq.done:
-                seq.finish_reason = "stop"  # a stop string: the batch drops the row before its next step
-            if end > start:
-                generated += end - start
+            if end > done:
+                if end == done + 1:  # the usual case: one new token
+                    job.held[i] += stream.push(seq.tokens[done])
+                else:
+                    job.held[i] += "".join(stream.push(t) for t in seq.tokens[done:end])
+                job.pushed[i] = end
+                generated += end - done
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.metrics.first_token(now - job.created)
-            job.sent[i] = end
+            if stream.stopped and not seq.done:
+                seq.finish_reason = "stop"  # a stop string: the batch drops the row before its next step
             reason = seq.finish_reason
+            if reason is None and 0 < start and end - start < interval:
+                continue  # held for the next step
+            text, job.held[i], job.sent[i] = job.held[i], "", end
             if reason is not None:
                 text += stream.finish()
                 job.closed[i] = True
