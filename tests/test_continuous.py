@@ -316,22 +316,25 @@ def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens(
     news = [20, 12, 25, 10, 30, 17]  # the shared slots run out: the cache compacts with riders in it
     solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
             for p, n in zip(prompts, news)]
-    seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
-    batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=9)  # the 20-token prompt is prefilled
-    prefilled, fed = [], []
-    prefill = batch.decoder.prefill
-    batch.decoder.prefill = lambda ids, cache: prefilled.append(ids.size(1)) or prefill(ids, cache)
-    step = batch.decoder.step
-    skipped = []  # rows per step whose logits the step was told nobody reads
-    batch.decoder.step = lambda ids, cache, need=None, **kw: fed.append(ids.size(0)) or skipped.append(
-        0 if need is None else int((~need).sum())) or step(ids, cache, need, **kw)
-    run(batch, {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:]})
-    assert [s.tokens for s in seqs] == solo
-    assert prefilled == [3, 4, 4, 4, 4, 4]  # the first prompt alone, the long one in chunks: the rest rode
-    assert max(fed) == 3 and batch.cache is None
-    # a rider's row gets no logits before its last prompt token (the C++ step skips its head)
-    riding = 8 + 1 + 5  # the tokens before the last of the riding prompts of 9, 2 and 6 tokens
-    assert sum(skipped) >= riding if batch.decoder.skips_logits else not any(skipped)
+    for ride_idle in (False, True):  # True: the first prompt rides the idle batch's steps too
+        seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+        # the 20-token prompt is prefilled
+        batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=9, ride_idle=ride_idle)
+        prefilled, fed = [], []
+        prefill = batch.decoder.prefill
+        batch.decoder.prefill = lambda ids, cache: prefilled.append(ids.size(1)) or prefill(ids, cache)
+        step = batch.decoder.step
+        skipped = []  # rows per step whose logits the step was told nobody reads
+        batch.decoder.step = lambda ids, cache, need=None, **kw: fed.append(ids.size(0)) or skipped.append(
+            0 if need is None else int((~need).sum())) or step(ids, cache, need, **kw)
+        run(batch, {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:]})
+        assert [s.tokens for s in seqs] == solo
+        # the first prompt alone (unless it rode), the long one in chunks: the rest rode
+        assert prefilled == [4, 4, 4, 4, 4] if ride_idle else [3, 4, 4, 4, 4, 4]
+        assert max(fed) == 3 and batch.cache is None
+        # a rider's row gets no logits before its last prompt token (the C++ step skips its head)
+        riding = 8 + 1 + 5 + 2 * ride_idle  # the tokens before the last of the riding prompts
+        assert sum(skipped) >= riding if batch.decoder.skips_logits else not any(skipped)
 
 
 def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():

@@ -18,7 +18,9 @@ While rows run, a waiting prompt of at most ``ride`` tokens is not prefilled at 
 batch at once with no slots and rides its decode steps, fed one prompt token a step, its logits
 unused until its last prompt token (``_ride_in``). A decode step reads every weight once for all
 its rows, so on a CPU a prompt token costs far less there than in a forward pass of its own, and
-the running rows never wait on one.
+the running rows never wait on one. With ``ride_idle`` such a prompt rides an idle batch's steps
+too (from an empty cache) instead of a prefill pass: for a decoder whose step of one row costs
+less than a forward pass's fixed cost plus a token's share (the C++ step on a CPU).
 
 With a ``PrefixCache`` handed in, a new sequence starts with the keys and values of its longest
 cached prefix (at most all its prompt tokens but the last, which must run for its logits) and runs
@@ -172,16 +174,17 @@ class ContinuousBatch:
     run at once); it returns the sequences that changed. Not thread-safe, except ``seq.cancelled``.
     ``decoder`` (default: ``make_decoder(model, path)``) runs the prefills and steps; prompts scored
     with ``prompt_logprobs`` run through ``model`` itself. ``sample_threads``: the threads of the
-    rows sampled in one C++ call (``native_top_p``; None: PyTorch's), which change no token."""
+    rows sampled in one C++ call (``native_top_p``; None: PyTorch's), which change no token.
+    ``ride`` and ``ride_idle``: see the module docstring."""
 
     def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
                  hole_steps: int = 8, ride: int = 64, kv_dtype: torch.dtype | None = None,
                  prefixes: PrefixCache | None = None, decoder: Decoder | None = None,
-                 sample_threads: int | None = None) -> None:
+                 sample_threads: int | None = None, ride_idle: bool = False) -> None:
         if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0:
             raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps and ride at least 0")
         self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
-        self.ride, self.prefixes, self.sample_threads = ride, prefixes, sample_threads
+        self.ride, self.ride_idle, self.prefixes, self.sample_threads = ride, ride_idle, prefixes, sample_threads
         self.block_size = model.config.block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -372,7 +375,7 @@ class ContinuousBatch:
                     seq = self.waiting.popleft()
                     self.finish(seq, "cancelled")
                     changed.append(seq)
-                if self.rows and self.ride:
+                if self.ride and (self.rows or self.ride_idle):
                     self._ride_in()
                 if not self.waiting or self.running >= self.max_batch:
                     break
@@ -431,7 +434,8 @@ class ContinuousBatch:
         steps one token a step (``_Row.feed``), their logits unused until the last prompt token: a
         decode step reads every weight once for all its rows, so a prompt token costs a row of a
         step instead of a prefill forward pass, and nobody waits on a pass. Into holes first, the
-        rest appended together (one copy of the cache), the copies on one thread (``_serial``)."""
+        rest appended together (one copy of the cache), the copies on one thread (``_serial``).
+        With no batch running (``ride_idle``), the riders are the batch."""
         with _serial():
             riders = []
             while self.waiting and self.running + len(riders) < self.max_batch:
@@ -452,9 +456,13 @@ class ContinuousBatch:
                     riders.append((row, found))
             if riders:
                 n = len(riders)
-                seeded = self._seeded([found for _, found in riders], max(found[0] for _, found in riders))
-                self._admit(seeded)
-                self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
+                if self.cache is None:  # an idle batch: the riders are all of it
+                    self.cache = self._seeded([found for _, found in riders], self.block_size)
+                    self.logits = torch.zeros(n, self.vocab, device=self.device)
+                else:
+                    seeded = self._seeded([found for _, found in riders], max(found[0] for _, found in riders))
+                    self._admit(seeded)
+                    self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
                 self.rows += [row for row, _ in riders]
 
     def _prefill_together(self, budget: int) -> int:
