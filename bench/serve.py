@@ -513,7 +513,8 @@ def main() -> int:
 
     args.kv_cache = args.kv_cache or ServeConfig.kv_cache  # recorded as what the server ran with
     args.weights = args.weights or ServeConfig.weights
-    args.stream_interval = args.stream_interval or ServeConfig.stream_interval
+    if args.stream_interval is None:
+        args.stream_interval = ServeConfig.stream_interval
     if args.prefix_cache_mb is None:
         args.prefix_cache_mb = ServeConfig.prefix_cache_mb
     if args.engine_only:

@@ -230,6 +230,9 @@ def test_a_batch_that_empties_keeps_its_buffers_for_the_next_rows():
         if n:
             assert wave == kept, "the second wave's rows are in the first wave's buffers"
         kept = wave
+        spare = batch._spare
+        run(batch, {0: [Seq([3, 1], GREEDY, 4)]})  # a lone row, in a cache of its own: the buffers stay kept
+        assert batch._spare is spare is not None
 
 
 def test_openai_processors():
@@ -316,7 +319,7 @@ def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens(
     news = [20, 12, 25, 10, 30, 17]  # the shared slots run out: the cache compacts with riders in it
     solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
             for p, n in zip(prompts, news)]
-    for ride_idle in (False, True):  # True: the first prompt rides the idle batch's steps too
+    for ride_idle in (0, 3):  # 3: the first prompt (3 tokens) rides the idle batch's steps too
         seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
         # the 20-token prompt is prefilled
         batch = ContinuousBatch(model, max_batch=3, prefill_chunk=4, ride=9, ride_idle=ride_idle)
@@ -330,10 +333,10 @@ def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens(
         run(batch, {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:]})
         assert [s.tokens for s in seqs] == solo
         # the first prompt alone (unless it rode), the long one in chunks: the rest rode
-        assert prefilled == [4, 4, 4, 4, 4] if ride_idle else [3, 4, 4, 4, 4, 4]
+        assert prefilled == ([4, 4, 4, 4, 4] if ride_idle else [3, 4, 4, 4, 4, 4])
         assert max(fed) == 3 and batch.cache is None
         # a rider's row gets no logits before its last prompt token (the C++ step skips its head)
-        riding = 8 + 1 + 5 + 2 * ride_idle  # the tokens before the last of the riding prompts
+        riding = 8 + 1 + 5 + 2 * bool(ride_idle)  # the tokens before the last of the riding prompts
         assert sum(skipped) >= riding if batch.decoder.skips_logits else not any(skipped)
 
 

@@ -751,8 +751,8 @@ def test_weights_setting_gives_the_tokens_of_its_decoder_or_falls_back_with_a_wa
         engine = make_engine(ServeConfig(weights=weights, prefix_cache_mb=0), lambda: None)
         engine.model = model
         batch = engine.new_batch()
-        assert batch.ride_idle == isinstance(batch.decoder, NativeDecoder)  # a short prompt rides an idle batch
-        batch.ride_idle = False
+        assert bool(batch.ride_idle) == isinstance(batch.decoder, NativeDecoder)  # a short prompt rides an idle batch
+        batch.ride_idle = 0
         seqs = [Seq(p, SamplingConfig(temperature=0.0, stop_at_eot=False), n, logprobs=0) for p in prompts]
         for seq in seqs:  # one at a time: each prefilled, as alone()
             batch.add(seq)

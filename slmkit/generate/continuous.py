@@ -18,9 +18,9 @@ While rows run, a waiting prompt of at most ``ride`` tokens is not prefilled at 
 batch at once with no slots and rides its decode steps, fed one prompt token a step, its logits
 unused until its last prompt token (``_ride_in``). A decode step reads every weight once for all
 its rows, so on a CPU a prompt token costs far less there than in a forward pass of its own, and
-the running rows never wait on one. With ``ride_idle`` such a prompt rides an idle batch's steps
-too (from an empty cache) instead of a prefill pass: for a decoder whose step of one row costs
-less than a forward pass's fixed cost plus a token's share (the C++ step on a CPU).
+the running rows never wait on one. A prompt of at most ``ride_idle`` tokens rides an idle
+batch's steps too (from an empty cache) instead of a prefill pass: for a decoder whose step of
+one row costs less than a forward pass's fixed cost plus a token's share (the C++ step on a CPU).
 
 With a ``PrefixCache`` handed in, a new sequence starts with the keys and values of its longest
 cached prefix (at most all its prompt tokens but the last, which must run for its logits) and runs
@@ -180,9 +180,9 @@ class ContinuousBatch:
     def __init__(self, model, *, max_batch: int = 16, prefill_chunk: int = 64, path: Path | str = "fast",
                  hole_steps: int = 8, ride: int = 64, kv_dtype: torch.dtype | None = None,
                  prefixes: PrefixCache | None = None, decoder: Decoder | None = None,
-                 sample_threads: int | None = None, ride_idle: bool = False) -> None:
-        if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0:
-            raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps and ride at least 0")
+                 sample_threads: int | None = None, ride_idle: int = 0) -> None:
+        if max_batch < 1 or prefill_chunk < 1 or hole_steps < 0 or ride < 0 or ride_idle < 0:
+            raise ValueError("max_batch and prefill_chunk must be at least 1, hole_steps, ride and ride_idle at least 0")
         self.model, self.max_batch, self.prefill_chunk, self.hole_steps = model, max_batch, prefill_chunk, hole_steps
         self.ride, self.ride_idle, self.prefixes, self.sample_threads = ride, ride_idle, prefixes, sample_threads
         self.block_size = model.config.block_size
@@ -276,7 +276,8 @@ class ContinuousBatch:
         if self.rows and not self.running:
             # the buffers stay for the next rows: allocated anew, their pages would fault again, one
             # by one as the step's keys and values reach them
-            self._spare = self.cache.spare_buffers() if self._room else None
+            # (a batch that never grew past its first cache has none: the ones kept stay)
+            self._spare = (self.cache.spare_buffers() if self._room else None) or self._spare
             self.rows, self.cache, self.logits, self._holes = [], None, None, {}
 
     def _close_holes(self) -> None:
@@ -375,7 +376,7 @@ class ContinuousBatch:
                     seq = self.waiting.popleft()
                     self.finish(seq, "cancelled")
                     changed.append(seq)
-                if self.ride and (self.rows or self.ride_idle):
+                if self._ride_limit():
                     self._ride_in()
                 if not self.waiting or self.running >= self.max_batch:
                     break
@@ -435,12 +436,13 @@ class ContinuousBatch:
         decode step reads every weight once for all its rows, so a prompt token costs a row of a
         step instead of a prefill forward pass, and nobody waits on a pass. Into holes first, the
         rest appended together (one copy of the cache), the copies on one thread (``_serial``).
-        With no batch running (``ride_idle``), the riders are the batch."""
+        With no batch running, prompts of at most ``ride_idle`` tokens ride, and are the batch."""
+        limit = self._ride_limit()
         with _serial():
             riders = []
             while self.waiting and self.running + len(riders) < self.max_batch:
                 seq = self.waiting[0]
-                if seq.cancelled or seq.prompt_logprobs or not seq.max_new_tokens or self._uncached(seq) > self.ride:
+                if seq.cancelled or seq.prompt_logprobs or not seq.max_new_tokens or self._uncached(seq) > limit:
                     break
                 self.waiting.popleft()
                 found = self._lookup(seq)
@@ -464,6 +466,11 @@ class ContinuousBatch:
                     self._admit(seeded)
                     self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
                 self.rows += [row for row, _ in riders]
+
+    def _ride_limit(self) -> int:
+        """Uncached prompt tokens up to which a waiting prompt rides: ``ride`` while rows run, at
+        most ``ride_idle`` into an idle batch."""
+        return self.ride if self.rows else min(self.ride, self.ride_idle)
 
     def _prefill_together(self, budget: int) -> int:
         """Prefill the first waiting prompt with the others of the same length in one forward pass
