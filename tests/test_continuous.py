@@ -246,31 +246,46 @@ def test_openai_processors():
 
 
 def test_a_row_that_leaves_is_a_hole_the_next_sequence_takes_or_that_closes_up():
+    """A row whose sequence ends stays as a hole for the next sequence. A decoder that runs every
+    row ("step") closes holes that waited ``hole_steps`` steps (the last rows move into them); the
+    C++ step skips holes (they cost it nothing), so it keeps them and only drops those after the
+    last running row, which moves no row."""
     model = random_model(block_size=48)
     prompts, news = [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [3, 24, 6]
     solo = [generate_tokens(model, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False))[0]
             for p, n in zip(prompts, news)]
-    for hole_steps, joins in ((8, {0: [0, 1], 5: [2]}), (2, {0: [0, 1], 9: [2]})):
-        seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
-        batch = ContinuousBatch(model, hole_steps=hole_steps)
-        skipped = []  # rows per step the decoder was told not to run (the C++ step skips holes)
-        step_of = batch.decoder.step
-        batch.decoder.step = lambda ids, cache, need=None, holes=None: skipped.append(
-            0 if holes is None else int(holes.sum())) or step_of(ids, cache, need, **({} if holes is None else {"holes": holes}))
-        rows = []  # cache rows after each step
-        step = 0
-        while step <= max(joins) or not batch.idle:
-            for i in joins.get(step, []):
-                batch.add(seqs[i])
-            batch.step()
-            rows.append(0 if batch.cache is None else batch.cache.k.size(1))
-            step += 1
-        assert [s.tokens for s in seqs] == solo
-        assert max(skipped) == (1 if batch.decoder.skips_rows else 0)
-        if hole_steps == 8:  # the third sequence takes the first one's row: the cache never grows past two
-            assert max(rows) == 2 and rows[6] == 2 and batch.running == 0
-        else:  # the hole waited two steps and closed up; the third sequence then joined as a new row
-            assert 1 in rows[4:9] and rows[10] == 2
+    for path in ("fast", "step"):
+        for hole_steps, joins in ((8, {0: [0, 1], 5: [2]}), (2, {0: [0, 1], 9: [2]}), (8, {0: [1], 1: [0]})):
+            seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+            batch = ContinuousBatch(model, hole_steps=hole_steps, path=path)
+            skips = batch.decoder.skips_rows
+            skipped = []  # rows per step the decoder was told not to run (the C++ step skips holes)
+            step_of = batch.decoder.step
+            batch.decoder.step = lambda ids, cache, need=None, holes=None: skipped.append(
+                0 if holes is None else int(holes.sum())) or step_of(ids, cache, need, **({} if holes is None else {"holes": holes}))
+            rows = []  # cache rows after each step
+            step = 0
+            while step <= max(joins) or not batch.idle:
+                for i in joins.get(step, []):
+                    batch.add(seqs[i])
+                batch.step()
+                rows.append(0 if batch.cache is None else batch.cache.k.size(1))
+                step += 1
+            ran = [s for s in seqs if s.tokens]
+            assert [s.tokens for s in ran] == [t for s, t in zip(seqs, solo) if s.tokens]
+            if 2 not in joins.get(5, []) + joins.get(9, []):  # the first sequence ends in the last row
+                if skips:  # its row, the last one, goes at the end of the step it was skipped in
+                    assert sum(skipped) == 1 and rows[skipped.index(1) + 1] == 1
+                else:  # it waits hole_steps steps for a sequence, then closes
+                    assert rows[7:15] == [2] * 8 and rows[15] == 1
+                continue
+            assert max(skipped) == (1 if skips else 0)
+            if hole_steps == 8:  # the third sequence takes the first one's row: the cache never grows past two
+                assert max(rows) == 2 and rows[6] == 2 and batch.running == 0
+            elif skips:  # the hole waited for the third sequence
+                assert rows[4:11] == [2] * 7
+            else:  # the hole waited two steps and closed up; the third sequence then joined as a new row
+                assert 1 in rows[4:9] and rows[10] == 2
 
 
 def test_prompts_of_one_length_are_prefilled_together_and_give_their_solo_tokens(monkeypatch):

@@ -82,13 +82,14 @@ class KVCache:
             keys, values = keys.to(k.dtype), values.to(k.dtype)
         return keys, values
 
-    def reorder(self, rows: torch.Tensor) -> None:
+    def reorder(self, rows: torch.Tensor, in_place: bool = False) -> None:
         """Keep rows ``rows`` (in that order, repeats allowed): beam search follows its beams. Rows
-        kept in a buffer with room for more (``admit``'s ``room``) stay in it, and only their
+        kept in a buffer with room for more (``admit``'s ``room``), or in their own buffers when
+        ``in_place`` (a reader of such a layout: ``buffer_rows``), stay in it, and only their
         filled slots move; when every row that moves comes from past the kept ones (a continuous
-        batch closing its holes), only those rows are copied."""
+        batch closing its holes), only those rows are copied (none to drop the last rows)."""
         n, have = rows.numel(), self.buffer_rows()
-        if have is not None and have > self.k.size(1) and n <= have:
+        if have is not None and (in_place or have > self.k.size(1)) and n <= have:
             buffers, filled = self._buffers(have), self.length
             moves = [(to, row) for to, row in enumerate(rows.tolist()) if to != row]
             if all(row >= n for _, row in moves):  # no source is overwritten before it is read

@@ -282,8 +282,23 @@ class ContinuousBatch:
 
     def _close_holes(self) -> None:
         """Drop the holes once one has waited ``hole_steps`` steps for a sequence: the last rows move
-        into them, so a cache with room copies only those rows (``KVCache.reorder``), not every row."""
-        if not self._holes or self._steps - min(self._holes.values()) < self.hole_steps:
+        into them, so a cache with room copies only those rows (``KVCache.reorder``), not every row.
+        A decoder that skips holes (``skips_rows``: they cost its step nothing) keeps them for the
+        sequences to come, and only the holes after the last running row go, which moves no row:
+        moving rows into holes near the end of a burst copied rows about to end too (at 64
+        clients 18 ms a time, a tenth of the engine's time)."""
+        if not self._holes:
+            return
+        if self.decoder.skips_rows:
+            n = len(self.rows)
+            while n and self.rows[n - 1] is None:
+                n -= 1
+            if n < len(self.rows):
+                self.cache.reorder(torch.arange(n, device=self.device), in_place=self.decoder.strided_kv)
+                self.rows, self.logits = self.rows[:n], self.logits[:n]
+                self._holes = {i: at for i, at in self._holes.items() if i < n}
+            return
+        if self._steps - min(self._holes.values()) < self.hole_steps:
             return
         live = [i for i, row in enumerate(self.rows) if row is not None]
         order = list(range(len(live)))
@@ -291,7 +306,7 @@ class ContinuousBatch:
             order[hole] = row
         self.rows = [self.rows[i] for i in order]
         index = torch.tensor(order, device=self.device)
-        self.cache.reorder(index)
+        self.cache.reorder(index, in_place=self.decoder.strided_kv)
         self.logits = self.logits[index]
         self._holes = {}
 
