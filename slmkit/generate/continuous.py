@@ -8,11 +8,12 @@ through one forward pass together: all of them while no row runs), and then join
 lines its last token up with the batch's last slot; its positions still count from its own first
 token, and the mask hides the other rows' slots). Every ``step()`` picks one token for every
 running row and runs one decode step over all of them. A finished or cancelled row leaves a hole:
-its row of the cache stays (decoded along, its output unused) until a new sequence takes it
-(``KVCache.fill``: a copy of that row's slots), so rows that come and go do not copy the whole cache
-each time; holes still empty after ``hole_steps`` steps are closed up (the last rows move into
-them). When the cache's slots run out it closes up too (``KVCache.compact``: the slots left of
-every row's start are dropped).
+its row of the cache stays until a new sequence takes it (``KVCache.fill``: a copy of that row's
+slots), so rows that come and go do not copy the whole cache each time. A decoder that skips holes
+(``skips_rows``) keeps them so, dropping only those after the last running row; with others,
+which run holes along (output unused), holes still empty after ``hole_steps`` steps are closed up
+(the last rows move into them). When the cache's slots run out it closes up too
+(``KVCache.compact``: the slots left of every row's start are dropped).
 
 While rows run, a waiting prompt of at most ``ride`` tokens is not prefilled at all: it joins the
 batch at once with no slots and rides its decode steps, fed one prompt token a step, its logits
