@@ -125,8 +125,7 @@ class KVCache:
         have = self.buffer_rows()
         if have is None or have == self.k.size(1) and self.k.is_contiguous():
             return None
-        k, v = self._buffers(have)
-        return k, v
+        return tuple(self._buffers(have))
 
     def _buffers(self, rows: int) -> list[torch.Tensor]:
         """The whole buffers of ``rows`` rows whose first rows ``k`` and ``v`` are (``buffer_rows``)."""

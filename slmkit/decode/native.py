@@ -386,10 +386,7 @@ class NativeDecoder(Decoder):
             self.cfg[-1] = KV_TYPES[cache.k.dtype]
         ids = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.to(torch.int64).contiguous()
         start = cache.start.contiguous()
-        if need is not None and (need.dtype is not torch.bool or need.shape != (B,) or not need.is_contiguous()):
-            need = need.to(torch.bool).contiguous().view(B)  # one byte per row, 0 or 1
-        if holes is not None and (holes.dtype is not torch.bool or holes.shape != (B,) or not holes.is_contiguous()):
-            holes = holes.to(torch.bool).contiguous().view(B)
+        need, holes = _row_bytes(need, B), _row_bytes(holes, B)
         logits = torch.empty(B, self.vocab)
         threads = self.threads or torch.get_num_threads()
         rc = self.lib.slm_decode_step(self.cfg_ptr, self.pointers, self.eps, ids.data_ptr(), start.data_ptr(),
@@ -403,6 +400,13 @@ class NativeDecoder(Decoder):
             raise ValueError(f"this CPU cannot run the {self.isa_name} code (best: {best_isa()})")
         cache.length = S + 1
         return logits
+
+
+def _row_bytes(mask: torch.Tensor | None, B: int) -> torch.Tensor | None:
+    """A per-row flag as C++ reads it: one byte per row, 0 or 1 (None stays None)."""
+    if mask is None or mask.dtype is torch.bool and mask.shape == (B,) and mask.is_contiguous():
+        return mask
+    return mask.to(torch.bool).contiguous().view(B)
 
 
 class NativeBF16Decoder(NativeDecoder):
