@@ -3,6 +3,7 @@ results in a temporary folder, bench/results/ untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -216,6 +217,58 @@ def test_serve(tmp_path: Path) -> None:
             assert cpu["clients"] > 0 and cpu["slm-engine"] > 0 and min(cpu[g] for g in groups) >= 0, cpu
             # the machine's idle time comes in 10 ms ticks: a smoke load spans a few (NaN for none)
             assert math.isnan(cpu["idle_share"]) or 0 <= cpu["idle_share"] <= 1, cpu
+
+
+def test_serve_client_parser() -> None:
+    """bench/serve.py's clients parse the chunked event stream however TCP cuts it: every event's
+    data once, in order, timed when the bytes ending it arrived, and the request done at the last chunk."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from serve import Connection
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    # the second event spans two HTTP chunks
+    events = [b'data: {"a": 1}\r\n\r\ndata: {"b":', b' "x\\r\\ny"}\r\n\r\ndata: [DONE]\r\n\r\n']
+    body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+
+    class Transport:
+        closed = False
+
+        def write(self, data: bytes) -> None:
+            self.sent = data
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def run(cut: int) -> list:
+        conn = Connection()
+        conn.connection_made(Transport())
+        request = asyncio.ensure_future(conn.post_stream("h", "/p", b"{}"))
+        await asyncio.sleep(0)
+        for part in (answer[:cut], answer[cut:]):
+            assert not request.done()
+            conn.data_received(part)
+        return await request
+
+    for cut in range(len(answer) + 1):
+        got = asyncio.run(run(cut))
+        assert [d for _, d in got] == [b'{"a": 1}', b'{"b": "x\\r\\ny"}', b"[DONE]"], cut
+        assert all(a <= b for (a, _), (b, _) in zip(got, got[1:]))
+
+    conn = Connection()  # an error status fails the request instead of hanging it
+    conn.connection_made(Transport())
+
+    async def refused() -> None:
+        request = asyncio.ensure_future(conn.post_stream("h", "/p", b"{}"))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\n\r\n{}")
+        await request
+
+    with pytest.raises(RuntimeError, match="429"):
+        asyncio.run(refused())
+    assert conn.transport.closed
 
 
 def test_serve_engine_only(tmp_path: Path) -> None:
