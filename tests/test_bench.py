@@ -281,6 +281,16 @@ def test_serve_engine_only(tmp_path: Path) -> None:
     assert load["tokens"] == 4 * 32 and load["steps"] >= 32 and d["summary"][1]["vs_one_client"] > 1
 
 
+def test_batch_bound(tmp_path: Path) -> None:
+    """bench/batch_bound.py: each row count's step time and the ratio it allows, N t(1) / t(N)."""
+    smoke("batch_bound.py", tmp_path)
+    d = written_json(tmp_path, "batch_bound.json")
+    one, four = d["summary"]
+    assert (one["rows"], four["rows"]) == (1, 4) and one["bound_vs_one"] == 1 and d["machine"] and d["table"]
+    assert four["bound_vs_one"] == pytest.approx(4 * one["step_ms"] / four["step_ms"])
+    assert 1 < four["bound_vs_one"] <= 4.5  # a batch shares each weight's reading among its rows
+
+
 def test_finetune(tmp_path: Path) -> None:
     smoke("finetune.py", tmp_path)
     d = written_json(tmp_path, "finetune.json")
