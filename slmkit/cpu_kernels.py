@@ -128,7 +128,8 @@ def _build(isa: str) -> ctypes.CDLL:
     # decode.cpp, the C++ decode step (slmkit/decode/native.py)
     handle.slm_decode_step.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + \
         [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                                                      ctypes.c_int, ctypes.c_void_p]
+                                                                      ctypes.c_int, ctypes.c_void_p,
+                                                                      ctypes.c_void_p, ctypes.c_void_p]
     handle.slm_decode_step.restype = ctypes.c_int
     handle.slm_decode_isa.argtypes = []
     handle.slm_decode_isa.restype = ctypes.c_int

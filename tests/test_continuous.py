@@ -261,8 +261,8 @@ def test_a_row_that_leaves_is_a_hole_the_next_sequence_takes_or_that_closes_up()
             skips = batch.decoder.skips_rows
             skipped = []  # rows per step the decoder was told not to run (the C++ step skips holes)
             step_of = batch.decoder.step
-            batch.decoder.step = lambda ids, cache, need=None, holes=None: skipped.append(
-                0 if holes is None else int(holes.sum())) or step_of(ids, cache, need, **({} if holes is None else {"holes": holes}))
+            batch.decoder.step = lambda ids, cache, need=None, holes=None, **kw: skipped.append(
+                0 if holes is None else int(holes.sum())) or step_of(ids, cache, need, **kw, **({} if holes is None else {"holes": holes}))
             rows = []  # cache rows after each step
             step = 0
             while step <= max(joins) or not batch.idle:
@@ -353,6 +353,57 @@ def test_short_prompts_ride_the_running_batch_and_keep_their_solo_greedy_tokens(
         # a rider's row gets no logits before its last prompt token (the C++ step skips its head)
         riding = 8 + 1 + 5 + 2 * bool(ride_idle)  # the tokens before the last of the riding prompts
         assert sum(skipped) >= riding if batch.decoder.skips_logits else not any(skipped)
+
+
+def test_a_decoder_that_feeds_many_takes_a_riding_prompt_in_one_step():
+    """With the C++ step (``feeds_many``) a riding prompt's tokens go in its first step, as many as
+    fit before the batch's next slot (all of them into an idle batch), the rest one a step; with a
+    cached prefix too; every row keeps its solo greedy tokens."""
+    from slmkit.generate.prefix import PrefixCache
+
+    model = random_model(block_size=48)
+    batch = ContinuousBatch(model, max_batch=4, ride=16, ride_idle=16, kv_dtype=torch.bfloat16)
+    if not batch.decoder.feeds_many:
+        import pytest
+
+        pytest.skip(f"{batch.decoder.name} feeds one token a row a step")
+    prompts = [list(range(1, 11)), [5, 6, 7], list(range(20, 36)), list(range(1, 9)) + [40, 41, 42]]
+    news = [20, 15, 6, 5]
+    bf16 = torch.bfloat16
+
+    def solo(p: list[int], n: int) -> list[int]:
+        b = ContinuousBatch(model, ride=0, kv_dtype=bf16)  # prefilled, one row: the tokens to match
+        seq = Seq(p, GREEDY, n)
+        run(b, {0: [seq]})
+        return seq.tokens
+
+    want = [solo(p, n) for p, n in zip(prompts, news)]
+    for prefixes in (None, PrefixCache(64 << 20)):
+        batch = ContinuousBatch(model, max_batch=4, ride=16, ride_idle=16, kv_dtype=bf16, prefixes=prefixes)
+        fed = []  # per step: {row: extra tokens}
+        step = batch.decoder.step
+        batch.decoder.step = lambda ids, cache, need=None, **kw: fed.append(
+            {i: len(t) for i, t in kw.get("extra", {}).items()}) or step(ids, cache, need, **kw)
+        seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, news)]
+        # the first alone into an idle batch; the second when 10 slots are filled (room for its 2
+        # extras); the third (16 tokens) when 12 are (room for 12 of its 15 extras: 3 more ride one
+        # a step); the last shares the first's 8-token prefix, cached once the first is fed
+        run(batch, {0: seqs[:1], 1: seqs[1:2], 3: seqs[2:3], 4: seqs[3:]})
+        assert [s.tokens for s in seqs] == want
+        assert fed[0] == {0: 9}  # the whole first prompt in one step, its last token the row's own
+        assert fed[1] == {1: 2} and fed[2] == {} and fed[3] == {2: 12}
+        assert fed[4] == ({3: 2} if prefixes is not None else {3: 10})
+    # into a running batch at most prefill_chunk (3) extra tokens a step: the second of two prompts
+    # joining together waits a step rather than ride its tokens one a step
+    batch = ContinuousBatch(model, max_batch=4, prefill_chunk=3, ride=16, ride_idle=16, kv_dtype=bf16)
+    fed = []
+    step = batch.decoder.step
+    batch.decoder.step = lambda ids, cache, need=None, **kw: fed.append(
+        {i: len(t) for i, t in kw.get("extra", {}).items()}) or step(ids, cache, need, **kw)
+    seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts[:2] + [[9, 8, 7]], news)]
+    run(batch, {0: seqs[:1], 2: seqs[1:]})
+    assert [s.tokens for s in seqs] == want[:2] + [solo([9, 8, 7], news[2])]
+    assert fed[:4] == [{0: 9}, {}, {1: 2}, {2: 2}]
 
 
 def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():

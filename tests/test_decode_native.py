@@ -193,6 +193,50 @@ def test_holes_are_not_run_and_the_other_rows_keep_their_bits(weights):
             assert not holey.k[:, holes, :, 6:].any() and not holey.v[:, holes, :, 6:].any()
 
 
+@pytest.mark.parametrize("weights", ["fp32", "bf16-dot", "int8"])
+@pytest.mark.parametrize("kw", [dict(), dict(positions="learned", norm="layernorm", activation="gelu", bias=True)],
+                         ids=["llama", "gpt2"])
+def test_extra_tokens_in_one_step_are_the_tokens_one_a_step(weights, kw):
+    """``extra``: a row fed several tokens in one step (into the slots before its new one) gets the
+    keys, values and logits of feeding them one a step, bit for bit, beside rows stepping one token
+    (theirs unchanged) and a hole, at 1 and 2 threads, with a bf16 or float32 cache."""
+    model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200, **kw)
+    if weights == "int8":
+        from slmkit.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(8, 32, True))
+    if weights == "bf16-dot" and not native.has_bf16_dot():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 200, (4, 13), generator=g)
+    prompt = torch.randint(0, 200, (7,), generator=g)  # row 1: a prefix of 2, then 5 tokens in one step
+    with torch.inference_mode():
+        for threads, dtype in ((1, torch.float32), (2, torch.bfloat16)):
+            decoder = NativeDecoder(model, threads=threads, weights="fp32" if weights == "int8" else weights)
+            alone = KVCache.empty(model.config, 1, dtype=dtype)  # row 1's tokens one a step
+            steps = [decoder.step(prompt[t : t + 1], alone) for t in range(7)]
+            batch = KVCache.empty(model.config, 4, start=torch.tensor([0, 6, 0, 12]), dtype=dtype, max_len=32)
+            decoder.prefill(x[:, :12], batch)  # rows 0 and 2: 12 tokens; row 1 from slot 6: its own below
+            # row 1: a cached prefix of 2 tokens in slots 6, 7; its next 4 go to slots 8 .. 11 as extras
+            batch.k[:, 1, :, 6:8], batch.v[:, 1, :, 6:8] = alone.k[:, 0, :, :2], alone.v[:, 0, :, :2]
+            twin = KVCache(batch.k.clone(), batch.v.clone(), batch.start.clone(), 12, padded=True)
+            ids = torch.stack([x[0, 12], prompt[6], x[2, 12], x[3, 12]])
+            holes = torch.tensor([False, False, False, True])
+            got = decoder.step(ids, batch, holes=holes, extra={1: prompt[2:6].tolist()})
+            assert torch.equal(got[1], steps[-1][0])
+            assert torch.equal(batch.k[:, 1, :, 6:12], alone.k[:, 0, :, :6])
+            assert torch.equal(batch.v[:, 1, :, 6:12], alone.v[:, 0, :, :6])
+            # the other rows: the bits of the same step without the extras (row 1 then steps its one token)
+            want = decoder.step(ids, twin, holes=holes)
+            keep = torch.tensor([True, False, True, False])
+            assert torch.equal(got[keep], want[keep]) and not got[3].any()
+            assert torch.equal(batch.k[:, keep], twin.k[:, keep]) and torch.equal(batch.v[:, keep], twin.v[:, keep])
+            with pytest.raises(ValueError, match="do not fit"):  # an extra before the row's first slot
+                decoder.step(ids, batch, extra={1: [1] * 8})
+            with pytest.raises(IndexError, match="token ids"):
+                decoder.step(ids, batch, extra={1: [200]})
+
+
 def test_thread_count_changes_no_bit():
     """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
     model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)

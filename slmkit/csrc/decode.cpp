@@ -561,9 +561,11 @@ struct Step {
     const uint32_t* xb;  // kBF16Dot: the current product's activations as bf16 pairs, else null
     int64_t kv_rows;  // rows of the KV buffers (>= B: a batch keeps room for rows that join later)
     const int64_t* kv_row;  // the cache row (and row of logits) of batch row b (null: row b)
+    const int64_t* slot;  // the slot batch row b writes (null: S for every row; see slm_decode_step's extra)
 };
 
 inline int64_t cache_row(const Step& s, int64_t b) { return s.kv_row ? s.kv_row[b] : b; }
+inline int64_t slot_of(const Step& s, int64_t b) { return s.slot ? s.slot[b] : s.S; }
 
 inline int64_t fmt_of(const Step& s, int64_t i) { return s.fmt ? s.fmt[i] : 0; }
 
@@ -1133,12 +1135,14 @@ void attend(const float* q, int64_t rep, const uint16_t* K, const uint16_t* V, i
     }
 }
 
-// One (row, kv head): rotate its keys and queries, store the key and value in slot S (as T), attend.
+// One (row, kv head) in slot S = slot_of(b): rotate its keys and queries, store the key and value
+// in slot S (as T) if `store`, attend over slots start .. S if `look`. A step where rows have
+// several queries (extras) runs every store first and then every attention (two passes of the
+// pool), so a query sees the keys its row's earlier queries store in the same step.
 template <typename T>
-void attention_task_t(void* p, int64_t task) {
-    Step& s = *(Step*)p;
+void attention_task_t(Step& s, int64_t task, bool store, bool look) {
     const int64_t H = s.cfg[kHeads], KV = s.cfg[kKV], D = s.cfg[kHeadDim], rep = H / KV;
-    const int64_t b = task / KV, g = task % KV, S = s.S;
+    const int64_t b = task / KV, g = task % KV, S = slot_of(s, b);
     const int64_t lo = std::min(s.start[b], S), pos = std::max<int64_t>(S - s.start[b], 0);
     float* row = s.qkv + b * (H + 2 * KV) * D;
     float* k = row + (H + g) * D;
@@ -1146,22 +1150,27 @@ void attention_task_t(void* p, int64_t task) {
     const int64_t base = (((s.layer * s.kv_rows + cache_row(s, b)) * KV + g) * s.max_len) * D;
     T *K = (T*)s.kc + base, *V = (T*)s.vc + base;
     const int64_t n = S + 1 - lo;
-    if (s.cfg[kRope]) {
-        const int64_t half = D / 2;
-        const float *c = s.w[kCos] + pos * half, *sn = s.w[kSin] + pos * half;
-        rotate(k, c, sn, half);
-        for (int64_t q = g * rep; q < (g + 1) * rep; q++) rotate(row + q * D, c, sn, half);
+    if (store) {
+        if (s.cfg[kRope]) {
+            const int64_t half = D / 2;
+            const float *c = s.w[kCos] + pos * half, *sn = s.w[kSin] + pos * half;
+            rotate(k, c, sn, half);
+            for (int64_t q = g * rep; q < (g + 1) * rep; q++) rotate(row + q * D, c, sn, half);
+        }
+        put_row(K + S * D, k, D);
+        put_row(V + S * D, v, D);
     }
-    put_row(K + S * D, k, D);
-    put_row(V + S * D, v, D);
+    if (!look) return;
     prefetch(K + lo * D, std::min<int64_t>(n, kAhead * W) * D);  // after q, k and v are read: their lines first
     float* scores = scratch((n + W - 1) / W * W);
     attend(row + g * rep * D, rep, K + lo * D, V + lo * D, n, D, scores, s.att + b * H * D + g * rep * D);
 }
 
+template <bool Store, bool Look>
 void attention_task(void* p, int64_t task) {
-    if (((Step*)p)->cfg[kKVType] == kKVBF16) attention_task_t<uint16_t>(p, task);
-    else attention_task_t<float>(p, task);
+    Step& s = *(Step*)p;
+    if (s.cfg[kKVType] == kKVBF16) attention_task_t<uint16_t>(s, task, Store, Look);
+    else attention_task_t<float>(s, task, Store, Look);
 }
 
 Pool& pool() {
@@ -1173,7 +1182,7 @@ std::mutex step_mutex;  // one step at a time (ctypes releases the GIL)
 std::vector<float> workspace;
 std::vector<char> xq_buffer;
 std::vector<int64_t> head_rows;  // the rows whose logits a step computes
-std::vector<int64_t> run_rows, run_ids, run_start;  // the rows a step runs when it skips some
+std::vector<int64_t> run_rows, run_ids, run_start, run_slot;  // the queries a step runs (skip, extra)
 std::vector<uint8_t> run_need;
 
 // Sets up the products of weight i (index into w) on the B rows of X: its format, and X rounded to
@@ -1264,10 +1273,18 @@ int slm_decode_pack(const float* src, int64_t rows, int64_t in, int64_t format, 
 // skip: null, or one byte per row, 1 for a row not run at all (a continuous batch's hole, whose
 // sequence has left): its slot S is not written and its logits are zeros; the other rows run as a
 // batch of their own, with the same bits as in a step of every row.
+// extra: null, or one count per row, n_b tokens (read in order from extra_ids) that row b feeds
+// before its own token, into slots S - n_b .. S - 1 (a prompt joining a batch: its tokens in one
+// step rather than one a step). They run as rows of the step of their own (no logits) on the
+// row's cache row, every key and value stored before any query attends, so each token's keys,
+// values and the row's logits are the same bits as when the tokens come one a step (a skipped
+// row's extras are not run). Returns 3 when an extra's slot would be before slot 0 or its row's
+// first real slot.
 int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const int64_t* ids, const int64_t* start,
                     int64_t B, int64_t S, int64_t max_len, int64_t kv_rows, void* kc, void* vc, float* logits,
                     int threads, int isa,
-                    const int64_t* fmt, const uint8_t* need, int rest, const uint8_t* skip) {
+                    const int64_t* fmt, const uint8_t* need, int rest, const uint8_t* skip,
+                    const int64_t* extra, const int64_t* extra_ids) {
     const int best = best_isa();
     if (isa == kAuto) isa = best;
     if (isa > best || isa < kScalar || !known_format(cfg[kFormat]) || !matvec_for(isa, cfg[kFormat])) return 2;
@@ -1278,34 +1295,51 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
             if (fmt[i] && !slmq::quantized(fmt[i])) return 2;
     const int64_t V = cfg[kVocab], C = cfg[kEmbd], H = cfg[kHeads], KV = cfg[kKV], D = cfg[kHeadDim];
     const int64_t hidden = cfg[kHidden];
-    for (int64_t b = 0; b < B; b++)
+    int64_t extras = 0;
+    for (int64_t b = 0; b < B; b++) {
         if (ids[b] < 0 || ids[b] >= V) return 1;
+        if (extra) {  // (a skipped row's extras are read past, not run)
+            if (extra[b] < 0 || extra[b] > S || (extra[b] && S - extra[b] < start[b])) return 3;
+            for (int64_t j = extras; j < extras + extra[b]; j++)
+                if (extra_ids[j] < 0 || extra_ids[j] >= V) return 1;
+            extras += extra[b];
+        }
+    }
     std::lock_guard<std::mutex> lock(step_mutex);
     const int64_t* rows = nullptr;  // the cache row of each row run (null: row b)
-    if (skip) {  // the rows run, packed: their ids, starts and needs
-        run_rows.clear(), run_ids.clear(), run_start.clear(), run_need.clear();
+    const int64_t* slot = nullptr;  // the slot each row run writes (null: S)
+    if (skip || extras) {  // the rows run, packed: their cache rows, ids, starts, needs and slots
+        run_rows.clear(), run_ids.clear(), run_start.clear(), run_need.clear(), run_slot.clear();
+        const int64_t* next = extra_ids;
         for (int64_t b = 0; b < B; b++) {
-            if (skip[b]) {
+            const int64_t n = extras ? extra[b] : 0;
+            if (skip && skip[b]) {
                 std::fill(logits + b * V, logits + (b + 1) * V, 0.f);
+                next += n;
                 continue;
             }
+            for (int64_t j = 0; j < n; j++) {
+                run_rows.push_back(b), run_ids.push_back(*next++), run_start.push_back(start[b]);
+                run_need.push_back(0), run_slot.push_back(S - n + j);
+            }
             run_rows.push_back(b), run_ids.push_back(ids[b]), run_start.push_back(start[b]);
-            if (need) run_need.push_back(need[b]);
+            run_need.push_back(need ? need[b] : 1), run_slot.push_back(S);
         }
         B = (int64_t)run_rows.size(), rows = run_rows.data(), ids = run_ids.data(), start = run_start.data();
-        if (need) need = run_need.data();
+        if (need || extras) need = run_need.data();
+        if (extras) slot = run_slot.data();
     }
     const int64_t qkv_width = (H + 2 * KV) * D;
     workspace.resize(B * (3 * C + qkv_width + hidden));
     Step s{cfg, w, eps, start, B, S, max_len, kc, vc, std::max(threads, 1), matvec_for(isa, cfg[kFormat])};
-    s.fmt = fmt, s.isa = isa, s.kv_rows = kv_rows, s.kv_row = rows;
+    s.fmt = fmt, s.isa = isa, s.kv_rows = kv_rows, s.kv_row = rows, s.slot = slot;
     s.x = workspace.data(), s.h = s.x + B * C, s.att = s.h + B * C, s.qkv = s.att + B * C, s.act = s.qkv + B * qkv_width;
     s.logits = logits;
     const bool ln = cfg[kLayerNorm];
     for (int64_t b = 0; b < B; b++) {
         const float* e = w[kTokEmb] + ids[b] * C;
         if (fmt_of(s, kTokEmb)) slmq::dequantize_row(fmt[kTokEmb], w[kTokEmb], C, ids[b], s.h), e = s.h;
-        const int64_t pos = std::max<int64_t>(S - start[b], 0);
+        const int64_t pos = std::max<int64_t>(slot_of(s, b) - start[b], 0);
         for (int64_t i = 0; i < C; i++) s.x[b * C + i] = e[i] + (w[kPosEmb] ? w[kPosEmb][pos * C + i] : 0.f);
     }
     for (int64_t l = 0; l < cfg[kLayers]; l++) {
@@ -1314,7 +1348,12 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN1w], lw[kN1b], C, eps, ln, s.h + b * C);
         const int64_t li = kGlobal + l * kPerLayer;
         product(s, li + kQkvW, lw[kQkvB], s.h, C, qkv_width, s.qkv, qkv_width, false);
-        pool().run(s.threads, B * KV, attention_task, &s);
+        if (slot) {  // rows with several queries: every key and value stored before any query attends
+            pool().run(s.threads, B * KV, attention_task<true, false>, &s);
+            pool().run(s.threads, B * KV, attention_task<false, true>, &s);
+        } else {
+            pool().run(s.threads, B * KV, attention_task<true, true>, &s);
+        }
         product(s, li + kProjW, lw[kProjB], s.att, C, C, s.x, C, true);
         for (int64_t b = 0; b < B; b++) norm(s.x + b * C, lw[kN2w], lw[kN2b], C, eps, ln, s.h + b * C);
         prepare(s, li + kUpW, s.h, C);
@@ -1327,6 +1366,7 @@ int slm_decode_step(const int64_t* cfg, const float* const* w, float eps, const 
     head_rows.clear();
     for (int64_t b = 0; b < B; b++) {
         const int64_t out = cache_row(s, b);
+        if (slot_of(s, b) != S) continue;  // an extra token: its row's own token writes the row's logits
         if (need && !need[b]) {
             std::fill(logits + out * V, logits + (out + 1) * V, 0.f);
             continue;

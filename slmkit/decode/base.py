@@ -70,6 +70,9 @@ class Decoder:
     skips_logits: ClassVar[bool] = False
     # step(..., holes=) runs only the other rows (the holes' slot and logits are left as they are)
     skips_rows: ClassVar[bool] = False
+    # step(..., extra=) feeds a row several tokens in one step, the others into the slots before
+    # its last one (a prompt joining a batch), with the same bits as one token a step
+    feeds_many: ClassVar[bool] = False
     # step() reads a cache whose keys and values are the first rows of larger buffers
     # (KVCache.buffer_rows: a continuous batch keeps room for rows that join); else contiguous ones
     strided_kv: ClassVar[bool] = False

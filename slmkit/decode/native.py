@@ -301,6 +301,7 @@ class NativeDecoder(Decoder):
     kv_dtypes = tuple(KV_TYPES)
     skips_logits = True
     skips_rows = True
+    feeds_many = True
     strided_kv = True
     handles = {**SIZES, "norm": {"layernorm", "rmsnorm"}, "positions": {"learned", "rope"},
                "activation": {"gelu", "swiglu"}, "n_kv_head": ANY, "bias": {False, True},
@@ -363,13 +364,17 @@ class NativeDecoder(Decoder):
         return sum(t.numel() for t in self.tensors[1:] if t is not None and t.dtype == torch.uint8)
 
     def step(self, idx: torch.Tensor, cache: KVCache, need: torch.Tensor | None = None,
-             holes: torch.Tensor | None = None) -> torch.Tensor:
+             holes: torch.Tensor | None = None, extra: dict[int, list[int]] | None = None) -> torch.Tensor:
         """One new token per row, ids (B,) -> next-token logits (B, vocab), as ``StepDecoder``
         (the cache's keys and values float32 or bf16: ``KV_TYPES``). ``need`` (bool (B,)): only
         those rows get logits (the others zeros: no final norm or head product for them), the same
         bits as without it. ``holes`` (bool (B,)): rows not run at all (a continuous batch's rows
         whose sequence has left): their logits are zeros and their new slot is not written; the
-        other rows' logits and keys and values are the same bits as without it."""
+        other rows' logits and keys and values are the same bits as without it. ``extra`` ({row:
+        token ids}): tokens those rows feed before their token of ``idx``, into the slots just before
+        the new one (which the row's ``start`` must leave free: a prompt's row lined up to end
+        ``len(extra[row])`` slots early), as if fed one a step before it: the same keys, values and
+        logits, bit for bit, in one step (a joining prompt's tokens, ``ContinuousBatch``)."""
         # (a step of the stories15m shape in int4 takes ~80 us: the checks and conversions here
         # skip what is already so; together they were ~5 us)
         B, S, max_len = idx.size(0), cache.length, cache.k.size(3)
@@ -387,15 +392,27 @@ class NativeDecoder(Decoder):
         ids = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.to(torch.int64).contiguous()
         start = cache.start.contiguous()
         need, holes = _row_bytes(need, B), _row_bytes(holes, B)
+        counts = extra_ids = None
+        if extra:
+            counts = torch.zeros(B, dtype=torch.int64)
+            for row, tokens in extra.items():
+                counts[row] = len(tokens)
+            extra_ids = torch.tensor([t for row in sorted(extra) for t in extra[row]], dtype=torch.int64)
         logits = torch.empty(B, self.vocab)
         threads = self.threads or torch.get_num_threads()
         rc = self.lib.slm_decode_step(self.cfg_ptr, self.pointers, self.eps, ids.data_ptr(), start.data_ptr(),
                                       B, S, max_len, kv_rows, cache.k.data_ptr(), cache.v.data_ptr(),
                                       logits.data_ptr(), threads, self.isa, self.formats_ptr,
                                       None if need is None else need.data_ptr(), self.rest,
-                                      None if holes is None else holes.data_ptr())
+                                      None if holes is None else holes.data_ptr(),
+                                      None if counts is None else counts.data_ptr(),
+                                      None if extra_ids is None else extra_ids.data_ptr())
         if rc == 1:
-            raise IndexError(f"token ids must be in [0, {self.model.config.vocab_size}), got {ids.tolist()}")
+            raise IndexError(f"token ids must be in [0, {self.model.config.vocab_size}), got {ids.tolist()}"
+                             + (f" and {extra_ids.tolist()}" if extra_ids is not None else ""))
+        if rc == 3:
+            raise ValueError(f"extra tokens {extra} do not fit before slot {S} after their rows' first slots "
+                             f"{start.tolist()}")
         if rc == 2:
             raise ValueError(f"this CPU cannot run the {self.isa_name} code (best: {best_isa()})")
         cache.length = S + 1

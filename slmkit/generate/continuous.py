@@ -22,6 +22,10 @@ its rows, so on a CPU a prompt token costs far less there than in a forward pass
 the running rows never wait on one. A prompt of at most ``ride_idle`` tokens rides an idle
 batch's steps too (from an empty cache) instead of a prefill pass: for a decoder whose step of
 one row costs less than a forward pass's fixed cost plus a token's share (the C++ step on a CPU).
+A decoder that ``feeds_many`` (the C++ step) takes a riding prompt's tokens in its first step
+rather than one a step, the others as extra rows of that step before the row's own token, the
+same bits either way: as many as fit before the batch's next slot, at most ``prefill_chunk`` a
+step into a running batch (a prompt past that waits a step), all of them into an idle one.
 
 With a ``PrefixCache`` handed in, a new sequence starts with the keys and values of its longest
 cached prefix (at most all its prompt tokens but the last, which must run for its logits) and runs
@@ -145,6 +149,7 @@ class _Row:
             self.uniforms = torch.rand(seq.max_new_tokens, generator=self.generator, dtype=torch.float64).tolist()
         self.draws = 0
         self.feed: deque[int] = deque()  # prompt tokens still to feed through decode steps (a riding prompt)
+        self.extra: list[int] = []  # prompt tokens its next step feeds before its token (Decoder.feeds_many)
         self.remember = False  # insert the prompt into the prefix cache once fed (see _remember_ridden)
 
     def pick(self, logits: torch.Tensor) -> int:
@@ -341,14 +346,16 @@ class ContinuousBatch:
                 self.cache.compact()
             tokens = torch.tensor([0 if row is None else row.feed.popleft() if row.feed else row.seq.tokens[-1]
                                    for row in self.rows], device=self.device)
+            extra = {i: row.extra for i, row in enumerate(self.rows) if row is not None and row.extra}
             # the rows whose logits the next step reads: not holes, nor riders with prompt still to feed
             need = [row is not None and not row.feed for row in self.rows]
             need = None if all(need) or not self.decoder.skips_logits else torch.tensor(need, device=self.device)
+            kw = {"extra": extra} if extra else {}  # (only a decoder that feeds_many is given extras)
             if self._holes and self.decoder.skips_rows:  # a hole's row is not run (its slots are never read)
-                holes = torch.tensor([row is None for row in self.rows], device=self.device)
-                self.logits = self.decoder.step(tokens, self.cache, need, holes=holes).float()
-            else:
-                self.logits = self.decoder.step(tokens, self.cache, need).float()
+                kw["holes"] = torch.tensor([row is None for row in self.rows], device=self.device)
+            self.logits = self.decoder.step(tokens, self.cache, need, **kw).float()
+            for tokens in extra.values():  # each row's own list (_Row.extra): fed now
+                tokens.clear()
 
     def _pick_groups(self, logits: torch.Tensor, live: list[tuple[int, _Row]]) -> dict[int, int]:
         """Tokens of the sampled rows without state of their own among ``live`` (the rows with
@@ -392,8 +399,8 @@ class ContinuousBatch:
                     seq = self.waiting.popleft()
                     self.finish(seq, "cancelled")
                     changed.append(seq)
-                if self._ride_limit():
-                    self._ride_in()
+                if self._ride_limit() and self._ride_in():
+                    break  # the next waiting prompt rides in next step
                 if not self.waiting or self.running >= self.max_batch:
                     break
                 used = self._prefill_together(budget)
@@ -445,20 +452,43 @@ class ContinuousBatch:
                 self._remember(seq, cache, 0)
             self._join(seq, cache, last)
 
-    def _ride_in(self) -> None:
+    def _ride_in(self) -> bool:
         """Waiting prompts of at most ``ride`` tokens (past their cached prefix) join the running
         batch at once, with no slots yet but their cached prefix's, and are fed through its decode
         steps one token a step (``_Row.feed``), their logits unused until the last prompt token: a
         decode step reads every weight once for all its rows, so a prompt token costs a row of a
         step instead of a prefill forward pass, and nobody waits on a pass. Into holes first, the
         rest appended together (one copy of the cache), the copies on one thread (``_serial``).
-        With no batch running, prompts of at most ``ride_idle`` tokens ride, and are the batch."""
+        With no batch running, prompts of at most ``ride_idle`` tokens ride, and are the batch.
+        A decoder that ``feeds_many`` takes a rider's prompt in its first step, as many of the
+        tokens as fit before the batch's next slot (all of them into an idle batch; ``_Row.extra``):
+        its cached prefix is lined up to end that many slots early, the rest ride one a step. Into
+        a running batch at most ``prefill_chunk`` such tokens a step, as a prefill's chunk, so the
+        running rows' step is held up by that much at most: a prompt past that waits a step (True:
+        the first waiting prompt does, and is not to be prefilled meanwhile)."""
         limit = self._ride_limit()
+        many = self.decoder.feeds_many
+        budget = self.prefill_chunk if self.rows else self.block_size  # extra tokens this step
+
+        def extras(row: _Row, p: int, room: int) -> int:
+            """Tokens of ``row``'s prompt its first step feeds before its own (a prefix of ``p``, ``room``
+            slots before the next one, within this step's budget), taken from its feed."""
+            nonlocal budget
+            n = max(0, min(len(row.feed) - 1, room - p, budget)) if many else 0
+            budget -= n
+            row.extra = [row.feed.popleft() for _ in range(n)]
+            return n
+
+        waits = False
         with _serial():
             riders = []
             while self.waiting and self.running + len(riders) < self.max_batch:
                 seq = self.waiting[0]
-                if seq.cancelled or seq.prompt_logprobs or not seq.max_new_tokens or self._uncached(seq) > limit:
+                uncached = self._uncached(seq)
+                if seq.cancelled or seq.prompt_logprobs or not seq.max_new_tokens or uncached > limit:
+                    break
+                if many and uncached - 1 > budget and budget < self.prefill_chunk:
+                    waits = True  # this step's extra tokens are spent: it rides in whole next step
                     break
                 self.waiting.popleft()
                 found = self._lookup(seq)
@@ -468,20 +498,25 @@ class ContinuousBatch:
                 if self._holes:
                     i = min(self._holes, key=self._holes.get)
                     del self._holes[i]
-                    self.cache.fill(i, self._seeded([found], found[0]))  # its own slots end at the cache's last
+                    gap = extras(row, found[0], self.cache.length)
+                    # its own slots (and the extras' to come) end at the cache's last
+                    self.cache.fill(i, self._seeded([found], found[0] + gap, [gap]))
                     self.rows[i] = row
                 else:
-                    riders.append((row, found))
+                    room = self.block_size if self.cache is None else self.cache.length
+                    riders.append((row, found, extras(row, found[0], room)))
             if riders:
                 n = len(riders)
+                found, gaps = [found for _, found, _ in riders], [gap for _, _, gap in riders]
                 if self.cache is None:  # an idle batch: the riders are all of it
-                    self.cache = self._seeded([found for _, found in riders], self.block_size)
+                    self.cache = self._seeded(found, self.block_size, gaps)
                     self.logits = torch.zeros(n, self.vocab, device=self.device)
                 else:
-                    seeded = self._seeded([found for _, found in riders], max(found[0] for _, found in riders))
+                    seeded = self._seeded(found, max(p + gap for (p, _, _), gap in zip(found, gaps)), gaps)
                     self._admit(seeded)
                     self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
-                self.rows += [row for row, _ in riders]
+                self.rows += [row for row, _, _ in riders]
+        return waits
 
     def _ride_limit(self) -> int:
         """Uncached prompt tokens up to which a waiting prompt rides: ``ride`` while rows run, at
@@ -546,18 +581,22 @@ class ContinuousBatch:
         with _serial():
             return self.prefixes.lookup(seq.prompt, limit)
 
-    def _seeded(self, found: list[tuple[int, torch.Tensor | None, torch.Tensor | None]], max_len: int) -> KVCache:
+    def _seeded(self, found: list[tuple[int, torch.Tensor | None, torch.Tensor | None]], max_len: int,
+                gaps: list[int] | None = None) -> KVCache:
         """A cache of one row per ``(p, k, v)`` in ``found``, each row's ``p`` slots of keys and values
-        ending at slot ``P = max p`` (left-padded, as ``admit`` lines rows up): ``length`` is P."""
-        length = max(p for p, _, _ in found)
-        start = torch.tensor([length - p for p, _, _ in found])
+        ending at slot ``P = max p`` (left-padded, as ``admit`` lines rows up): ``length`` is P.
+        ``gaps``: row j's slots end ``gaps[j]`` slots early instead (left for its extra tokens), and
+        P is the most ``p + gap``."""
+        gaps = gaps or [0] * len(found)
+        length = max(p + gap for (p, _, _), gap in zip(found, gaps))
+        start = torch.tensor([length - gap - p for (p, _, _), gap in zip(found, gaps)])
         with _serial():
             cache = KVCache.empty(self.model.config, len(found), start=start, max_len=max(max_len, 1),
                                   device=self.device, dtype=self.kv_dtype)
-            for j, (p, k, v) in enumerate(found):
+            for j, ((p, k, v), gap) in enumerate(zip(found, gaps)):
                 if p:
-                    cache.k[:, j, :, length - p : length] = k
-                    cache.v[:, j, :, length - p : length] = v
+                    cache.k[:, j, :, length - gap - p : length - gap] = k
+                    cache.v[:, j, :, length - gap - p : length - gap] = v
         cache.length = length
         return cache
 
