@@ -457,6 +457,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "serve-cpu-fp32": lambda: stored_table("serve_fp32.json"),
     "serve-engine": lambda: stored_table("serve_engine.json"),
     "serve-engine-steady": lambda: stored_table("serve_engine_steady.json"),
+    "serve-batch-bound": lambda: stored_table("batch_bound.json"),
     "decode-cpu-cpp": lambda: stored_table("decode_epyc_cpp.json"),
     "vs-llama2c-cpp": lambda: stored_table("vs_llama2c_epyc_cpp.json"),
     "vs-llama2c-cpp-32000": lambda: stored_table("vs_llama2c_epyc_cpp_32000.json"),
