@@ -57,7 +57,8 @@ class Decoder:
     ``cache.length``. Make one per generation: a backend may look the weights up once.
 
     Subclasses declare what they support (see the module docstring) and override ``step``; the
-    prefill is the model's own forward for every backend (it is one call per generation)."""
+    prefill is the model's own forward (one call per generation) unless a backend has a faster one
+    (the C++ step runs a prompt as extra tokens of its steps)."""
 
     name: ClassVar[str] = "?"
     devices: ClassVar[Collection[str]] = ANY  # device types, e.g. {"cpu"}
