@@ -292,6 +292,16 @@ def test_batch_bound(tmp_path: Path) -> None:
     assert f"| 4 | {four['step_ms']:.3f} ms |" in d["table"][3]
 
 
+def test_first_token(tmp_path: Path) -> None:
+    """bench/first_token.py: a lone request's first token through the server's engine, by prompt length."""
+    smoke("first_token.py", tmp_path)
+    d = written_json(tmp_path, "first_token.json")
+    assert [s["prompt_tokens"] for s in d["summary"]] == [8, 40] and d["machine"] and d["table"]
+    for s in d["summary"]:
+        times = d["rounds"][str(s["prompt_tokens"])]
+        assert len(times) == 3 and s["first_token_ms"] == sorted(times)[1] and 0 < s["first_token_ms"] <= s["p90_ms"]
+
+
 def test_finetune(tmp_path: Path) -> None:
     smoke("finetune.py", tmp_path)
     d = written_json(tmp_path, "finetune.json")
