@@ -458,6 +458,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "serve-engine": lambda: stored_table("serve_engine.json"),
     "serve-engine-steady": lambda: stored_table("serve_engine_steady.json"),
     "serve-batch-bound": lambda: stored_table("batch_bound.json"),
+    "serve-first-token": lambda: stored_table("first_token.json"),
     "decode-cpu-cpp": lambda: stored_table("decode_epyc_cpp.json"),
     "vs-llama2c-cpp": lambda: stored_table("vs_llama2c_epyc_cpp.json"),
     "vs-llama2c-cpp-32000": lambda: stored_table("vs_llama2c_epyc_cpp_32000.json"),

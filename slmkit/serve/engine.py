@@ -284,9 +284,8 @@ class Engine:
             # clients about 5% more tokens/s, one client about 7%; bench/serve.py's loads)
             batch.decoder.rest = True
             # a short prompt rides an idle batch's steps too, all its tokens in one C++ step
-            # (feeds_many) instead of a PyTorch prefill pass: the first token of a 32-token prompt
-            # after 1.1 ms instead of 6.0, of a 64-token one 1.8 instead of 11.2 (stories15m shape;
-            # measured no further; docs/serving.md)
+            # (feeds_many): the step a prefill would run, in the batch's own cache instead of one
+            # of its own copied into it (bench/first_token.py; docs/serving.md)
             batch.ride_idle = 64
         return batch
 
