@@ -404,6 +404,18 @@ def test_a_decoder_that_feeds_many_takes_a_riding_prompt_in_one_step():
     run(batch, {0: seqs[:1], 2: seqs[1:]})
     assert [s.tokens for s in seqs] == want[:2] + [solo([9, 8, 7], news[2])]
     assert fed[:4] == [{0: 9}, {}, {1: 2}, {2: 2}]
+    # one budget a step, however many times riders join in it: riders before and after a prefill
+    # (the 7-token prompt, past ride) share the step's prefill_chunk (8)
+    batch = ContinuousBatch(model, max_batch=4, prefill_chunk=8, ride=6, kv_dtype=bf16)
+    fed = []
+    step = batch.decoder.step
+    batch.decoder.step = lambda ids, cache, need=None, **kw: fed.append(
+        {i: len(t) for i, t in kw.get("extra", {}).items()}) or step(ids, cache, need, **kw)
+    prompts = [list(range(1, 9)), [3, 4, 5, 6, 7, 8], list(range(20, 27)), [9, 8, 7, 6, 5, 4]]
+    seqs = [Seq(p, GREEDY, n) for p, n in zip(prompts, [30, 5, 5, 5])]
+    run(batch, {0: seqs[:1], 8: seqs[1:]})
+    assert [s.tokens for s in seqs] == [solo(p, s.max_new_tokens) for p, s in zip(prompts, seqs)]
+    assert max(sum(f.values()) for f in fed[1:]) <= 8 and {1: 5} in fed  # (the first: an idle batch's)
 
 
 def test_a_bf16_kv_cache_gives_each_row_its_tokens_of_a_batch_of_one():

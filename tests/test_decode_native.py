@@ -224,8 +224,8 @@ def test_extra_tokens_in_one_step_are_the_tokens_one_a_step(weights, kw):
             holes = torch.tensor([False, False, False, True])
             got = decoder.step(ids, batch, holes=holes, extra={1: prompt[2:6].tolist()})
             assert torch.equal(got[1], steps[-1][0])
-            assert torch.equal(batch.k[:, 1, :, 6:12], alone.k[:, 0, :, :6])
-            assert torch.equal(batch.v[:, 1, :, 6:12], alone.v[:, 0, :, :6])
+            assert torch.equal(batch.k[:, 1, :, 6:13], alone.k[:, 0, :, :7])  # its extras' slots and its own
+            assert torch.equal(batch.v[:, 1, :, 6:13], alone.v[:, 0, :, :7])
             # the other rows: the bits of the same step without the extras (row 1 then steps its one token)
             want = decoder.step(ids, twin, holes=holes)
             keep = torch.tensor([True, False, True, False])
@@ -264,6 +264,29 @@ def test_prefill_is_its_tokens_stepped_one_at_a_time(monkeypatch, chunk):
                 assert all(torch.equal(f, g) for f, g in zip(real(filled, b, s, 15), real(stepped, b, s, 15)))
             with pytest.raises(ValueError, match="KV cache full"):
                 decoder.prefill(x, KVCache.empty(model.config, 3, max_len=8))
+
+
+def test_extra_tokens_of_many_rows_on_two_threads_see_their_rows_earlier_keys():
+    """Several rows with many extra tokens, on 2 threads: a query attends only after every key and
+    value of the step is stored (a row's later tokens, on the other thread, see its earlier ones),
+    so every row's logits are those of its tokens one a step, every time."""
+    model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200, block_size=64)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 200, (25,), generator=g) for _ in range(4)]
+    with torch.inference_mode():
+        one = NativeDecoder(model, threads=1)
+        solo = []
+        for p in prompts:
+            cache = KVCache.empty(model.config, 1, max_len=64)
+            solo.append([one.step(p[t : t + 1], cache) for t in range(25)][-1][0])
+        two = NativeDecoder(model, threads=2)
+        for _ in range(20):
+            cache = KVCache.empty(model.config, 4, max_len=64)
+            cache.length = 24
+            got = two.step(torch.stack([p[24] for p in prompts]), cache, extra={i: p[:24].tolist() for i, p in enumerate(prompts)})
+            assert all(torch.equal(got[i], solo[i]) for i in range(4))
+        with pytest.raises(ValueError, match="rows"):
+            two.step(torch.stack([p[0] for p in prompts]), cache, extra={-1: [1]})
 
 
 def test_thread_count_changes_no_bit():

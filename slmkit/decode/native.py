@@ -434,6 +434,8 @@ class NativeDecoder(Decoder):
         need, holes = _row_bytes(need, B), _row_bytes(holes, B)
         counts = extra_ids = None
         if extra:
+            if not all(0 <= row < B for row in extra):
+                raise ValueError(f"extra tokens for rows {sorted(extra)} of a batch of {B}")
             counts = torch.zeros(B, dtype=torch.int64)
             for row, tokens in extra.items():
                 counts[row] = len(tokens)

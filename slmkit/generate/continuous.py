@@ -211,6 +211,7 @@ class ContinuousBatch:
         self._holes: dict[int, int] = {}  # hole -> the step it opened at
         self._steps = 0
         self._prefill: tuple[Seq, KVCache, int] | None = None  # the sequence being prefilled, its cache, tokens done
+        self._extras_left: int | None = None  # riders' extra tokens the next step may still take (None: any)
         self._gone: list[Seq] = []  # sequences changed during this step
         # rows joining one by one land in room kept for them, not in a copy of the whole cache
         # each time (KVCache.admit), where the decoder's steps read such a cache
@@ -393,6 +394,9 @@ class ContinuousBatch:
 
     def _prefill_some(self) -> None:
         budget, changed = self.prefill_chunk, self._gone
+        # riders' extra tokens for the next step (_ride_in): prefill_chunk while rows run; no cap
+        # for an idle batch (nobody's step to hold up)
+        self._extras_left = self.prefill_chunk if self.rows else None
         while budget > 0:
             if self._prefill is None:
                 while self.waiting and self.waiting[0].cancelled:
@@ -463,19 +467,22 @@ class ContinuousBatch:
         A decoder that ``feeds_many`` takes a rider's prompt in its first step, as many of the
         tokens as fit before the batch's next slot (all of them into an idle batch; ``_Row.extra``):
         its cached prefix is lined up to end that many slots early, the rest ride one a step. Into
-        a running batch at most ``prefill_chunk`` such tokens a step, as a prefill's chunk, so the
-        running rows' step is held up by that much at most: a prompt past that waits a step (True:
-        the first waiting prompt does, and is not to be prefilled meanwhile)."""
+        a running batch at most ``prefill_chunk`` such tokens a step (``_extras_left``, however many
+        times a step this runs), as a prefill's chunk, so the running rows' step is held up by that
+        much at most: a prompt past that waits a step (True: the first waiting prompt does, and is
+        not to be prefilled meanwhile)."""
         limit = self._ride_limit()
         many = self.decoder.feeds_many
-        budget = self.prefill_chunk if self.rows else self.block_size  # extra tokens this step
+        budget = self._extras_left  # None: no cap
 
         def extras(row: _Row, p: int, room: int) -> int:
             """Tokens of ``row``'s prompt its first step feeds before its own (a prefix of ``p``, ``room``
             slots before the next one, within this step's budget), taken from its feed."""
             nonlocal budget
-            n = max(0, min(len(row.feed) - 1, room - p, budget)) if many else 0
-            budget -= n
+            n = max(0, min(len(row.feed) - 1, room - p)) if many else 0
+            if budget is not None:
+                n = min(n, budget)
+                budget -= n
             row.extra = [row.feed.popleft() for _ in range(n)]
             return n
 
@@ -487,7 +494,7 @@ class ContinuousBatch:
                 uncached = self._uncached(seq)
                 if seq.cancelled or seq.prompt_logprobs or not seq.max_new_tokens or uncached > limit:
                     break
-                if many and uncached - 1 > budget and budget < self.prefill_chunk:
+                if many and budget is not None and uncached - 1 > budget and budget < self.prefill_chunk:
                     waits = True  # this step's extra tokens are spent: it rides in whole next step
                     break
                 self.waiting.popleft()
@@ -516,6 +523,7 @@ class ContinuousBatch:
                     self._admit(seeded)
                     self.logits = torch.cat((self.logits, self.logits.new_zeros(n, self.vocab)))
                 self.rows += [row for row, _, _ in riders]
+        self._extras_left = budget
         return waits
 
     def _ride_limit(self) -> int:
