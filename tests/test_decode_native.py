@@ -245,7 +245,7 @@ def test_prefill_is_its_tokens_stepped_one_at_a_time(monkeypatch, chunk):
     monkeypatch.setattr(native, "PREFILL_TOKENS", chunk)
     model = noisy_model(4, n_embd=64, n_head=4, n_kv_head=2, vocab_size=90)
     rows, starts, x = ragged_batch()
-    for weights, dtype in (("fp32", torch.float32), ("bf16-dot" if native.has_bf16_dot() else "bf16", torch.bfloat16)):
+    for weights, dtype in (("fp32", torch.float32), (native.bf16_arithmetic(), torch.bfloat16)):
         real = lambda c, b, s, e: (c.k[:, b, :, s:e], c.v[:, b, :, s:e])  # noqa: E731 - a row's real slots
         decoder = NativeDecoder(model, weights=weights)
         with torch.inference_mode():
@@ -406,7 +406,8 @@ def test_half_weights_rounds_float_runs_only():
         assert native.half_weights(model) is None
 
 
-@pytest.mark.skipif(not RUNNABLE or not native.has_bf16_dot(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.skipif(not RUNNABLE or native.bf16_arithmetic() != "bf16-dot",
+                    reason="no AVX512-BF16 products here (the CPU, or SLMKIT_DECODE_ISA below avx512)")
 @pytest.mark.parametrize("kw", ODD, ids=["llama-gqa", "gpt2"])
 def test_bf16_dot_products_give_the_logits_of_the_model_with_bf16_inputs(kw):
     """weights="bf16-dot" (vdpbf16ps): the logits of the model with its matrices and the inputs of
