@@ -22,7 +22,6 @@ Writes bench/results/batch_bound.json (docs/serving.md quotes it).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine_info  # noqa: E402
+from benchlib import save  # noqa: E402
 from decode import MODELS, build  # noqa: E402
 from step_holes import step_ms  # noqa: E402
 
@@ -82,15 +81,9 @@ def main() -> None:
     table += ["", f"Medians of {args.rounds} alternating rounds: {args.preset} shape (random weights, vocab "
                   f"{MODELS[args.preset]}), {weights} weights, bf16 KV cache, contexts of 32-96 slots, "
                   f"{args.threads} threads resting between steps (as slm serve runs them)."]
-    argv = sys.argv[1:]
-    if "--out" in argv:
-        del argv[argv.index("--out") : argv.index("--out") + 2]
-    result = {**machine_info(), "bench_command": " ".join(["python bench/batch_bound.py", *argv]),
-              "preset": args.preset, "weights": weights, "threads": args.threads, "rounds": times,
-              "summary": summary, "table": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("\n".join(table) + f"\nwrote {args.out}")
+    print("\n".join(table))
+    save(args.out, {"preset": args.preset, "weights": weights, "threads": args.threads, "rounds": times,
+                    "summary": summary, "table": table})
 
 
 if __name__ == "__main__":

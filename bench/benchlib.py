@@ -6,6 +6,7 @@ GPU) it was measured on; docs/benchmarks.md groups the numbers by that label.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -73,3 +74,19 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def bench_command() -> str:
+    """How this script was run, without ``--out`` (where the file went is not how it was measured)."""
+    argv = sys.argv[1:]
+    if "--out" in argv:
+        del argv[argv.index("--out") : argv.index("--out") + 2]
+    return " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *argv])
+
+
+def save(out: str | Path, result: dict[str, Any]) -> None:
+    """Write ``result`` to ``out`` as JSON after the fields every results file carries
+    (``machine_info``, ``bench_command``), its folder made if need be, and say where."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({**machine_info(), "bench_command": bench_command(), **result}, indent=1) + "\n")
+    print(f"wrote {out}")

@@ -15,7 +15,6 @@ Writes bench/results/first_token.json (docs/serving.md quotes it).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine_info  # noqa: E402
+from benchlib import save  # noqa: E402
 from decode import MODELS, build  # noqa: E402
 
 from slmkit.generate.continuous import Seq  # noqa: E402
@@ -86,14 +85,9 @@ def main() -> None:
                   f"shape (random weights, vocab {vocab}), --threads {args.threads} --prefill-chunk "
                   f"{cfg.prefill_chunk} --kv-cache {cfg.kv_cache} --weights {cfg.weights}; medians of {args.rounds} "
                   f"rounds, lengths alternating."]
-    argv = sys.argv[1:]
-    if "--out" in argv:
-        del argv[argv.index("--out") : argv.index("--out") + 2]
-    result = {**machine_info(), "bench_command": " ".join(["python bench/first_token.py", *argv]),
-              "preset": args.preset, "threads": args.threads, "rounds": times, "summary": summary, "table": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("\n".join(table) + f"\nwrote {args.out}")
+    print("\n".join(table))
+    save(args.out, {"preset": args.preset, "threads": args.threads, "rounds": times, "summary": summary,
+                    "table": table})
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine_info  # noqa: E402
+from benchlib import save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"
@@ -469,15 +469,9 @@ def engine_only(args: argparse.Namespace, run: Path, tok, openings: Openings, ma
                   f"{args.requests_per_client} requests per client, client c's first request before step c, "
                   f"--threads {args.threads} --max-batch {max_batch} --kv-cache {args.kv_cache} --weights "
                   f"{args.weights} --prefix-cache-mb {args.prefix_cache_mb}."]
-    argv = sys.argv[1:]
-    if "--out" in argv:
-        del argv[argv.index("--out") : argv.index("--out") + 2]
-    result = {**machine_info(), "bench_command": " ".join(["python bench/serve.py", *argv]), "engine_only": True,
-              "requests_per_client": args.requests_per_client, "rounds": rounds, "summary": summary, "table": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(table))
-    print(f"wrote {args.out}")
+    save(args.out, {"engine_only": True, "requests_per_client": args.requests_per_client, "rounds": rounds,
+                    "summary": summary, "table": table})
     return 0
 
 
@@ -660,22 +654,13 @@ def main() -> int:
         table += ["", f"Goal (16 clients at least 4x the aggregate tokens/s of one client, p99 time to first token "
                       f"under 1 s): **{goal[16]['vs_one_client']:.2f}x**, p99 TTFT **{goal[16]['ttft_p99_s'] * 1000:.0f} "
                       f"ms**: {'met' if met else 'not met'} (median of per-round ratios)."]
-    argv = sys.argv[1:]
-    if "--out" in argv:  # where the file went is not how it was measured
-        del argv[argv.index("--out") : argv.index("--out") + 2]
-    command = " ".join(["python bench/serve.py", *argv])
-    result = {**machine_info(), "bench_command": command,
-              "preset": args.preset, "vocab": model_info["vocab"], "model": model_info, "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests_per_client, "threads": args.threads, "kv_cache": args.kv_cache,
-              "weights": args.weights, "stream_interval": args.stream_interval,
-              "prefix_cache_mb": args.prefix_cache_mb, "prefix_hit_rate": overall,
-              "shared_prefix_tokens": args.shared_prefix_tokens,
-              "rounds": rounds,
-              "summary": summary, "table": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(table))
-    print(f"wrote {args.out}")
+    save(args.out, {"preset": args.preset, "vocab": model_info["vocab"], "model": model_info,
+                    "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
+                    "threads": args.threads, "kv_cache": args.kv_cache, "weights": args.weights,
+                    "stream_interval": args.stream_interval, "prefix_cache_mb": args.prefix_cache_mb,
+                    "prefix_hit_rate": overall, "shared_prefix_tokens": args.shared_prefix_tokens, "rounds": rounds,
+                    "summary": summary, "table": table})
     return 0
 
 

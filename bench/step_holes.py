@@ -10,7 +10,6 @@ Writes bench/results/step_holes.json (docs/serving.md quotes it).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine_info  # noqa: E402
+from benchlib import save  # noqa: E402
 from decode import MODELS, build  # noqa: E402
 
 from slmkit.decode import KVCache  # noqa: E402
@@ -73,14 +72,8 @@ def main() -> None:
     table += ["", f"Medians of {args.rounds} alternating rounds of {args.steps} steps: {args.preset} shape (random "
                   f"weights, vocab {MODELS[args.preset]}), {args.rows} rows, {weights} weights, bf16 KV cache, contexts "
                   f"of 32-96 slots, {args.threads} threads."]
-    argv = sys.argv[1:]
-    if "--out" in argv:
-        del argv[argv.index("--out") : argv.index("--out") + 2]
-    result = {**machine_info(), "bench_command": " ".join(["python bench/step_holes.py", *argv]),
-              "rounds": times, "summary": summary, "table": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(table))
+    save(args.out, {"rounds": times, "summary": summary, "table": table})
 
 
 if __name__ == "__main__":
