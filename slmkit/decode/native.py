@@ -46,8 +46,9 @@ set, e.g. to test the AVX2 code on an AVX-512 machine.
 The prefill runs through the same step: a prompt's tokens before its last go in as extra tokens
 of the step that feeds its last one (``PREFILL_TOKENS`` at most a step), each a row of its own on
 its sequence's cache row, so a prompt's keys, values and logits are the bits of feeding its tokens
-one a step, and its products run at the step's speed (a 64-token prompt of the stories15m shape
-in about 1.8 ms on 2 cores, against about 11 ms for PyTorch's forward in float32).
+one a step, and its products run at the step's speed (slm serve's engine, stories15m shape, 2
+cores: a lone 100-token prompt's first token after 2.7-2.8 ms, 14.8-15.9 with PyTorch's float32
+forward as the prefill; bench/first_token.py, docs/serving.md).
 """
 
 from __future__ import annotations
@@ -288,8 +289,9 @@ def best_isa() -> str:
     return "scalar" if lib is None else {v: k for k, v in ISAS.items()}[lib.slm_decode_isa()]
 
 
-# The most tokens one step of NativeDecoder.prefill takes (extra tokens included): its buffers hold
-# every token's activations (about 10 floats a model width each), so a long prompt goes in chunks.
+# The most tokens of a row one step of NativeDecoder.prefill takes (extra tokens included): a step's
+# buffers hold every token's activations (about 10 floats a model width each), so a long prompt
+# goes in chunks.
 PREFILL_TOKENS = 256
 
 
@@ -383,6 +385,8 @@ class NativeDecoder(Decoder):
         extra tokens there."""
         B, T = ids.shape
         S, max_len = cache.length, cache.k.size(3)
+        if T < 1:
+            raise ValueError("prefill takes at least one token per row")
         if S + T > max_len:
             raise ValueError(f"KV cache full: {S} + {T} tokens > {max_len} slots")
         first = (cache.start.tolist() if cache.padded else [0] * B)

@@ -355,8 +355,8 @@ class ContinuousBatch:
             if self._holes and self.decoder.skips_rows:  # a hole's row is not run (its slots are never read)
                 kw["holes"] = torch.tensor([row is None for row in self.rows], device=self.device)
             self.logits = self.decoder.step(tokens, self.cache, need, **kw).float()
-            for tokens in extra.values():  # each row's own list (_Row.extra): fed now
-                tokens.clear()
+            for fed in extra.values():  # each row's own list (_Row.extra): fed now
+                fed.clear()
 
     def _pick_groups(self, logits: torch.Tensor, live: list[tuple[int, _Row]]) -> dict[int, int]:
         """Tokens of the sampled rows without state of their own among ``live`` (the rows with
