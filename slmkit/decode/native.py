@@ -389,7 +389,7 @@ class NativeDecoder(Decoder):
             raise ValueError("prefill takes at least one token per row")
         if S + T > max_len:
             raise ValueError(f"KV cache full: {S} + {T} tokens > {max_len} slots")
-        first = (cache.start.tolist() if cache.padded else [0] * B)
+        first = cache.start.tolist()
         rows = ids.tolist()
         for c0 in range(0, T, PREFILL_TOKENS):
             c1 = min(T, c0 + PREFILL_TOKENS)
