@@ -289,19 +289,40 @@ def test_extra_tokens_of_many_rows_on_two_threads_see_their_rows_earlier_keys():
             two.step(torch.stack([p[0] for p in prompts]), cache, extra={-1: [1]})
 
 
-def test_thread_count_changes_no_bit():
-    """Work is split by output rows and (row, kv head): each value is computed in one fixed order."""
-    model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200)
-    x = torch.randint(0, 200, (5, 20), generator=torch.Generator().manual_seed(6))
-    starts = [0, 3, 1, 7, 0]
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_thread_count_changes_no_bit(weights):
+    """Each product is split by output rows and attention by (row, kv head), and each value is
+    computed in one fixed order: 13 ragged rows (a prefill, steps, then steps with extra tokens and
+    holes: three short riders, then one row with most of the step's queries) get the same logits,
+    keys and values on 1, 2, 3 and 8 threads, in float32 and on int8 blocks."""
+    model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200, block_size=64)
+    if weights == "int8":
+        from slmkit.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(8, 32, True))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 200, (13, 20), generator=g)
+    starts = [0, 3, 1, 7, 0, 2, 0, 5, 0, 1, 4, 0, 6]
+    ids = torch.randint(0, 200, (3, 13), generator=g)
+    holes = torch.zeros(13, dtype=torch.bool)
+    holes[[2, 11]] = True
+    riders = [{1: ids[0, :3].tolist(), 6: ids[1, :4].tolist(), 12: ids[2, :2].tolist()},  # even groups
+              {4: torch.randint(0, 200, (30,), generator=g).tolist()}]  # one row has most queries
     def decoder(threads: int, rest: bool = False) -> NativeDecoder:
-        d = NativeDecoder(model, threads=threads)
+        d = NativeDecoder(model, threads=threads, weights="fp32")
         d.rest = rest  # the pool's threads sleep after every step (slm serve): no bit changes either
         return d
 
+    def run(d: NativeDecoder) -> tuple[list[torch.Tensor], KVCache]:
+        logits, cache = ragged_steps(d, model, x, starts, 10)
+        for extra in riders:
+            cache.length += max(map(len, extra.values()))  # the riders' slots (other rows: holes in them)
+            logits.append(d.step(ids[0], cache, holes=holes, extra=extra))
+        return logits, cache
+
     with torch.inference_mode():
-        runs = [ragged_steps(decoder(t), model, x, starts, 10) for t in (1, 2, 3, 8)]
-        runs.append(ragged_steps(decoder(2, rest=True), model, x, starts, 10))
+        runs = [run(decoder(t)) for t in (1, 2, 3, 8)]
+        runs.append(run(decoder(2, rest=True)))
     for logits, cache in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(logits, runs[0][0]))
         assert torch.equal(cache.k, runs[0][1].k) and torch.equal(cache.v, runs[0][1].v)
