@@ -302,6 +302,52 @@ def test_first_token(tmp_path: Path) -> None:
         assert len(times) == 3 and s["first_token_ms"] == sorted(times)[1] and 0 < s["first_token_ms"] <= s["p90_ms"]
 
 
+FAKE_BENCH = """
+import json, os, sys
+from pathlib import Path
+here = Path.cwd()
+speed = float((here / "speed.txt").read_text())  # this checkout's "code"
+with open(os.environ["AB_LOG"], "a") as f:
+    f.write(here.name + "\\n")  # the order the runs went in
+assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(here)  # its own code first
+out = sys.argv[sys.argv.index("--out") + 1]
+Path(out).write_text(json.dumps({"commit": here.name, "summary": [
+    {"clients": 1, "tok_per_s": speed, "label": "x", "ok": True},
+    {"clients": 16, "tok_per_s": 4 * speed, "ms": 10.0}]}))
+"""
+
+
+def test_ab_runs_the_script_on_both_checkouts_in_turn_and_compares_their_summaries(tmp_path: Path) -> None:
+    """bench/ab.py: each pair runs both checkouts (A B, then B A), each with its own code and its own
+    results file; per summary row and number, the medians and the B / A ratio of each pair (text and
+    flags are not numbers); a missing script or checkout is one line."""
+    for name, speed in (("old", 100), ("new", 150)):
+        (tmp_path / name / "bench").mkdir(parents=True)
+        (tmp_path / name / "bench" / "fake.py").write_text(FAKE_BENCH)
+        (tmp_path / name / "speed.txt").write_text(str(speed))
+    env = dict(os.environ, AB_LOG=str(tmp_path / "order.txt"))
+    cmd = [sys.executable, str(ROOT / "bench" / "ab.py"), str(tmp_path / "old"), str(tmp_path / "new"), "--name", "t",
+           "--labels", "before", "after", "--pairs", "3", "--dir", str(tmp_path / "out")]
+    done = subprocess.run([*cmd, "--", "bench/fake.py", "--rounds", "1"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "order.txt").read_text().split() == ["old", "new", "new", "old", "old", "new"]
+    d = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert sorted(d["files"]) == sorted(f"t_{s}_{i}.json" for i in (1, 2, 3) for s in ("before", "after"))
+    assert all((tmp_path / "out" / f).is_file() for f in d["files"])
+    assert [(r["row"], r["metric"]) for r in d["rows"]] == [("clients 1", "tok_per_s"), ("clients 16", "tok_per_s"),
+                                                            ("clients 16", "ms")]
+    first = d["rows"][0]
+    assert (first["before"], first["after"], first["ratio"], first["ratios"]) == (100, 150, 1.5, [1.5] * 3)
+    assert d["rows"][2]["ratio"] == 1.0 and "| clients 16 | tok_per_s | 400 | 600 | 1.500 | 1.500, 1.500, 1.500 |" in d["table"]
+    only = subprocess.run([*cmd, "--metric", "ms", "--", "bench/fake.py"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert [r["metric"] for r in json.loads((tmp_path / "out" / "t.json").read_text())["rows"]] == ["ms"], only.stderr
+    for bad in (["--", "bench/none.py"], []):
+        done = subprocess.run([*cmd, *bad], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()[-1]) < 200 and "Traceback" not in done.stderr
+
+
 def test_finetune(tmp_path: Path) -> None:
     smoke("finetune.py", tmp_path)
     d = written_json(tmp_path, "finetune.json")
