@@ -306,30 +306,49 @@ FAKE_BENCH = """
 import json, os, sys
 from pathlib import Path
 here = Path.cwd()
-speed = float((here / "speed.txt").read_text())  # this checkout's "code"
+assert Path(__file__).resolve().parents[1] == here  # this checkout's own script
+speeds = [float(x) for x in (here / "speeds.txt").read_text().split()]  # this checkout's "code"
+runs = here / "runs.txt"
+k = len(runs.read_text().split()) if runs.exists() else 0
+runs.write_text(runs.read_text() + "x " if runs.exists() else "x ")
 with open(os.environ["AB_LOG"], "a") as f:
     f.write(here.name + "\\n")  # the order the runs went in
 assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(here)  # its own code first
 out = sys.argv[sys.argv.index("--out") + 1]
-Path(out).write_text(json.dumps({"commit": here.name, "summary": [
-    {"clients": 1, "tok_per_s": speed, "label": "x", "ok": True},
-    {"clients": 16, "tok_per_s": 4 * speed, "ms": 10.0}]}))
+if os.environ.get("AB_NO_OUT"):
+    sys.exit(0)
+summary = [{"clients": 1, "tok_per_s": speeds[k], "label": "x", "ok": True},
+           {"clients": 16, "tok_per_s": 4 * speeds[k], "ms": 10.0}]
+if os.environ.get("AB_DICT"):
+    summary = {"step_ms": speeds[k]}
+if os.environ.get("AB_EXTRA") and here.name == "new":
+    summary[1]["new_field"] = 1.0  # a number only the change reports
+Path(out).write_text(json.dumps({"commit": here.name, "summary": summary}))
 """
 
 
 def test_ab_runs_the_script_on_both_checkouts_in_turn_and_compares_their_summaries(tmp_path: Path) -> None:
-    """bench/ab.py: each pair runs both checkouts (A B, then B A), each with its own code and its own
-    results file; per summary row and number, the medians and the B / A ratio of each pair (text and
-    flags are not numbers); a missing script or checkout is one line."""
-    for name, speed in (("old", 100), ("new", 150)):
-        (tmp_path / name / "bench").mkdir(parents=True)
-        (tmp_path / name / "bench" / "fake.py").write_text(FAKE_BENCH)
-        (tmp_path / name / "speed.txt").write_text(str(speed))
-    env = dict(os.environ, AB_LOG=str(tmp_path / "order.txt"))
-    cmd = [sys.executable, str(ROOT / "bench" / "ab.py"), str(tmp_path / "old"), str(tmp_path / "new"), "--name", "t",
-           "--labels", "before", "after", "--pairs", "3", "--dir", str(tmp_path / "out")]
-    done = subprocess.run([*cmd, "--", "bench/fake.py", "--rounds", "1"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    """bench/ab.py: each pair runs both checkouts (A B, then B A), each its own script and code,
+    into its own results file; per summary row and number (text and flags are not numbers), the
+    medians and each pair's B / A ratio, paired run by run (their median is not the ratio of the
+    medians here); a number only one side reports is named, not compared; a summary that is one
+    dict is one row. Bad input is one line: an absolute script path (it would run one checkout's
+    copy twice), equal labels, a script that writes no results file, a number no summary has."""
+    def checkout(name: str, speeds: list[int]) -> None:
+        (tmp_path / name / "bench").mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "bench" / "fake.py").write_text(FAKE_BENCH + f"# {name}\n")
+        (tmp_path / name / "speeds.txt").write_text(" ".join(map(str, speeds)))
+        (tmp_path / name / "runs.txt").unlink(missing_ok=True)
+
+    def ab(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), str(tmp_path / "old"), str(tmp_path / "new"),
+                               "--name", "t", "--dir", str(tmp_path / "out"), *args],
+                              env=dict(os.environ, AB_LOG=str(tmp_path / "order.txt"), **env), capture_output=True,
+                              text=True, timeout=120)
+
+    checkout("old", [100, 200, 110])
+    checkout("new", [150, 160, 400])
+    done = ab("--labels", "before", "after", "--pairs", "3", "--", "bench/fake.py", "--rounds", "1", AB_EXTRA="1")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "order.txt").read_text().split() == ["old", "new", "new", "old", "old", "new"]
     d = json.loads((tmp_path / "out" / "t.json").read_text())
@@ -338,14 +357,26 @@ def test_ab_runs_the_script_on_both_checkouts_in_turn_and_compares_their_summari
     assert [(r["row"], r["metric"]) for r in d["rows"]] == [("clients 1", "tok_per_s"), ("clients 16", "tok_per_s"),
                                                             ("clients 16", "ms")]
     first = d["rows"][0]
-    assert (first["before"], first["after"], first["ratio"], first["ratios"]) == (100, 150, 1.5, [1.5] * 3)
-    assert d["rows"][2]["ratio"] == 1.0 and "| clients 16 | tok_per_s | 400 | 600 | 1.500 | 1.500, 1.500, 1.500 |" in d["table"]
-    only = subprocess.run([*cmd, "--metric", "ms", "--", "bench/fake.py"], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert [r["metric"] for r in json.loads((tmp_path / "out" / "t.json").read_text())["rows"]] == ["ms"], only.stderr
-    for bad in (["--", "bench/none.py"], []):
-        done = subprocess.run([*cmd, *bad], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and len(done.stderr.strip().splitlines()[-1]) < 200 and "Traceback" not in done.stderr
+    assert first["ratios"] == pytest.approx([1.5, 0.8, 400 / 110])  # run i of A against run i of B
+    assert (first["before"], first["after"], first["ratio"]) == (110, 160, 1.5)  # not 160 / 110
+    assert "| clients 16 | tok_per_s | 440 | 640 | 1.500 | 1.500, 0.800, 3.636 |" in d["table"]
+    assert d["rows"][2]["ratio"] == 1.0 and d["left_out"] == ["clients 16 new_field (not in every run)"]
+    for name, speeds in (("old", [100, 200, 110]), ("new", [150, 160, 400])):
+        checkout(name, speeds)
+    only = ab("--metric", "step_ms", "--pairs", "1", "--", "bench/fake.py", AB_DICT="1")
+    assert only.returncode == 0, only.stderr
+    assert [(r["row"], r["ratio"]) for r in json.loads((tmp_path / "out" / "t.json").read_text())["rows"]] == [("summary", 1.5)]
+    for args, env, code in ((["--", str(tmp_path / "old" / "bench" / "fake.py")], {}, 2),
+                            (["--labels", "x", "x", "--", "bench/fake.py"], {}, 2),
+                            (["--labels", "a/b", "c", "--", "bench/fake.py"], {}, 2),
+                            (["--", "bench/none.py"], {}, 2), ([], {}, 2),
+                            (["--pairs", "1", "--", "bench/fake.py"], {"AB_NO_OUT": "1"}, 1),
+                            (["--pairs", "1", "--metric", "tok_per_sec", "--", "bench/fake.py"], {}, 1)):
+        for name, speeds in (("old", [1, 1]), ("new", [1, 1])):
+            checkout(name, speeds)
+        done = ab(*args, **env)
+        assert done.returncode == code and len(done.stderr.strip().splitlines()) <= 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()[-1]) < 300, (args, done.stderr)
 
 
 def test_finetune(tmp_path: Path) -> None:

@@ -28,10 +28,10 @@ ODD = [dict(n_embd=36, n_head=6, n_kv_head=2), dict(n_embd=36, n_head=6, positio
                                                      activation="gelu", bias=True, tie_embeddings=False)]
 
 
-def ragged_steps(decoder: NativeDecoder, model, x: torch.Tensor, starts: list[int], steps: int
-                 ) -> tuple[list[torch.Tensor], KVCache]:
+def ragged_steps(decoder: NativeDecoder, model, x: torch.Tensor, starts: list[int], steps: int,
+                 dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], KVCache]:
     """Prefill a left-padded batch (row b starts at slot starts[b]) and step ``steps`` tokens."""
-    cache = KVCache.empty(model.config, x.shape[0], start=torch.tensor(starts))
+    cache = KVCache.empty(model.config, x.shape[0], start=torch.tensor(starts), dtype=dtype)
     n = x.shape[1] - steps
     out = [decoder.prefill(x[:, :n], cache)]
     for t in range(n, x.shape[1]):
@@ -289,17 +289,21 @@ def test_extra_tokens_of_many_rows_on_two_threads_see_their_rows_earlier_keys():
             two.step(torch.stack([p[0] for p in prompts]), cache, extra={-1: [1]})
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("weights", ["fp32", "int8", "bf16-dot"])
 def test_thread_count_changes_no_bit(weights):
     """Each product is split by output rows and attention by (row, kv head), and each value is
     computed in one fixed order: 13 ragged rows (a prefill, steps, then steps with extra tokens and
     holes: three short riders, then one row with most of the step's queries) get the same logits,
-    keys and values on 1, 2, 3 and 8 threads, in float32 and on int8 blocks."""
+    keys and values on 1, 2, 3 and 8 threads: float32 weights and cache, int8 blocks, and the
+    server's default (vdpbf16ps products, a bf16 cache)."""
+    if weights == "bf16-dot" and not native.has_bf16_dot():
+        pytest.skip("no AVX512-BF16 on this CPU")
     model = noisy_model(3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=200, block_size=64)
     if weights == "int8":
         from slmkit.quant import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig(8, 32, True))
+    dtype = torch.bfloat16 if weights == "bf16-dot" else torch.float32
     g = torch.Generator().manual_seed(6)
     x = torch.randint(0, 200, (13, 20), generator=g)
     starts = [0, 3, 1, 7, 0, 2, 0, 5, 0, 1, 4, 0, 6]
@@ -309,12 +313,13 @@ def test_thread_count_changes_no_bit(weights):
     riders = [{1: ids[0, :3].tolist(), 6: ids[1, :4].tolist(), 12: ids[2, :2].tolist()},  # even groups
               {4: torch.randint(0, 200, (30,), generator=g).tolist()}]  # one row has most queries
     def decoder(threads: int, rest: bool = False) -> NativeDecoder:
-        d = NativeDecoder(model, threads=threads, weights="fp32")
+        d = NativeDecoder(model, threads=threads, weights="bf16-dot" if weights == "bf16-dot" else "fp32")
+        assert d.packed == (weights == "int8")  # an int8 model decodes on its blocks
         d.rest = rest  # the pool's threads sleep after every step (slm serve): no bit changes either
         return d
 
     def run(d: NativeDecoder) -> tuple[list[torch.Tensor], KVCache]:
-        logits, cache = ragged_steps(d, model, x, starts, 10)
+        logits, cache = ragged_steps(d, model, x, starts, 10, dtype)
         for extra in riders:
             cache.length += max(map(len, extra.values()))  # the riders' slots (other rows: holes in them)
             logits.append(d.step(ids[0], cache, holes=holes, extra=extra))
