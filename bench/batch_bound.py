@@ -13,6 +13,12 @@ clients pull it below. Steps here run as the server's do: bf16 products where th
 pool's threads resting between steps (``NativeDecoder.rest``), contexts of 32-96 slots (its loads'
 prompts of ~32 tokens and 64 new ones). Alternating rounds, medians.
 
+Beside each step, the share of this CPU's peak its matrix products reach (their floating-point
+operations, 2 per weight per row, over the step's time and the peak of its threads together:
+bench/cpu_peak.py, measured in this run for the kernels the step multiplies with). What a row
+count's step does besides those products (attention over the cache, norms, the threads meeting
+between layers) shows as the rest of the 100%.
+
     python bench/batch_bound.py            # stories15m shape, 2 threads, rows 1 4 16 64
     python bench/batch_bound.py --smoke    # seconds: stories260k shape, rows 1 and 4, a tmp file
 
@@ -33,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import save  # noqa: E402
+from cpu_peak import measure, products_kind  # noqa: E402
 from decode import MODELS, build  # noqa: E402
 from step_holes import step_ms  # noqa: E402
 
@@ -73,17 +80,24 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{n} rows {v[-1]:.3f} ms" for n, v in times.items()), flush=True)
     step = {n: statistics.median(v) for n, v in times.items()}
     one = step[1]
-    summary = [{"rows": n, "step_ms": step[n], "us_per_row": step[n] / n * 1e3, "bound_vs_one": n * one / step[n]}
-               for n in args.rows]
-    table = ["| rows (clients) | step | per row | tokens/s vs one client, the step alone |", "|---|---|---|---|"]
-    table += [f"| {s['rows']} | {s['step_ms']:.3f} ms | {s['us_per_row']:.1f} us | {s['bound_vs_one']:.2f}x |"
-              for s in summary]
+    kind = products_kind(decoder.isa_name, weights)
+    peak = measure(args.threads)[kind] * args.threads  # GFLOP/s of the step's threads together
+    flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # per row
+    summary = [{"rows": n, "step_ms": step[n], "us_per_row": step[n] / n * 1e3, "bound_vs_one": n * one / step[n],
+                "products_of_peak": n * flops / (step[n] * 1e-3) / (peak * 1e9)} for n in args.rows]
+    table = ["| rows (clients) | step | per row | tokens/s vs one client, the step alone | products, share of the "
+             "CPU's peak |", "|---|---|---|---|---|"]
+    table += [f"| {s['rows']} | {s['step_ms']:.3f} ms | {s['us_per_row']:.1f} us | {s['bound_vs_one']:.2f}x | "
+              f"{100 * s['products_of_peak']:.0f}% |" for s in summary]
     table += ["", f"Medians of {args.rounds} alternating rounds: {args.preset} shape (random weights, vocab "
                   f"{MODELS[args.preset]}), {weights} weights, bf16 KV cache, contexts of 32-96 slots, "
-                  f"{args.threads} threads resting between steps (as slm serve runs them)."]
+                  f"{args.threads} threads resting between steps (as slm serve runs them). Products: "
+                  f"{flops / 1e6:.1f} MFLOP a row; the peak, {kind} on {args.threads} threads at once: "
+                  f"{peak:.0f} GFLOP/s (bench/cpu_peak.py, this run)."]
     print("\n".join(table))
     save(args.out, {"preset": args.preset, "weights": weights, "threads": args.threads, "rounds": times,
-                    "summary": summary, "table": table})
+                    "product_flops_per_row": flops, "peak_kind": kind, "peak_gflops": peak, "summary": summary,
+                    "table": table})
 
 
 if __name__ == "__main__":

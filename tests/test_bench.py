@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 LLAMA2C = Path(os.environ.get("SLMKIT_LLAMA2C", ROOT.parent / "shared" / "peers" / "llama2c"))
 NANOGPT = os.environ.get("SLMKIT_NANOGPT")  # a clone of github.com/karpathy/nanoGPT, when there is one
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import cpu_flags  # noqa: E402
 
 
 def results_state() -> dict[str, float]:
@@ -290,6 +293,32 @@ def test_batch_bound(tmp_path: Path) -> None:
     # (how large it is depends on the machine's load: the smoke's steps take microseconds)
     assert four["bound_vs_one"] == pytest.approx(4 * one["step_ms"] / four["step_ms"]) and one["step_ms"] > 0
     assert f"| 4 | {four['step_ms']:.3f} ms |" in d["table"][3]
+    # the products' share of the peak measured in the same run: a step cannot beat the peak (a FLOP
+    # count or a peak off by 2x shows), and 4 rows use the units more than 1 (the weights read once)
+    assert d["peak_kind"] in ("fp32", "fp32-avx2", "fp32-avx512", "bf16-dot") and d["peak_gflops"] > 0
+    assert (d["peak_kind"] == "bf16-dot") == (d["weights"] == "bf16-dot")
+    assert 0 < one["products_of_peak"] < four["products_of_peak"] < 1
+    # stories260k: 5 layers of qkv (64 + 2 kv heads' 2 x 4 x 8) x 64, proj 64 x 64, SwiGLU up 2 x 172 x 64
+    # and down 172 x 64, then the head 512 x 64 (tied to the embedding, still a product)
+    assert d["product_flops_per_row"] == 2 * (5 * (128 * 64 + 64 * 64 + 2 * 172 * 64 + 172 * 64) + 512 * 64)
+
+
+def test_cpu_peak(tmp_path: Path) -> None:
+    """bench/cpu_peak.py: this CPU's peak per thread for each kind of product it runs, within what its
+    vector units could do at all."""
+    smoke("cpu_peak.py", tmp_path)
+    d = written_json(tmp_path, "cpu_peak.json")
+    (row,) = d["summary"]
+    assert row["threads"] == 1 and row["fp32_gflops_per_thread"] > 0  # every CPU has the 4-lane kernel
+    # at least one multiply-add of all lanes per cycle at 0.5 GHz; at most two per cycle at 6 GHz (a
+    # FLOP count off by 2x, or a loop the compiler dropped, lands outside on any core made today)
+    lanes = {"fp32": 4, "fp32-avx2": 8, "fp32-avx512": 16, "bf16-dot": 32}
+    for kind, n in lanes.items():
+        if f"{kind}_gflops_per_thread" in row:
+            assert 2 * n * 0.5 < row[f"{kind}_gflops_per_thread"] < 2 * 2 * n * 6, kind
+    has = set(cpu_flags())
+    assert ("fp32-avx512_gflops_per_thread" in row) == ("avx512f" in has)
+    assert ("bf16-dot_gflops_per_thread" in row) == ("avx512_bf16" in has)
 
 
 def test_first_token(tmp_path: Path) -> None:
