@@ -44,7 +44,7 @@ from decode import MODELS, build  # noqa: E402
 from step_holes import step_ms  # noqa: E402
 
 from slmkit.decode import KVCache  # noqa: E402
-from slmkit.decode.native import NativeDecoder, bf16_arithmetic  # noqa: E402
+from slmkit.decode.native import NativeDecoder, best_isa, bf16_arithmetic  # noqa: E402
 
 
 def main() -> None:
@@ -80,7 +80,9 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{n} rows {v[-1]:.3f} ms" for n, v in times.items()), flush=True)
     step = {n: statistics.median(v) for n, v in times.items()}
     one = step[1]
-    kind = products_kind(decoder.isa_name, weights)
+    # "auto" (the default) is the best instruction set, as slm_decode_step resolves it
+    isa = best_isa() if decoder.isa_name == "auto" else decoder.isa_name
+    kind = products_kind(isa, weights)
     peak = measure(args.threads)[kind] * args.threads  # GFLOP/s of the step's threads together
     flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # per row
     summary = [{"rows": n, "step_ms": step[n], "us_per_row": step[n] / n * 1e3, "bound_vs_one": n * one / step[n],
