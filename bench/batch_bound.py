@@ -83,7 +83,8 @@ def main() -> None:
     # "auto" (the default) is the best instruction set, as slm_decode_step resolves it
     isa = best_isa() if decoder.isa_name == "auto" else decoder.isa_name
     kind = products_kind(isa, weights)
-    peak = measure(args.threads)[kind] * args.threads  # GFLOP/s of the step's threads together
+    # GFLOP/s of the step's threads together
+    peak = measure(args.threads, 0.02 if args.smoke else 0.2, kinds=[kind])[kind] * args.threads
     flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # per row
     summary = [{"rows": n, "step_ms": step[n], "us_per_row": step[n] / n * 1e3, "bound_vs_one": n * one / step[n],
                 "products_of_peak": n * flops / (step[n] * 1e-3) / (peak * 1e9)} for n in args.rows]
