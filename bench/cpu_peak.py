@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import save  # noqa: E402
 
-
 SOURCE = r"""
 #include <chrono>
 #include <cstdint>
@@ -175,8 +174,8 @@ def build() -> ctypes.CDLL:
 
 def products_kind(isa: str, weights: str | None) -> str:
     """The kernel that stands for a C++ decode step's products: its weights' format (``bf16-dot``:
-    vdpbf16ps; bf16 and fp32 both multiply in float32) and its instruction set
-    (``NativeDecoder.isa_name``)."""
+    vdpbf16ps; bf16 and fp32 both multiply in float32) and its instruction set (avx512, avx2 or
+    scalar: ``NativeDecoder.isa_name``, with "auto" resolved by ``native.best_isa``)."""
     if weights == "bf16-dot":
         return "bf16-dot"
     return {"avx512": "fp32-avx512", "avx2": "fp32-avx2"}.get(isa, "fp32")
