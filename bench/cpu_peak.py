@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import save  # noqa: E402
+
+from slmkit import cpu_kernels  # noqa: E402
 
 SOURCE = r"""
 #include <chrono>
@@ -155,7 +156,7 @@ KINDS = {"fp32": 0, "fp32-avx2": 1, "fp32-avx512": 2, "bf16-dot": 3}
 def build() -> ctypes.CDLL:
     """The kernels, compiled and loaded (each with its own instruction set, chosen at run time: no
     -march, so one build serves every x86 CPU); the files go once loaded."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    compiler = cpu_kernels.compiler()
     if compiler is None:
         raise SystemExit("bench/cpu_peak.py needs a C++ compiler (g++ or clang++)")
     with tempfile.TemporaryDirectory(prefix="slm-cpu-peak-") as folder:

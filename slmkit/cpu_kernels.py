@@ -91,14 +91,19 @@ def kernel_isa() -> str:
     return isa_levels()[0] if isa == "auto" else isa
 
 
+def compiler() -> str | None:
+    """The C++ compiler kernels are built with: ``CXX``, else g++, clang++ or c++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+
+
 def _build(isa: str) -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or clang++) found")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     code = [f.read_text(encoding="utf-8") for f in [*_SOURCES, _CSRC / "vec.h"]]
     flags = [*_FLAGS, *ISA_FLAGS[isa]]
-    key = hashlib.sha256("\0".join([*code, compiler, version, " ".join(flags), _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*code, cxx, version, " ".join(flags), _cpu_identity()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SLMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmkit")
     lib = cache / f"kernels-{isa}-{key}.so"
     if not lib.exists():
@@ -108,9 +113,9 @@ def _build(isa: str) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
+            done = subprocess.run([cxx, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
             if done.returncode:
-                raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
+                raise RuntimeError(f"{cxx} failed: {done.stderr.strip().splitlines()[-1:]}")
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
